@@ -1,0 +1,194 @@
+"""TinySQL items: one English request, its CREATE TABLE context and the SQL answer, for command sets 1-3.
+
+- CS1: ``SELECT f1, f2 FROM t``
+- CS2: CS1 + ``ORDER BY a ASC, b DESC`` (present in 90% of items, as upstream)
+- CS3: CS2 + aggregates ``SUM(f) AS SUM_f`` (allowed per column type class)
+
+The Context may hold a second, distractor table: the Instruction then decides which table (and which of
+its fields) the SQL uses, and the Context decides their spelling. Generation is seeded: the same seed and
+arguments give the same items.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from . import vocabulary as V
+
+COMMAND_SETS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    name: str
+    columns: tuple[Column, ...]
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def create_statement(self) -> str:
+        cols = ", ".join(f"{c.name} {c.sql_type}" for c in self.columns)
+        return f"CREATE TABLE {self.name} ( {cols} )"
+
+
+@dataclass(frozen=True)
+class SelectItem:
+    field: str
+    aggregate: str | None = None  # SUM/AVG/MIN/MAX/COUNT (CS3)
+
+    def sql(self) -> str:
+        if self.aggregate is None:
+            return self.field
+        return f"{self.aggregate}({self.field}) AS {self.aggregate}_{self.field}"
+
+
+@dataclass(frozen=True)
+class SqlItem:
+    """One TinySQL example. ``english_words`` records the word the Instruction uses for each name."""
+
+    command_set: int
+    tables: tuple[TableSchema, ...]  # the Context, in order
+    table: str  # the table the SQL selects from
+    select: tuple[SelectItem, ...]
+    order_by: tuple[tuple[str, str], ...]  # (field, "ASC"|"DESC")
+    english_words: dict = field(default_factory=dict, hash=False, compare=False)  # name -> word used
+    select_template: str = ""
+    order_templates: tuple[str, ...] = ()
+    aggregate_templates: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> TableSchema:
+        return next(t for t in self.tables if t.name == self.table)
+
+    @property
+    def english(self) -> str:
+        return render_english(self)
+
+    @property
+    def context(self) -> str:
+        return " ".join(t.create_statement() for t in self.tables)
+
+    @property
+    def sql(self) -> str:
+        text = f"SELECT {', '.join(s.sql() for s in self.select)} FROM {self.table}"
+        if self.order_by:
+            text += " ORDER BY " + ", ".join(f"{f} {d}" for f, d in self.order_by)
+        return text
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.english, self.context)
+
+    def with_english_word(self, name: str, word: str) -> "SqlItem":
+        """The same item whose Instruction says ``word`` for ``name`` (the SQL is unchanged)."""
+        return _replace(self, english_words={**self.english_words, name: word})
+
+
+def _replace(item: SqlItem, **changes) -> SqlItem:
+    from dataclasses import replace
+
+    return replace(item, **changes)
+
+
+def format_prompt(english: str, context: str) -> str:
+    """The training prompt: ``### Instruction: … ### Context: … ### Response: `` (whitespace collapsed, one
+    trailing space), exactly as upstream's ``get_alpaca_prompt``."""
+    text = f"### Instruction: {english} ### Context: {context} ### Response:"
+    return re.sub(r"\s+", " ", text).strip() + " "
+
+
+def join_english_list(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def render_english(item: SqlItem) -> str:
+    words = item.english_words
+    parts = []
+    for sel, agg_template in zip(item.select, item.aggregate_templates or (None,) * len(item.select)):
+        word = words[sel.field]
+        parts.append(agg_template.replace("[field]", word) if sel.aggregate and agg_template else word)
+    text = item.select_template.replace("[fields]", join_english_list(parts)).replace("[table]", words[item.table])
+    for (f, _), template in zip(item.order_by, item.order_templates):
+        text += ", " + template.replace("[field]", words[f]) if template else ""
+    return text
+
+
+@dataclass
+class GeneratorConfig:
+    """Knobs of the item generator. Probabilities are per item (table) or per mention (field)."""
+
+    table_synonym_p: float = 0.8  # Instruction says a synonym of the table (upstream's semantic data: 0.8)
+    field_synonym_p: float = 0.5
+    distractor_table_p: float = 0.5  # a second table in the Context
+    min_columns: int = 2
+    max_columns: int = 6
+    max_selected: int = 3
+    order_by_p: float = 0.9  # CS2+: share of items with ORDER BY
+    max_order_by: int = 2
+    aggregate_p: float = 0.5  # CS3: chance that a selected field is aggregated
+    tables: tuple[str, ...] = tuple(V.TABLES)
+    fields: tuple[str, ...] = tuple(V.FIELDS)
+
+
+def _english_word(rng: random.Random, name: str, synonyms: dict, p: float) -> str:
+    return rng.choice(synonyms[name]) if name in synonyms and rng.random() < p else name
+
+
+def random_schema(rng: random.Random, name: str, cfg: GeneratorConfig, exclude_fields=()) -> TableSchema:
+    n = rng.randint(cfg.min_columns, cfg.max_columns)
+    pool = [f for f in cfg.fields if f not in exclude_fields]
+    names = rng.sample(pool, n)
+    return TableSchema(name, tuple(Column(f, rng.choice(V.ALL_TYPES)) for f in names))
+
+
+def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = None) -> SqlItem:
+    """One random item of command set ``cs``."""
+    if cs not in COMMAND_SETS:
+        raise ValueError(f"Unknown command set {cs!r}: the generator knows {COMMAND_SETS}")
+    cfg = cfg or GeneratorConfig()
+    n_tables = 2 if rng.random() < cfg.distractor_table_p else 1
+    table_names = rng.sample(list(cfg.tables), n_tables)
+    schemas = [random_schema(rng, t, cfg) for t in table_names]
+    target = schemas[0]
+    rng.shuffle(schemas)
+
+    fields = list(target.field_names)
+    selected = rng.sample(fields, rng.randint(1, min(cfg.max_selected, len(fields))))
+    types = {c.name: c.sql_type for c in target.columns}
+    select, agg_templates = [], []
+    for f in selected:
+        agg = None
+        if cs >= 3 and rng.random() < cfg.aggregate_p:
+            agg = rng.choice(V.AGGREGATES_BY_TYPE_CLASS[V.type_class(types[f])])
+        select.append(SelectItem(f, agg))
+        agg_templates.append(rng.choice(V.AGGREGATE_TEMPLATES[agg]) if agg else "")
+
+    order_by, order_templates = [], []
+    if cs >= 2 and rng.random() < cfg.order_by_p:
+        for f in rng.sample(fields, rng.randint(1, min(cfg.max_order_by, len(fields)))):
+            direction = rng.choice(("ASC", "DESC"))
+            order_by.append((f, direction))
+            order_templates.append(rng.choice(V.ORDER_TEMPLATES[direction]))
+
+    words = {target.name: _english_word(rng, target.name, V.TABLES, cfg.table_synonym_p)}
+    for f in fields:  # one word per field, reused by every mention so the Instruction is consistent
+        words[f] = _english_word(rng, f, V.FIELDS, cfg.field_synonym_p)
+    return SqlItem(
+        command_set=cs, tables=tuple(schemas), table=target.name, select=tuple(select),
+        order_by=tuple(order_by), english_words=words, select_template=rng.choice(V.SELECT_TEMPLATES),
+        order_templates=tuple(order_templates), aggregate_templates=tuple(agg_templates),
+    )
+
+
+def generate_items(cs: int, n: int, seed: int, cfg: GeneratorConfig | None = None) -> list[SqlItem]:
+    """``n`` items of command set ``cs``, reproducible from ``seed``."""
+    rng = random.Random(f"tinysql-cs{cs}-{seed}")
+    return [generate_item(cs, rng, cfg) for _ in range(n)]
