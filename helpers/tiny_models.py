@@ -63,3 +63,63 @@ def build_random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32
 
 def tiny_model(family: str, vocab_size: int = 256, seed: int = 0, n_layers: int = 2):
     return build_random_model(tiny_config(family, vocab_size=vocab_size, n_layers=n_layers), seed=seed)
+
+
+# --- Shared tiny tokenizer for tests (appended; the code above is unchanged) --------------------------------
+TINY_CORPUS = (
+    "### Instruction: show me the price and count from the orders table ### Context: CREATE TABLE orders "
+    "( price INT, count TEXT ) ### Response: SELECT price, count FROM orders",
+    "### Instruction: get the amount from the people table ordered by amount in descending order ### Context: "
+    "CREATE TABLE people ( amount JSON, duration TIME ) ### Response: SELECT amount FROM people ORDER BY amount DESC",
+    "Once upon a time there was a little wolf who looked at the blue sky and the yellow sun.",
+)
+
+
+def build_tiny_tokenizer(
+    texts=TINY_CORPUS,
+    vocab_size: int = 400,
+    pad_token: str | None = "<|pad|>",
+    eos_token: str = "<|endoftext|>",
+    bos_token: str | None = None,
+    add_bos: bool = False,
+):
+    """A small byte-level BPE ``PreTrainedTokenizerFast`` (never an unknown token), trained in milliseconds.
+
+    The first special token is ``eos_token`` (id 0, matching ``tiny_config``'s bos/eos ids 0), then ``bos_token``
+    when given and different, then ``pad_token`` when given (``pad_token=None`` builds a tokenizer without a pad
+    token, like TinyStories/GPT-2). ``add_bos`` prepends ``bos_token`` to every encoding, Llama style. The
+    vocabulary has at least 256 byte tokens plus the specials, so build the model with
+    ``vocab_size >= len(tokenizer)``. The pre-tokenizer splits on words incl. ``_`` with their leading space (the
+    recipe of ``../shared/docs/training-small-tinysql-models.md``). ``tok.save_pretrained(folder)`` writes a folder
+    ``AutoTokenizer.from_pretrained(folder)`` loads.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [eos_token]
+    if bos_token is not None and bos_token not in specials:
+        specials.append(bos_token)
+    if pad_token is not None and pad_token not in specials:
+        specials.append(pad_token)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?[A-Za-z0-9_]+| ?[^\sA-Za-z0-9_]+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    if add_bos:
+        if bos_token is None:
+            raise ValueError("add_bos=True needs a bos_token")
+        bos_id = tok.token_to_id(bos_token)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B",
+            special_tokens=[(bos_token, bos_id)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos_token, bos_token=bos_token if bos_token is not None else eos_token,
+        pad_token=pad_token, unk_token=None,
+    )
