@@ -1,0 +1,135 @@
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from helpers import vocabulary as V
+from helpers.pairs import (FEATURES, Feature, NotSingleTokenError, PairConstructionError, build_pair, make_pairs,
+                           parse_feature)
+from helpers.tokenization import encode_prompt_and_answer, single_token_id
+
+FLAGS = list(itertools.product([False, True], repeat=3))  # novel names, table synonyms, field synonyms
+
+
+def _pairs(feature, tokenizer, flags, cs=2, n=6, seed=3):
+    novel, syn_t, syn_f = flags
+    return make_pairs(feature, tokenizer, cs_num=cs, batch_size=n, seed=seed, use_novel_names=novel,
+                      use_synonyms_table=syn_t, use_synonyms_field=syn_f)
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "novel{}-syntable{}-synfield{}".format(*map(int, f)))
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f.value)
+def test_pair_invariants(feature, flags, any_tokenizer):
+    tok = any_tokenizer
+    novel, syn_t, syn_f = flags
+    for p in _pairs(feature, tok, flags):
+        # equal length, exactly one differing position, inside the prompt, derived not assumed
+        assert len(p.clean_ids) == len(p.corrupt_ids)
+        diff = [i for i, (a, b) in enumerate(zip(p.clean_ids, p.corrupt_ids)) if a != b]
+        assert diff == [p.corrupted_position]
+        assert 0 < p.corrupted_position < p.n_prompt_tokens <= p.answer_position + 1
+        # the differing tokens are the clean and corrupt words, each a single token
+        assert p.clean_ids[p.corrupted_position] == single_token_id(tok, p.clean_word)
+        assert p.corrupt_ids[p.corrupted_position] == single_token_id(tok, p.corrupt_word)
+        # ids are the training tokenization (prompt and answer separately), cut so the LAST position
+        # predicts the answer token: the original's off-by-one kept the answer token as input
+        prompt_ids, answer_ids = encode_prompt_and_answer(tok, p.clean_prompt, p.clean_item.sql)
+        full = prompt_ids + answer_ids
+        assert list(p.clean_ids) == full[: len(p.clean_ids)]
+        assert p.answer_position == len(p.clean_ids) - 1
+        assert full[p.answer_position + 1] == p.clean_token_id
+        # the metric compares SQL names (what the model must write), never a synonym
+        assert p.clean_token_id == single_token_id(tok, p.clean_answer)
+        assert p.corrupt_token_id == single_token_id(tok, p.corrupt_answer)
+        assert p.clean_answer != p.corrupt_answer and p.clean_word != p.corrupt_word
+        assert p.clean_answer == (p.clean_item.table if feature.is_table else p.clean_item.select[0].field)
+        # the flags do what they say
+        if feature.in_instruction:
+            synonyms_on = syn_t if feature.is_table else syn_f
+            names = V.TABLES if feature.is_table else V.FIELDS
+            assert (p.clean_word in names[p.clean_answer]) == synonyms_on
+            assert (p.clean_word == p.clean_answer) == (not synonyms_on)
+        else:
+            assert p.clean_word == p.clean_answer and p.corrupt_word == p.corrupt_answer
+        novel_pool = V.NOVEL_TABLES if feature.is_table else V.NOVEL_FIELDS
+        assert (p.corrupt_answer in novel_pool) == novel
+        # a BOS-adding tokenizer keeps its BOS in front of both sequences
+        if tok.bos_token_id is not None and tok("x")["input_ids"][0] == tok.bos_token_id:
+            assert p.clean_ids[0] == p.corrupt_ids[0] == tok.bos_token_id
+
+
+def test_eng_corruptions_point_at_something_the_context_can_answer(project_tokenizer):
+    for p in make_pairs(Feature.ENGTABLENAME, project_tokenizer, batch_size=20, seed=1):
+        assert len(p.clean_item.tables) == 2  # distractor table on by default for ENGTABLENAME
+        assert p.corrupt_answer in {t.name for t in p.clean_item.tables}
+    for p in make_pairs(Feature.ENGFIELDNAME, project_tokenizer, batch_size=20, seed=1):
+        assert p.corrupt_answer in p.clean_item.schema.field_names
+        assert p.corrupt_answer not in {s.field for s in p.clean_item.select}
+
+
+def test_def_corruptions_leave_the_instruction_alone(project_tokenizer):
+    for feature in (Feature.DEFTABLENAME, Feature.DEFFIELDNAME):
+        for p in make_pairs(feature, project_tokenizer, batch_size=10, seed=2, use_synonyms_field=True):
+            assert p.clean_item.english == p.corrupt_item.english
+            assert p.corrupt_answer in p.corrupt_item.context and p.corrupt_answer not in p.clean_prompt.split()
+
+
+def test_pairs_are_reproducible_from_the_seed(project_tokenizer):
+    a = [p.to_dict() for p in make_pairs("DEFFIELDNAME", project_tokenizer, batch_size=5, seed=11)]
+    assert a == [p.to_dict() for p in make_pairs("DEFFIELDNAME", project_tokenizer, batch_size=5, seed=11)]
+    assert a != [p.to_dict() for p in make_pairs("DEFFIELDNAME", project_tokenizer, batch_size=5, seed=12)]
+
+
+def test_words_that_are_not_one_token_are_never_drawn(splitting_bos_tokenizer):
+    tok = splitting_bos_tokenizer
+    split_synonyms = [s for syns in V.TABLES.values() for s in syns if single_token_id(tok, s) is None]
+    assert split_synonyms, "the test tokenizer should split some synonyms"
+    for p in make_pairs("ENGTABLENAME", tok, batch_size=30, seed=0, use_synonyms_table=True):
+        for word in (p.clean_word, p.corrupt_word, p.clean_answer, p.corrupt_answer):
+            assert single_token_id(tok, word) is not None
+
+
+def test_unknown_feature_and_command_set_are_clear_errors(project_tokenizer):
+    with pytest.raises(ValueError, match="Unknown feature 'DEFWHERE'.*ENGTABLENAME"):
+        make_pairs("DEFWHERE", project_tokenizer)
+    with pytest.raises(ValueError, match="Unknown command set 5"):
+        make_pairs("DEFTABLENAME", project_tokenizer, cs_num=5)
+    assert parse_feature("DefFieldName") is Feature.DEFFIELDNAME
+
+
+def test_a_word_that_is_not_one_token_names_word_and_tokenizer(splitting_bos_tokenizer):
+    tok = splitting_bos_tokenizer
+    p = make_pairs("DEFTABLENAME", tok, batch_size=1, seed=0)[0]
+    word = next(s for syns in V.TABLES.values() for s in syns if single_token_id(tok, s) is None)
+    tok.name_or_path = "splitting-test-tokenizer"
+    with pytest.raises(NotSingleTokenError, match=f"'{word}' is not a single token for tokenizer "
+                                                  "'splitting-test-tokenizer'"):
+        build_pair("DEFTABLENAME", p.clean_item, p.corrupt_item, tok, clean_word=p.clean_word, corrupt_word=word,
+                   clean_answer=p.clean_answer, corrupt_answer=p.corrupt_answer)
+    with pytest.raises(NotSingleTokenError, match="novel words"):
+        make_pairs("DEFTABLENAME", project_tokenizer_like_without_novel_words(), use_novel_names=True)
+
+
+def project_tokenizer_like_without_novel_words():
+    from helpers.tokenizer_training import train_tokenizer
+    return train_tokenizer(vocab_size=1300, n_items_per_cs=500, word_repeats=0, require_single_tokens=False)
+
+
+def test_prompts_of_different_lengths_are_refused(project_tokenizer):
+    p = make_pairs("DEFTABLENAME", project_tokenizer, batch_size=1, seed=0)[0]
+    longer = replace(p.corrupt_item, select_template="please " + p.corrupt_item.select_template)
+    with pytest.raises(PairConstructionError, match="different lengths"):
+        build_pair("DEFTABLENAME", p.clean_item, longer, project_tokenizer, clean_word=p.clean_word,
+                   corrupt_word=p.corrupt_word, clean_answer=p.clean_answer, corrupt_answer=p.corrupt_answer)
+    two_changes = replace(p.corrupt_item, english_words={**p.corrupt_item.english_words,
+                                                         p.clean_item.select[0].field: "hammer"})
+    with pytest.raises(PairConstructionError, match="differ at 2 positions"):
+        build_pair("DEFTABLENAME", p.clean_item, two_changes, project_tokenizer, clean_word=p.clean_word,
+                   corrupt_word=p.corrupt_word, clean_answer=p.clean_answer, corrupt_answer=p.corrupt_answer)
+
+
+def test_corrupt_word_equal_to_the_true_name_is_refused(project_tokenizer):
+    p = make_pairs("ENGTABLENAME", project_tokenizer, batch_size=1, seed=0)[0]
+    with pytest.raises(PairConstructionError, match="equals the clean one"):
+        build_pair("ENGTABLENAME", p.clean_item, p.corrupt_item, project_tokenizer, clean_word=p.clean_word,
+                   corrupt_word=p.corrupt_word, clean_answer=p.clean_answer, corrupt_answer=p.clean_answer)
