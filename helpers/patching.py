@@ -1,0 +1,524 @@
+"""Fast exact activation patching: heads (out_proj input), residual stream, attention output, MLP output.
+
+Every kernel answers, for each (layer, [head,] position) of each example: run the *corrupt* prompt, overwrite
+one activation slice with its value from the *clean* run, and read the metric
+``logits[answer_position, clean_token_id] - logits[answer_position, corrupt_token_id]``.
+``patch_heads_reference`` (helpers.patching_reference) does exactly that with one nnsight trace per patch; the
+kernels here give the same numbers (to float rounding) with far less work, by three exact savings:
+
+1. **Prefix skip.** Before the first position where clean and corrupt ids differ, clean and corrupt activations
+   are identical, so a patch there changes nothing: ``patched_logit_diff = corrupt_logit_diff``, not computed.
+2. **Corrupt KV cache.** A patch at position ``p`` cannot change keys/values at positions ``< p`` in any layer.
+   Patch positions are grouped in buckets ``[s, e)``; one forward feeds only tokens ``s..end`` with the corrupt
+   run's cache of positions ``< s`` (computed once per bucket start, batch 1, shared by every row as an expanded
+   view), with explicit ``position_ids``. Each batch row is one patch, applied by a hook at its own relative
+   position in its own layer.
+3. **Rows join at their layer.** Layers before a patch's layer compute exactly the corrupt activations. The
+   forward starts with *one* row (the unpatched corrupt run, which is also a self-check of the machinery); a
+   forward pre-hook on block ``l`` appends copies of that row for the patches of layer ``l`` (rows are sorted by
+   layer), so a patch at layer ``l`` costs layers ``l..L-1`` only. Masks and rotary tables are computed for batch
+   1 by the model and broadcast; each layer's cache is expanded to that layer's batch.
+
+Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
+is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
+and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
+out-of-memory error halves the chunk and retries instead of failing.
+
+Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
+granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
+
+Sites (what "layer l" means):
+- heads: the input of the attention output projection of layer l (z, head-major), one head slice.
+- residual: the residual stream at the *input* of block l (``resid_pre``; layer 0 = embeddings).
+- attention_output: the attention module's output of layer l (what is added to the residual).
+- mlp_output: the MLP (or mixture-of-experts) output of layer l.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from helpers.architectures import blocks, family_spec, get_submodule, head_geometry, out_proj_modules
+from helpers.patching_results import (
+    DEFAULT_MIN_DENOMINATOR,
+    HeadPatchingResult,
+    LayerPatchingResult,
+    PatchingResult,
+    build_result,
+    report_inclusion,
+    validate_pair,
+)
+
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+SITES = ("heads", "residual", "attention_output", "mlp_output")
+
+__all__ = [
+    "patch_heads", "patch_residual", "patch_attention_output", "patch_mlp_output", "patch_sweep",
+    "unwrap_model", "run_chunked", "HeadPatchingResult", "LayerPatchingResult", "PatchingResult",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model plumbing
+# ----------------------------------------------------------------------------------------------------------------
+
+def unwrap_model(model) -> torch.nn.Module:
+    """The torch ``*ForCausalLM`` behind ``model`` (itself, or nnsight 0.8's ``._module``; ``._model`` too)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    for attr in ("_module", "_model"):
+        try:
+            inner = getattr(model, attr)
+        except AttributeError:
+            continue
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    raise TypeError(f"Expected a transformers *ForCausalLM or an nnsight wrapper of one, got {type(model)!r}")
+
+
+@dataclass
+class _Calls:
+    """How to call this model: the cache keyword (``cache`` in transformers >= 5.2x, else ``past_key_values``)."""
+
+    cache_kw: str
+    logits_to_keep: bool
+
+    @classmethod
+    def of(cls, model) -> "_Calls":
+        params = inspect.signature(model.forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"
+        return cls(cache_kw, "logits_to_keep" in params)
+
+    def forward(self, model, ids: torch.Tensor, *, start: int = 0, cache=None, use_cache: bool = False):
+        """Run ``ids`` ([batch, q] tokens at absolute positions start..start+q-1); return (last logits, cache)."""
+        q = ids.shape[1]
+        kwargs = {"use_cache": use_cache or cache is not None}
+        if cache is not None:
+            kwargs[self.cache_kw] = cache
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        position_ids = torch.arange(start, start + q, device=ids.device).unsqueeze(0)
+        out = model(input_ids=ids, position_ids=position_ids, **kwargs)
+        new_cache = getattr(out, self.cache_kw, None) if kwargs["use_cache"] else None
+        return out.logits[:, -1], new_cache
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _first_tensor(args, kwargs, name: str | None = None):
+    if args:
+        return args[0]
+    if name is not None and name in kwargs:
+        return kwargs[name]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+def _replace_first(args, kwargs, value, name: str | None = None):
+    if args:
+        return (value,) + tuple(args[1:]), kwargs
+    key = name if name is not None and name in kwargs else next(
+        k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return args, {**kwargs, key: value}
+
+
+@dataclass
+class _Site:
+    kind: str
+    modules: list  # one per layer
+    where: str  # "pre" (module input), "post" (module output), "block" (block input, patched in the growth hook)
+    n_units: int
+    unit_width: int
+
+
+def _site(model, kind: str) -> _Site:
+    spec = family_spec(model.config)
+    geo = head_geometry(model.config)
+    bl = blocks(model)
+    if kind == "heads":
+        return _Site(kind, out_proj_modules(model), "pre", geo.n_heads, geo.d_head)
+    if kind == "residual":
+        return _Site(kind, bl, "block", 1, geo.d_model)
+    if kind == "attention_output":
+        return _Site(kind, [get_submodule(b, spec.attention) for b in bl], "post", 1, geo.d_model)
+    if kind == "mlp_output":
+        return _Site(kind, [get_submodule(b, spec.mlp) for b in bl], "post", 1, geo.d_model)
+    raise ValueError(f"unknown site {kind!r}; known: {SITES}")
+
+
+def read_site(site: _Site, args, kwargs, output) -> torch.Tensor:
+    """The activation tensor at ``site`` ([batch, pos, n_units * unit_width]) from a hook's arguments."""
+    if site.where == "post":
+        return output if isinstance(output, torch.Tensor) else output[0]
+    return _first_tensor(args, kwargs, "hidden_states")
+
+
+@contextmanager
+def capture_site(site: _Site, store: dict):
+    """Hooks saving ``store[layer] = activation[0]`` (batch row 0, detached) at every layer of ``site``."""
+    handles = []
+    for layer, module in enumerate(site.modules):
+        def hook(mod, args, kwargs, output=None, _layer=layer):
+            store[_layer] = read_site(site, args, kwargs, output)[0].detach()
+        if site.where == "post":
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, kwargs, _h=hook: _h(mod, args, kwargs), with_kwargs=True))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def two_row_output_layer(model, token_ids: Sequence[int]):
+    """Restrict the output layer's matmul to ``token_ids`` while inside (only for an ``nn.Linear`` head).
+
+    The model's final norm and any logit scaling still apply. Yields True if restricted (logits then have
+    ``len(token_ids)`` columns), False if the head is not a Linear (full vocabulary logits).
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        yield False
+        return
+    idx = torch.as_tensor(list(token_ids), device=head.weight.device)
+    weight = head.weight.detach().index_select(0, idx)
+    bias = None if head.bias is None else head.bias.detach().index_select(0, idx)
+    had_own = "forward" in head.__dict__
+    old = head.__dict__.get("forward")
+    head.forward = lambda x: F.linear(x, weight, bias)
+    try:
+        yield True
+    finally:
+        if had_own:
+            head.forward = old
+        else:
+            del head.forward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache snapshots
+# ----------------------------------------------------------------------------------------------------------------
+
+def _snapshot(cache):
+    """A copy of a (layered) transformers cache whose layers no later update can change."""
+    if cache is None:
+        return None
+    if not hasattr(cache, "layers"):
+        raise TypeError(f"patching needs a layered transformers Cache (transformers >= 4.56), got {type(cache)!r}")
+    snap = copy.copy(cache)
+    snap.layers = [copy.copy(layer) for layer in cache.layers]
+    return snap
+
+
+def _expanded(snap, batch_per_layer: Sequence[int]):
+    """A fresh copy of a batch-1 snapshot with layer j's keys/values expanded (views) to ``batch_per_layer[j]``."""
+    if snap is None:
+        return None
+    out = copy.copy(snap)
+    out.layers = []
+    for layer, b in zip(snap.layers, batch_per_layer):
+        layer = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            layer.keys = layer.keys.expand(b, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(b, *layer.values.shape[1:])
+        out.layers.append(layer)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunking with out-of-memory back-off
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_chunked(n_items: int, chunk_size: int, fn: Callable[[int, int], None], *, on_oom: Callable | None = None):
+    """Call ``fn(start, stop)`` over ``[0, n_items)`` in chunks; on out-of-memory halve the chunk and retry.
+
+    Returns ``(final_chunk_size, n_halvings)``. Re-raises if a chunk of 1 does not fit.
+    """
+    start, halvings = 0, 0
+    chunk_size = max(1, int(chunk_size))
+    while start < n_items:
+        stop = min(n_items, start + chunk_size)
+        failed = False
+        try:
+            fn(start, stop)
+        except OutOfMemoryError:
+            if stop - start <= 1:
+                raise
+            failed = True
+        if failed:  # outside the except block, so the traceback's tensors are already released
+            chunk_size = max(1, (stop - start) // 2)
+            halvings += 1
+            if on_oom is not None:
+                on_oom()
+            elif torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+    return chunk_size, halvings
+
+
+def _auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
+    """Rows per forward that should fit comfortably in memory (the OOM back-off handles the rest)."""
+    cfg = model.config
+    geo = head_geometry(cfg)
+    nbytes = next(model.parameters()).element_size()
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * geo.d_model
+    inter *= max(1, getattr(cfg, "num_experts_per_tok", 1) or 1)
+    per_token = nbytes * (8 * geo.d_model + 3 * inter) + 4 * 2 * geo.n_heads * kv_len  # eager scores in fp32
+    per_row = q * per_token + geo.n_layers * 2 * geo.n_kv_heads * geo.d_head * kv_len * nbytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.4 * free
+    else:
+        budget = 2 * 2**30
+    return max(1, int(budget // per_row))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Plan:
+    """What the hooks do in one forward: rows joining per layer and the patch of each layer."""
+
+    def __init__(self, n_new: list[int], patches: dict):
+        self.n_new = n_new  # rows appended at the input of block l
+        self.patches = patches  # layer -> (batch_idx, rel_pos, unit, values [n, width])
+
+
+def _apply_patch(x: torch.Tensor, site: _Site, patch) -> torch.Tensor:
+    batch_idx, rel_pos, unit, values = patch
+    if not x.is_contiguous():
+        x = x.contiguous()
+    x.view(x.shape[0], x.shape[1], site.n_units, site.unit_width)[batch_idx, rel_pos, unit] = values
+    return x
+
+
+@contextmanager
+def _sweep_hooks(model, site: _Site, state: dict):
+    """Growth pre-hooks on every block and patch hooks at ``site``; inactive while ``state['plan']`` is None."""
+    handles = []
+    for layer, block in enumerate(blocks(model)):
+        def grow(mod, args, kwargs, _layer=layer):
+            plan = state.get("plan")
+            if plan is None or plan.n_new[_layer] == 0:
+                return None
+            hidden = _first_tensor(args, kwargs, "hidden_states")
+            n = plan.n_new[_layer]
+            hidden = torch.cat([hidden, hidden[:1].expand(n, *hidden.shape[1:])], dim=0)
+            if site.where == "block" and _layer in plan.patches:
+                hidden = _apply_patch(hidden, site, plan.patches[_layer])
+            return _replace_first(args, kwargs, hidden, "hidden_states")
+        handles.append(block.register_forward_pre_hook(grow, with_kwargs=True))
+    if site.where in ("pre", "post"):
+        for layer, module in enumerate(site.modules):
+            if site.where == "pre":
+                def pre(mod, args, kwargs, _layer=layer):
+                    plan = state.get("plan")
+                    if plan is None or _layer not in plan.patches:
+                        return None
+                    x = _first_tensor(args, kwargs)
+                    return _replace_first(args, kwargs, _apply_patch(x, site, plan.patches[_layer]))
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(mod, args, output, _layer=layer):
+                    plan = state.get("plan")
+                    if plan is None or _layer not in plan.patches:
+                        return None
+                    if isinstance(output, torch.Tensor):
+                        return _apply_patch(output, site, plan.patches[_layer])
+                    patched = _apply_patch(output[0], site, plan.patches[_layer])
+                    return (patched,) + tuple(output[1:]) if isinstance(output, tuple) else output
+                handles.append(module.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        state["plan"] = None
+        for h in handles:
+            h.remove()
+
+
+def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: int, corrupt_tok: int) -> torch.Tensor:
+    logits = logits.float()
+    if two_rows:
+        return logits[..., 0] - logits[..., 1]
+    return logits[..., clean_tok] - logits[..., corrupt_tok]
+
+
+def _buckets(first: int, length: int, bucket_size: int | None) -> list[tuple[int, int]]:
+    n = length - first
+    if n <= 0:
+        return []
+    if bucket_size is None:  # ~8 forwards per example: few launches, little recomputation of in-bucket prefixes
+        bucket_size = max(1, math.ceil(n / 8))
+    return [(s, min(length, s + bucket_size)) for s in range(first, length, bucket_size)]
+
+
+def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include: bool, clean_diff, corrupt_diff,
+                   clean_acts, *, chunk_size, bucket_size, stats) -> torch.Tensor | None:
+    """patched_logit_diff [L, U, T] for one example (prefix positions = corrupt, computed ones filled)."""
+    device = _device(model)
+    L, U = len(site.modules), site.n_units
+    T = len(pair.clean_ids)
+    out = torch.full((L, U, T), float(corrupt_diff))
+    if not include:
+        out.fill_(float("nan"))
+        return out
+    corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+    acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
+    buckets = _buckets(first, T, bucket_size)
+    state: dict = {"plan": None}
+    with torch.no_grad(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
+            _sweep_hooks(model, site, state):
+        # Corrupt caches at every bucket start: one incremental batch-1 pass over the prefix.
+        snaps, cache, done = [], None, 0
+        for s, _ in buckets:
+            if s > done:
+                _, cache = calls.forward(model, corrupt[:, done:s], start=done, cache=cache, use_cache=True)
+                cache = _snapshot(cache)
+                done = s
+                stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
+            snaps.append(_snapshot(cache))
+        for (s, e), snap in zip(buckets, snaps):
+            q = T - s
+            grid = torch.stack(torch.meshgrid(
+                torch.arange(L), torch.arange(U), torch.arange(s, e), indexing="ij"), -1).reshape(-1, 3)
+            n_rows = grid.shape[0]
+            size = chunk_size or min(n_rows, _auto_chunk_rows(model, q, T, device))
+            ids = corrupt[:, s:]
+
+            def run(a: int, b: int):
+                rows = grid[a:b]
+                layer_of = rows[:, 0]
+                n_new = torch.bincount(layer_of, minlength=L).tolist()
+                patches, start = {}, 0
+                rows_dev = rows.to(device)
+                for layer in range(L):
+                    n = n_new[layer]
+                    if n:
+                        seg = rows_dev[start:start + n]
+                        batch_idx = torch.arange(start + 1, start + 1 + n, device=device)
+                        patches[layer] = (batch_idx, seg[:, 2] - s, seg[:, 1], acts[layer, seg[:, 2], seg[:, 1]])
+                        start += n
+                per_layer_batch = (1 + torch.cumsum(torch.tensor(n_new), 0)).tolist()
+                state["plan"] = _Plan(n_new, patches)
+                try:
+                    logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
+                finally:
+                    state["plan"] = None
+                diffs = _metric(logits, two_rows, pair.clean_token_id, pair.corrupt_token_id).cpu()
+                base = abs(float(diffs[0]) - float(corrupt_diff))
+                stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
+                out[rows[:, 0], rows[:, 1], rows[:, 2]] = diffs[1:]
+                stats["forwards"] = stats.get("forwards", 0) + 1
+                stats["row_token_layers"] = stats.get("row_token_layers", 0) + q * sum(per_layer_batch)
+                stats["rows"] = stats.get("rows", 0) + (b - a)
+
+            final, halvings = run_chunked(n_rows, size, run)
+            stats["chunk_size"] = min(stats.get("chunk_size", final), final)
+            stats["oom_halvings"] = stats.get("oom_halvings", 0) + halvings
+    return out
+
+
+def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
+    """(clean_diff, corrupt_diff, clean_correct, clean activations at site) for one example."""
+    device = _device(model)
+    clean = torch.as_tensor(list(pair.clean_ids), device=device).unsqueeze(0)
+    corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+    store: dict = {}
+    with torch.no_grad():
+        if site is not None:
+            with capture_site(site, store):
+                clean_logits, _ = calls.forward(model, clean)
+        else:
+            clean_logits, _ = calls.forward(model, clean)
+        corrupt_logits, _ = calls.forward(model, corrupt)
+    clean_logits, corrupt_logits = clean_logits[0].float(), corrupt_logits[0].float()
+    ct, xt = pair.clean_token_id, pair.corrupt_token_id
+    clean_diff = float(clean_logits[ct] - clean_logits[xt])
+    corrupt_diff = float(corrupt_logits[ct] - corrupt_logits[xt])
+    correct = int(clean_logits.argmax()) == ct
+    return clean_diff, corrupt_diff, correct, store
+
+
+def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total)
+
+
+def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
+                min_denominator: float = DEFAULT_MIN_DENOMINATOR, chunk_size: int | None = None,
+                bucket_size: int | None = None, progress: bool = True) -> PatchingResult:
+    """The shared driver of every kernel; ``kind`` is one of ``SITES``. See the module docstring."""
+    model = unwrap_model(model)
+    calls = _Calls.of(model)
+    site = _site(model, kind)
+    pairs = list(pairs)
+    firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
+    pre = [_clean_and_corrupt(model, calls, site, p) for p in pairs]
+    included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
+    stats: dict = {}
+    per_example = []
+    for i in _progress(range(len(pairs)), progress and len(pairs) > 0, f"patch {kind}"):
+        clean_diff, corrupt_diff, _, acts = pre[i]
+        per_example.append(_sweep_example(
+            model, calls, site, pairs[i], firsts[i], bool(included[i]), clean_diff, corrupt_diff, acts,
+            chunk_size=chunk_size, bucket_size=bucket_size, stats=stats))
+        pre[i] = pre[i][:3] + (None,)  # free the clean activations
+    lengths = [len(p.clean_ids) for p in pairs]
+    t_max = max(lengths, default=0)
+    L, U = len(site.modules), site.n_units
+    patched = torch.full((len(pairs), L, U, t_max), float("nan"))
+    for i, values in enumerate(per_example):
+        patched[i, :, :, : lengths[i]] = values
+    if kind == "heads":
+        cls, dims = HeadPatchingResult, ("example", "layer", "head", "pos")
+    else:
+        cls, dims, patched = LayerPatchingResult, ("example", "layer", "pos"), patched[:, :, 0]
+    return build_result(cls, kind, dims, patched, [p[0] for p in pre], [p[1] for p in pre],
+                        [p[2] for p in pre], included, lengths, firsts, min_denominator, stats)
+
+
+def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: float = DEFAULT_MIN_DENOMINATOR,
+                chunk_size: int | None = None, bucket_size: int | None = None,
+                progress: bool = True) -> HeadPatchingResult:
+    """Patch each head's z (out_proj input slice) at each position, clean into corrupt.
+
+    Returns a HeadPatchingResult with ``normalised`` / ``patched_logit_diff`` of shape [example, layer, head, pos]
+    (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
+    memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None = about 8 buckets).
+    """
+    return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,
+                       chunk_size=chunk_size, bucket_size=bucket_size, progress=progress)
+
+
+def patch_residual(model, pairs, **kwargs) -> LayerPatchingResult:
+    """Patch the residual stream at the *input* of block l (resid_pre; l = 0 patches the embeddings).
+
+    [example, layer, pos]. Same keyword arguments as ``patch_heads``.
+    """
+    return patch_sweep(model, pairs, "residual", **kwargs)
+
+
+def patch_attention_output(model, pairs, **kwargs) -> LayerPatchingResult:
+    """Patch the attention module's output of layer l (all heads, after out_proj). [example, layer, pos]."""
+    return patch_sweep(model, pairs, "attention_output", **kwargs)
+
+
+def patch_mlp_output(model, pairs, **kwargs) -> LayerPatchingResult:
+    """Patch the MLP (mixture-of-experts for granitemoe) output of layer l. [example, layer, pos]."""
+    return patch_sweep(model, pairs, "mlp_output", **kwargs)
