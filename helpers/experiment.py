@@ -1,0 +1,316 @@
+"""One whole feature experiment: validate the settings, load the model, build clean/corrupt pairs, read the
+model's clean prediction, patch every head at every position, and return an :class:`ExperimentResult`.
+
+The four feature notebooks, the sweep and the explorer all call :func:`run_experiment`; saving
+(:mod:`helpers.results`) and drawing (:mod:`helpers.plotting`) take its result. Settings are checked before
+anything is loaded, so an unknown feature, model or command set fails at once with a message that lists
+the valid choices.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from . import pairs as P
+from .registry import ModelSpec, resolve_model
+
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """The notebook parameters that decide a result (``output_dir`` is where, not what).
+
+    A flag left as None takes the feature's default (``helpers.pairs.DEFAULT_PAIR_OPTIONS`` where the project
+    defines it, else False); :func:`validate` resolves it, so a result always records the value used.
+    """
+
+    model_num: int | str | None = "embedded"
+    cs_num: int = 1
+    feature_name: str = "ENGTABLENAME"
+    use_novel_names: bool | None = False
+    use_synonyms_table: bool | None = None
+    use_synonyms_field: bool | None = None
+    batch_size: int = 5
+    seed: int = 0
+    model_path: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"  # "auto": CUDA when available
+    semantic: bool = True
+    embedded_family: str = "llama"
+    keep_incorrect: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FLAGS = ("use_novel_names", "use_synonyms_table", "use_synonyms_field")
+
+
+def _feature_defaults(feature: P.Feature) -> dict:
+    """Per-feature default flags from ``helpers.pairs.DEFAULT_PAIR_OPTIONS`` (a PairOptions or a dict)."""
+    table = getattr(P, "DEFAULT_PAIR_OPTIONS", None) or {}
+    opts = table.get(feature, table.get(feature.value)) if hasattr(table, "get") else None
+    if opts is None:
+        return {}
+    opts = opts if isinstance(opts, dict) else asdict(opts)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Feature, ModelSpec]:
+    """Check every setting without loading anything; raise ValueError naming the valid choices.
+
+    Returns the settings with flags resolved and the feature name canonical, the feature and the model spec.
+    """
+    feature = P.parse_feature(settings.feature_name)
+    spec = resolve_model(settings.model_num, settings.cs_num, settings.semantic, settings.model_path,
+                         embedded_family=settings.embedded_family)
+    if isinstance(settings.batch_size, bool) or not isinstance(settings.batch_size, int) or settings.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {settings.batch_size!r}")
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
+        raise ValueError(f"seed must be an int, got {settings.seed!r}")
+    from .loading import resolve_device, resolve_dtype
+
+    device = str(resolve_device(settings.device))  # "auto" -> cuda if available; cuda without a GPU raises
+    dtype = str(resolve_dtype(settings.dtype, device)).replace("torch.", "")  # "auto" -> bf16 on cuda, else fp32
+    defaults = _feature_defaults(feature)
+    flags = {}
+    for name in FLAGS:
+        value = getattr(settings, name)
+        value = defaults.get(name, False) if value is None else value
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True, False or None (the feature's default), got {value!r}")
+        flags[name] = value
+    model_path = settings.model_path if settings.model_path not in ("",) else None
+    return (replace(settings, feature_name=feature.value, model_path=model_path, dtype=dtype, device=device, **flags),
+            feature, spec)
+
+
+@dataclass
+class ExperimentResult:
+    """Everything one run produced. ``patching`` is a ``helpers.patching.HeadPatchingResult``."""
+
+    settings: ExperimentSettings
+    feature: P.Feature
+    spec: ModelSpec
+    pairs: list
+    patching: object
+    predicted_ids: list[int]  # clean argmax at each example's answer position
+    tokens: list[list[str]]  # each example's clean tokens, decoded one by one
+    generations: dict  # the reference example's greedy SQL on the clean and corrupt prompt
+    model_info: dict  # model id, revision, family, geometry, dtype, device
+    started_at: str
+    finished_at: str
+    timings: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------- derived
+    @property
+    def geometry(self):
+        return self.model_info["geometry"]
+
+    @property
+    def n_positions(self) -> int:
+        return max(len(p.clean_ids) for p in self.pairs)
+
+    @property
+    def reference(self) -> int:
+        """The example whose tokens label the columns: the first longest included one (else the first longest).
+
+        Columns are token indices; other examples may hold other words there (see :meth:`token_labels`).
+        """
+        included = [bool(x) for x in self.patching.included]
+        lengths = [len(p.clean_ids) for p in self.pairs]
+        candidates = [i for i in range(len(self.pairs)) if included[i]] or list(range(len(self.pairs)))
+        return max(candidates, key=lambda i: (lengths[i], -i))
+
+    def token_labels(self) -> list[str]:
+        """``{tok}_{i}`` per position, from the reference example; ``*`` marks a position where examples differ."""
+        ref = self.tokens[self.reference]
+        labels = []
+        for i, tok in enumerate(ref):
+            same = all(len(t) <= i or t[i] == tok for t in self.tokens)
+            labels.append(f"{tok.strip() or repr(tok)}{'' if same else '*'}_{i}")
+        return labels
+
+    @property
+    def clean_correct(self) -> list[bool]:
+        return [bool(x) for x in self.patching.clean_correct]
+
+    @property
+    def clean_accuracy(self) -> float:
+        return sum(self.clean_correct) / len(self.clean_correct)
+
+    def mean(self):
+        """Mean normalised score over included examples, [layer, head, pos] (NaN where no example has one)."""
+        return self.patching.mean()
+
+    def std(self):
+        return self.patching.std()
+
+    def top_heads(self, k: int = 10):
+        """The ``k`` (layer, head, position) cells with the largest |mean| as a pandas DataFrame."""
+        import pandas as pd
+
+        mean, std, count = self.mean(), self.std(), self.patching.count()
+        labels = self.token_labels()
+        flat = torch.nan_to_num(mean.abs(), nan=-1.0).flatten()
+        order = torch.argsort(flat, descending=True)[: max(0, k)]
+        rows = []
+        n_heads, n_pos = mean.shape[1], mean.shape[2]
+        for idx in order.tolist():
+            if flat[idx] < 0:
+                break
+            layer, rest = divmod(idx, n_heads * n_pos)
+            head, pos = divmod(rest, n_pos)
+            rows.append(dict(head=f"L{layer}_H{head}", layer=layer, head_index=head, position=pos,
+                             token=labels[pos] if pos < len(labels) else f"pos_{pos}",
+                             mean=float(mean[layer, head, pos]), std=float(std[layer, head, pos]),
+                             n=int(count[layer, head, pos])))
+        return pd.DataFrame(rows, columns=["head", "layer", "head_index", "position", "token", "mean", "std", "n"])
+
+    # ------------------------------------------------------------------------------------------- display
+    def example_markdown(self, index: int | None = None) -> str:
+        """One example's clean and corrupt prompt with the corrupted token marked, and the clean prediction."""
+        i = self.reference if index is None else index
+        pair, tokens = self.pairs[i], self.tokens[i]
+        pos, n_prompt = pair.corrupted_position, pair.n_prompt_tokens
+        corrupt_tok = self.model_info["decode"](pair.corrupt_ids[pos])
+
+        def marked(tok_at_pos: str) -> str:
+            prompt = "".join(tokens[:pos]) + f"[[{tok_at_pos}]]" + "".join(tokens[pos + 1:n_prompt])
+            return html.escape(prompt)
+
+        predicted = self.model_info["decode"](self.predicted_ids[i])
+        verdict = "correct" if self.clean_correct[i] else "WRONG"
+        answer_prefix = html.escape("".join(tokens[n_prompt:]))
+        lines = [
+            f"**Example {i}** of {len(self.pairs)} ({self.feature.value}: {P.DESCRIPTIONS[self.feature]}); "
+            f"the corrupted token (position {pos}) is marked `[[ ]]`.",
+            "",
+            f"- Clean prompt: <code>{marked(tokens[pos])}</code>",
+            f"- Corrupt prompt: <code>{marked(corrupt_tok)}</code>",
+            f"- Answer prefix fed after the prompt: <code>{answer_prefix}</code> → the next token is scored "
+            f"(position {pair.answer_position}): clean answer `{pair.clean_answer}`, corrupt answer "
+            f"`{pair.corrupt_answer}`",
+            f"- Model's clean prediction there: `{predicted.strip()}` ({verdict}); clean prompts predicted "
+            f"correctly: {sum(self.clean_correct)}/{len(self.pairs)}",
+        ]
+        for side in ("clean", "corrupt"):
+            if self.generations.get(side) is not None:
+                lines.append(f"- Greedy SQL on the {side} prompt: <code>{html.escape(self.generations[side])}</code>")
+        return "\n".join(lines)
+
+    def show_example(self, index: int | None = None):
+        from IPython.display import Markdown, display
+
+        display(Markdown(self.example_markdown(index)))
+
+    def summary(self) -> str:
+        p = self.patching
+        return (f"{self.spec.name} | CS{self.settings.cs_num} | {self.feature.value} | "
+                f"novel={self.settings.use_novel_names} syn_table={self.settings.use_synonyms_table} "
+                f"syn_field={self.settings.use_synonyms_field} | {len(self.pairs)} examples, "
+                f"{sum(self.clean_correct)} clean-correct, {int(p.included.sum())} included | "
+                f"clean logit diff {_nanmean(p.clean_logit_diff):.3f}, corrupt {_nanmean(p.corrupt_logit_diff):.3f}"
+                f" | {self.timings.get('total_s', float('nan')):.1f}s")
+
+
+def _nanmean(values) -> float:
+    t = torch.as_tensor(values, dtype=torch.float32)
+    return float(torch.nanmean(t)) if t.numel() else float("nan")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _revision(loaded) -> str | None:
+    """The hub commit of the checkpoint, else a short content hash of a local folder's config and weights."""
+    from .results import folder_fingerprint
+
+    return loaded.revision or folder_fingerprint(loaded.spec.model_id)
+
+
+@torch.no_grad()
+def clean_predictions(hf_model, pairs) -> list[int]:
+    """Argmax token at each example's answer position on its clean ids (one forward per example)."""
+    device = next(hf_model.parameters()).device
+    out = []
+    for pair in pairs:
+        logits = hf_model(torch.tensor([pair.clean_ids], device=device)).logits
+        out.append(int(logits[0, pair.answer_position].argmax()))
+    return out
+
+
+@torch.no_grad()
+def greedy_sql(hf_model, tokenizer, prompt_ids, max_new_tokens: int = 40) -> str:
+    """The model's greedy continuation of ``prompt_ids`` (its SQL), decoded, stopped at EOS."""
+    device = next(hf_model.parameters()).device
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "ENGTABLENAME", *,
+                   use_novel_names: bool | None = False, use_synonyms_table: bool | None = None,
+                   use_synonyms_field: bool | None = None, batch_size: int = 5, seed: int = 0,
+                   model_path: str | None = None, dtype: str = "auto", device: str = "cpu",
+                   semantic: bool = True, embedded_family: str = "llama", keep_incorrect: bool = False,
+                   loaded=None, progress: bool = True, generate: bool = True) -> ExperimentResult:
+    """Run one feature experiment end to end.
+
+    ``loaded`` reuses an already loaded ``helpers.loading.LoadedModel`` (the explorer caches them); it must
+    match the settings' model. The settings are validated before the model is loaded.
+    """
+    settings, feature, spec = validate(ExperimentSettings(
+        model_num=model_num, cs_num=cs_num, feature_name=feature_name, use_novel_names=use_novel_names,
+        use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, batch_size=batch_size,
+        seed=seed, model_path=model_path, dtype=dtype, device=device, semantic=semantic,
+        embedded_family=embedded_family, keep_incorrect=keep_incorrect))
+    from .loading import load_model
+    from .patching import patch_heads
+
+    started, t0 = _now(), time.perf_counter()
+    timings = {}
+    if loaded is None:
+        loaded = load_model(spec, dtype=settings.dtype, device=settings.device)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    pairs = P.make_pairs(feature, loaded.tokenizer, cs_num=settings.cs_num, batch_size=settings.batch_size,
+                         seed=settings.seed, use_novel_names=settings.use_novel_names,
+                         use_synonyms_table=settings.use_synonyms_table,
+                         use_synonyms_field=settings.use_synonyms_field)
+    timings["pairs_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    hf_model, tok = loaded.hf_model, loaded.tokenizer
+    predicted = clean_predictions(hf_model, pairs)
+    tokens = [[tok.decode([i]) for i in p.clean_ids] for p in pairs]
+    timings["predict_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    patching = patch_heads(loaded.hf_model, pairs, keep_incorrect=settings.keep_incorrect, progress=progress)
+    timings["patch_s"] = time.perf_counter() - t
+
+    result = ExperimentResult(
+        settings=settings, feature=feature, spec=spec, pairs=pairs, patching=patching, predicted_ids=predicted,
+        tokens=tokens, generations={},
+        model_info=dict(model_id=spec.model_id, model_name=spec.name, revision=_revision(loaded),
+                        family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
+                        device=str(loaded.device), decode=lambda i: tok.decode([i])),
+        started_at=started, finished_at="", timings=timings)
+    if generate:
+        t = time.perf_counter()
+        ref = result.pairs[result.reference]
+        result.generations = {side: greedy_sql(hf_model, tok, ids[:ref.n_prompt_tokens])
+                              for side, ids in (("clean", ref.clean_ids), ("corrupt", ref.corrupt_ids))}
+        timings["generate_s"] = time.perf_counter() - t
+    result.finished_at = _now()
+    timings["total_s"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,272 @@
+"""Saving and loading experiment results: the JSON format, file names and atomic writes.
+
+The JSON keeps every key of the original notebook's file (``metadata`` with ``source``, ``timestamp``,
+``model_num``, ``model_hf``, ``commandset``, the three flags, ``num_sql_fields``, ``batch_size``,
+``n_positions``, ``n_layers``, ``n_heads``; ``patching_results`` [layer][head][position], the *mean* over the
+included examples; ``clean_tokens``; ``clean_logit_diff``; ``corrupt_logit_diff``), so the original's
+``load_and_plot_results`` still reads it. It adds the feature, seed, model id and revision, package versions
+and timestamps to ``metadata``, the spread (``patching_std``, ``patching_count``), column labels and one record
+per example (prompts, token indices and ids, logit differences, its own [layer][head][position] scores).
+NaN (no value: a position past an example's end, an excluded example) is written as JSON ``null``.
+
+File names hold the model, command set, feature, flags, batch size and seed, so runs with different
+settings never overwrite each other; a rerun of the same settings replaces its file atomically.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 2
+SOURCE = "tinysql-patching helpers.experiment"
+PREFIX = "activation_patching"
+
+
+# --------------------------------------------------------------------------------------------- atomic I/O
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` and ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data) -> Path:
+    """Strict JSON (``allow_nan=False``): convert NaN to None first (see :func:`to_jsonable`)."""
+    return atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def to_jsonable(values):
+    """Array/tensor/nested list -> nested lists of float, NaN and ±inf -> None."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(arr), arr, None).tolist()
+
+
+def _float_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------- naming
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
+
+
+def file_stem(settings, spec) -> str:
+    """``activation_patching_{model}_cs{n}_{FEATURE}_novel_names.{b}.table.{b}.field.{b}_batch{n}_seed{s}[_{dtype}]``.
+
+    ``model`` is the registry's display name; a ``model_path`` override adds a short hash of the path so
+    two folders with the same name do not collide.
+    """
+    model = spec.name
+    if getattr(spec, "overridden", False):
+        model += "-" + hashlib.sha256(str(spec.model_id).encode()).hexdigest()[:8]
+    stem = (f"{PREFIX}_{model}_cs{settings.cs_num}_{settings.feature_name}"
+            f"_novel_names.{settings.use_novel_names}.table.{settings.use_synonyms_table}"
+            f".field.{settings.use_synonyms_field}_batch{settings.batch_size}_seed{settings.seed}")
+    if settings.dtype != "float32":
+        stem += f"_{settings.dtype}"
+    if settings.keep_incorrect:
+        stem += "_keepincorrect"
+    return _slug(stem)
+
+
+def find_results(folder: str | Path) -> list[Path]:
+    """The result JSON files in ``folder`` (not recursive), newest first."""
+    files = [p for p in Path(folder).glob(f"{PREFIX}_*.json") if p.is_file()]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------- provenance
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "nnsight", "tinysql-patching"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def folder_fingerprint(model_id: str, max_bytes: int = 1 << 30) -> str | None:
+    """``sha256:<12 hex>`` over a local folder's config and weight files (None for hub ids or > max_bytes)."""
+    folder = Path(str(model_id)).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and
+                   (p.suffix in (".safetensors", ".bin", ".json") or p.name == "tokenizer.model"))
+    if sum(p.stat().st_size for p in files) > max_bytes:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return "sha256:" + h.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- JSON format
+
+
+def _example_record(exp, i: int) -> dict:
+    p = exp.patching
+    record = exp.pairs[i].to_dict()
+    record.update(
+        index=i, n_positions=len(exp.pairs[i].clean_ids), num_sql_fields=len(exp.pairs[i].clean_item.select),
+        clean_tokens_text=exp.tokens[i], predicted_token_id=exp.predicted_ids[i],
+        predicted_token=exp.model_info["decode"](exp.predicted_ids[i]),
+        clean_correct=bool(p.clean_correct[i]), included=bool(p.included[i]), guarded=bool(p.guarded[i]),
+        clean_logit_diff=_float_or_none(p.clean_logit_diff[i]),
+        corrupt_logit_diff=_float_or_none(p.corrupt_logit_diff[i]),
+    )
+    n = len(exp.pairs[i].clean_ids)  # drop the NaN padding past this example's end
+    record["patching_results"] = to_jsonable(p.normalised[i][..., :n])
+    record["patched_logit_diff"] = to_jsonable(p.patched_logit_diff[i][..., :n])
+    return record
+
+
+def experiment_to_dict(exp) -> dict:
+    """The JSON document for an :class:`helpers.experiment.ExperimentResult`."""
+    s, p, geo = exp.settings, exp.patching, exp.geometry
+    mean = exp.mean()
+    ref = exp.reference
+    included = [bool(x) for x in p.included]
+    finished = _dt.datetime.fromisoformat(exp.finished_at) if exp.finished_at else _dt.datetime.now(_dt.timezone.utc)
+
+    def included_mean(values) -> float | None:
+        vals = [float(v) for v, inc in zip(values, included) if inc]
+        return _float_or_none(np.nanmean(vals)) if vals and not all(math.isnan(v) for v in vals) else None
+
+    metadata = {
+        # the original notebook's keys
+        "source": SOURCE,
+        "timestamp": finished.strftime("%Y%m%d_%H%M%S"),
+        "model_num": s.model_num,
+        "model_hf": exp.spec.model_id,
+        "commandset": s.cs_num,
+        "use_novel_names": s.use_novel_names,
+        "use_synonyms_table": s.use_synonyms_table,
+        "use_synonyms_field": s.use_synonyms_field,
+        "num_sql_fields": len(exp.pairs[ref].clean_item.select),
+        "batch_size": s.batch_size,
+        "n_positions": int(mean.shape[-1]),
+        "n_layers": int(mean.shape[0]),
+        "n_heads": int(mean.shape[1]),
+        # added
+        "format_version": FORMAT_VERSION,
+        "feature_name": exp.feature.value,
+        "seed": s.seed,
+        "semantic": exp.spec.semantic,
+        "embedded_family": s.embedded_family if exp.spec.is_embedded else None,
+        "model_name": exp.spec.name,
+        "model_id": exp.spec.model_id,
+        "model_revision": exp.model_info.get("revision"),
+        "model_path_override": s.model_path,
+        "family": exp.model_info.get("family"),
+        "d_head": getattr(geo, "d_head", None),
+        "n_kv_heads": getattr(geo, "n_kv_heads", None),
+        "dtype": exp.model_info.get("dtype"),
+        "device": exp.model_info.get("device"),
+        "keep_incorrect": s.keep_incorrect,
+        "n_examples": len(exp.pairs),
+        "n_clean_correct": sum(exp.clean_correct),
+        "n_included": sum(included),
+        "clean_accuracy": exp.clean_accuracy,
+        "reference_example": ref,
+        "min_denominator": getattr(p, "min_denominator", None),
+        "started_at": exp.started_at,
+        "finished_at": exp.finished_at,
+        "timings_s": {k: round(v, 3) for k, v in exp.timings.items()},
+        "versions": package_versions(),
+        "settings": s.to_dict(),
+    }
+    return {
+        "metadata": metadata,
+        "patching_results": to_jsonable(mean),
+        "clean_tokens": list(exp.pairs[ref].clean_ids),
+        # Scalars as in the original, now the mean over the included examples (per example below).
+        "clean_logit_diff": included_mean(p.clean_logit_diff),
+        "corrupt_logit_diff": included_mean(p.corrupt_logit_diff),
+        "feature_name": exp.feature.value,
+        "position_labels": exp.token_labels(),
+        "patching_std": to_jsonable(exp.std()),
+        "patching_count": np.asarray(p.count()).tolist(),
+        "generations": exp.generations,
+        "examples": [_example_record(exp, i) for i in range(len(exp.pairs))],
+    }
+
+
+def save_experiment(exp, output_dir: str | Path, figures: bool = True, png: bool = True) -> dict[str, Path]:
+    """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible)."""
+    out = Path(output_dir)
+    stem = file_stem(exp.settings, exp.spec)
+    paths = {"json": atomic_write_json(out / f"{stem}.json", experiment_to_dict(exp))}
+    if figures:
+        from . import plotting
+
+        paths.update(plotting.save_figure(plotting.mean_heatmap(exp), out / f"{stem}.heatmap", png=png))
+        paths.update({f"spread_{k}": v for k, v in
+                      plotting.save_figure(plotting.spread_heatmap(exp), out / f"{stem}.spread", png=png).items()})
+    return paths
+
+
+def load_results(path: str | Path) -> dict:
+    """Read a result JSON (ours or the original notebook's); ``null`` scores come back as NaN in numpy arrays.
+
+    Adds ``"scores"`` (np.ndarray [layer, head, pos]) and, where saved, ``"scores_std"``.
+    """
+    with open(path) as f:
+        data = json.load(f)
+    for key in ("metadata", "patching_results", "clean_logit_diff", "corrupt_logit_diff"):
+        if key not in data:
+            raise ValueError(f"{path}: not a patching result (missing {key!r})")
+    data["scores"] = np.array(data["patching_results"], dtype=np.float64)
+    if "patching_std" in data:
+        data["scores_std"] = np.array(data["patching_std"], dtype=np.float64)
+    return data
+
+
+def top_heads_from_json(data: dict, k: int = 5) -> list[dict]:
+    """The ``k`` cells of largest |mean| in a loaded result: dicts of head, position, label, mean."""
+    scores = data["scores"] if "scores" in data else np.array(data["patching_results"], dtype=np.float64)
+    labels = data.get("position_labels") or [f"pos_{i}" for i in range(scores.shape[-1])]
+    flat = np.nan_to_num(np.abs(scores), nan=-1.0).ravel()
+    out = []
+    for idx in np.argsort(-flat, kind="stable")[:k]:
+        if flat[idx] < 0:
+            break
+        layer, head, pos = np.unravel_index(idx, scores.shape)
+        out.append(dict(head=f"L{layer}_H{head}", position=int(pos), label=labels[pos],
+                        mean=float(scores[layer, head, pos])))
+    return out
