@@ -218,6 +218,34 @@ def apply_bm1_pad(hf_model, tokenizer) -> bool:
 
 
 # ---------------------------------------------------------------- the loader
+def _pin_revision(model_id: str, revision: str | None, **kwargs):
+    """``revision`` resolved once to a commit (transformers' ``resolve_revision``, fail-open); else unchanged."""
+    try:
+        from transformers.utils.hub import resolve_revision
+
+        return resolve_revision(model_id, revision, token=kwargs.get("token"),
+                                local_files_only=kwargs.get("local_files_only", False),
+                                cache_dir=kwargs.get("cache_dir"))
+    except Exception:  # noqa: BLE001 - older transformers 5.x: each from_pretrained resolves on its own
+        return revision
+
+
+def _commit_of(model_id: str, revision, cache_dir: str | None) -> str | None:
+    """The commit hash that was loaded: from the pinned revision, else from the cached config.json's snapshot."""
+    resolved = getattr(revision, "resolved", None)
+    if resolved:
+        return str(resolved)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from transformers.utils.hub import extract_commit_hash
+
+        path = try_to_load_from_cache(model_id, "config.json", cache_dir=cache_dir,
+                                      revision=str(revision) if revision else None)
+        return extract_commit_hash(path, None) if isinstance(path, str) else (str(revision) if revision else None)
+    except Exception:  # noqa: BLE001 - provenance only, never fatal
+        return str(revision) if revision else None
+
+
 def _looks_like_path(model_id: str) -> bool:
     return (model_id.startswith(("/", "./", "../", "~", "\\")) or os.path.isabs(model_id)
             or model_id.count("/") > 1 or model_id in (".", ".."))
@@ -248,13 +276,15 @@ def wrap_nnsight(hf_model, tokenizer):
 
 def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
                attn_implementation: str | None = None, revision: str | None = None,
-               wrap: bool = True) -> LoadedModel:
+               cache_dir: str | None = None, wrap: bool = True) -> LoadedModel:
     """Load a ``ModelSpec`` (``resolve_model(...)``), a local HF folder or a hub id.
 
     dtype: ``"auto"`` (bfloat16 on cuda, float32 on cpu), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a
     torch.dtype. device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``. attn_implementation: None (eager for
     gpt_neo, transformers' default — sdpa — elsewhere), ``"eager"``, ``"sdpa"``, ... revision: a hub branch,
-    tag or commit (ignored for local folders). wrap=False skips the nnsight wrapper (``lm`` is None).
+    tag or commit (ignored for local folders); it is resolved once to a commit hash, which all three
+    downloads use and ``LoadedModel.revision`` reports. cache_dir: a Hugging Face cache folder other than the
+    default (e.g. on a mounted drive). wrap=False skips the nnsight wrapper (``lm`` is None).
 
     Raises ModelLoadError for a missing embedded model or local folder, and for hub failures (unreachable,
     unknown, gated, no token), with the fix in the message; ValueError for a family the suite does not know.
@@ -283,7 +313,8 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
         elif not hub_reachable():
             offline_reason = "no network connection to the hub"
         source = model_id
-        kwargs = dict(token=hf_token(), revision=revision, local_files_only=offline_reason is not None)
+        kwargs = dict(token=hf_token(), local_files_only=offline_reason is not None, cache_dir=cache_dir)
+        kwargs["revision"] = _pin_revision(model_id, revision, **kwargs)
 
     def _fail(exc, what):
         if is_local:
@@ -314,7 +345,7 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
     hf_model = hf_model.to(dev).eval()
 
     pad_resized = apply_bm1_pad(hf_model, tokenizer) if spec.needs_bm1_pad else False
-    commit = None if is_local else (getattr(config, "_commit_hash", None) or revision)
+    commit = None if is_local else _commit_of(model_id, kwargs["revision"], cache_dir)
     lm = wrap_nnsight(hf_model, tokenizer) if wrap else None
     return LoadedModel(
         hf_model=hf_model, tokenizer=tokenizer, lm=lm, spec=spec, family=family,

@@ -277,3 +277,23 @@ def test_token_colab_errors_are_swallowed(monkeypatch, no_colab):
 def test_no_token_parameter():
     params = set(inspect.signature(load_model).parameters)
     assert not {p for p in params if "token" in p.lower() or "auth" in p.lower()}, params
+
+
+# ------------------------------------------------------------------ hub ids served from the local HF cache
+def test_hub_id_loads_from_cache_offline_with_commit(monkeypatch, tmp_path, tok):
+    """A hub id already in the HF cache loads offline, through the same from_pretrained path, and reports its commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--fakeorg--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    original = _save(repo / "snapshots" / commit, "llama", tok)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", PLANTED)
+    loaded = load_model(resolve_model(2, 1, model_path="fakeorg/tiny-llama"), device="cpu", cache_dir=str(tmp_path))
+    assert loaded.revision == commit and loaded.spec.name == "bm2-cs1-sem" and not loaded.spec.is_local
+    ids = torch.tensor([tok(PROMPT).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hf_model(ids).logits, original(ids).logits, atol=1e-4, rtol=1e-4)
+    # a repo missing from that cache still fails clearly
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("fakeorg/other", device="cpu", cache_dir=str(tmp_path))
