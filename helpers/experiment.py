@@ -50,6 +50,16 @@ class ExperimentSettings:
 FLAGS = ("use_novel_names", "use_synonyms_table", "use_synonyms_field")
 
 
+def notebook_parameters(namespace: dict) -> dict:
+    """The :class:`ExperimentSettings` fields found in ``namespace`` (a notebook's ``globals()``), by name.
+
+    The feature notebooks call ``run_experiment(**notebook_parameters(globals()))`` so that their parameters
+    cell (papermill's) is the single place the settings are written; other names (``output_dir``) are ignored.
+    """
+    names = ExperimentSettings.__dataclass_fields__
+    return {k: namespace[k] for k in names if k in namespace}
+
+
 def _feature_defaults(feature: P.Feature) -> dict:
     """Per-feature default flags from ``helpers.pairs.DEFAULT_PAIR_OPTIONS`` (a PairOptions or a dict)."""
     table = getattr(P, "DEFAULT_PAIR_OPTIONS", None) or {}

@@ -39,7 +39,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -227,9 +230,19 @@ def experiment_to_dict(exp) -> dict:
     }
 
 
-def save_experiment(exp, output_dir: str | Path, figures: bool = True, png: bool = True) -> dict[str, Path]:
-    """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible)."""
-    out = Path(output_dir)
+def default_output_dir() -> Path:
+    """``outputs/notebooks`` of this checkout when the package runs from one (it is git-ignored), else ./outputs."""
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "outputs").is_dir() and (repo / "pyproject.toml").is_file():
+        return repo / "outputs" / "notebooks"
+    return Path("outputs")
+
+
+def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = True,
+                    png: bool = True) -> dict[str, Path]:
+    """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible)
+    into ``output_dir`` (None: :func:`default_output_dir`); returns the paths written."""
+    out = Path(output_dir) if output_dir not in (None, "") else default_output_dir()
     stem = file_stem(exp.settings, exp.spec)
     paths = {"json": atomic_write_json(out / f"{stem}.json", experiment_to_dict(exp))}
     if figures:

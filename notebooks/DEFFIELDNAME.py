@@ -1,0 +1,125 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_markers: '"""'
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+"""
+# DEFFIELDNAME: which heads copy a column name from the *Context*?
+
+The SQL a TinySQL model writes has to use the column names of the `CREATE TABLE` Context. Here **the first
+selected field's name in the CREATE TABLE** is renamed; the English request still asks for the same column,
+so the correct first field after `SELECT` becomes the new name.
+
+Heads that move this information must find, in the schema, the column the Instruction asked for and copy
+its spelling to the answer: look at the renamed token inside the Context, and at the last position
+(`SELECT`), where the field is predicted. `use_synonyms_field` makes the Instruction say a synonym, so the
+exact name exists only in the schema.
+
+Scores are normalised logit differences, `(patched − corrupt) / (clean − corrupt)` on
+`logit[clean field] − logit[new name]` at the answer position: 1 = fully restored by that single patch.
+"""
+
+# %%
+import subprocess
+import sys
+REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # placeholder: this suite's repo
+if "google.colab" in sys.modules:  # installs the suite only inside Colab; does nothing elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% [markdown]
+"""
+## Knobs
+
+Defaults: embedded model for command set 1, CPU, no network. `use_novel_names` renames the column to a word
+that is never a column ("hammer", "wolf"); `use_synonyms_field` lets the Instruction name fields by synonyms.
+"""
+
+# %% tags=["parameters"]
+# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+#   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM. cs_num: 0=base model, 1..3=fine-tuned on
+#   command set 1..3; semantic: the synonym-trained checkpoints; embedded_family: "llama" or "gpt_neo".
+# feature_name is fixed for this notebook. A flag left as None takes the feature's default.
+# model_path: a local folder or a hub id that overrides the registry. dtype "auto": float32 on CPU, bfloat16 on
+#   CUDA. output_dir None: outputs/notebooks/ in this checkout. The Hugging Face token is never a parameter: it
+#   comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
+model_num, cs_num, semantic, embedded_family = "embedded", 1, True, "llama"
+feature_name, use_novel_names, use_synonyms_table, use_synonyms_field = "DEFFIELDNAME", False, None, None
+batch_size, seed, keep_incorrect = 5, 0, False
+model_path, dtype, device = None, "auto", "cpu"
+output_dir = None
+
+# %% [markdown]
+"""
+## Run
+
+Settings are checked before anything loads: an unknown model, command set or feature fails in this cell with
+the valid choices listed. Then the model is loaded, pairs built, clean predictions read and every head patched
+at every position. Shown: one example with its renamed schema token in `[[ ]]` and the model's answers.
+Examples the model already gets wrong on the clean prompt are dropped from the means unless `keep_incorrect`.
+"""
+
+# %%
+from helpers import experiment, plotting, results
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals()))
+print(exp.summary())
+exp.show_example()
+
+# %% [markdown]
+"""
+## Mean score per head and token
+
+Rows are `L{layer}_H{head}`, columns `{token}_{index}` of the reference example (`*`: not the same token in all
+examples). Blue restores the clean column, red pushes to the renamed one, and every column before the renamed
+token is zero by construction. Read the renamed schema token, what follows it, and the final `SELECT` column.
+"""
+
+# %%
+plotting.setup_renderer()
+plotting.mean_heatmap(exp).show()
+
+# %% [markdown]
+"""
+## Consistency
+
+The per-cell standard deviation across examples, then small multiples: one heatmap per example on its own
+tokens, sharing one colour scale.
+"""
+
+# %%
+plotting.spread_heatmap(exp).show()
+plotting.example_heatmaps(exp).show()
+
+# %% [markdown]
+"""
+## Table of the largest effects
+
+Sorted by |mean|; each row gives the head, the position and its token, the mean, the standard deviation and
+the number of examples.
+"""
+
+# %%
+exp.top_heads(10)
+
+# %% [markdown]
+"""
+## Output files
+
+JSON with the original notebook's keys and everything needed to redo the run (per-example scores, prompts,
+token ids and positions, seed, model revision, versions), plus the heatmaps as HTML and, if kaleido can use
+Chrome, PNG. Redraw any saved file with `plotting.plot_saved(path)`.
+"""
+
+# %%
+results.save_experiment(exp, output_dir)

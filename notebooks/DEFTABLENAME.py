@@ -1,0 +1,126 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_markers: '"""'
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+"""
+# DEFTABLENAME: which heads copy the table name from the *Context*?
+
+TinySQL prompts give a `CREATE TABLE` statement as Context, and the SQL answer must spell the table exactly
+as the Context defines it. This notebook renames **the table in the CREATE TABLE statement** and leaves the
+English Instruction alone, so the correct word after `FROM` becomes the new name.
+
+If the model copied the table from the Instruction, nothing would change; heads that matter here read the
+name from the schema. Expect the action at the renamed token in the Context and at the last position (`FROM`),
+which predicts the table. With `use_synonyms_table` the Instruction calls the table something else, so the
+schema is the only place the SQL name appears.
+
+A cell's value is `(patched − corrupt) / (clean − corrupt)` of `logit[clean table] − logit[new name]` at the
+answer position: the share of the clean answer that one head at one position restores on its own.
+"""
+
+# %%
+import subprocess
+import sys
+REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # placeholder: this suite's repo
+if "google.colab" in sys.modules:  # installs the suite only inside Colab; does nothing elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% [markdown]
+"""
+## What can be varied
+
+By default: the embedded CS1 model, on CPU, offline. `use_novel_names` renames the table to a word that is no
+table in the vocabulary ("apple", "orange"); `use_synonyms_table` / `use_synonyms_field` change only how the
+Instruction words things, never the schema.
+"""
+
+# %% tags=["parameters"]
+# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+#   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM. cs_num: 0=base model, 1..3=fine-tuned on
+#   command set 1..3; semantic: the synonym-trained checkpoints; embedded_family: "llama" or "gpt_neo".
+# feature_name is fixed for this notebook. A flag left as None takes the feature's default.
+# model_path: a local folder or a hub id that overrides the registry. dtype "auto": float32 on CPU, bfloat16 on
+#   CUDA. output_dir None: outputs/notebooks/ in this checkout. The Hugging Face token is never a parameter: it
+#   comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
+model_num, cs_num, semantic, embedded_family = "embedded", 1, True, "llama"
+feature_name, use_novel_names, use_synonyms_table, use_synonyms_field = "DEFTABLENAME", False, None, None
+batch_size, seed, keep_incorrect = 5, 0, False
+model_path, dtype, device = None, "auto", "cpu"
+output_dir = None
+
+# %% [markdown]
+"""
+## Running it
+
+The first helper call stops at once with the valid choices if the model, command set or feature is unknown;
+otherwise it loads the model, builds the pairs, scores the clean prediction and runs the head sweep. The
+renamed Context token of one example is shown between `[[ ]]`, with what the model writes on each prompt.
+Examples predicted wrongly on the clean prompt are excluded from the averages (see `keep_incorrect`).
+"""
+
+# %%
+from helpers import experiment, plotting, results
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals()))
+print(exp.summary())
+exp.show_example()
+
+# %% [markdown]
+"""
+## Heatmap of the mean
+
+Layer-head rows, token columns (`{token}_{index}` of the reference example; `*`: other examples differ at
+that index). Blue is towards the clean table name, red towards the new one. Nothing left of the renamed token
+can matter (zero). The columns to read: the name in `CREATE TABLE`, the tokens after it that could carry it
+forward, and the final `FROM` column where the table is predicted.
+"""
+
+# %%
+plotting.setup_renderer()
+plotting.mean_heatmap(exp).show()
+
+# %% [markdown]
+"""
+## Variation across examples
+
+First the standard deviation per cell, then each example separately on its own tokens: a head that copies
+the table in every example stands out in the mean and stays pale in the deviation.
+"""
+
+# %%
+plotting.spread_heatmap(exp).show()
+plotting.example_heatmaps(exp).show()
+
+# %% [markdown]
+"""
+## Ranked heads
+
+Heads and positions ordered by the size of their mean score; `std` and `n` tell how steady each one is.
+"""
+
+# %%
+exp.top_heads(10)
+
+# %% [markdown]
+"""
+## Writing results
+
+The JSON keeps the original notebook's layout (its `load_and_plot_results` still opens it) and adds the
+per-example scores, prompts, positions, seed and versions; the heatmaps are saved as HTML (and PNG where
+kaleido has Chrome). Reload with `results.load_results` and redraw with `plotting.plot_saved`.
+"""
+
+# %%
+results.save_experiment(exp, output_dir)

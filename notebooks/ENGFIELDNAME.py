@@ -1,0 +1,128 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_markers: '"""'
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+"""
+# ENGFIELDNAME: which heads carry the field the *Instruction* asks for?
+
+The model reads an English request and a `CREATE TABLE` schema and writes `SELECT <fields> FROM <table>`. Here
+the **first selected field's word in the English Instruction** is swapped for another column of the same
+table that the request did not mention. The schema is untouched, so both words name real columns and the
+correct first field after `SELECT` changes from one to the other.
+
+The question is which heads, at which positions, bring the requested field into the answer: heads at the
+Instruction word that read it, heads at the field names inside `CREATE TABLE` that match the request to the
+schema, and heads at the final position (`SELECT`) that put the chosen column into the output.
+
+Each cell is the normalised logit difference `(patched − corrupt) / (clean − corrupt)`, with the logit
+difference `logit[clean field] − logit[corrupt field]` read where the model predicts the first field: 1 = that
+single head at that single position, patched from the clean run, gives back the clean field; 0 = no effect.
+"""
+
+# %%
+import subprocess
+import sys
+REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # placeholder: this suite's repo
+if "google.colab" in sys.modules:  # installs the suite only inside Colab; does nothing elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% [markdown]
+"""
+## Settings for this feature
+
+Offline on CPU with the embedded command-set-1 model by default. `use_synonyms_field` says the fields by
+synonyms in the Instruction (the model must then translate "cost" to `price` through the schema);
+`use_novel_names` swaps in a word that is no column at all, such as "hammer".
+"""
+
+# %% tags=["parameters"]
+# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+#   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM. cs_num: 0=base model, 1..3=fine-tuned on
+#   command set 1..3; semantic: the synonym-trained checkpoints; embedded_family: "llama" or "gpt_neo".
+# feature_name is fixed for this notebook. A flag left as None takes the feature's default.
+# model_path: a local folder or a hub id that overrides the registry. dtype "auto": float32 on CPU, bfloat16 on
+#   CUDA. output_dir None: outputs/notebooks/ in this checkout. The Hugging Face token is never a parameter: it
+#   comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
+model_num, cs_num, semantic, embedded_family = "embedded", 1, True, "llama"
+feature_name, use_novel_names, use_synonyms_table, use_synonyms_field = "ENGFIELDNAME", False, None, None
+batch_size, seed, keep_incorrect = 5, 0, False
+model_path, dtype, device = None, "auto", "cpu"
+output_dir = None
+
+# %% [markdown]
+"""
+## One call does the work
+
+`run_experiment` validates the settings first (a typo in the model, command set or feature ends the notebook
+here, naming what is valid), then loads the model, draws the pairs, records what the model predicts on each
+clean prompt and patches each head at each position. The example below marks the swapped field word `[[ ]]`;
+clean-wrong examples do not enter the averages unless `keep_incorrect` is set.
+"""
+
+# %%
+from helpers import experiment, plotting, results
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals()))
+print(exp.summary())
+exp.show_example()
+
+# %% [markdown]
+"""
+## Average effect per head and position
+
+Rows `L{layer}_H{head}`; columns `{token}_{index}` from the reference example, `*` where examples hold other
+tokens at that index (they differ in wording and length). Blue: the patch brings back the clean field; red:
+it favours the swapped-in one. Columns before the swapped word are exactly zero. Read three places: the
+Instruction field word, the column names in the schema, and the last column (`SELECT`), where the first
+field is predicted.
+"""
+
+# %%
+plotting.setup_renderer()
+plotting.mean_heatmap(exp).show()
+
+# %% [markdown]
+"""
+## How much do examples agree?
+
+Standard deviation across examples, and below it every included example on its own tokens, so a column can
+be read against the words each prompt really had there.
+"""
+
+# %%
+plotting.spread_heatmap(exp).show()
+plotting.example_heatmaps(exp).show()
+
+# %% [markdown]
+"""
+## Strongest cells
+
+Largest mean |score| first, with the spread and how many examples contribute to each cell.
+"""
+
+# %%
+exp.top_heads(10)
+
+# %% [markdown]
+"""
+## Files
+
+Writes the result JSON (the original notebook's keys, plus every example's scores, prompts and token indices,
+the seed and package versions) and both heatmaps as offline HTML, PNG when kaleido can run Chrome.
+`plotting.plot_saved(path)` draws a saved file again.
+"""
+
+# %%
+results.save_experiment(exp, output_dir)

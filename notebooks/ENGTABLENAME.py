@@ -1,0 +1,133 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_markers: '"""'
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+"""
+# ENGTABLENAME: which heads carry the table the *Instruction* asks for?
+
+A TinySQL model reads `### Instruction: <English request> ### Context: CREATE TABLE ... ### Response: ` and
+writes `SELECT <fields> FROM <table>`. This notebook corrupts **the table's word in the English Instruction**
+and asks which attention heads, at which token positions, carry that word into the table name the model writes
+after `FROM`.
+
+The clean prompt's Context holds two tables: the one the Instruction asks for and a distractor. The corrupt
+prompt swaps the Instruction's table word for the distractor's, so the Context is unchanged and the correct
+answer flips to the distractor table. A model that decides *which* table from the Instruction and copies its
+*spelling* from the Context must route information from the Instruction word through the Context mention to
+the answer position: those are the heads this notebook looks for. (With `use_novel_names` the corrupt word is
+a word that never names a table, e.g. "apple"; with `use_synonyms_table` the Instruction names the table by a
+synonym, so the clean word itself differs from the SQL name.)
+
+The score of a head at a position is `(patched − corrupt) / (clean − corrupt)` of the logit difference
+`logit[clean table] − logit[corrupt table]` at the position that predicts the table name: 1 means patching
+that one head's clean output at that one position restores the clean answer fully, 0 means no effect.
+"""
+
+# %%
+import subprocess
+import sys
+REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # placeholder: this suite's repo
+if "google.colab" in sys.modules:  # installs the suite only inside Colab; does nothing elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% [markdown]
+"""
+## Parameters
+
+The defaults run offline on CPU with the embedded model for command set 1. `use_synonyms_table` matters most
+here: with it, the clean Instruction never spells the SQL table name, so the model has to map a synonym to a
+Context table. `use_novel_names` corrupts with a word that was never a table name.
+"""
+
+# %% tags=["parameters"]
+# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+#   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM. cs_num: 0=base model, 1..3=fine-tuned on
+#   command set 1..3; semantic: the synonym-trained checkpoints; embedded_family: "llama" or "gpt_neo".
+# feature_name is fixed for this notebook. A flag left as None takes the feature's default.
+# model_path: a local folder or a hub id that overrides the registry. dtype "auto": float32 on CPU, bfloat16 on
+#   CUDA. output_dir None: outputs/notebooks/ in this checkout. The Hugging Face token is never a parameter: it
+#   comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
+model_num, cs_num, semantic, embedded_family = "embedded", 1, True, "llama"
+feature_name, use_novel_names, use_synonyms_table, use_synonyms_field = "ENGTABLENAME", False, None, None
+batch_size, seed, keep_incorrect = 5, 0, False
+model_path, dtype, device = None, "auto", "cpu"
+output_dir = None
+
+# %% [markdown]
+"""
+## Run the experiment
+
+One helper call checks the parameters (an unknown feature, model or command set stops here with the list of
+valid choices), loads the model, builds `batch_size` clean/corrupt pairs, reads the model's clean prediction
+and patches every head at every position. Below, one example: the corrupted Instruction word is marked
+`[[ ]]`. Examples the model gets wrong on the clean prompt are left out of the averages (`keep_incorrect`).
+"""
+
+# %%
+from helpers import experiment, plotting, results
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals()))
+print(exp.summary())
+exp.show_example()
+
+# %% [markdown]
+"""
+## Mean over examples
+
+Rows are heads `L{layer}_H{head}`, columns the reference example's tokens `{token}_{index}`; a `*` marks a
+column where the examples hold different tokens (examples differ in length and wording, columns are token
+indices). Blue cells restore the clean table, red cells push towards the distractor. Everything left of the
+marked Instruction word is exactly 0: nothing differs there yet. Look for the table word itself (heads that
+read it), the table names inside `CREATE TABLE` (heads that match the request to the Context), and the last
+column, `FROM`, which predicts the answer (heads that move the chosen name into the output).
+"""
+
+# %%
+plotting.setup_renderer()
+plotting.mean_heatmap(exp).show()
+
+# %% [markdown]
+"""
+## Spread
+
+A mean can hide disagreement: the standard deviation over examples, then each example on its own tokens.
+A head that matters in every example is dark in the mean and pale here.
+"""
+
+# %%
+plotting.spread_heatmap(exp).show()
+plotting.example_heatmaps(exp).show()
+
+# %% [markdown]
+"""
+## Top heads
+
+The cells with the largest mean |score|, with their spread and the number of examples behind them.
+"""
+
+# %%
+exp.top_heads(10)
+
+# %% [markdown]
+"""
+## Save
+
+JSON (readable by the original notebook's `load_and_plot_results`, plus per-example scores, prompts, token
+indices and versions) and the heatmaps as HTML (PNG too when kaleido finds Chrome); re-draw a file later with
+`plotting.plot_saved(path)`.
+"""
+
+# %%
+results.save_experiment(exp, output_dir)
