@@ -1,0 +1,314 @@
+"""Patching kernels against their oracles on tiny random models of every family (CPU, float32)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers.architectures import family_spec, get_submodule, out_proj_modules
+from helpers.attribution import attribution_error, attribution_patching_heads
+from helpers.patching import (
+    OutOfMemoryError,
+    patch_attention_output,
+    patch_heads,
+    patch_mlp_output,
+    patch_residual,
+    run_chunked,
+    unwrap_model,
+)
+from helpers.patching_reference import patch_heads_reference, patch_sites_reference
+from helpers.tiny_models import TINY_FAMILIES, tiny_config, tiny_model
+
+torch.set_num_threads(1)  # tiny ops: thread wake-ups cost more than the arithmetic (and CI shares cores)
+
+ATOL = 1e-5
+KERNELS = {"residual": patch_residual, "attention_output": patch_attention_output, "mlp_output": patch_mlp_output}
+
+
+@dataclass
+class Pair:
+    clean_ids: list
+    corrupt_ids: list
+    corrupted_position: int
+    answer_position: int
+    clean_token_id: int
+    corrupt_token_id: int
+
+
+def make_pair(gen: torch.Generator, length: int, corrupted: int, vocab: int = 256, clean_tok=None, corrupt_tok=None):
+    clean = torch.randint(0, vocab, (length,), generator=gen).tolist()
+    corrupt = list(clean)
+    corrupt[corrupted] = (clean[corrupted] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=gen))) % vocab
+    if clean_tok is None:
+        clean_tok, corrupt_tok = torch.randperm(vocab, generator=gen)[:2].tolist()
+    return Pair(clean, corrupt, corrupted, length - 1, clean_tok, corrupt_tok)
+
+
+def decisive(model, pair):
+    """Answer tokens that the corruption moves most apart, so |clean - corrupt| is a decent denominator."""
+    with torch.no_grad():
+        clean = model(torch.tensor([pair.clean_ids])).logits[0, -1]
+        corrupt = model(torch.tensor([pair.corrupt_ids])).logits[0, -1]
+    delta = clean - corrupt
+    pair.clean_token_id, pair.corrupt_token_id = int(delta.argmax()), int(delta.argmin())
+    return pair
+
+
+def make_pairs(seed: int = 0, model=None):
+    gen = torch.Generator().manual_seed(seed)
+    # different lengths; the corruption never at 0, so the prefix skip is exercised
+    pairs = [make_pair(gen, 12, 4), make_pair(gen, 10, 2), make_pair(gen, 13, 7)]
+    return pairs if model is None else [decisive(model, p) for p in pairs]
+
+
+_MODELS: dict = {}
+
+
+def model_of(family: str):
+    if family not in _MODELS:
+        _MODELS[family] = tiny_model(family)
+    return _MODELS[family]
+
+
+def assert_raw_close(fast, ref, atol=ATOL):
+    a, b = fast.patched_logit_diff, ref.patched_logit_diff
+    assert a.shape == b.shape
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    diff = (a - b).nan_to_num(0).abs().max().item()
+    assert diff <= atol, diff
+    assert torch.allclose(fast.clean_logit_diff, ref.clean_logit_diff, atol=atol)
+    assert torch.allclose(fast.corrupt_logit_diff, ref.corrupt_logit_diff, atol=atol)
+
+
+def assert_normalised_close(fast, ref, atol=ATOL):
+    denom = (ref.clean_logit_diff - ref.corrupt_logit_diff).abs()
+    ok = ~ref.guarded  # random tiny models move logits little; the normalised error is the raw one / denom
+    assert ok.sum() >= 2, denom
+    a, b = fast.normalised[ok], ref.normalised[ok]
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert (a - b).nan_to_num(0).abs().max().item() <= 2 * atol / denom[ok].min().item()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_heads_fast_equals_nnsight_reference(family):
+    model = model_of(family)
+    pairs = make_pairs(0, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+    assert fast.patched_logit_diff.shape == (3, 2, 4, 13)
+    assert_raw_close(fast, ref)
+    assert_normalised_close(fast, ref)
+    # the skipped prefix is exactly the corrupt run, and the reference agrees it has no effect
+    for i, pair in enumerate(pairs):
+        d = pair.corrupted_position
+        assert torch.all(fast.patched_logit_diff[i, ..., :d] == fast.corrupt_logit_diff[i])
+        assert torch.all(fast.normalised[i, ..., :d].nan_to_num(0) == 0)
+        assert torch.isnan(fast.patched_logit_diff[i, ..., len(pair.clean_ids):]).all()
+    assert fast.stats["base_row_max_dev"] < ATOL  # the unpatched row of every forward reproduces the corrupt run
+    # the sweep must see some effect, or the comparison above proves nothing
+    assert fast.normalised.nan_to_num(0).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+@pytest.mark.parametrize("bucket_size,chunk_size", [(1, None), (100, None), (3, 5), (2, 1)])
+def test_heads_bucketing_and_chunking_do_not_change_results(family, bucket_size, chunk_size):
+    model, pairs = model_of(family), make_pairs(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=bucket_size,
+                           chunk_size=chunk_size)
+    assert_raw_close(fast, ref)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("kind", list(KERNELS))
+def test_layer_kernels_equal_hook_loop(family, kind):
+    model, pairs = model_of(family), make_pairs(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_sites_reference(model, pairs, kind, keep_incorrect=True)
+        fast = KERNELS[kind](model, pairs, keep_incorrect=True, progress=False)
+    assert fast.patched_logit_diff.shape == (3, 2, 13)
+    assert fast.dims == ("example", "layer", "pos")
+    assert_raw_close(fast, ref)
+    if kind == "residual":  # the block-0 input at the corrupted position is the whole difference
+        for i, pair in enumerate(pairs):
+            assert fast.normalised[i, 0, pair.corrupted_position].item() == pytest.approx(1.0, abs=1e-4) or \
+                fast.guarded[i]
+
+
+def test_sdpa_attention_and_nnsight_wrapper():
+    from nnsight import NNsight
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2"), attn_implementation="sdpa").eval()
+    pairs = make_pairs(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
+        wrapped = NNsight(model)
+        assert unwrap_model(wrapped) is model
+        fast = patch_heads(wrapped, pairs, keep_incorrect=True, progress=False)
+    assert_raw_close(fast, ref)
+
+
+def test_metric_guard_gives_nan_and_warning_never_inf():
+    model = model_of("llama")
+    gen = torch.Generator().manual_seed(4)
+    pairs = [make_pair(gen, 9, 3, clean_tok=5, corrupt_tok=5), make_pair(gen, 11, 2)]
+    with pytest.warns(UserWarning, match=r"example 0: \|clean - corrupt\|"):
+        res = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+    assert res.guarded.tolist() == [True, False]
+    assert torch.isnan(res.normalised[0]).all()
+    assert not torch.isinf(res.normalised).any()
+    assert torch.isfinite(res.patched_logit_diff[0, ..., :9]).all()  # raw values are kept
+    assert torch.isfinite(res.mean()[..., :11]).all()  # the guarded example drops out of the mean
+
+
+def test_clean_incorrect_examples_are_excluded_by_default():
+    model = model_of("gpt2")
+    gen = torch.Generator().manual_seed(5)
+    right, wrong = make_pair(gen, 10, 3), make_pair(gen, 12, 5)
+    with torch.no_grad():
+        clean = model(torch.tensor([right.clean_ids])).logits[0, -1]
+        delta = clean - model(torch.tensor([right.corrupt_ids])).logits[0, -1]
+        wrong_argmax = int(model(torch.tensor([wrong.clean_ids])).logits[0, -1].argmax())
+    right.clean_token_id = int(clean.argmax())
+    right.corrupt_token_id = int(delta.argmin())
+    wrong.clean_token_id = (wrong_argmax + 1) % 256
+    with pytest.warns(UserWarning, match=r"excluded from the sweep: examples \[1\]"):
+        res = patch_heads(model, [right, wrong], progress=False, min_denominator=1e-4)
+    assert torch.isfinite(res.mean()[..., :10]).all()
+    assert res.clean_correct.tolist() == [True, False]
+    assert res.included.tolist() == [True, False]
+    assert torch.isnan(res.patched_logit_diff[1]).all()
+    assert torch.isnan(res.mean()[..., 10:]).all()  # only the excluded example had those positions
+    only = patch_heads(model, [right], progress=False, min_denominator=1e-4)
+    assert torch.allclose(res.mean()[..., :10], only.mean(), equal_nan=True)
+    with pytest.warns(UserWarning, match=r"kept \(keep_incorrect=True\)"):
+        kept = patch_heads(model, [right, wrong], keep_incorrect=True, progress=False)
+    assert kept.included.tolist() == [True, True]
+    assert torch.isfinite(kept.patched_logit_diff[1, ..., :12]).all()
+
+
+def test_mean_and_std_are_nan_aware_over_padded_positions():
+    model = model_of("qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = patch_heads(model, make_pairs(6), keep_incorrect=True, progress=False)
+    norm = res.normalised  # lengths 12, 10, 13
+    assert res.mean().shape == (2, 4, 13)
+    assert torch.allclose(res.mean()[..., 12], norm[2, ..., 12], equal_nan=True)  # only example 2 is that long
+    assert torch.isnan(res.std()[..., 12]).all()  # a single example has no spread
+    expected = norm[:, ..., :10].std(0)  # all three examples have positions 0..9
+    assert torch.allclose(res.std()[..., :10], expected, atol=1e-6, equal_nan=True)
+    assert res.count()[..., 11].max() == 2 and res.count()[..., 12].max() == 1
+
+
+def test_run_chunked_halves_on_out_of_memory():
+    seen = []
+
+    def fn(a, b):
+        if b - a > 5:
+            raise OutOfMemoryError("fake: chunk too large")
+        seen.extend(range(a, b))
+
+    final, halvings = run_chunked(23, 16, fn, on_oom=lambda: None)
+    assert seen == list(range(23))  # every item exactly once, in order
+    assert final <= 5 and halvings == 2  # 16 -> 8 -> 4
+    with pytest.raises(OutOfMemoryError):
+        run_chunked(3, 4, lambda a, b: (_ for _ in ()).throw(OutOfMemoryError("always")), on_oom=lambda: None)
+
+
+def test_patch_heads_survives_out_of_memory_by_halving_chunks():
+    model = model_of("granite")
+    pairs = make_pairs(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=4)
+
+        def too_big(mod, args, kwargs):  # the last block sees every row of a forward
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[0] > 7:
+                raise OutOfMemoryError("fake: batch > 7")
+        handle = get_submodule(model, family_spec(model.config).blocks)[-1].register_forward_pre_hook(
+            too_big, with_kwargs=True)
+        try:
+            got = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=4, chunk_size=64)
+        finally:
+            handle.remove()
+    assert got.stats["oom_halvings"] > 0
+    assert_raw_close(got, expected, atol=1e-6)
+
+
+def _linearise_last_layer(model):
+    """Final norm -> identity and the last MLP -> zero: the metric is then linear in the last layer's z."""
+    spec = family_spec(model.config)
+    base = get_submodule(model, spec.blocks.rsplit(".", 1)[0])
+    for name in ("norm", "ln_f"):
+        if hasattr(base, name):
+            setattr(base, name, torch.nn.Identity())
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, *args, **kwargs):
+            return torch.zeros_like(x)
+
+    last = get_submodule(model, spec.blocks)[-1]
+    parent, attr = (get_submodule(last, spec.mlp.rsplit(".", 1)[0]), spec.mlp.rsplit(".", 1)[1]) \
+        if "." in spec.mlp else (last, spec.mlp)
+    setattr(parent, attr, Zero())
+    with torch.no_grad():  # louder last-layer heads (still linear), so their effects are far above rounding
+        out_proj_modules(model)[-1].weight.mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "granite"])
+def test_attribution_is_exact_where_the_metric_is_linear(family):
+    model = _linearise_last_layer(tiny_model(family))
+    pairs = make_pairs(8, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+        approx = attribution_patching_heads(model, pairs, keep_incorrect=True, progress=False)
+    last_exact, last_approx = exact.patched_logit_diff[:, -1], approx.patched_logit_diff[:, -1]
+    assert torch.equal(torch.isnan(last_exact), torch.isnan(last_approx))
+    effect = (last_exact - exact.corrupt_logit_diff.view(-1, 1, 1)).nan_to_num(0).abs().max()
+    assert effect > 1e-2, effect  # not trivially zero
+    assert (last_exact - last_approx).nan_to_num(0).abs().max() < 1e-4 * max(1.0, float(effect))
+    report = attribution_error(approx, exact)
+    assert report["n"] == int(torch.isfinite(exact.patched_logit_diff).sum())
+    assert report["correlation"] > 0.9, report  # the (exact) last layer dominates after the scaling
+
+
+def test_attribution_error_report_on_a_plain_tiny_model():
+    model = model_of("llama")
+    pairs = make_pairs(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+        approx = attribution_patching_heads(model, pairs, keep_incorrect=True, progress=False)
+    assert approx.patched_logit_diff.shape == exact.patched_logit_diff.shape
+    for i, pair in enumerate(pairs):  # zero wherever clean and corrupt z are equal
+        assert torch.all(approx.patched_logit_diff[i, ..., : pair.corrupted_position] == approx.corrupt_logit_diff[i])
+    report = attribution_error(approx, exact)
+    assert report["correlation"] > 0.3, report
+    assert 0 <= report["mean_abs_error"] <= report["max_abs_error"] < float("inf")
+    assert report["n"] > 0
+    self_report = attribution_error(exact, exact)
+    assert self_report["max_abs_error"] == 0 and self_report["correlation"] == pytest.approx(1.0)
+
+
+def test_pairs_are_validated():
+    model = model_of("llama")
+    bad = Pair([1, 2, 3], [1, 2], 1, 2, 3, 4)
+    with pytest.raises(ValueError, match="length"):
+        patch_heads(model, [bad], progress=False)
+    off = Pair([1, 2, 3], [1, 5, 3], 1, 1, 3, 4)
+    with pytest.raises(ValueError, match="answer_position"):
+        patch_heads(model, [off], progress=False)
