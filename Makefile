@@ -20,3 +20,14 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest
+
+# Sweep of the feature notebooks over a parameter grid (papermill): make sweep [PARAMS=params/x.yaml] [JOBS=N]
+PARAMS ?= params/default.yaml
+JOBS   ?= 1
+.PHONY: sweep run
+sweep: venv
+	$(PY) scripts/sweep.py --params $(PARAMS) --jobs $(JOBS)
+
+# The main job: the default sweep on the embedded models, offline, CPU -> outputs/default/index.html
+run:
+	$(MAKE) sweep PARAMS=params/default.yaml

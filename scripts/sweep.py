@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Run a sweep of the feature notebooks (papermill) over a parameter grid; see helpers/sweep.py.
+
+    python scripts/sweep.py                         # params/default.yaml: embedded models, CPU, offline
+    python scripts/sweep.py --params params/full.yaml --jobs 4
+    python scripts/sweep.py --force                 # rerun finished cells too
+
+Exit status 0 when every cell is done, 1 when any failed (each failure is recorded in its cell's folder and
+in the index page, and the other cells still run).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers.sweep import expand, load_config, run_sweep  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params/default.yaml", help="sweep YAML (default: %(default)s)")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at once (one GPU each when several are visible)")
+    ap.add_argument("--force", action="store_true", help="rerun and overwrite finished cells")
+    ap.add_argument("--only", help="run only cells whose label contains this text, e.g. 'cs2' or 'DEFFIELDNAME'")
+    ap.add_argument("--output-root", help="override the YAML's output_root")
+    ap.add_argument("--list", action="store_true", help="print the cells and exit")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    config = load_config(args.params, output_root=args.output_root)
+    if args.list:
+        for cell in expand(config):
+            print(cell.label)
+        return 0
+    outcomes = run_sweep(config, jobs=args.jobs, force=args.force, progress=not args.no_progress, only=args.only)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
+    print(f"sweep {config.name}: {counts['ok']} ran, {counts['skipped']} already finished, {counts['failed']} "
+          f"failed -> {config.root / 'index.html'} (also index.md)")
+    for o in outcomes:
+        if o.status == "failed":
+            print(f"  FAILED {o.cell.label}: {o.error}")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
