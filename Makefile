@@ -31,3 +31,18 @@ sweep: venv
 # The main job: the default sweep on the embedded models, offline, CPU -> outputs/default/index.html
 run:
 	$(MAKE) sweep PARAMS=params/default.yaml
+
+# Embedded TinySQL models (helpers/training.py). `make train FAMILY=llama CS=1 [STEPS= BATCH= LR= DEVICE= OUT= SEED= MAX_MINUTES=]`
+FAMILY ?= llama
+CS     ?= 1
+TRAIN_ARGS = --family $(FAMILY) --cs $(CS) $(if $(STEPS),--steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \
+	$(if $(LR),--lr $(LR)) $(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(SEED),--seed $(SEED)) \
+	$(if $(MAX_MINUTES),--max-minutes $(MAX_MINUTES))
+
+.PHONY: train eval
+train: venv
+	$(PY) scripts/train.py $(TRAIN_ARGS)
+
+# Evaluate every embedded model (1,000 held-out items per CS, feature flip rates); writes outputs/embedded_models_eval.json
+eval: venv
+	$(PY) scripts/evaluate.py $(if $(DEVICE),--device $(DEVICE))
