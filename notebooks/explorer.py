@@ -1,0 +1,52 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_markers: '"""'
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+"""
+# TinySQL activation patching: interactive explorer
+
+Choose a model, a command set, one of the four features (the table or a field name, corrupted in the English
+Instruction or in the `CREATE TABLE` Context), the prompt flags and a batch size, then press **Run**: the
+explorer builds clean/corrupt pairs, patches every attention head at every position and shows the mean
+normalised score (rows `L{layer}_H{head}`, columns `{token}_{index}`; blue restores the clean name, 1 = fully)
+and the heads with the largest effect.
+
+`embedded` runs offline on the small models shipped with the suite; the numbered models come from the Hugging
+Face hub (the token is read from `HF_TOKEN` or the Colab secret, never typed here). Models stay loaded between
+runs, so switching the feature or a flag is quick. For the full write-up of one feature, with the spread
+across examples and the saved files, open its notebook (`ENGTABLENAME.ipynb`, ...).
+"""
+
+# %%
+import subprocess
+import sys
+REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # placeholder: this suite's repo
+if "google.colab" in sys.modules:  # installs the suite only inside Colab; does nothing elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+
+# %% [markdown]
+"""
+## The explorer
+
+Errors (an unknown model for a command set, a hub model without network) appear next to the Run button; the
+full traceback is printed below it.
+"""
+
+# %%
+from helpers.explorer import Explorer
+
+explorer = Explorer()
+explorer.widget
