@@ -246,6 +246,18 @@ def _commit_of(model_id: str, revision, cache_dir: str | None) -> str | None:
         return str(revision) if revision else None
 
 
+def _cached_snapshot(model_id: str, revision: str | None, cache_dir: str | None) -> str:
+    """The local HF-cache snapshot folder of ``model_id`` (LocalEntryNotFoundError when it is not cached)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+
+
+def _snapshot_commit(folder: str) -> str | None:
+    parent = Path(folder)
+    return parent.name if parent.parent.name == "snapshots" and len(parent.name) == 40 else None
+
+
 def _looks_like_path(model_id: str) -> bool:
     return (model_id.startswith(("/", "./", "../", "~", "\\")) or os.path.isabs(model_id)
             or model_id.count("/") > 1 or model_id in (".", ".."))
@@ -304,17 +316,27 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
         raise ModelLoadError(f"model folder {model_id!r} does not exist (it looks like a path, not a hub id "
                              "'org/name'); check model_path.")
 
+    offline_reason, commit = None, None
     if is_local:
-        source, kwargs, offline_reason = str(local), {}, None
+        source, kwargs = str(local), {}
     else:
-        offline_reason = None
         if _offline_env():
             offline_reason = "HF_HUB_OFFLINE is set"
         elif not hub_reachable():
             offline_reason = "no network connection to the hub"
-        source = model_id
-        kwargs = dict(token=hf_token(), local_files_only=offline_reason is not None, cache_dir=cache_dir)
-        kwargs["revision"] = _pin_revision(model_id, revision, **kwargs)
+        if offline_reason is None:
+            source = model_id
+            kwargs = dict(token=hf_token(), cache_dir=cache_dir)
+            kwargs["revision"] = _pin_revision(model_id, revision, **kwargs)
+        else:
+            # Offline: load the cached snapshot folder, so no library makes a network call (transformers 5.17
+            # with peft installed still retries the hub for adapter_config.json under local_files_only).
+            try:
+                source = _cached_snapshot(model_id, revision, cache_dir)
+            except Exception as exc:  # noqa: BLE001
+                raise _hub_error(model_id, exc, offline_reason=offline_reason, what="files") from exc
+            commit = _snapshot_commit(source) or revision
+            kwargs = {}
 
     def _fail(exc, what):
         if is_local:
@@ -345,7 +367,8 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
     hf_model = hf_model.to(dev).eval()
 
     pad_resized = apply_bm1_pad(hf_model, tokenizer) if spec.needs_bm1_pad else False
-    commit = None if is_local else _commit_of(model_id, kwargs["revision"], cache_dir)
+    if not is_local and offline_reason is None:
+        commit = _commit_of(model_id, kwargs["revision"], cache_dir)
     lm = wrap_nnsight(hf_model, tokenizer) if wrap else None
     return LoadedModel(
         hf_model=hf_model, tokenizer=tokenizer, lm=lm, spec=spec, family=family,
