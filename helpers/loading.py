@@ -15,9 +15,9 @@ Hub access token: the ``HF_TOKEN`` environment variable, else the Colab secret `
 deliberately no token parameter: papermill writes notebook parameters into the executed notebook.
 
 Offline: ``HF_HUB_OFFLINE=1`` (read at call time) loads from the local HF cache only. Otherwise one quick
-request checks whether the hub answers; if it does not, the load also uses the local cache only, so a cached
-model still loads and an uncached one fails in well under a second with a ``ModelLoadError`` instead of ~25 s
-of connection retries per file. Nothing is set globally.
+request checks whether the hub answers; if it does not, the load also uses the local cache only: a cached hub
+id loads from its snapshot folder (no network call at all), an uncached one fails in well under a second with
+a ``ModelLoadError`` instead of ~25 s of connection retries per file. Nothing is set globally.
 """
 from __future__ import annotations
 
@@ -309,8 +309,9 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
 
     if spec.is_embedded and not local.is_dir():
         raise ModelLoadError(
-            f"embedded model {spec.name} not found at {local}; run `make train` to train the embedded models "
-            "(it writes helpers/embedded_models/<family>-cs<N>/), or pass model_path= to another folder.")
+            f"embedded model {spec.name} not found at {local}; run `make train FAMILY={spec.family_hint} "
+            f"CS={spec.cs_num}` to train it (it writes helpers/embedded_models/<family>-cs<N>/), or pass "
+            "model_path= to another folder.")
     is_local = local.is_dir()
     if not is_local and _looks_like_path(model_id):
         raise ModelLoadError(f"model folder {model_id!r} does not exist (it looks like a path, not a hub id "

@@ -194,7 +194,7 @@ def test_missing_embedded_model_error(monkeypatch, tmp_path):
         load_model(spec)
     msg = str(info.value)
     assert "embedded model embedded-gpt_neo-cs2 not found at" in msg and spec.model_id in msg
-    assert "make train" in msg
+    assert "make train FAMILY=gpt_neo CS=2" in msg
 
 
 def test_missing_local_folder_and_incomplete_folder(tmp_path):
