@@ -46,3 +46,9 @@ train: venv
 # Evaluate every embedded model (1,000 held-out items per CS, feature flip rates); writes outputs/embedded_models_eval.json
 eval: venv
 	$(PY) scripts/evaluate.py $(if $(DEVICE),--device $(DEVICE))
+
+# Head-patching benchmark (GPU if present): make bench BENCH_ARGS="--quick" for a CPU check, or add an output path.
+.PHONY: bench
+BENCH_ARGS ?=
+bench: venv
+	$(PY) scripts/bench.py $(BENCH_ARGS)

@@ -380,6 +380,7 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
     acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
     buckets = _buckets(first, T, bucket_size)
     state: dict = {"plan": None}
+    results: list = []
     with torch.no_grad(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
             _sweep_hooks(model, site, state):
         # Corrupt caches at every bucket start: one incremental batch-1 pass over the prefix.
@@ -418,17 +419,20 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                     logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
                 finally:
                     state["plan"] = None
-                diffs = _metric(logits, two_rows, pair.clean_token_id, pair.corrupt_token_id).cpu()
-                base = abs(float(diffs[0]) - float(corrupt_diff))
-                stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
-                out[rows[:, 0], rows[:, 1], rows[:, 2]] = diffs[1:]
+                # stays on the device until the example is done: no host sync between forwards
+                results.append((rows, _metric(logits, two_rows, pair.clean_token_id, pair.corrupt_token_id)))
                 stats["forwards"] = stats.get("forwards", 0) + 1
                 stats["row_token_layers"] = stats.get("row_token_layers", 0) + q * sum(per_layer_batch)
                 stats["rows"] = stats.get("rows", 0) + (b - a)
+                stats["max_rows_per_forward"] = max(stats.get("max_rows_per_forward", 0), b - a)
 
-            final, halvings = run_chunked(n_rows, size, run)
-            stats["chunk_size"] = min(stats.get("chunk_size", final), final)
+            _, halvings = run_chunked(n_rows, size, run)
             stats["oom_halvings"] = stats.get("oom_halvings", 0) + halvings
+    for rows, diffs in results:
+        diffs = diffs.cpu()
+        base = abs(float(diffs[0]) - float(corrupt_diff))  # the unpatched row: a self-check of the machinery
+        stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
+        out[rows[:, 0], rows[:, 1], rows[:, 2]] = diffs[1:]
     return out
 
 

@@ -1,0 +1,244 @@
+"""Benchmark: fast exact head patching (helpers.patching.patch_heads) against the original loop.
+
+Random-initialised models of the real shapes (helpers.tiny_models.build_random_model), one ~60-token example whose
+first clean/corrupt difference is at position 10. For each shape and dtype (fp32, bf16) in the same run:
+
+- the reference (``patch_heads_reference``: one nnsight trace per layer x head x position) is timed on a random
+  subset of patches and extrapolated to the full sweep (layers x heads x all positions, as the original notebook);
+- the fast path is timed on the full sweep (after a warm-up), and its values are compared with the reference on
+  the subset (max abs difference of raw logit differences);
+- peak GPU memory, forwards, and achieved TFLOP/s (2 x block parameters x token-layers actually processed, plus
+  attention score/value products; the lm_head is restricted to two rows and not counted);
+- 10 examples vs 1 (bf16 by default), a bucket-size sweep and sdpa attention (bf16).
+
+Usage: python scripts/bench.py [--quick] [--out results.md]. ``--quick`` uses tiny shapes (CPU check).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from transformers import GPTNeoConfig, LlamaConfig, Qwen2Config  # noqa: E402
+
+from helpers.architectures import blocks, head_geometry  # noqa: E402
+from helpers.patching import patch_heads  # noqa: E402
+from helpers.patching_reference import patch_heads_reference  # noqa: E402
+from helpers.tiny_models import build_random_model, tiny_config  # noqa: E402
+
+
+def real_configs():
+    return {
+        "TinyStories-2L-33M (gpt_neo)": GPTNeoConfig(
+            vocab_size=50257, max_position_embeddings=2048, hidden_size=1024, num_layers=2, num_heads=16,
+            attention_types=[[["global", "local"], 1]], window_size=256, intermediate_size=None,
+            embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=50256, eos_token_id=50256),
+        "Qwen2.5-0.5B (qwen2)": Qwen2Config(
+            vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+            num_attention_heads=14, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
+            rope_theta=1_000_000.0, tie_word_embeddings=True, rms_norm_eps=1e-6),
+        "Llama-3.2-1B (llama)": LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+            rope_theta=500_000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    }
+
+
+def quick_configs():
+    return {f"tiny {f}": tiny_config(f, vocab_size=512, n_layers=4) for f in ("gpt_neo", "qwen2", "llama")}
+
+
+@dataclass
+class Pair:
+    clean_ids: list
+    corrupt_ids: list
+    corrupted_position: int
+    answer_position: int
+    clean_token_id: int
+    corrupt_token_id: int
+
+
+def make_pair(gen, vocab: int, length: int, corrupted: int) -> Pair:
+    clean = torch.randint(0, vocab, (length,), generator=gen).tolist()
+    corrupt = list(clean)
+    corrupt[corrupted] = (clean[corrupted] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=gen))) % vocab
+    a, b = torch.randperm(vocab, generator=gen)[:2].tolist()
+    return Pair(clean, corrupt, corrupted, length - 1, a, b)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps: int = 1):
+    """(best seconds over reps, last result)."""
+    best, out = math.inf, None
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def flops_of(model, stats: dict) -> float:
+    """2 x block parameters x token-layers processed + attention QK^T and AV products (approximate)."""
+    geo = head_geometry(model.config)
+    per_layer = sum(p.numel() for p in blocks(model)[0].parameters())
+    token_layers = stats.get("row_token_layers", 0)
+    kv = stats.get("mean_kv", 60)
+    attention = 4 * geo.n_heads * geo.d_head * kv * token_layers
+    return 2 * per_layer * token_layers + attention
+
+
+def fmt_s(x):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", help="also write the markdown table to this file")
+    ap.add_argument("--quick", "--tiny", action="store_true", help="tiny shapes, small subsets (CPU check)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--length", type=int, default=60)
+    ap.add_argument("--first-diff", type=int, default=10)
+    ap.add_argument("--ref-patches", type=int, default=48, help="reference patches timed per shape and dtype")
+    ap.add_argument("--examples", type=int, default=10, help="the multi-example run (0: skip)")
+    ap.add_argument("--examples-dtypes", default="bf16")
+    ap.add_argument("--bucket-sizes", default="1,2,4,8,16,50", help="bf16 bucket-size sweep ('' to skip)")
+    ap.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True, help="also time sdpa (bf16)")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
+    args = ap.parse_args(argv)
+
+    warnings.simplefilter("ignore")
+    device = torch.device(args.device)
+    configs = quick_configs() if args.quick else real_configs()
+    if args.shapes:
+        configs = {k: v for k, v in configs.items() if any(s.lower() in k.lower() for s in args.shapes.split(","))}
+    if args.quick:
+        torch.set_num_threads(1)  # tiny ops: thread wake-ups cost more than the arithmetic
+        args.ref_patches = min(args.ref_patches, 16)
+        args.examples = min(args.examples, 3)
+        args.length = min(args.length, 24)
+        args.first_diff = min(args.first_diff, 5)
+        args.bucket_sizes = args.bucket_sizes if args.bucket_sizes != "1,2,4,8,16,50" else "1,4"
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    wanted = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    buckets = [int(b) for b in args.bucket_sizes.split(",") if b.strip()]
+    gen = torch.Generator().manual_seed(0)
+
+    env = f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}"
+    import transformers
+    env += f"; transformers {transformers.__version__}"
+    try:
+        import nnsight
+        env += f"; nnsight {nnsight.__version__}"
+    except Exception:  # noqa: BLE001
+        pass
+    print(env, flush=True)
+    rows, extra = [], []
+    header = ("| shape | dtype | patches (L×H×T) | reference s/patch | reference full (extrapolated) s | fast s | "
+              "speed-up | forwards | peak GPU GiB | TFLOP/s | max abs(fast−ref) on subset | base-row dev |")
+    sep = "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"
+    for name, config in configs.items():
+        with torch.device(device):
+            model = build_random_model(config, seed=0, dtype=torch.float32)
+        geo = head_geometry(model.config)
+        vocab = model.config.vocab_size
+        pair = make_pair(gen, vocab, args.length, args.first_diff)
+        many = [make_pair(gen, vocab, args.length + int(torch.randint(-5, 6, (1,), generator=gen)),
+                          args.first_diff + int(torch.randint(-3, 4, (1,), generator=gen)))
+                for _ in range(args.examples)]
+        warm = make_pair(gen, vocab, max(args.first_diff + 6, 16), args.first_diff)
+        L, H, T = geo.n_layers, geo.n_heads, args.length
+        n_full = L * H * T
+        subset_gen = torch.Generator().manual_seed(1)
+        subset = [(int(torch.randint(0, L, (1,), generator=subset_gen)), int(torch.randint(0, H, (1,), generator=subset_gen)),
+                   int(torch.randint(0, T, (1,), generator=subset_gen))) for _ in range(args.ref_patches)]
+        for dname in wanted:
+            dtype = dtypes[dname]
+            model.to(dtype)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            # fast path: warm-up on a short example, then the full sweep
+            patch_heads(model, [warm], keep_incorrect=True, progress=False)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            reps = args.reps if dname == "bf16" or args.quick else 1
+            t_fast, fast = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False), device, reps)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            stats = dict(fast.stats)
+            stats["mean_kv"] = (args.length + args.first_diff) / 2 + args.length / 2
+            tflops = flops_of(model, stats) / t_fast / 1e12
+            # reference on a subset (first trace is a warm-up), extrapolated to every layer x head x position
+            patch_heads_reference(model, [pair], keep_incorrect=True, patches=subset[:1], progress=False)
+            t_ref, ref = timed(lambda: patch_heads_reference(model, [pair], keep_incorrect=True, patches=subset,
+                                                             progress=False), device)
+            per_patch = t_ref / max(1, len(subset))
+            t_ref_full = per_patch * n_full
+            idx = torch.tensor(subset)
+            a = fast.patched_logit_diff[0, idx[:, 0], idx[:, 1], idx[:, 2]]
+            b = ref.patched_logit_diff[0, idx[:, 0], idx[:, 1], idx[:, 2]]
+            err = float((a - b).abs().max())
+            rows.append(f"| {name} | {dname} | {n_full:,} | {per_patch * 1e3:.1f} ms | {fmt_s(t_ref_full)} | "
+                        f"{t_fast:.3f} | {t_ref_full / t_fast:,.0f}× | {stats.get('forwards')} | "
+                        f"{peak:.2f} | {tflops:.3g} | {err:.2e} | {stats.get('base_row_max_dev', float('nan')):.1e} |")
+            print(rows[-1], flush=True)
+            if dname in args.examples_dtypes.split(",") and args.examples:
+                t_many, res = timed(lambda: patch_heads(model, many, keep_incorrect=True, progress=False), device)
+                extra.append(f"| {name} | {dname} | eager | {len(many)} examples (T {min(len(p.clean_ids) for p in many)}–"
+                             f"{max(len(p.clean_ids) for p in many)}) | auto | {t_many:.3f} | "
+                             f"{t_many / len(many):.3f} | {res.stats.get('forwards')} |")
+                print(extra[-1], flush=True)
+            if dname == "bf16":
+                for bs in buckets:
+                    t_b, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False,
+                                                         bucket_size=bs), device)
+                    extra.append(f"| {name} | {dname} | eager | 1 example | {bs} | {t_b:.3f} | {t_b:.3f} | "
+                                 f"{res.stats.get('forwards')} |")
+                    print(extra[-1], flush=True)
+                if args.sdpa and model.config.model_type != "gpt_neo":
+                    model.set_attn_implementation("sdpa")
+                    patch_heads(model, [warm], keep_incorrect=True, progress=False)
+                    t_s, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False),
+                                     device, reps)
+                    a = res.patched_logit_diff[0, idx[:, 0], idx[:, 1], idx[:, 2]]
+                    extra.append(f"| {name} | {dname} | sdpa | 1 example | auto | {t_s:.3f} | {t_s:.3f} | "
+                                 f"{res.stats.get('forwards')} (max abs vs eager ref {float((a - b).abs().max()):.1e}) |")
+                    print(extra[-1], flush=True)
+                    model.set_attn_implementation("eager")
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    table = [
+        f"Head patching, full layer×head×position sweep of one {args.length}-token example "
+        f"(first difference at {args.first_diff}); {env}.",
+        "", header, sep, *rows, "",
+        "| shape | dtype | attention | examples | bucket size | fast s | s / example | forwards |",
+        "|---|---|---|---|---|---|---|---|", *extra, "",
+    ]
+    text = "\n".join(table)
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
