@@ -168,8 +168,10 @@ def experiment_to_dict(exp) -> dict:
     finished = _dt.datetime.fromisoformat(exp.finished_at) if exp.finished_at else _dt.datetime.now(_dt.timezone.utc)
 
     def included_mean(values) -> float | None:
-        vals = [float(v) for v, inc in zip(values, included) if inc]
-        return _float_or_none(np.nanmean(vals)) if vals and not all(math.isnan(v) for v in vals) else None
+        """Mean over the included examples (all examples when none is included); None when there is none."""
+        vals = [float(v) for v, inc in zip(values, included) if inc or not any(included)]
+        vals = [v for v in vals if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else None
 
     metadata = {
         # the original notebook's keys

@@ -1,0 +1,166 @@
+"""results/plotting: the JSON keeps the original notebook's keys (its loader still reads it), adds the
+per-example and provenance fields, writes NaN as null, names files by settings, writes atomically."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import plotly.express as px
+import pytest
+
+from helpers import plotting, results
+from helpers.experiment import ExperimentSettings, run_experiment, validate
+from test_notebooks import model_settings
+
+ORIGINAL_METADATA = {"source", "timestamp", "model_num", "model_hf", "commandset", "use_novel_names",
+                     "use_synonyms_table", "use_synonyms_field", "num_sql_fields", "batch_size", "n_positions",
+                     "n_layers", "n_heads"}
+
+
+def original_load_and_plot_results(json_path):
+    """The original notebook's loader (its data handling and plot call, verbatim apart from layout)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    patching_results = np.array(data["patching_results"])
+    metadata = data["metadata"]
+    results_2d = patching_results.reshape(metadata["n_layers"] * metadata["n_heads"], metadata["n_positions"])
+    layer_head_labels = [f"L{l}_H{h}" for l in range(metadata["n_layers"]) for h in range(metadata["n_heads"])]
+    position_labels = [f"pos_{i}" for i in range(metadata["n_positions"])]
+    title = (f"Layer-Head Patching Analysis\nSource: {metadata['source']}, Model: {metadata['model_num']}, "
+             f"Dataset: {metadata['commandset']}\nTime: {metadata['timestamp']}")
+    fig = px.imshow(results_2d, color_continuous_midpoint=0.0, color_continuous_scale="RdBu",
+                    labels={"x": "Position", "y": "Layer_Head", "color": "Norm. Logit Diff"},
+                    x=position_labels, y=layer_head_labels, title=title)
+    for key, value in metadata.items():
+        print(f"{key.replace('_', ' ').title()}: {value}")
+    print(f"Clean logit difference: {data['clean_logit_diff']:.3f}")
+    print(f"Corrupt logit difference: {data['corrupt_logit_diff']:.3f}")
+    return fig
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return run_experiment(feature_name="DEFFIELDNAME", progress=False, **model_settings())
+
+
+@pytest.fixture(scope="module")
+def saved(exp, tmp_path_factory):
+    return results.save_experiment(exp, tmp_path_factory.mktemp("saved"))
+
+
+def _strict_load(path):
+    def no_constants(name):
+        raise ValueError(f"non-JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def test_json_is_strict_and_keeps_the_original_keys(saved, exp, capsys):
+    data = _strict_load(saved["json"])
+    assert ORIGINAL_METADATA <= set(data["metadata"])
+    meta = data["metadata"]
+    geo = exp.geometry
+    assert (meta["n_layers"], meta["n_heads"], meta["n_positions"]) == (geo.n_layers, geo.n_heads, exp.n_positions)
+    arr = np.array(data["patching_results"], dtype=float)
+    assert arr.shape == (geo.n_layers, geo.n_heads, exp.n_positions)
+    assert len(data["clean_tokens"]) == exp.n_positions  # the reference example is the longest
+    fig = original_load_and_plot_results(saved["json"])
+    assert fig.data and "Clean logit difference" in capsys.readouterr().out
+
+
+def test_nan_is_written_as_null(saved, exp):
+    text = saved["json"].read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    mean = exp.mean().numpy()
+    stored = np.array(_strict_load(saved["json"])["patching_results"], dtype=float)
+    assert np.array_equal(np.isnan(mean), np.isnan(stored))
+    assert np.allclose(mean[~np.isnan(mean)], stored[~np.isnan(stored)])
+    assert results.to_jsonable([1.0, float("nan"), float("inf")]) == [1.0, None, None]
+
+
+def test_added_fields(saved, exp):
+    data = _strict_load(saved["json"])
+    meta = data["metadata"]
+    assert meta["feature_name"] == data["feature_name"] == "DEFFIELDNAME"
+    assert meta["seed"] == 0 and meta["model_id"] and meta["model_revision"]
+    assert set(meta["versions"]) >= {"python", "torch", "transformers", "nnsight"}
+    assert meta["started_at"] <= meta["finished_at"]
+    assert len(data["examples"]) == len(exp.pairs)
+    for ex, pair in zip(data["examples"], exp.pairs):
+        assert ex["clean_prompt"] == pair.clean_prompt and ex["corrupt_prompt"] == pair.corrupt_prompt
+        assert ex["corrupted_position"] == pair.corrupted_position
+        assert ex["answer_position"] == pair.answer_position
+        assert (ex["clean_token_id"], ex["corrupt_token_id"]) == (pair.clean_token_id, pair.corrupt_token_id)
+        scores = np.array(ex["patched_logit_diff"], dtype=float)
+        assert scores.shape == (exp.geometry.n_layers, exp.geometry.n_heads, len(pair.clean_ids))
+        assert np.isfinite(scores).all()  # raw patched logit differences exist for every position
+    assert len(data["position_labels"]) == exp.n_positions
+
+
+def test_plot_saved_and_figures(saved, exp):
+    fig = plotting.plot_saved(saved["json"])
+    assert list(fig.data[0].y[:2]) == ["L0_H0", "L0_H1"]
+    assert fig.layout.coloraxis.cmid == 0.0  # RdBu centred on 0, as the original
+    labels = exp.token_labels()
+    assert all(lab.rsplit("_", 1)[1] == str(i) for i, lab in enumerate(labels))
+    assert plotting.plot_saved(saved["json"], what="std").data
+    assert len(plotting.example_heatmaps(exp).data) == int(exp.patching.included.sum())
+    assert saved["html"].read_text().count("<script") >= 1
+    assert (saved["html"].parent / plotting.PLOTLY_JS).is_file()  # offline: plotly.js beside the HTML
+
+
+def test_png_written_or_skipped_with_a_message(saved, capsys):
+    # Kaleido 1.x needs Chrome; where it is missing the save goes on without a PNG and says why once.
+    assert "png" in saved or plotting._png_unavailable
+
+
+def test_top_heads_table(exp):
+    table = exp.top_heads(5)
+    assert list(table.columns[:3]) == ["head", "layer", "head_index"]
+    assert len(table) <= 5
+    if len(table) > 1:
+        assert table["mean"].abs().is_monotonic_decreasing
+
+
+def test_file_names_differ_by_setting():
+    settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num=1, feature_name="ENGTABLENAME"))
+    names = {results.file_stem(settings, spec)}
+    for change in ({"use_novel_names": True}, {"use_synonyms_table": True}, {"use_synonyms_field": True},
+                   {"batch_size": 7}, {"seed": 3}, {"feature_name": "DEFTABLENAME"}, {"cs_num": 2}):
+        other, _, other_spec = validate(dataclasses.replace(settings, **change))
+        names.add(results.file_stem(other, other_spec))
+    assert len(names) == 8
+    stem = results.file_stem(settings, spec)
+    assert "embedded-llama-cs1" in stem and "ENGTABLENAME" in stem and "novel_names.False" in stem
+
+
+def test_atomic_write_leaves_no_temporary_and_normal_mode(tmp_path):
+    path = results.atomic_write_json(tmp_path / "a.json", {"x": [1, None]})
+    results.atomic_write_json(path, {"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    with pytest.raises(ValueError):
+        results.atomic_write_json(tmp_path / "b.json", {"x": math.nan})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_load_results_rejects_other_json(tmp_path):
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a patching result"):
+        results.load_results(tmp_path / "x.json")
+
+
+@pytest.mark.parametrize("bad, message", [({"feature_name": "TABLE"}, "Unknown feature"),
+                                          ({"cs_num": 9}, "No registered model"),
+                                          ({"model_num": 42}, "No registered model"),
+                                          ({"batch_size": 0}, "batch_size"),
+                                          ({"use_novel_names": "yes"}, "use_novel_names")])
+def test_bad_settings_fail_before_loading(bad, message):
+    with pytest.raises(ValueError, match=message):
+        run_experiment(**{**model_settings(), "model_path": "/nonexistent", **bad})
