@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 
@@ -120,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--bucket-sizes", default="1,2,4,8,16,50", help="bf16 bucket-size sweep ('' to skip)")
     ap.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True, help="also time sdpa (bf16)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; optional parts are skipped after")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
     args = ap.parse_args(argv)
 
@@ -153,7 +155,12 @@ def main(argv=None):
     header = ("| shape | dtype | patches (L×H×T) | reference s/patch | reference full (extrapolated) s | fast s | "
               "speed-up | forwards | peak GPU GiB | TFLOP/s | max abs(fast−ref) on subset | base-row dev |")
     sep = "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"
-    for name, config in configs.items():
+    t_start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return time.perf_counter() - t_start > args.time_budget
+
+    def run_shape(name, config):
         with torch.device(device):
             model = build_random_model(config, seed=0, dtype=torch.float32)
         geo = head_geometry(model.config)
@@ -198,6 +205,8 @@ def main(argv=None):
                         f"{t_fast:.3f} | {t_ref_full / t_fast:,.0f}× | {stats.get('forwards')} | "
                         f"{peak:.2f} | {tflops:.3g} | {err:.2e} | {stats.get('base_row_max_dev', float('nan')):.1e} |")
             print(rows[-1], flush=True)
+            if over_budget():
+                continue
             if dname in args.examples_dtypes.split(",") and args.examples:
                 t_many, res = timed(lambda: patch_heads(model, many, keep_incorrect=True, progress=False), device)
                 extra.append(f"| {name} | {dname} | eager | {len(many)} examples (T {min(len(p.clean_ids) for p in many)}–"
@@ -211,7 +220,7 @@ def main(argv=None):
                     extra.append(f"| {name} | {dname} | eager | 1 example | {bs} | {t_b:.3f} | {t_b:.3f} | "
                                  f"{res.stats.get('forwards')} |")
                     print(extra[-1], flush=True)
-                if args.sdpa and model.config.model_type != "gpt_neo":
+                if args.sdpa and model.config.model_type != "gpt_neo" and not over_budget():
                     model.set_attn_implementation("sdpa")
                     patch_heads(model, [warm], keep_incorrect=True, progress=False)
                     t_s, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False),
@@ -221,7 +230,17 @@ def main(argv=None):
                                  f"{res.stats.get('forwards')} (max abs vs eager ref {float((a - b).abs().max()):.1e}) |")
                     print(extra[-1], flush=True)
                     model.set_attn_implementation("eager")
-        del model
+
+    for name, config in configs.items():
+        if over_budget():
+            rows.append(f"| {name} | skipped: over the --time-budget |")
+            continue
+        try:
+            run_shape(name, config)
+        except Exception as exc:  # noqa: BLE001 - one broken shape must not lose the others
+            traceback.print_exc()
+            rows.append(f"| {name} | failed: {type(exc).__name__}: {str(exc)[:200]} |")
+        gc.collect()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
