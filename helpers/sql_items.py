@@ -134,6 +134,10 @@ class GeneratorConfig:
     order_by_p: float = 0.9  # CS2+: share of items with ORDER BY
     max_order_by: int = 2
     aggregate_p: float = 0.5  # CS3: chance that a selected field is aggregated
+    # With ONE table in the Context: chance that the Instruction names another vocabulary table (by its name
+    # or a synonym) while the SQL uses the Context's table. Teaches that the schema, not the Instruction, decides
+    # the spelling (0 keeps the generator's random stream unchanged).
+    table_rename_p: float = 0.0
     tables: tuple[str, ...] = tuple(V.TABLES)
     fields: tuple[str, ...] = tuple(V.FIELDS)
 
@@ -179,6 +183,9 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
             order_templates.append(rng.choice(V.ORDER_TEMPLATES[direction]))
 
     words = {target.name: _english_word(rng, target.name, V.TABLES, cfg.table_synonym_p)}
+    if cfg.table_rename_p > 0 and n_tables == 1 and rng.random() < cfg.table_rename_p:
+        other = rng.choice([t for t in cfg.tables if t != target.name])
+        words[target.name] = _english_word(rng, other, V.TABLES, cfg.table_synonym_p)
     for f in fields:  # one word per field, reused by every mention so the Instruction is consistent
         words[f] = _english_word(rng, f, V.FIELDS, cfg.field_synonym_p)
     return SqlItem(

@@ -31,6 +31,8 @@ def main(argv=None):
                     help="stop (with the schedule completed) after this many minutes")
     ap.add_argument("--eval-every", type=int, dest="eval_every")
     ap.add_argument("--eval-items", type=int, dest="eval_items")
+    ap.add_argument("--num-workers", type=int, dest="num_workers",
+                    help="DataLoader worker processes generating batches (0: in the training process)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--generator", type=json.loads, default=None,
                     help='GeneratorConfig overrides as JSON, e.g. \'{"field_synonym_p": 0.8}\'')
