@@ -297,3 +297,14 @@ def test_hub_id_loads_from_cache_offline_with_commit(monkeypatch, tmp_path, tok)
     # a repo missing from that cache still fails clearly
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load_model("fakeorg/other", device="cpu", cache_dir=str(tmp_path))
+
+
+def test_unknown_family_fails_before_weights(tmp_path, tok):
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    cfg.save_pretrained(tmp_path)  # config only: the family check must come before the weights are read
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Unsupported architecture family 'mistral'"):
+        load_model(tmp_path)
