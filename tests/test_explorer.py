@@ -1,0 +1,38 @@
+"""The explorer: widgets are built, a Run click (headless) runs an experiment and shows it; a bad choice is
+reported in the widget and the explorer stays usable; the model is loaded once for several runs."""
+from __future__ import annotations
+
+import ipywidgets as W
+
+from helpers.explorer import Explorer
+from test_notebooks import model_settings
+
+
+def _descriptions(widget) -> set[str]:
+    out = {getattr(widget, "description", None)}
+    for child in getattr(widget, "children", ()):
+        out |= _descriptions(child)
+    return out
+
+
+def test_widgets_and_headless_runs(tmp_path):
+    ex = Explorer(output_dir=tmp_path, save=True, **model_settings())
+    assert isinstance(ex.widget, W.VBox)
+    assert {"model", "command set", "feature", "use_novel_names", "use_synonyms_table", "use_synonyms_field",
+            "batch size", "Run"} <= _descriptions(ex.widget)
+
+    ex.run_button.click()  # the button's click handler, as a user's press
+    assert ex.error is None, ex.error
+    assert ex.result is not None and ex.result.feature.value == "ENGTABLENAME"
+    assert "ENGTABLENAME" in ex.status.value
+    assert list(tmp_path.glob("activation_patching_*ENGTABLENAME*.json"))
+
+    ex.feature.value = "DEFFIELDNAME"
+    ex.run_button.click()
+    assert ex.error is None and ex.result.feature.value == "DEFFIELDNAME"
+    assert len(ex._models) == 1  # same model: loaded once
+
+    ex.cs.value = 0  # the embedded models have no base (cs0) checkpoint
+    ex.run_button.click()
+    assert ex.result is None and isinstance(ex.error, ValueError)
+    assert "ValueError" in ex.status.value and not ex.run_button.disabled
