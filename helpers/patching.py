@@ -350,6 +350,55 @@ def _sweep_hooks(model, site: _Site, state: dict):
             h.remove()
 
 
+def _grid(L: int, U: int, s: int, e: int, device) -> torch.Tensor:
+    """Rows (layer, unit, position) for positions [s, e), layer-major (rows join the forward in this order)."""
+    return torch.stack(torch.meshgrid(torch.arange(L, device=device), torch.arange(U, device=device),
+                                      torch.arange(s, e, device=device), indexing="ij"), -1).reshape(-1, 3)
+
+
+def _is_plain(cache) -> bool:
+    """Every layer a plain full-attention DynamicLayer (keys of all positions, nothing else to track)?"""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _truncated(cache, s: int):
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        layer = copy.copy(layer)
+        layer.keys, layer.values = layer.keys[..., :s, :], layer.values[..., :s, :]
+        out.layers.append(layer)
+    return out
+
+
+def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int], stats: dict) -> list:
+    """The corrupt run's cache of positions < s for every bucket start s (None for s = 0).
+
+    Full-attention caches: one batch-1 pass up to the last start, then views truncated to each start. Other
+    cache layers (sliding windows keep only their window): one incremental pass, snapshotted at each start.
+    """
+    last = max(starts, default=0)
+    if last == 0:
+        return [None for _ in starts]
+    _, cache = calls.forward(model, corrupt[:, :last], cache=None, use_cache=True)
+    stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
+    if _is_plain(cache):
+        return [_truncated(cache, s) if s > 0 else None for s in starts]
+    snaps, cache, done = [], None, 0
+    for s in starts:
+        if s > done:
+            _, cache = calls.forward(model, corrupt[:, done:s], start=done, cache=cache, use_cache=True)
+            cache = _snapshot(cache)
+            done = s
+            stats["prefix_forwards"] += 1
+        snaps.append(_snapshot(cache))
+    return snaps
+
+
 def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: int, corrupt_tok: int) -> torch.Tensor:
     logits = logits.float()
     if two_rows:
@@ -383,29 +432,22 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
     results: list = []
     with torch.no_grad(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
             _sweep_hooks(model, site, state):
-        # Corrupt caches at every bucket start: one incremental batch-1 pass over the prefix.
-        snaps, cache, done = [], None, 0
-        for s, _ in buckets:
-            if s > done:
-                _, cache = calls.forward(model, corrupt[:, done:s], start=done, cache=cache, use_cache=True)
-                cache = _snapshot(cache)
-                done = s
-                stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
-            snaps.append(_snapshot(cache))
+        snaps = _prefix_caches(model, calls, corrupt, [b[0] for b in buckets], stats)
         for (s, e), snap in zip(buckets, snaps):
             q = T - s
-            grid = torch.stack(torch.meshgrid(
-                torch.arange(L), torch.arange(U), torch.arange(s, e), indexing="ij"), -1).reshape(-1, 3)
+            # the same layer-major grid of (layer, unit, position) rows on the host (bookkeeping) and on the
+            # device (indexing): no host-to-device copy, which would wait for the queued forwards
+            grid = _grid(L, U, s, e, torch.device("cpu"))
+            grid_dev = _grid(L, U, s, e, device)
             n_rows = grid.shape[0]
             size = chunk_size or min(n_rows, _auto_chunk_rows(model, q, T, device))
             ids = corrupt[:, s:]
 
             def run(a: int, b: int):
                 rows = grid[a:b]
-                layer_of = rows[:, 0]
-                n_new = torch.bincount(layer_of, minlength=L).tolist()
+                n_new = torch.bincount(rows[:, 0], minlength=L).tolist()
                 patches, start = {}, 0
-                rows_dev = rows.to(device)
+                rows_dev = grid_dev[a:b]
                 for layer in range(L):
                     n = n_new[layer]
                     if n:

@@ -20,7 +20,7 @@ from helpers.patching import (
     unwrap_model,
 )
 from helpers.patching_reference import patch_heads_reference, patch_sites_reference
-from helpers.tiny_models import TINY_FAMILIES, tiny_config, tiny_model
+from helpers.tiny_models import TINY_FAMILIES, build_random_model, tiny_config, tiny_model
 
 torch.set_num_threads(1)  # tiny ops: thread wake-ups cost more than the arithmetic (and CI shares cores)
 
@@ -156,6 +156,41 @@ def test_sdpa_attention_and_nnsight_wrapper():
         assert unwrap_model(wrapped) is model
         fast = patch_heads(wrapped, pairs, keep_incorrect=True, progress=False)
     assert_raw_close(fast, ref)
+
+
+def test_sliding_window_cache_layers():
+    """Sliding-window layers keep only their window in the cache: the incremental prefix path."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                         sliding_window=4, max_window_layers=1, tie_word_embeddings=False)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    model = build_random_model(config)
+    pairs = make_pairs(10, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=2)
+    assert fast.stats["prefix_forwards"] > 1  # not the one-pass truncation, which would be wrong here
+    assert_raw_close(fast, ref)
+
+
+def test_nnsight_language_model_is_accepted(project_tokenizer):
+    from nnsight import LanguageModel
+
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    wrapped = LanguageModel(model, tokenizer=project_tokenizer)
+    pairs = make_pairs(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = patch_heads(wrapped, pairs, keep_incorrect=True, progress=False)
+        ref = patch_heads_reference(wrapped, pairs, keep_incorrect=True, progress=False,
+                                    patches=[(1, 2, 11), (0, 3, 4), (1, 0, 9), (0, 0, 1)])
+    assert unwrap_model(wrapped) is model
+    cells = ~torch.isnan(ref.patched_logit_diff)
+    assert cells.sum() == 3 * 3 + 2  # position 11 exists only in examples 0 and 2 (lengths 12, 10, 13)
+    assert (fast.patched_logit_diff[cells] - ref.patched_logit_diff[cells]).abs().max() <= ATOL
 
 
 def test_metric_guard_gives_nan_and_warning_never_inf():
