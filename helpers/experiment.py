@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -112,11 +113,15 @@ class ExperimentResult:
     tokens: list[list[str]]  # each example's clean tokens, decoded one by one
     generations: dict  # the reference example's greedy SQL on the clean and corrupt prompt
     model_info: dict  # model id, revision, family, geometry, dtype, device
+    tokenizer: object
     started_at: str
     finished_at: str
     timings: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------- derived
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)])
+
     @property
     def geometry(self):
         return self.model_info["geometry"]
@@ -181,19 +186,40 @@ class ExperimentResult:
                              n=int(count[layer, head, pos])))
         return pd.DataFrame(rows, columns=["head", "layer", "head_index", "position", "token", "mean", "std", "n"])
 
+    def role_table(self, k: int = 10):
+        """Heads ranked by their score at two positions aligned by role, not index: each example's corrupted
+        token and its last token (the one that predicts the answer). Means over the included examples."""
+        import pandas as pd
+
+        p = self.patching
+        rows = [i for i in range(len(self.pairs)) if bool(p.included[i])]
+        if not rows:
+            return pd.DataFrame(columns=["head", "at_corrupted_token", "at_answer_position"])
+        norm = p.normalised
+        corrupted = torch.stack([norm[i, :, :, self.pairs[i].corrupted_position] for i in rows])
+        answer = torch.stack([norm[i, :, :, self.pairs[i].answer_position] for i in rows])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            at_c, at_a = torch.nanmean(corrupted, 0).flatten(), torch.nanmean(answer, 0).flatten()
+        n_heads = norm.shape[2]
+        table = pd.DataFrame({"head": [f"L{j // n_heads}_H{j % n_heads}" for j in range(at_c.numel())],
+                              "at_corrupted_token": at_c.tolist(), "at_answer_position": at_a.tolist()})
+        strength = table[["at_corrupted_token", "at_answer_position"]].abs().max(axis=1).fillna(-1)
+        return table.loc[strength.sort_values(ascending=False, kind="stable").index[:k]].reset_index(drop=True)
+
     # ------------------------------------------------------------------------------------------- display
     def example_markdown(self, index: int | None = None) -> str:
         """One example's clean and corrupt prompt with the corrupted token marked, and the clean prediction."""
         i = self.reference if index is None else index
         pair, tokens = self.pairs[i], self.tokens[i]
         pos, n_prompt = pair.corrupted_position, pair.n_prompt_tokens
-        corrupt_tok = self.model_info["decode"](pair.corrupt_ids[pos])
+        corrupt_tok = self.decode(pair.corrupt_ids[pos])
 
         def marked(tok_at_pos: str) -> str:
             prompt = "".join(tokens[:pos]) + f"[[{tok_at_pos}]]" + "".join(tokens[pos + 1:n_prompt])
             return html.escape(prompt)
 
-        predicted = self.model_info["decode"](self.predicted_ids[i])
+        predicted = self.decode(self.predicted_ids[i])
         verdict = "correct" if self.clean_correct[i] else "WRONG"
         answer_prefix = html.escape("".join(tokens[n_prompt:]))
         lines = [
@@ -313,8 +339,8 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         tokens=tokens, generations={},
         model_info=dict(model_id=spec.model_id, model_name=spec.name, revision=_revision(loaded),
                         family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
-                        device=str(loaded.device), decode=lambda i: tok.decode([i])),
-        started_at=started, finished_at="", timings=timings)
+                        device=str(loaded.device)),
+        tokenizer=tok, started_at=started, finished_at="", timings=timings)
     if generate:
         t = time.perf_counter()
         ref = result.pairs[result.reference]

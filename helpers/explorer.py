@@ -72,6 +72,7 @@ class Explorer:
         checked, _, spec = E.validate(E.ExperimentSettings(**settings))
         key = (spec.model_id, checked.dtype, checked.device)
         if key not in self._models:
+            self._models.clear()  # keep one model in memory: the hub models are large
             self.status.value = f"loading {spec.name} ..."
             self._models[key] = load_model(spec, dtype=checked.dtype, device=checked.device)
         return self._models[key]
@@ -93,6 +94,7 @@ class Explorer:
                 plotting.setup_renderer()
                 display(plotting.mean_heatmap(self.result))
                 display(self.result.top_heads(10))
+                display(self.result.role_table(10))
                 if self.save:
                     display(results.save_experiment(self.result, self.output_dir))
             except Exception as err:  # shown in the widget; the explorer stays usable

@@ -148,7 +148,7 @@ def _example_record(exp, i: int) -> dict:
     record.update(
         index=i, n_positions=len(exp.pairs[i].clean_ids), num_sql_fields=len(exp.pairs[i].clean_item.select),
         clean_tokens_text=exp.tokens[i], predicted_token_id=exp.predicted_ids[i],
-        predicted_token=exp.model_info["decode"](exp.predicted_ids[i]),
+        predicted_token=exp.decode(exp.predicted_ids[i]),
         clean_correct=bool(p.clean_correct[i]), included=bool(p.included[i]), guarded=bool(p.guarded[i]),
         clean_logit_diff=_float_or_none(p.clean_logit_diff[i]),
         corrupt_logit_diff=_float_or_none(p.corrupt_logit_diff[i]),

@@ -173,7 +173,7 @@ def is_finished(cell_dir: Path) -> bool:
 @dataclass
 class Outcome:
     cell: Cell
-    status: str  # "ok", "failed", "skipped" (finished earlier)
+    status: str  # "ok", "failed", "skipped" (finished earlier), "not run" (left out by ``only``)
     dir: Path
     duration_s: float = 0.0
     error: str | None = None
@@ -268,7 +268,7 @@ def visible_gpus() -> list[str]:
 def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress: bool = True,
               only: str | None = None) -> list[Outcome]:
     """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select."""
-    cells = [c for c in expand(config) if only is None or only in c.label]
+    cells = expand(config)
     config.root.mkdir(parents=True, exist_ok=True)
     from .plotting import write_plotlyjs
 
@@ -279,6 +279,8 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
         cell_dir = config.root / cell.relpath
         if not force and is_finished(cell_dir):
             outcomes[i] = Outcome(cell, "skipped", cell_dir)
+        elif only is not None and only not in cell.label:
+            outcomes[i] = Outcome(cell, "not run", cell_dir)  # still listed in the index
         else:
             todo.append(i)
 
@@ -307,7 +309,7 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
 
     bar = tqdm(total=len(cells), desc=f"sweep {config.name}", disable=not progress, unit="cell")
     bar.update(len(outcomes))
-    counts = {"ok": 0, "failed": 0, "skipped": len(outcomes)}
+    counts = {"ok": 0, "failed": 0, "skipped": sum(o.status == "skipped" for o in outcomes.values())}
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(work, i): i for i in todo}
         for fut in cf.as_completed(futures):

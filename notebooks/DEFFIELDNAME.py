@@ -107,10 +107,15 @@ plotting.example_heatmaps(exp).show()
 
 Sorted by |mean|; each row gives the head, the position and its token, the mean, the standard deviation and
 the number of examples.
+
+After it, a role table: for each head, its mean score on each example's renamed schema column and on each
+example's prediction position, whatever index those have in that prompt.
 """
 
 # %%
-exp.top_heads(10)
+from IPython.display import display
+display(exp.top_heads(10))
+exp.role_table(10)
 
 # %% [markdown]
 """

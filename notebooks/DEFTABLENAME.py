@@ -108,10 +108,15 @@ plotting.example_heatmaps(exp).show()
 ## Ranked heads
 
 Heads and positions ordered by the size of their mean score; `std` and `n` tell how steady each one is.
+
+Below it, the role-aligned view: per head, the score at every example's own renamed `CREATE TABLE` token
+and at its own answer position, averaged; index columns cannot line these up across prompts.
 """
 
 # %%
-exp.top_heads(10)
+from IPython.display import display
+display(exp.top_heads(10))
+exp.role_table(10)
 
 # %% [markdown]
 """

@@ -110,10 +110,15 @@ plotting.example_heatmaps(exp).show()
 ## Strongest cells
 
 Largest mean |score| first, with the spread and how many examples contribute to each cell.
+
+Then per head, the mean at two positions found in each example itself: the swapped field word and the
+final position that predicts the field (the columns above are indices, so they mix examples).
 """
 
 # %%
-exp.top_heads(10)
+from IPython.display import display
+display(exp.top_heads(10))
+exp.role_table(10)
 
 # %% [markdown]
 """

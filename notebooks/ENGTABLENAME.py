@@ -115,10 +115,15 @@ plotting.example_heatmaps(exp).show()
 ## Top heads
 
 The cells with the largest mean |score|, with their spread and the number of examples behind them.
+
+Second table: the same heads lined up by role instead of index: each example's own Instruction table
+word, and its own last position, the one that predicts the table after `FROM`.
 """
 
 # %%
-exp.top_heads(10)
+from IPython.display import display
+display(exp.top_heads(10))
+exp.role_table(10)
 
 # %% [markdown]
 """
