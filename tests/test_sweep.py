@@ -112,3 +112,24 @@ def test_cli_lists_cells(capsys):
         sys.path.pop(0)
     assert cli.main(["--params", str(REPO / "params" / "default.yaml"), "--list"]) == 0
     assert "embedded-llama / cs3 / DEFFIELDNAME" in capsys.readouterr().out
+
+
+def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    config = S.SweepConfig(name="gpus", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME", "ENGTABLENAME"]}],
+                           output_root=tmp_path)
+    barrier, lock, seen = threading.Barrier(2, timeout=20), threading.Lock(), []
+
+    def fake_run_cell(cell, config, env_extra=None):
+        with lock:
+            first_two = len(seen) < 2
+            seen.append(env_extra["CUDA_VISIBLE_DEVICES"])
+        if first_two:
+            barrier.wait()  # the first two cells run at the same time
+        return S.Outcome(cell, "ok", config.root / cell.relpath)
+
+    monkeypatch.setattr(S, "run_cell", fake_run_cell)
+    S.run_sweep(config, jobs=2, progress=False)
+    assert len(seen) == 4 and sorted(seen[:2]) == ["3", "5"]  # the concurrent pair: different GPUs
