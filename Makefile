@@ -29,8 +29,8 @@ sweep: venv
 	$(PY) scripts/sweep.py --params $(PARAMS) --jobs $(JOBS)
 
 # The main job: the default sweep on the embedded models, offline, CPU -> outputs/default/index.html
-run:
-	$(MAKE) sweep PARAMS=params/default.yaml
+run: PARAMS = params/default.yaml
+run: sweep
 
 # Embedded TinySQL models (helpers/training.py). `make train FAMILY=llama CS=1 [STEPS= BATCH= LR= DEVICE= OUT= SEED= MAX_MINUTES=]`
 FAMILY ?= llama
