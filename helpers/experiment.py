@@ -20,7 +20,6 @@ from . import pairs as P
 from .registry import ModelSpec, resolve_model
 
 
-
 @dataclass(frozen=True)
 class ExperimentSettings:
     """The notebook parameters that decide a result (``output_dir`` is where, not what).
@@ -244,19 +243,31 @@ class ExperimentResult:
 
         display(Markdown(self.example_markdown(index)))
 
+    def mean_logit_diffs(self) -> tuple[float | None, float | None]:
+        """Clean and corrupt logit differences averaged over the included examples (all when none is)."""
+        p = self.patching
+        use = p.included if bool(p.included.any()) else torch.ones_like(p.included)
+        out = []
+        for values in (p.clean_logit_diff, p.corrupt_logit_diff):
+            v = values[use].float()
+            v = v[torch.isfinite(v)]
+            out.append(float(v.mean()) if v.numel() else None)
+        return out[0], out[1]
+
     def summary(self) -> str:
         p = self.patching
-        return (f"{self.spec.name} | CS{self.settings.cs_num} | {self.feature.value} | "
+        clean, corrupt = self.mean_logit_diffs()
+        text = (f"{self.spec.name} | CS{self.settings.cs_num} | {self.feature.value} | "
                 f"novel={self.settings.use_novel_names} syn_table={self.settings.use_synonyms_table} "
                 f"syn_field={self.settings.use_synonyms_field} | {len(self.pairs)} examples, "
                 f"{sum(self.clean_correct)} clean-correct, {int(p.included.sum())} included | "
-                f"clean logit diff {_nanmean(p.clean_logit_diff):.3f}, corrupt {_nanmean(p.corrupt_logit_diff):.3f}"
-                f" | {self.timings.get('total_s', float('nan')):.1f}s")
-
-
-def _nanmean(values) -> float:
-    t = torch.as_tensor(values, dtype=torch.float32)
-    return float(torch.nanmean(t)) if t.numel() else float("nan")
+                f"mean logit diff clean {clean if clean is None else round(clean, 3)}, corrupt "
+                f"{corrupt if corrupt is None else round(corrupt, 3)} | {self.timings.get('total_s', float('nan')):.1f}s")
+        usable = int((p.included & ~p.guarded).sum())
+        if usable == 0:
+            text += ("\nNo example has a usable normalised score (none included, or |clean - corrupt| below "
+                     f"{p.min_denominator} for all): the heatmaps will be blank.")
+        return text
 
 
 def _now() -> str:

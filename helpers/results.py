@@ -164,14 +164,8 @@ def experiment_to_dict(exp) -> dict:
     s, p, geo = exp.settings, exp.patching, exp.geometry
     mean = exp.mean()
     ref = exp.reference
-    included = [bool(x) for x in p.included]
+    clean_diff, corrupt_diff = exp.mean_logit_diffs()
     finished = _dt.datetime.fromisoformat(exp.finished_at) if exp.finished_at else _dt.datetime.now(_dt.timezone.utc)
-
-    def included_mean(values) -> float | None:
-        """Mean over the included examples (all examples when none is included); None when there is none."""
-        vals = [float(v) for v, inc in zip(values, included) if inc or not any(included)]
-        vals = [v for v in vals if math.isfinite(v)]
-        return float(np.mean(vals)) if vals else None
 
     metadata = {
         # the original notebook's keys
@@ -206,7 +200,7 @@ def experiment_to_dict(exp) -> dict:
         "keep_incorrect": s.keep_incorrect,
         "n_examples": len(exp.pairs),
         "n_clean_correct": sum(exp.clean_correct),
-        "n_included": sum(included),
+        "n_included": int(p.included.sum()),
         "clean_accuracy": exp.clean_accuracy,
         "reference_example": ref,
         "min_denominator": getattr(p, "min_denominator", None),
@@ -221,8 +215,8 @@ def experiment_to_dict(exp) -> dict:
         "patching_results": to_jsonable(mean),
         "clean_tokens": list(exp.pairs[ref].clean_ids),
         # Scalars as in the original, now the mean over the included examples (per example below).
-        "clean_logit_diff": included_mean(p.clean_logit_diff),
-        "corrupt_logit_diff": included_mean(p.corrupt_logit_diff),
+        "clean_logit_diff": clean_diff,
+        "corrupt_logit_diff": corrupt_diff,
         "feature_name": exp.feature.value,
         "position_labels": exp.token_labels(),
         "patching_std": to_jsonable(exp.std()),
