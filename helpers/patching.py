@@ -416,7 +416,7 @@ def _buckets(first: int, length: int, bucket_size: int | None) -> list[tuple[int
 
 
 def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include: bool, clean_diff, corrupt_diff,
-                   clean_acts, *, chunk_size, bucket_size, stats) -> torch.Tensor | None:
+                   clean_acts, *, chunk_size, bucket_size, stats, bar=None) -> torch.Tensor | None:
     """patched_logit_diff [L, U, T] for one example (prefix positions = corrupt, computed ones filled)."""
     device = _device(model)
     L, U = len(site.modules), site.n_units
@@ -467,6 +467,8 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 stats["row_token_layers"] = stats.get("row_token_layers", 0) + q * sum(per_layer_batch)
                 stats["rows"] = stats.get("rows", 0) + (b - a)
                 stats["max_rows_per_forward"] = max(stats.get("max_rows_per_forward", 0), b - a)
+                if bar is not None:
+                    bar.update(b - a)
 
             _, halvings = run_chunked(n_rows, size, run)
             stats["oom_halvings"] = stats.get("oom_halvings", 0) + halvings
@@ -500,10 +502,11 @@ def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
+    """tqdm.auto over ``iterable`` (or a manual bar when it is None); ``iterable`` itself / None when disabled."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total)
+    return tqdm(iterable, desc=desc, total=total, unit="patch" if iterable is None else "it")
 
 
 def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
@@ -515,19 +518,25 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     site = _site(model, kind)
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
-    pre = [_clean_and_corrupt(model, calls, site, p) for p in pairs]
+    # metrics first (no activations kept), so exclusions are reported before the long part
+    pre = [_clean_and_corrupt(model, calls, None, p) for p in pairs]
     included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
     stats: dict = {}
     per_example = []
-    for i in _progress(range(len(pairs)), progress and len(pairs) > 0, f"patch {kind}"):
-        clean_diff, corrupt_diff, _, acts = pre[i]
-        per_example.append(_sweep_example(
-            model, calls, site, pairs[i], firsts[i], bool(included[i]), clean_diff, corrupt_diff, acts,
-            chunk_size=chunk_size, bucket_size=bucket_size, stats=stats))
-        pre[i] = pre[i][:3] + (None,)  # free the clean activations
+    L, U = len(site.modules), site.n_units
+    total = sum(L * U * (len(p.clean_ids) - f) for p, f, inc in zip(pairs, firsts, included) if inc)
+    bar = _progress(None, progress and total > 0, f"patch {kind}", total=total)
+    try:
+        for i, pair in enumerate(pairs):
+            acts = _clean_and_corrupt(model, calls, site, pair)[3] if included[i] else None
+            per_example.append(_sweep_example(
+                model, calls, site, pair, firsts[i], bool(included[i]), pre[i][0], pre[i][1], acts,
+                chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar))
+    finally:
+        if bar is not None:
+            bar.close()
     lengths = [len(p.clean_ids) for p in pairs]
     t_max = max(lengths, default=0)
-    L, U = len(site.modules), site.n_units
     patched = torch.full((len(pairs), L, U, t_max), float("nan"))
     for i, values in enumerate(per_example):
         patched[i, :, :, : lengths[i]] = values
