@@ -103,6 +103,24 @@ def flops_of(model, stats: dict) -> float:
     return 2 * per_layer * token_layers + attention
 
 
+def profile_sweep(model, pair, device, name):
+    """Top kernels of one fast sweep, and GPU-busy vs wall time (is the sweep launch-bound?)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        patch_heads(model, [pair], keep_incorrect=True, progress=False)
+        sync(device)
+    wall = time.perf_counter() - t
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    print(f"\nprofile {name}: wall {wall:.3f} s (profiled), GPU kernels {busy:.3f} s", flush=True)
+    print(events.table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+
+
 def fmt_s(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
 
@@ -121,6 +139,7 @@ def main(argv=None):
     ap.add_argument("--bucket-sizes", default="1,2,4,8,16,50", help="bf16 bucket-size sweep ('' to skip)")
     ap.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True, help="also time sdpa (bf16)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one bf16 fast sweep")
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; optional parts are skipped after")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
     args = ap.parse_args(argv)
@@ -220,6 +239,8 @@ def main(argv=None):
                     extra.append(f"| {name} | {dname} | eager | 1 example | {bs} | {t_b:.3f} | {t_b:.3f} | "
                                  f"{res.stats.get('forwards')} |")
                     print(extra[-1], flush=True)
+                if args.profile and not over_budget():
+                    profile_sweep(model, pair, device, name)
                 if args.sdpa and model.config.model_type != "gpt_neo" and not over_budget():
                     model.set_attn_implementation("sdpa")
                     patch_heads(model, [warm], keep_incorrect=True, progress=False)
