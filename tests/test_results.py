@@ -164,3 +164,20 @@ def test_load_results_rejects_other_json(tmp_path):
 def test_bad_settings_fail_before_loading(bad, message):
     with pytest.raises(ValueError, match=message):
         run_experiment(**{**model_settings(), "model_path": "/nonexistent", **bad})
+
+
+def test_plot_saved_reads_an_original_notebook_file(tmp_path):
+    """A file as the original notebook wrote it (no labels, no feature) is re-drawn with pos_i columns."""
+    original = {
+        "metadata": {"source": "tinysql_activation_patching_json.ipynb", "timestamp": "20250204_101010",
+                     "model_num": 1, "model_hf": "withmartian/sql_interp_bm1_cs1_experiment_1.10", "commandset": 1,
+                     "use_novel_names": False, "use_synonyms_table": False, "use_synonyms_field": False,
+                     "num_sql_fields": 2, "batch_size": 5, "n_positions": 3, "n_layers": 2, "n_heads": 2},
+        "patching_results": [[[0.0, 0.5, 1.0], [0.0, -0.2, 0.1]], [[0.0, 0.0, 0.9], [0.0, 0.3, None]]],
+        "clean_tokens": [1, 2, 3], "clean_logit_diff": 3.2, "corrupt_logit_diff": -1.0,
+    }
+    path = tmp_path / "activation_patching_results_1_1_novel_names.False.table.False.field.False.json"
+    path.write_text(json.dumps(original))
+    fig = plotting.plot_saved(path)
+    assert list(fig.data[0].x) == ["pos_0", "pos_1", "pos_2"] and len(fig.data[0].y) == 4
+    assert results.top_heads_from_json(results.load_results(path), 1)[0]["head"] == "L0_H0"
