@@ -518,6 +518,24 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     site = _site(model, kind)
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
+    with _eval_mode(model):
+        return _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator,
+                            chunk_size, bucket_size, progress)
+
+
+@contextmanager
+def _eval_mode(model):
+    """Dropout off while patching (restored afterwards): every run must be deterministic."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
+                 bucket_size, progress):
     # metrics first (no activations kept), so exclusions are reported before the long part
     pre = [_clean_and_corrupt(model, calls, None, p) for p in pairs]
     included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)

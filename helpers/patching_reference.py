@@ -46,6 +46,7 @@ def patch_heads_reference(model, pairs, *, keep_incorrect: bool = False,
     ``patches``: optional subset of (layer, head, position) to run (the others are NaN), e.g. for timing.
     """
     torch_model = unwrap_model(model)
+    torch_model.eval()  # the oracle: dropout off (the model stays in eval mode)
     nn_model = _nnsight(model)
     geo = head_geometry(torch_model.config)
     envoys = out_proj_modules(nn_model)
@@ -108,6 +109,7 @@ def patch_sites_reference(model, pairs, kind: str, *, keep_incorrect: bool = Fal
                           min_denominator: float = DEFAULT_MIN_DENOMINATOR, progress: bool = False) -> PatchingResult:
     """One plain full forward of the corrupt prompt per (layer, [head,] position), patched by a hook."""
     model = unwrap_model(model)
+    model.eval()  # the oracle: dropout off (the model stays in eval mode)
     calls = _Calls.of(model)
     site = _site(model, kind)
     device = next(model.parameters()).device

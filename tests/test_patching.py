@@ -347,3 +347,24 @@ def test_pairs_are_validated():
     off = Pair([1, 2, 3], [1, 5, 3], 1, 1, 3, 4)
     with pytest.raises(ValueError, match="answer_position"):
         patch_heads(model, [off], progress=False)
+
+
+def test_model_is_left_as_found_even_after_an_error():
+    model = model_of("gpt_neo")
+    pairs = make_pairs(12)
+
+    def hook_count():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    before = hook_count()
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda mod, args: (_ for _ in ()).throw(OutOfMemoryError("fake: always")) if args[0].shape[0] > 1 else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(OutOfMemoryError):  # a chunk of one row still fails: re-raised, not looped
+            patch_heads(model, pairs, keep_incorrect=True, progress=False)
+    handle.remove()
+    assert hook_count() == before
+    assert "forward" not in model.get_output_embeddings().__dict__  # the two-row output layer is undone
+    with torch.no_grad():
+        assert model(torch.tensor([pairs[0].clean_ids])).logits.shape[-1] == 256
