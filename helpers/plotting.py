@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +139,7 @@ def overview_figure(rows: list[dict], title: str = "Top heads across models × c
     per_head, heads = [], []
     for r in rows:
         s = np.asarray(r["scores"], dtype=np.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            idx = np.nanargmax(np.nan_to_num(np.abs(s), nan=-1.0), axis=-1)
+        idx = np.argmax(np.nan_to_num(np.abs(s), nan=-1.0), axis=-1)
         best = np.take_along_axis(s, idx[..., None], axis=-1)[..., 0]  # signed value at max |value|
         labels = head_labels(*s.shape[:2])
         per_head.append(dict(zip(labels, best.ravel())))

@@ -239,15 +239,21 @@ def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = T
     """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible)
     into ``output_dir`` (None: :func:`default_output_dir`); returns the paths written."""
     out = Path(output_dir) if output_dir not in (None, "") else default_output_dir()
-    stem = file_stem(exp.settings, exp.spec)
-    paths = {"json": atomic_write_json(out / f"{stem}.json", experiment_to_dict(exp))}
+    json_path = out / f"{file_stem(exp.settings, exp.spec)}.json"
+    paths = {"json": atomic_write_json(json_path, experiment_to_dict(exp))}
     if figures:
         from . import plotting
 
-        paths.update(plotting.save_figure(plotting.mean_heatmap(exp), out / f"{stem}.heatmap", png=png))
-        paths.update({f"spread_{k}": v for k, v in
-                      plotting.save_figure(plotting.spread_heatmap(exp), out / f"{stem}.spread", png=png).items()})
+        for kind, fig in (("heatmap", plotting.mean_heatmap(exp)), ("spread", plotting.spread_heatmap(exp))):
+            written = plotting.save_figure(fig, figure_base(json_path, kind), png=png)
+            paths.update({(k if kind == "heatmap" else f"{kind}_{k}"): v for k, v in written.items()})
     return paths
+
+
+def figure_base(json_path: str | Path, kind: str = "heatmap") -> Path:
+    """Where a result's figure lives, without extension: ``<stem>.heatmap`` (mean) or ``<stem>.spread``."""
+    json_path = Path(json_path)
+    return json_path.with_name(f"{json_path.stem}.{kind}")
 
 
 def load_results(path: str | Path) -> dict:

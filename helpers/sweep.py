@@ -350,7 +350,7 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         data = R.load_results(found[0])
         meta = data["metadata"]
         row["json"] = str(found[0].relative_to(config.root))
-        heat = found[0].with_name(found[0].name[:-len(".json")] + ".heatmap.html")
+        heat = Path(f"{R.figure_base(found[0])}.html")
         row["heatmap"] = str(heat.relative_to(config.root)) if heat.is_file() else None
         row["accuracy"] = meta.get("clean_accuracy")
         row["n_clean_correct"], row["n_examples"] = meta.get("n_clean_correct"), meta.get("n_examples")
