@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from transformers import GPTNeoConfig, LlamaConfig, Qwen2Config  # noqa: E402
 
 from helpers.architectures import blocks, head_geometry  # noqa: E402
+from helpers.attribution import attribution_error, attribution_patching_heads  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
 from helpers.patching_reference import patch_heads_reference  # noqa: E402
 from helpers.tiny_models import build_random_model, tiny_config  # noqa: E402
@@ -226,6 +227,13 @@ def main(argv=None):
             print(rows[-1], flush=True)
             if over_budget():
                 continue
+            t_attr, attr = timed(lambda: attribution_patching_heads(model, [pair], keep_incorrect=True,
+                                                                    progress=False), device)
+            rep = attribution_error(attr, fast)
+            extra.append(f"| {name} | {dname} | attribution patching (2 fwd + 1 bwd) | 1 example | – | {t_attr:.3f} | "
+                         f"{t_attr:.3f} | corr {rep['correlation']:.3f}, max abs err {rep['max_abs_error']:.2e}, "
+                         f"rel {rep['relative_max_error']:.2f} vs exact |")
+            print(extra[-1], flush=True)
             if dname in args.examples_dtypes.split(",") and args.examples:
                 t_many, res = timed(lambda: patch_heads(model, many, keep_incorrect=True, progress=False), device)
                 extra.append(f"| {name} | {dname} | eager | {len(many)} examples (T {min(len(p.clean_ids) for p in many)}–"
@@ -270,7 +278,7 @@ def main(argv=None):
         f"Head patching, full layer×head×position sweep of one {args.length}-token example "
         f"(first difference at {args.first_diff}); {env}.",
         "", header, sep, *rows, "",
-        "| shape | dtype | attention | examples | bucket size | fast s | s / example | forwards |",
+        "| shape | dtype | variant (attention) | examples | bucket size | s | s / example | forwards / notes |",
         "|---|---|---|---|---|---|---|---|", *extra, "",
     ]
     text = "\n".join(table)
