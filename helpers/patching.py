@@ -107,7 +107,11 @@ class _Calls:
             kwargs["logits_to_keep"] = 1
         position_ids = torch.arange(start, start + q, device=ids.device).unsqueeze(0)
         out = model(input_ids=ids, position_ids=position_ids, **kwargs)
-        new_cache = getattr(out, self.cache_kw, None) if kwargs["use_cache"] else None
+        new_cache = None
+        if kwargs["use_cache"]:
+            new_cache = getattr(out, self.cache_kw, None)
+            if new_cache is None:  # output field named differently from the keyword in some versions
+                new_cache = getattr(out, "past_key_values" if self.cache_kw == "cache" else "cache", None)
         return out.logits[:, -1], new_cache
 
 
