@@ -357,6 +357,7 @@ def test_model_is_left_as_found_even_after_an_error():
         return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
     before = hook_count()
+    own_forward = model.get_output_embeddings().__dict__.get("forward")  # nnsight wrapping may have set one
     handle = model.get_output_embeddings().register_forward_pre_hook(
         lambda mod, args: (_ for _ in ()).throw(OutOfMemoryError("fake: always")) if args[0].shape[0] > 1 else None)
     with warnings.catch_warnings():
@@ -365,6 +366,6 @@ def test_model_is_left_as_found_even_after_an_error():
             patch_heads(model, pairs, keep_incorrect=True, progress=False)
     handle.remove()
     assert hook_count() == before
-    assert "forward" not in model.get_output_embeddings().__dict__  # the two-row output layer is undone
+    assert model.get_output_embeddings().__dict__.get("forward") is own_forward  # the two-row head is undone
     with torch.no_grad():
         assert model(torch.tensor([pairs[0].clean_ids])).logits.shape[-1] == 256
