@@ -5,8 +5,10 @@ embedded models are missing. ``model_settings`` is shared with the other test mo
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +46,7 @@ def model_settings() -> dict:
 
         tok = train_tokenizer()
     folder = Path(tempfile.mkdtemp(prefix="tinysql-test-model-"))
+    atexit.register(shutil.rmtree, folder, True)
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     # A random model predicts nothing right: keep its examples so the scores are not all excluded.

@@ -133,3 +133,22 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "run_cell", fake_run_cell)
     S.run_sweep(config, jobs=2, progress=False)
     assert len(seen) == 4 and sorted(seen[:2]) == ["3", "5"]  # the concurrent pair: different GPUs
+
+
+def test_force_reruns_finished_cells_and_only_selects(tmp_path, monkeypatch):
+    config = S.SweepConfig(name="f", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME"]}], output_root=tmp_path)
+    cells = S.expand(config)
+    for cell in cells:  # both cells finished earlier
+        d = config.root / cell.relpath
+        d.mkdir(parents=True)
+        (d / "activation_patching_x.json").write_text("{}")
+        (d / S.DONE).write_text("{}")
+    ran = []
+    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None: ran.append(cell.label) or
+                        S.Outcome(cell, "ok", config.root / cell.relpath))
+    monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
+    assert [o.status for o in S.run_sweep(config, progress=False)] == ["skipped", "skipped"] and ran == []
+    S.run_sweep(config, force=True, progress=False, only="cs2")
+    assert ran == [cells[1].label]
+    S.run_sweep(config, force=True, progress=False)
+    assert ran == [cells[1].label] + [c.label for c in cells]
