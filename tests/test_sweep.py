@@ -96,7 +96,8 @@ def test_finished_needs_json_and_marker(tmp_path):
 
 def test_shipped_grids_expand():
     default = S.expand(S.load_config(REPO / "params" / "default.yaml"))
-    assert len(default) == 12 and {c.params["model_num"] for c in default} == {"embedded"}
+    assert len(default) == 24 and {c.params["model_num"] for c in default} == {"embedded"}
+    assert {str(c.relpath.parts[0]) for c in default} == {"embedded-llama", "embedded-gpt_neo"}
     assert {c.feature for c in default} == {"ENGTABLENAME", "ENGFIELDNAME", "DEFTABLENAME", "DEFFIELDNAME"}
     assert str(default[0].relpath) == str(Path("embedded-llama") / "cs1" / "ENGTABLENAME")
     full = S.expand(S.load_config(REPO / "params" / "full.yaml"))
