@@ -60,6 +60,8 @@ Context table. `use_novel_names` corrupts with a word that was never a table nam
 # model_path: a local folder or a hub id that overrides the registry. dtype "auto": float32 on CPU, bfloat16 on
 #   CUDA. output_dir None: outputs/notebooks/ in this checkout. The Hugging Face token is never a parameter: it
 #   comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
+# papermill: -p NAME VALUE sets any of these; it warns "Passed unknown parameter" because the names share
+#   lines here, but the values are applied (its injected cell runs after this one).
 model_num, cs_num, semantic, embedded_family = "embedded", 1, True, "llama"
 feature_name, use_novel_names, use_synonyms_table, use_synonyms_field = "ENGTABLENAME", False, None, None
 batch_size, seed, keep_incorrect = 5, 0, False
