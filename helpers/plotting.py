@@ -3,8 +3,8 @@
 from the clean answer; blue: towards it; 1 = fully restored).
 
 Every figure can be drawn from an :class:`helpers.experiment.ExperimentResult` or re-drawn from any saved
-JSON (:func:`plot_saved`). :func:`save_figure` writes self-contained offline HTML (plotly.js is written once
-per folder tree, see :func:`_plotlyjs_src`) and a PNG when kaleido can run (it needs Chrome); otherwise it
+JSON (:func:`plot_saved`). :func:`save_figure` writes HTML that works offline (it links a ``plotly.min.js`` written
+once per folder tree, see :func:`_plotlyjs_src`) and a PNG when kaleido can run (it needs Chrome); otherwise it
 says so once and goes on.
 """
 from __future__ import annotations
@@ -128,7 +128,8 @@ def plot_saved(path_or_data, what: str = "mean") -> go.Figure:
 
 
 def overview_figure(rows: list[dict], title: str = "Top heads across models × command sets × features"):
-    """One row per sweep cell (``label``), one column per head: each head's largest |mean| over positions.
+    """One row per sweep cell (``label``), one column per head: the head's mean score at the position where its
+    |mean| is largest (signed).
 
     ``rows``: dicts with ``label`` and ``scores`` ([layer, head, pos] array); heads missing from a model are
     blank. Returns None when there is nothing to draw.
@@ -146,7 +147,7 @@ def overview_figure(rows: list[dict], title: str = "Top heads across models × c
         heads += [h for h in labels if h not in heads]
     z = np.array([[d.get(h, np.nan) for h in heads] for d in per_head], dtype=np.float64)
     fig = go.Figure(go.Heatmap(z=z, x=heads, y=[r["label"] for r in rows], colorscale="RdBu", zmid=0.0,
-                               colorbar=dict(title="max |mean| over pos")))
+                               colorbar=dict(title="mean at its<br>strongest position")))
     fig.update_layout(title=title, xaxis_tickangle=-45, height=max(400, 140 + 22 * len(rows)),
                       margin=dict(l=260, b=110), yaxis=dict(autorange="reversed"))
     return fig
@@ -157,28 +158,24 @@ def overview_figure(rows: list[dict], title: str = "Top heads across models × c
 _png_unavailable: str | None = None
 
 
-def _plotlyjs_src(html_path: Path) -> str:
-    """Relative path to a ``plotly.min.js`` in the HTML's folder or an ancestor (a sweep writes one at its root);
-    writes one beside the HTML when none exists. The HTML then works offline without a copy per figure."""
-    from plotly.offline import get_plotlyjs
-
-    from .results import atomic_write_text
-
-    folder = html_path.parent.resolve()
-    for up in [folder, *folder.parents][:6]:
-        if (up / PLOTLY_JS).is_file():
-            return os.path.relpath(up / PLOTLY_JS, folder).replace(os.sep, "/")
-    atomic_write_text(folder / PLOTLY_JS, get_plotlyjs())
-    return PLOTLY_JS
-
-
 def write_plotlyjs(folder: str | Path) -> Path:
+    """``folder/plotly.min.js`` (written once) for the offline HTML figures in and below ``folder``."""
     from plotly.offline import get_plotlyjs
 
     from .results import atomic_write_text
 
     target = Path(folder) / PLOTLY_JS
     return target if target.is_file() else atomic_write_text(target, get_plotlyjs())
+
+
+def _plotlyjs_src(html_path: Path) -> str:
+    """Relative path to a ``plotly.min.js`` in the HTML's folder or an ancestor up to 5 levels (a sweep writes
+    one at its root), else one written beside the HTML: offline figures without a copy of plotly.js each."""
+    folder = html_path.parent.resolve()
+    for up in [folder, *folder.parents][:6]:
+        if (up / PLOTLY_JS).is_file():
+            return os.path.relpath(up / PLOTLY_JS, folder).replace(os.sep, "/")
+    return write_plotlyjs(folder).name
 
 
 def save_figure(fig: go.Figure, base: str | Path, png: bool = True) -> dict[str, Path]:

@@ -387,7 +387,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
     md = [f"# Sweep `{config.name}`", "", f"{len(rows)} cells: {n_ok} done, {n_failed} failed, "
           f"{len(rows) - n_ok - n_failed} not run. Updated {stamp}.", ""]
     if fig is not None:
-        md += ["Overview (each head's largest mean score over positions, per cell): [overview.html](overview.html)", ""]
+        md += ["Overview (per cell, each head's mean score at its strongest position): [overview.html](overview.html)", ""]
     md += ["| cell | status | clean accuracy | top heads (head@token, mean) | notebook | heatmap | error |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -408,7 +408,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;
 font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}}</style></head><body>
 <h1>Sweep {html.escape(config.name)}</h1><p>{len(rows)} cells: {n_ok} done, {n_failed} failed. Updated {stamp}.</p>
-{'<p><a href="overview.html">Overview figure</a>: each head&#39;s largest mean score over positions, per cell.</p>' if fig is not None else ''}
+{'<p><a href="overview.html">Overview figure</a>: per cell, each head&#39;s mean score at its strongest position.</p>' if fig is not None else ''}
 <table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token, mean)</th><th>notebook</th>
 <th>heatmap</th><th>JSON</th><th>error</th></tr>
 {trs}
