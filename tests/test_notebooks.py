@@ -148,3 +148,10 @@ def test_bad_input_fails_in_the_first_helper_call(bad, message, tmp_path, kernel
     assert message in str(info.value)
     assert "run_experiment" in info.value.source  # the first helper call of the notebook
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_explorer_notebook_builds_its_widgets(tmp_path, kernel_env):
+    nb = execute("explorer", tmp_path)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
