@@ -320,3 +320,14 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
         except (PairConstructionError, NotSingleTokenError, IndexError) as err:  # rare draws: try another item
             failures.append(err)
     return pairs
+
+
+# Notebook defaults per feature, chosen on the embedded models (helpers/embedded_models/README.md has the
+# measured flip rates for every flag setting): synonyms of the feature's own kind, so the Instruction word and
+# the Context spelling differ and the answer has to come from the Context. ENGTABLENAME keeps its distractor.
+DEFAULT_PAIR_OPTIONS: dict[Feature, PairOptions] = {
+    Feature.ENGTABLENAME: PairOptions(use_synonyms_table=True),
+    Feature.ENGFIELDNAME: PairOptions(use_synonyms_field=True),
+    Feature.DEFTABLENAME: PairOptions(use_synonyms_table=True),
+    Feature.DEFFIELDNAME: PairOptions(use_synonyms_field=True),
+}

@@ -138,6 +138,14 @@ class GeneratorConfig:
     # or a synonym) while the SQL uses the Context's table. Teaches that the schema, not the Instruction, decides
     # the spelling (0 keeps the generator's random stream unchanged).
     table_rename_p: float = 0.0
+    # Chance that each name in the Context (tables and columns) is spelled as one of its synonyms; the SQL copies
+    # the Context's spelling. The Instruction still says the name or any synonym: it decides WHICH, the Context
+    # decides the spelling, so the answer cannot be recalled from the Instruction alone.
+    context_spelling_p: float = 0.0
+    # Chance of an item whose Instruction mentions every column of the target table and one of them is spelled
+    # in the Context as an unrelated vocabulary field (the only column no Instruction word matches); the SQL
+    # uses the Context's name. Teaches that a name absent from the Context is never written.
+    field_rename_p: float = 0.0
     tables: tuple[str, ...] = tuple(V.TABLES)
     fields: tuple[str, ...] = tuple(V.FIELDS)
 
@@ -166,6 +174,12 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
 
     fields = list(target.field_names)
     selected = rng.sample(fields, rng.randint(1, min(cfg.max_selected, len(fields))))
+    field_rename = cfg.field_rename_p > 0 and rng.random() < cfg.field_rename_p
+    if field_rename:  # keep only the selected columns, so every column is mentioned
+        restricted = TableSchema(target.name, tuple(c for c in target.columns if c.name in selected))
+        schemas = [restricted if t.name == target.name else t for t in schemas]
+        target = restricted
+        fields = list(target.field_names)
     types = {c.name: c.sql_type for c in target.columns}
     select, agg_templates = [], []
     for f in selected:
@@ -188,9 +202,30 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
         words[target.name] = _english_word(rng, other, V.TABLES, cfg.table_synonym_p)
     for f in fields:  # one word per field, reused by every mention so the Instruction is consistent
         words[f] = _english_word(rng, f, V.FIELDS, cfg.field_synonym_p)
+    spelling: dict[str, str] = {}
+    if field_rename:
+        used = {n for t in schemas for n in (t.name, *t.field_names)} | set(words.values())
+        used |= {w for n in used for w in V.FIELDS.get(n, ())}
+        old = rng.choice(selected)
+        spelling[old] = rng.choice([f for f in cfg.fields if f not in used])
+    if cfg.context_spelling_p > 0:
+        for t in schemas:
+            for name in (t.name, *t.field_names):
+                current = spelling.get(name, name)
+                syns = V.TABLES.get(current, ()) if name == t.name else V.FIELDS.get(current, ())
+                if syns and rng.random() < cfg.context_spelling_p:
+                    spelling[name] = rng.choice(syns)
+    template = rng.choice(V.SELECT_TEMPLATES)
+    if spelling:
+        m = lambda n: spelling.get(n, n)  # noqa: E731
+        schemas = [TableSchema(m(t.name), tuple(Column(m(c.name), c.sql_type) for c in t.columns)) for t in schemas]
+        select = [SelectItem(m(x.field), x.aggregate) for x in select]
+        order_by = [(m(f), d) for f, d in order_by]
+        words = {m(k): v for k, v in words.items()}
+        target = next(t for t in schemas if t.name == m(target.name))
     return SqlItem(
         command_set=cs, tables=tuple(schemas), table=target.name, select=tuple(select),
-        order_by=tuple(order_by), english_words=words, select_template=rng.choice(V.SELECT_TEMPLATES),
+        order_by=tuple(order_by), english_words=words, select_template=template,
         order_templates=tuple(order_templates), aggregate_templates=tuple(agg_templates),
     )
 

@@ -1,0 +1,79 @@
+"""The six shipped models: they load offline, keep the vocabulary single-token, and answer TinySQL.
+
+CPU, a few seconds per model. A missing model folder fails (run `make train`), it is not skipped.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.evaluation import EVAL_SEED, generation_accuracy, last_logits
+from helpers.pairs import FEATURES, make_pairs
+from helpers.sql_items import generate_items
+from helpers.tokenization import single_token_id
+from helpers.tokenizer_training import words_that_must_be_single_tokens
+
+ROOT = Path(__file__).resolve().parents[1] / "helpers" / "embedded_models"
+MODELS = [(family, cs) for family in ("llama", "gpt_neo") for cs in (1, 2, 3)]
+MAX_BYTES = 20 * 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=lambda m: f"{m[0]}-cs{m[1]}")
+def embedded(request):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    family, cs = request.param
+    folder = ROOT / f"{family}-cs{cs}"
+    assert (folder / "config.json").exists(), f"{folder} missing: run `make train FAMILY={family} CS={cs}`"
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                 attn_implementation="eager").eval()
+    return family, cs, folder, model, tok
+
+
+def test_loads_offline_and_is_small(embedded):
+    family, _, folder, model, tok = embedded
+    assert model.config.model_type == family
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size < MAX_BYTES
+    if family == "llama":
+        assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
+    assert len(tok) == model.config.vocab_size
+
+
+def test_loads_through_helpers_loading(embedded):
+    loading = pytest.importorskip("helpers.loading")
+    family, _, folder, model, _ = embedded
+    loaded = loading.load_model(str(folder), device="cpu", dtype="float32", wrap=False)
+    assert loaded.hf_model.config.model_type == family
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hf_model(ids).logits, model(ids).logits)
+
+
+def test_vocabulary_words_are_single_tokens(embedded):
+    tok = embedded[4]
+    bad = [w for w in words_that_must_be_single_tokens() if single_token_id(tok, w) is None]
+    assert not bad, bad[:10]
+
+
+def test_held_out_items_answered(embedded):
+    _, cs, _, model, tok = embedded
+    items = generate_items(cs, 50, EVAL_SEED + 7)
+    res = generation_accuracy(model, tok, items)
+    assert res["exact_match"] >= 0.9, res["errors"]
+
+
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f.value)
+def test_clean_prompts_of_each_feature_answered(embedded, feature):
+    from helpers.pairs import DEFAULT_PAIR_OPTIONS
+
+    _, cs, _, model, tok = embedded
+    opts = DEFAULT_PAIR_OPTIONS[feature]
+    pairs = make_pairs(feature, tok, cs_num=cs, batch_size=20, seed=123, use_novel_names=opts.use_novel_names,
+                       use_synonyms_table=opts.use_synonyms_table, use_synonyms_field=opts.use_synonyms_field,
+                       distractor_table=opts.distractor_table)
+    logits = last_logits(model, [list(p.clean_ids) for p in pairs], tok.pad_token_id)
+    predicted = logits.argmax(-1).tolist()
+    wrong = [(p.clean_prompt, p.clean_answer) for p, t in zip(pairs, predicted) if t != p.clean_token_id]
+    assert not wrong, wrong[:3]
