@@ -127,7 +127,8 @@ def test_top_heads_table(exp):
 
 
 def test_file_names_differ_by_setting():
-    settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num=1, feature_name="ENGTABLENAME"))
+    settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num=1, feature_name="ENGTABLENAME",
+                                                    use_synonyms_table=False, use_synonyms_field=False))
     names = {results.file_stem(settings, spec)}
     for change in ({"use_novel_names": True}, {"use_synonyms_table": True}, {"use_synonyms_field": True},
                    {"batch_size": 7}, {"seed": 3}, {"feature_name": "DEFTABLENAME"}, {"cs_num": 2}):
