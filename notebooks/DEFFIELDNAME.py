@@ -43,7 +43,8 @@ if "google.colab" in sys.modules:  # installs the suite only inside Colab; does 
 ## Knobs
 
 Defaults: embedded model for command set 1, CPU, no network. `use_novel_names` renames the column to a word
-that is never a column ("hammer", "wolf"); `use_synonyms_field` lets the Instruction name fields by synonyms.
+that is never a column ("hammer", "wolf"); `use_synonyms_field` lets the Instruction name fields by synonyms,
+and is on by default (`None`: `helpers.pairs.DEFAULT_PAIR_OPTIONS`), so the schema is the one source of the name.
 """
 
 # %% tags=["parameters"]

@@ -44,7 +44,8 @@ if "google.colab" in sys.modules:  # installs the suite only inside Colab; does 
 
 By default: the embedded CS1 model, on CPU, offline. `use_novel_names` renames the table to a word that is no
 table in the vocabulary ("apple", "orange"); `use_synonyms_table` / `use_synonyms_field` change only how the
-Instruction words things, never the schema.
+Instruction words things, never the schema. Table synonyms are on unless set to `False` (`None` = the
+default of `helpers.pairs.DEFAULT_PAIR_OPTIONS`): a model may otherwise copy the name from the Instruction.
 """
 
 # %% tags=["parameters"]

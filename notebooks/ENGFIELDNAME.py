@@ -45,7 +45,8 @@ if "google.colab" in sys.modules:  # installs the suite only inside Colab; does 
 
 Offline on CPU with the embedded command-set-1 model by default. `use_synonyms_field` says the fields by
 synonyms in the Instruction (the model must then translate "cost" to `price` through the schema);
-`use_novel_names` swaps in a word that is no column at all, such as "hammer".
+`use_novel_names` swaps in a word that is no column at all, such as "hammer". Left as `None`, the field
+synonyms are on: this feature's default in `helpers.pairs.DEFAULT_PAIR_OPTIONS`.
 """
 
 # %% tags=["parameters"]

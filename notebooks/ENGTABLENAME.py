@@ -49,7 +49,8 @@ if "google.colab" in sys.modules:  # installs the suite only inside Colab; does 
 
 The defaults run offline on CPU with the embedded model for command set 1. `use_synonyms_table` matters most
 here: with it, the clean Instruction never spells the SQL table name, so the model has to map a synonym to a
-Context table. `use_novel_names` corrupts with a word that was never a table name.
+Context table. It is on by default (`None` takes the feature's default from
+`helpers.pairs.DEFAULT_PAIR_OPTIONS`). `use_novel_names` corrupts with a word that was never a table name.
 """
 
 # %% tags=["parameters"]
