@@ -176,6 +176,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     tokenizer_dir: str | None = None
     num_workers: int = 0  # DataLoader workers generating data (batches then depend on this number too)
+    init_from: str | None = None  # fine-tune a saved model folder instead of starting from random weights
 
     def output_folder(self) -> Path:
         return Path(self.out_dir) if self.out_dir else EMBEDDED_DIR / f"{self.family}-cs{self.cs}"
@@ -198,7 +199,12 @@ def train(cfg: TrainConfig, log=print):
     device = torch.device(cfg.device)
     tokenizer = load_project_tokenizer(cfg.tokenizer_dir)
     gen = GeneratorConfig(**cfg.generator)
-    model = build_model(cfg.family, tokenizer, seed=cfg.seed, **cfg.model_overrides).to(device)
+    if cfg.init_from:
+        model, _ = load_trained(cfg.init_from, device=str(device))
+        if model.config.model_type != cfg.family:
+            raise ValueError(f"--init-from {cfg.init_from} holds a {model.config.model_type} model, not {cfg.family}")
+    else:
+        model = build_model(cfg.family, tokenizer, seed=cfg.seed, **cfg.model_overrides).to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]

@@ -33,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--eval-items", type=int, dest="eval_items")
     ap.add_argument("--num-workers", type=int, dest="num_workers",
                     help="DataLoader worker processes generating batches (0: in the training process)")
+    ap.add_argument("--init-from", dest="init_from", help="fine-tune this saved model folder")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--generator", type=json.loads, default=None,
                     help='GeneratorConfig overrides as JSON, e.g. \'{"field_synonym_p": 0.8}\'')
