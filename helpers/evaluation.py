@@ -235,3 +235,20 @@ def markdown_tables(results: dict[str, dict], defaults: dict | None = None) -> s
                              f"| {ld['median']:.2f} | {ld['min']:.2f} | {ld['q05']:.2f} | "
                              f"{'yes' if feature_passes(m) else 'no'} |")
     return "\n".join(lines)
+
+
+def compact_feature_table(results: dict[str, dict], defaults: dict | None = None) -> str:
+    """One row per model x feature: flip rate under every flag setting, then clean accuracy and clean logit
+    difference (median / min) under the default setting (``defaults``: feature -> setting name)."""
+    settings = list(next(iter(results.values()))["features"][FEATURES[0].value])
+    head = "| model | feature | " + " | ".join(f"flip {s}" for s in settings) + \
+        " | default | clean acc | median LD | min LD | bars |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        for feat, per in r["features"].items():
+            d = (defaults or {}).get(feat, settings[0])
+            m = per[d]
+            lines.append(f"| {name} | {feat} | " + " | ".join(f"{per[s]['flip_rate']:.2f}" for s in settings) +
+                         f" | {d} | {m['clean_accuracy']:.3f} | {m['clean_logit_diff']['median']:.1f} | "
+                         f"{m['clean_logit_diff']['min']:.1f} | {'pass' if feature_passes(m) else 'MISS'} |")
+    return "\n".join(lines)

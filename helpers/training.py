@@ -154,14 +154,22 @@ def batch_iterator(tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_si
 # ---------------------------------------------------------------------------------------------- training
 
 
+# Data of the recommended recipe: the Context spells names by synonyms half the time, a lone table's name wins
+# over the Instruction's word, and an unmatched column wins over an Instruction word naming no column. Without
+# these the models recall names from the Instruction and never read the schema (DEF* features do not flip).
+RECIPE_GENERATOR = {"context_spelling_p": 0.5, "table_rename_p": 0.2, "field_rename_p": 0.2}
+FAMILY_LR = {"llama": 2e-3, "gpt_neo": 1e-3}
+FAMILY_WARMUP = {"llama": 300, "gpt_neo": 500}
+
+
 @dataclass
 class TrainConfig:
     family: str = "llama"
     cs: int = 1
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
+    steps: int = 2500
+    batch_size: int = 256
+    lr: float | None = None  # None: FAMILY_LR
+    warmup: int | None = None  # None: FAMILY_WARMUP
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     seed: int = 0
@@ -172,7 +180,7 @@ class TrainConfig:
     eval_items: int = 200
     log_every: int = 50
     progress: bool = True
-    generator: dict = field(default_factory=dict)  # GeneratorConfig overrides, e.g. {"field_synonym_p": 0.8}
+    generator: dict = field(default_factory=lambda: dict(RECIPE_GENERATOR))  # GeneratorConfig overrides
     model_overrides: dict = field(default_factory=dict)
     tokenizer_dir: str | None = None
     num_workers: int = 0  # DataLoader workers generating data (batches then depend on this number too)
@@ -194,6 +202,10 @@ def train(cfg: TrainConfig, log=print):
         raise ValueError(f"Unknown command set {cfg.cs}; choose one of {COMMAND_SETS}")
     from .evaluation import generation_accuracy  # lazy: evaluation imports this module
 
+    if cfg.lr is None:
+        cfg.lr = FAMILY_LR[cfg.family]
+    if cfg.warmup is None:
+        cfg.warmup = FAMILY_WARMUP[cfg.family]
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = torch.device(cfg.device)

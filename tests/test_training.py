@@ -71,3 +71,22 @@ def test_left_padded_logits_and_greedy_match_unpadded(trained, tokenizer):
                 ref.append(nxt)
                 ids.append(nxt)
         assert g == ref
+
+
+def test_schema_reading_generator_options():
+    """The recipe's data: SQL names are always spelled as in the Context; with the options at 0 nothing changes."""
+    from helpers import vocabulary as V
+    from helpers.sql_items import GeneratorConfig
+
+    assert [i.prompt for i in generate_items(3, 50, 1)] == \
+        [i.prompt for i in generate_items(3, 50, 1, GeneratorConfig(context_spelling_p=0, field_rename_p=0))]
+    cfg = GeneratorConfig(context_spelling_p=0.5, table_rename_p=0.3, field_rename_p=0.3)
+    synonyms = {s for syns in list(V.TABLES.values()) + list(V.FIELDS.values()) for s in syns}
+    spelled_as_synonym = 0
+    for item in generate_items(3, 300, 2, cfg):
+        schema = item.schema
+        assert item.table in {t.name for t in item.tables}
+        assert all(s.field in schema.field_names for s in item.select)
+        assert all(f in schema.field_names for f, _ in item.order_by)
+        spelled_as_synonym += item.table in synonyms
+    assert spelled_as_synonym > 50
