@@ -9,6 +9,7 @@ the valid choices.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import html
 import time
 import warnings
@@ -110,7 +111,7 @@ class ExperimentResult:
     patching: object
     predicted_ids: list[int]  # clean argmax at each example's answer position
     tokens: list[list[str]]  # each example's clean tokens, decoded one by one
-    generations: dict  # the reference example's greedy SQL on the clean and corrupt prompt
+    generations: dict  # the shown example's greedy SQL on the clean and corrupt prompt
     model_info: dict  # model id, revision, family, geometry, dtype, device
     tokenizer: object
     started_at: str
@@ -131,22 +132,44 @@ class ExperimentResult:
 
     @property
     def reference(self) -> int:
-        """The example whose tokens label the columns: the first longest included one (else the first longest).
-
-        Columns are token indices; other examples may hold other words there (see :meth:`token_labels`).
-        """
-        included = [bool(x) for x in self.patching.included]
+        """The example whose tokens label the columns: the first of the longest (its indices are the columns)."""
         lengths = [len(p.clean_ids) for p in self.pairs]
-        candidates = [i for i in range(len(self.pairs)) if included[i]] or list(range(len(self.pairs)))
-        return max(candidates, key=lambda i: (lengths[i], -i))
+        return lengths.index(max(lengths))
+
+    @property
+    def shown(self) -> int:
+        """The example displayed by :meth:`example_markdown`: the reference if included, else the first included."""
+        included = [bool(x) for x in self.patching.included]
+        return self.reference if included[self.reference] or not any(included) else included.index(True)
+
+    def offset(self, i: int) -> int:
+        """Column of example ``i``'s first token: examples are aligned at their last token (the answer position)."""
+        return self.n_positions - len(self.pairs[i].clean_ids)
+
+    @functools.cached_property
+    def aligned(self):
+        """``patching`` with every example shifted right so that all end at the last column.
+
+        The prompts end alike (``### Response: SELECT ...``) and the answer is read at the last token, so this
+        lines up the positions that matter across examples of different lengths; the first columns (before
+        any corruption, exactly 0) hold only the longer examples. NaN pads the left. ``mean()``, ``std()`` and
+        ``count()`` of this object are what the heatmaps, the top-heads table and the JSON show.
+        """
+        p = self.patching
+        shifted = torch.full_like(p.patched_logit_diff, float("nan"))
+        for i, pair in enumerate(self.pairs):
+            n = len(pair.clean_ids)
+            shifted[i, ..., self.offset(i):] = p.patched_logit_diff[i, ..., :n]
+        return replace(p, patched_logit_diff=shifted)
 
     def token_labels(self) -> list[str]:
-        """``{tok}_{i}`` per position, from the reference example; ``*`` marks a position where examples differ."""
+        """``{tok}_{i}`` per aligned column, from the reference example; ``*`` marks a column where the examples
+        hold different tokens."""
         ref = self.tokens[self.reference]
         labels = []
-        for i, tok in enumerate(ref):
-            same = all(len(t) <= i or t[i] == tok for t in self.tokens)
-            labels.append(f"{tok.strip() or repr(tok)}{'' if same else '*'}_{i}")
+        for j, tok in enumerate(ref):
+            same = all(t[j - self.offset(i)] == tok for i, t in enumerate(self.tokens) if j >= self.offset(i))
+            labels.append(f"{tok.strip() or repr(tok)}{'' if same else '*'}_{j}")
         return labels
 
     @property
@@ -158,17 +181,17 @@ class ExperimentResult:
         return sum(self.clean_correct) / len(self.clean_correct)
 
     def mean(self):
-        """Mean normalised score over included examples, [layer, head, pos] (NaN where no example has one)."""
-        return self.patching.mean()
+        """Mean normalised score over included examples, [layer, head, aligned pos] (NaN where none has one)."""
+        return self.aligned.mean()
 
     def std(self):
-        return self.patching.std()
+        return self.aligned.std()
 
     def top_heads(self, k: int = 10):
         """The ``k`` (layer, head, position) cells with the largest |mean| as a pandas DataFrame."""
         import pandas as pd
 
-        mean, std, count = self.mean(), self.std(), self.patching.count()
+        mean, std, count = self.mean(), self.std(), self.aligned.count()
         labels = self.token_labels()
         flat = torch.nan_to_num(mean.abs(), nan=-1.0).flatten()
         order = torch.argsort(flat, descending=True)[: max(0, k)]
@@ -209,7 +232,7 @@ class ExperimentResult:
     # ------------------------------------------------------------------------------------------- display
     def example_markdown(self, index: int | None = None) -> str:
         """One example's clean and corrupt prompt with the corrupted token marked, and the clean prediction."""
-        i = self.reference if index is None else index
+        i = self.shown if index is None else index
         pair, tokens = self.pairs[i], self.tokens[i]
         pos, n_prompt = pair.corrupted_position, pair.n_prompt_tokens
         corrupt_tok = self.decode(pair.corrupt_ids[pos])
@@ -354,7 +377,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         tokenizer=tok, started_at=started, finished_at="", timings=timings)
     if generate:
         t = time.perf_counter()
-        ref = result.pairs[result.reference]
+        ref = result.pairs[result.shown]
         result.generations = {side: greedy_sql(hf_model, tok, ids[:ref.n_prompt_tokens])
                               for side, ids in (("clean", ref.clean_ids), ("corrupt", ref.corrupt_ids))}
         timings["generate_s"] = time.perf_counter() - t

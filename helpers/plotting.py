@@ -77,7 +77,7 @@ def _meta(exp) -> dict:
 
 
 def mean_heatmap(exp) -> go.Figure:
-    """Mean normalised score over the included examples (``*`` in a column label: examples differ there)."""
+    """Mean normalised score over the included examples, aligned at their last token (``*``: examples differ)."""
     return heatmap(exp.mean(), exp.token_labels(), title=_title("Mean over examples", _meta(exp)))
 
 

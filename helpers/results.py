@@ -3,11 +3,11 @@
 The JSON keeps every key of the original notebook's file (``metadata`` with ``source``, ``timestamp``,
 ``model_num``, ``model_hf``, ``commandset``, the three flags, ``num_sql_fields``, ``batch_size``,
 ``n_positions``, ``n_layers``, ``n_heads``; ``patching_results`` [layer][head][position], the *mean* over the
-included examples; ``clean_tokens``; ``clean_logit_diff``; ``corrupt_logit_diff``), so the original's
-``load_and_plot_results`` still reads it. It adds the feature, seed, model id and revision, package versions
-and timestamps to ``metadata``, the spread (``patching_std``, ``patching_count``), column labels and one record
-per example (prompts, token indices and ids, logit differences, its own [layer][head][position] scores).
-NaN (no value: a position past an example's end, an excluded example) is written as JSON ``null``.
+included examples, aligned at their last token; ``clean_tokens``; ``clean_logit_diff``; ``corrupt_logit_diff``),
+so the original's ``load_and_plot_results`` still reads it. It adds the feature, seed, model id and revision,
+package versions and timestamps to ``metadata``, the spread (``patching_std``, ``patching_count``), column labels
+and one record per example (prompts, token indices and ids, logit differences, its own [layer][head][position]
+scores on its own token indices). NaN (no value) is written as JSON ``null``.
 
 File names hold the model, command set, feature, flags, batch size and seed, so runs with different
 settings never overwrite each other; a rerun of the same settings replaces its file atomically.
@@ -146,7 +146,8 @@ def _example_record(exp, i: int) -> dict:
     p = exp.patching
     record = exp.pairs[i].to_dict()
     record.update(
-        index=i, n_positions=len(exp.pairs[i].clean_ids), num_sql_fields=len(exp.pairs[i].clean_item.select),
+        index=i, n_positions=len(exp.pairs[i].clean_ids), column_offset=exp.offset(i),
+        num_sql_fields=len(exp.pairs[i].clean_item.select),
         clean_tokens_text=exp.tokens[i], predicted_token_id=exp.predicted_ids[i],
         predicted_token=exp.decode(exp.predicted_ids[i]),
         clean_correct=bool(p.clean_correct[i]), included=bool(p.included[i]), guarded=bool(p.guarded[i]),
@@ -203,6 +204,8 @@ def experiment_to_dict(exp) -> dict:
         "n_included": int(p.included.sum()),
         "clean_accuracy": exp.clean_accuracy,
         "reference_example": ref,
+        "alignment": "examples aligned at their last token (the answer position); clean_tokens and position_labels "
+                     "are the reference example's",
         "min_denominator": getattr(p, "min_denominator", None),
         "started_at": exp.started_at,
         "finished_at": exp.finished_at,
@@ -220,7 +223,7 @@ def experiment_to_dict(exp) -> dict:
         "feature_name": exp.feature.value,
         "position_labels": exp.token_labels(),
         "patching_std": to_jsonable(exp.std()),
-        "patching_count": np.asarray(p.count()).tolist(),
+        "patching_count": np.asarray(exp.aligned.count()).tolist(),
         "generations": exp.generations,
         "examples": [_example_record(exp, i) for i in range(len(exp.pairs))],
     }

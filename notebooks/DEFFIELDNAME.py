@@ -83,8 +83,8 @@ exp.show_example()
 """
 ## Mean score per head and token
 
-Rows are `L{layer}_H{head}`, columns `{token}_{index}` of the reference example (`*`: not the same token in all
-examples). Blue restores the clean column, red pushes to the renamed one, and every column before the renamed
+Rows are `L{layer}_H{head}`, columns `{token}_{index}` of the longest example; the others are shifted to end in the
+same last column, the prediction position (`*`: not the same token in all examples). Blue restores the clean column, red pushes to the renamed one, and every column before the renamed
 token is zero by construction. Read the renamed schema token, what follows it, and the final `SELECT` column.
 """
 

@@ -84,8 +84,8 @@ exp.show_example()
 """
 ## Heatmap of the mean
 
-Layer-head rows, token columns (`{token}_{index}` of the reference example; `*`: other examples differ at
-that index). Blue is towards the clean table name, red towards the new one. Nothing left of the renamed token
+Layer-head rows, token columns (`{token}_{index}` of the longest example, every prompt aligned on its final
+token; `*`: the examples differ in that column). Blue is towards the clean table name, red towards the new one. Nothing left of the renamed token
 can matter (zero). The columns to read: the name in `CREATE TABLE`, the tokens after it that could carry it
 forward, and the final `FROM` column where the table is predicted.
 """
@@ -113,7 +113,7 @@ plotting.example_heatmaps(exp).show()
 Heads and positions ordered by the size of their mean score; `std` and `n` tell how steady each one is.
 
 Below it, the role-aligned view: per head, the score at every example's own renamed `CREATE TABLE` token
-and at its own answer position, averaged; index columns cannot line these up across prompts.
+and at its own answer position, averaged; the schema token moves between columns from prompt to prompt.
 """
 
 # %%

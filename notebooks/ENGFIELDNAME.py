@@ -85,8 +85,9 @@ exp.show_example()
 """
 ## Average effect per head and position
 
-Rows `L{layer}_H{head}`; columns `{token}_{index}` from the reference example, `*` where examples hold other
-tokens at that index (they differ in wording and length). Blue: the patch brings back the clean field; red:
+Rows `L{layer}_H{head}`; columns `{token}_{index}` of the longest example. Shorter prompts are right-aligned, so
+every example's last token (where the field is predicted) is the last column; `*` marks columns where the
+examples hold other tokens. Blue: the patch brings back the clean field; red:
 it favours the swapped-in one. Columns before the swapped word are exactly zero. Read three places: the
 Instruction field word, the column names in the schema, and the last column (`SELECT`), where the first
 field is predicted.
@@ -115,7 +116,7 @@ plotting.example_heatmaps(exp).show()
 Largest mean |score| first, with the spread and how many examples contribute to each cell.
 
 Then per head, the mean at two positions found in each example itself: the swapped field word and the
-final position that predicts the field (the columns above are indices, so they mix examples).
+final position that predicts the field (the swapped word lands in different columns above).
 """
 
 # %%

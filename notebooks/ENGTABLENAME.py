@@ -89,9 +89,9 @@ exp.show_example()
 """
 ## Mean over examples
 
-Rows are heads `L{layer}_H{head}`, columns the reference example's tokens `{token}_{index}`; a `*` marks a
-column where the examples hold different tokens (examples differ in length and wording, columns are token
-indices). Blue cells restore the clean table, red cells push towards the distractor. Everything left of the
+Rows are heads `L{layer}_H{head}`, columns the longest example's tokens `{token}_{index}`. Examples differ in
+length, so they are lined up at their last token, the one that predicts the table; a `*` marks a column where
+they hold different tokens. Blue cells restore the clean table, red cells push towards the distractor. Everything left of the
 marked Instruction word is exactly 0: nothing differs there yet. Look for the table word itself (heads that
 read it), the table names inside `CREATE TABLE` (heads that match the request to the Context), and the last
 column, `FROM`, which predicts the answer (heads that move the chosen name into the output).
@@ -119,8 +119,8 @@ plotting.example_heatmaps(exp).show()
 
 The cells with the largest mean |score|, with their spread and the number of examples behind them.
 
-Second table: the same heads lined up by role instead of index: each example's own Instruction table
-word, and its own last position, the one that predicts the table after `FROM`.
+Second table: the same heads read at two roles found in each example itself: its own Instruction table
+word (which sits at a different column in each prompt), and its last position, the one after `FROM`.
 """
 
 # %%

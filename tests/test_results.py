@@ -183,3 +183,19 @@ def test_plot_saved_reads_an_original_notebook_file(tmp_path):
     fig = plotting.plot_saved(path)
     assert list(fig.data[0].x) == ["pos_0", "pos_1", "pos_2"] and len(fig.data[0].y) == 4
     assert results.top_heads_from_json(results.load_results(path), 1)[0]["head"] == "L0_H0"
+
+
+def test_columns_are_aligned_at_the_answer_position(exp, saved):
+    """Examples differ in length; the mean lines them up at their last token, where the answer is read."""
+    included = exp.patching.included
+    last = exp.mean()[..., -1]
+    role = exp.role_table(10 ** 6).set_index("head")["at_answer_position"]
+    for layer in range(last.shape[0]):
+        for head in range(last.shape[1]):
+            a, b = float(last[layer, head]), float(role[f"L{layer}_H{head}"])
+            assert (np.isnan(a) and np.isnan(b)) or abs(a - b) < 1e-5
+    assert int(exp.aligned.count()[0, 0, -1]) == int((included & ~exp.patching.guarded).sum())
+    data = _strict_load(saved["json"])
+    for ex in data["examples"]:
+        assert ex["column_offset"] + ex["n_positions"] == data["metadata"]["n_positions"]
+    assert data["position_labels"][-1].endswith(f"_{exp.n_positions - 1}")
