@@ -11,6 +11,7 @@ patching without reloading. ``ex.result`` / ``ex.error`` hold the last run's out
 """
 from __future__ import annotations
 
+import html
 import traceback
 
 import ipywidgets as W
@@ -90,7 +91,7 @@ class Explorer:
                 loaded = self._loaded(settings)
                 self.status.value = "patching ..."
                 self.result = E.run_experiment(**settings, loaded=loaded, progress=False)
-                self.status.value = html_escape(self.result.summary())
+                self.status.value = html.escape(self.result.summary())
                 plotting.setup_renderer()
                 display(plotting.mean_heatmap(self.result))
                 display(self.result.top_heads(10))
@@ -99,15 +100,9 @@ class Explorer:
                     display(results.save_experiment(self.result, self.output_dir))
             except Exception as err:  # shown in the widget; the explorer stays usable
                 self.error = err
-                self.status.value = f"<b style='color:#b00'>{html_escape(type(err).__name__)}</b>: " \
-                                    f"{html_escape(str(err).splitlines()[0] if str(err) else '')}"
+                self.status.value = f"<b style='color:#b00'>{html.escape(type(err).__name__)}</b>: " \
+                                    f"{html.escape(str(err).splitlines()[0] if str(err) else '')}"
                 print(traceback.format_exc())
             finally:
                 self.run_button.disabled = False
         return self.result
-
-
-def html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)

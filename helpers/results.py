@@ -276,15 +276,22 @@ def load_results(path: str | Path) -> dict:
 
 
 def top_heads_from_json(data: dict, k: int = 5) -> list[dict]:
-    """The ``k`` cells of largest |mean| in a loaded result: dicts of head, position, label, mean."""
+    """The ``k`` cells of largest |mean| in a loaded result: dicts of head, position, label, mean and ``n``, the
+    number of examples behind the mean (None for the original notebook's files). Columns that fewer than half
+    of the examples reach (the first ones, with examples aligned at their end) are not ranked."""
     scores = data["scores"] if "scores" in data else np.array(data["patching_results"], dtype=np.float64)
     labels = data.get("position_labels") or [f"pos_{i}" for i in range(scores.shape[-1])]
-    flat = np.nan_to_num(np.abs(scores), nan=-1.0).ravel()
+    strength = np.nan_to_num(np.abs(scores), nan=-1.0)
+    if "patching_count" in data:  # rank only cells that at least half of the examples reach
+        count = np.array(data["patching_count"])
+        strength[count < math.ceil(count.max(initial=0) / 2)] = -1.0
+    flat = strength.ravel()
     out = []
     for idx in np.argsort(-flat, kind="stable")[:k]:
         if flat[idx] < 0:
             break
         layer, head, pos = np.unravel_index(idx, scores.shape)
+        n = data["patching_count"][layer][head][pos] if "patching_count" in data else None
         out.append(dict(head=f"L{layer}_H{head}", position=int(pos), label=labels[pos],
-                        mean=float(scores[layer, head, pos])))
+                        mean=float(scores[layer, head, pos]), n=n))
     return out

@@ -371,7 +371,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
     root = config.root
 
     def heads_text(r) -> str:
-        return ", ".join(f"{h['head']}@{h['label']} ({h['mean']:+.2f})" for h in r["top_heads"]) or "-"
+        return ", ".join(f"{h['head']}@{h['label']} ({h['mean']:+.2f}, n={h['n']})" for h in r["top_heads"]) or "-"
 
     def acc_text(r) -> str:
         return f"{r['n_clean_correct']}/{r['n_examples']}" if r["accuracy"] is not None else "-"
@@ -388,7 +388,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
           f"{len(rows) - n_ok - n_failed} not run. Updated {stamp}.", ""]
     if fig is not None:
         md += ["Overview (per cell, each head's mean score at its strongest position): [overview.html](overview.html)", ""]
-    md += ["| cell | status | clean accuracy | top heads (head@token, mean) | notebook | heatmap | error |",
+    md += ["| cell | status | clean accuracy | top heads (head@token: mean, examples) | notebook | heatmap | error |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
@@ -409,7 +409,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
 font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}}</style></head><body>
 <h1>Sweep {html.escape(config.name)}</h1><p>{len(rows)} cells: {n_ok} done, {n_failed} failed. Updated {stamp}.</p>
 {'<p><a href="overview.html">Overview figure</a>: per cell, each head&#39;s mean score at its strongest position.</p>' if fig is not None else ''}
-<table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token, mean)</th><th>notebook</th>
+<table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token: mean, examples)</th><th>notebook</th>
 <th>heatmap</th><th>JSON</th><th>error</th></tr>
 {trs}
 </table></body></html>
