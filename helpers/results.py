@@ -232,7 +232,7 @@ def experiment_to_dict(exp) -> dict:
 def default_output_dir() -> Path:
     """``outputs/notebooks`` of this checkout when the package runs from one (it is git-ignored), else ./outputs."""
     repo = Path(__file__).resolve().parents[1]
-    if (repo / "outputs").is_dir() and (repo / "pyproject.toml").is_file():
+    if (repo / "pyproject.toml").is_file() and (repo / "notebooks").is_dir():  # a checkout, not site-packages
         return repo / "outputs" / "notebooks"
     return Path("outputs")
 
