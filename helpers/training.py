@@ -158,8 +158,18 @@ def batch_iterator(tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_si
 # over the Instruction's word, and an unmatched column wins over an Instruction word naming no column. Without
 # these the models recall names from the Instruction and never read the schema (DEF* features do not flip).
 RECIPE_GENERATOR = {"context_spelling_p": 0.5, "table_rename_p": 0.2, "field_rename_p": 0.2}
+# field_rename_p of the shipped models (helpers/embedded_models/README.md has the measured DEFFIELDNAME flips):
+# llama needs more renamed-field items than gpt_neo before an unmatched Context column beats the Instruction word.
+RECIPE_FIELD_RENAME = {("llama", 1): 0.4, ("llama", 2): 0.6, ("llama", 3): 0.4,
+                       ("gpt_neo", 1): 0.2, ("gpt_neo", 2): 0.3, ("gpt_neo", 3): 0.3}
 FAMILY_LR = {"llama": 2e-3, "gpt_neo": 1e-3}
 FAMILY_WARMUP = {"llama": 300, "gpt_neo": 500}
+
+
+def recipe_generator(family: str, cs: int) -> dict:
+    """GeneratorConfig overrides of the shipped model ``family``-cs``cs`` (RECIPE_GENERATOR, per-model field rename)."""
+    return {**RECIPE_GENERATOR,
+            "field_rename_p": RECIPE_FIELD_RENAME.get((family, cs), RECIPE_GENERATOR["field_rename_p"])}
 
 
 @dataclass
@@ -180,7 +190,7 @@ class TrainConfig:
     eval_items: int = 200
     log_every: int = 50
     progress: bool = True
-    generator: dict = field(default_factory=lambda: dict(RECIPE_GENERATOR))  # GeneratorConfig overrides
+    generator: dict | None = None  # GeneratorConfig overrides; None: recipe_generator(family, cs)
     model_overrides: dict = field(default_factory=dict)
     tokenizer_dir: str | None = None
     num_workers: int = 0  # DataLoader workers generating data (batches then depend on this number too)
@@ -210,6 +220,8 @@ def train(cfg: TrainConfig, log=print):
     random.seed(cfg.seed)
     device = torch.device(cfg.device)
     tokenizer = load_project_tokenizer(cfg.tokenizer_dir)
+    if cfg.generator is None:
+        cfg.generator = recipe_generator(cfg.family, cfg.cs)
     gen = GeneratorConfig(**cfg.generator)
     if cfg.init_from:
         model, _ = load_trained(cfg.init_from, device=str(device))

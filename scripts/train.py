@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--init-from", dest="init_from", help="fine-tune this saved model folder")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--generator", type=json.loads, default=None,
-                    help='GeneratorConfig overrides as JSON (replaces the recipe\'s RECIPE_GENERATOR), e.g. '
+                    help='GeneratorConfig overrides as JSON (replaces helpers.training.recipe_generator), e.g. '
                          '\'{"context_spelling_p": 0.5, "table_rename_p": 0.2, "field_rename_p": 0.4}\'')
     ap.add_argument("--model", type=json.loads, default=None, dest="model_overrides",
                     help='architecture overrides as JSON, e.g. \'{"num_layers": 4}\'')

@@ -77,3 +77,14 @@ def test_clean_prompts_of_each_feature_answered(embedded, feature):
     predicted = logits.argmax(-1).tolist()
     wrong = [(p.clean_prompt, p.clean_answer) for p, t in zip(pairs, predicted) if t != p.clean_token_id]
     assert not wrong, wrong[:3]
+
+
+def test_shipped_data_recipe_is_the_default(embedded):
+    """`make train FAMILY=.. CS=..` trains on the same data options as the shipped model."""
+    import json
+
+    from helpers.training import recipe_generator
+
+    family, cs, folder, _, _ = embedded
+    meta = json.loads((folder / "training_meta.json").read_text())
+    assert meta["train_config"]["generator"] == recipe_generator(family, cs)
