@@ -13,6 +13,10 @@ as input and so scored the token after it). Clean and corrupt ids have equal len
 one position; ``corrupted_position`` is derived from the ids, never assumed. Logit differences compare the
 SQL names (what the model must write), never a synonym, and a corrupt word never equals the true name.
 
+All pairs of one batch share one skeleton (template, tables, column types, which fields are selected and
+sorted) and differ only in the names filling it, so every example has the same length, the same corrupted
+position and the same answer position: averaging over examples compares like with like, column by column.
+
 The Eng* corruptions point at something the Context can answer: ENGFIELDNAME swaps in another field of the
 same table, and ENGTABLENAME (by default) adds a distractor table to the Context and swaps in its word. A
 model that reads the Instruction to decide *which* name and the Context to decide its *spelling* then
@@ -122,12 +126,15 @@ def _single_token_words(tokenizer, words) -> list[str]:
 
 
 def _usable_names(tokenizer, names: dict, with_synonyms: bool) -> tuple[str, ...]:
-    """Names that are one token, and (when synonyms are used) whose synonyms are one token each too."""
-    return tuple(
-        n for n, syns in names.items()
-        if single_token_id(tokenizer, n) is not None
-        and (not with_synonyms or all(single_token_id(tokenizer, s) is not None for s in syns))
-    )
+    """Names that are one token, and (when synonyms are used) whose synonyms are one token each too.
+
+    Names or synonyms that are also words of the English templates ("records", "total") are left out: a
+    corruption must change the only mention of a word, and the clean prompt must not say it twice.
+    """
+    def ok(word: str) -> bool:
+        return single_token_id(tokenizer, word) is not None and word not in V.TEMPLATE_WORDS
+
+    return tuple(n for n, syns in names.items() if ok(n) and (not with_synonyms or all(ok(w) for w in syns)))
 
 
 def _word_for(name: str, synonyms: dict, use_synonym: bool, rng: random.Random) -> str:
@@ -156,8 +163,9 @@ def _base_item(feature: Feature, cs: int, rng: random.Random, opts: PairOptions,
             continue
         if any(f == target for f, _ in item.order_by):  # the Instruction would mention the field twice
             continue
-        if feature is Feature.ENGFIELDNAME and len(item.schema.columns) <= len(item.select) and not opts.use_novel_names:
-            continue  # no unselected field to swap in
+        mentioned = {s.field for s in item.select} | {f for f, _ in item.order_by}
+        if feature is Feature.ENGFIELDNAME and not set(item.schema.field_names) - mentioned:
+            continue  # no field the Instruction leaves unmentioned, to swap in
         return item
     raise PairConstructionError(f"could not draw a base item for {feature.value} in CS{cs}")
 
@@ -186,23 +194,13 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
     if feature is Feature.ENGFIELDNAME:
         clean_answer = _first_field(item)
         clean_word = words[clean_answer]
-        used_words = set(words[s.field] for s in item.select)
-        selected = {s.field for s in item.select}
-        ordered = {f for f, _ in item.order_by}
-        # Prefer a field the Instruction does not mention anywhere, so the corrupt prompt names it once.
-        unselected = ([f for f in item.schema.field_names if f not in selected | ordered]
-                      or [f for f in item.schema.field_names if f not in selected])
-        if opts.use_novel_names or not unselected:
-            pool = [w for w in V.NOVEL_FIELDS if w not in prompt_words] if opts.use_novel_names else \
-                [f for f in fields if f not in prompt_words]
-            corrupt_answer = rng.choice(pool)
-            corrupt_word = corrupt_answer if opts.use_novel_names else \
-                _word_for(corrupt_answer, V.FIELDS, opts.use_synonyms_field, rng)
-        else:
-            corrupt_answer = rng.choice(unselected)
-            corrupt_word = words[corrupt_answer]
-        if corrupt_word in used_words:
-            raise PairConstructionError(f"corrupt word {corrupt_word!r} already selected")
+        mentioned = {s.field for s in item.select} | {f for f, _ in item.order_by}
+        unmentioned = [f for f in item.schema.field_names if f not in mentioned]
+        if opts.use_novel_names:
+            corrupt_answer = corrupt_word = rng.choice([w for w in V.NOVEL_FIELDS if w not in prompt_words])
+        else:  # another field of the same table, so the Context can answer the corrupt request
+            corrupt_answer = rng.choice(unmentioned)
+            corrupt_word = _word_for(corrupt_answer, V.FIELDS, opts.use_synonyms_field, rng)
         corrupt = _with_field_word(item, clean_answer, corrupt_word)
         return corrupt, clean_word, corrupt_word, clean_answer, corrupt_answer
 
@@ -308,18 +306,58 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
 
     rng = random.Random(f"pairs-{feature.value}-cs{cs}-{seed}-{opts}")
     pairs, failures = [], []
+    skeleton = _base_item(feature, cs, rng, opts, tables, fields)
     while len(pairs) < batch_size:
         if len(failures) > 20 * batch_size + 50:
             raise PairConstructionError(f"{len(failures)} failed attempts building {feature.value} pairs; last: "
                                         f"{failures[-1]}")
-        item = _base_item(feature, cs, rng, opts, tables, fields)
+        if not pairs and len(failures) >= 10:  # a skeleton that does not tokenize cleanly: draw another
+            skeleton = _base_item(feature, cs, rng, opts, tables, fields)
+        item = _fill_skeleton(skeleton, feature, rng, opts, tables, fields)
         try:
             corrupt, cw, xw, ca, xa = _corruption(feature, item, rng, opts, tables, fields)
-            pairs.append(build_pair(feature, item, corrupt, tokenizer, clean_word=cw, corrupt_word=xw,
-                                    clean_answer=ca, corrupt_answer=xa))
-        except (PairConstructionError, NotSingleTokenError, IndexError) as err:  # rare draws: try another item
+            pair = build_pair(feature, item, corrupt, tokenizer, clean_word=cw, corrupt_word=xw,
+                              clean_answer=ca, corrupt_answer=xa)
+            if pairs and _shape(pair) != _shape(pairs[0]):
+                raise PairConstructionError(f"pair shape {_shape(pair)} differs from the batch's {_shape(pairs[0])}")
+            pairs.append(pair)
+        except (PairConstructionError, NotSingleTokenError, IndexError, ValueError) as err:  # rare: draw again
             failures.append(err)
     return pairs
+
+
+def _shape(pair: CleanCorruptPair) -> tuple[int, int, int]:
+    return len(pair.clean_ids), pair.corrupted_position, pair.answer_position
+
+
+def _fill_skeleton(skeleton: SqlItem, feature: Feature, rng: random.Random, opts: PairOptions, tables,
+                   fields) -> SqlItem:
+    """The skeleton with fresh names: a distinct table name per table and a distinct field per column slot.
+
+    Everything else (templates, types, which slots are selected, sorted or aggregated) is kept, so with
+    single-token names every filled item tokenizes to the same length with the same positions. For
+    ENGTABLENAME the distractor table also has the selected fields, so the corrupt request is answerable.
+    """
+    new_tables = rng.sample(list(tables), len(skeleton.tables))
+    new_fields = iter(rng.sample(list(fields), sum(len(t.columns) for t in skeleton.tables)))
+    schemas, target_fields = [], {}
+    for old, name in zip(skeleton.tables, new_tables):
+        columns = tuple(Column(next(new_fields), c.sql_type) for c in old.columns)
+        if old.name == skeleton.table:
+            target_fields = {c.name: n.name for c, n in zip(old.columns, columns)}
+            table = name
+        schemas.append(TableSchema(name, columns))
+    select = tuple(replace(s, field=target_fields[s.field]) for s in skeleton.select)
+    if feature is Feature.ENGTABLENAME:
+        selected = [s.field for s in select]
+        schemas = [t if t.name == table else TableSchema(t.name, tuple(
+            Column(selected[i], c.sql_type) if i < len(selected) else c for i, c in enumerate(t.columns)))
+            for t in schemas]
+    words = {table: _word_for(table, V.TABLES, opts.use_synonyms_table, rng)}
+    for f in target_fields.values():
+        words[f] = _word_for(f, V.FIELDS, opts.use_synonyms_field, rng)
+    return replace(skeleton, tables=tuple(schemas), table=table, select=select,
+                   order_by=tuple((target_fields[f], d) for f, d in skeleton.order_by), english_words=words)
 
 
 # Notebook defaults per feature, chosen on the embedded models (helpers/embedded_models/README.md has the

@@ -201,6 +201,15 @@ AGGREGATE_TEMPLATES: dict[str, tuple[str, ...]] = {
     "COUNT": ("number of [field]", "count of [field]"),
 }
 
+def _template_words() -> frozenset[str]:
+    texts = SELECT_TEMPLATES + tuple(t for ts in ORDER_TEMPLATES.values() for t in ts)
+    texts += tuple(t for ts in AGGREGATE_TEMPLATES.values() for t in ts)
+    return frozenset(w for t in texts for w in t.replace(",", " ").split() if not w.startswith("["))
+
+
+# Words the English templates use themselves; a name that is also one of them is mentioned twice.
+TEMPLATE_WORDS: frozenset[str] = _template_words()
+
 SQL_KEYWORDS: tuple[str, ...] = (
     "SELECT", "FROM", "ORDER", "BY", "ASC", "DESC", "AS", "CREATE", "TABLE", "SUM", "AVG", "MIN", "MAX", "COUNT",
 )

@@ -1,4 +1,5 @@
 import itertools
+import re
 from dataclasses import replace
 
 import pytest
@@ -133,3 +134,39 @@ def test_corrupt_word_equal_to_the_true_name_is_refused(project_tokenizer):
     with pytest.raises(PairConstructionError, match="equals the clean one"):
         build_pair("ENGTABLENAME", p.clean_item, p.corrupt_item, project_tokenizer, clean_word=p.clean_word,
                    corrupt_word=p.corrupt_word, clean_answer=p.clean_answer, corrupt_answer=p.clean_answer)
+
+
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f.value)
+@pytest.mark.parametrize("cs", [1, 2, 3])
+def test_a_batch_shares_one_shape_so_columns_mean_the_same_token(feature, cs, any_tokenizer):
+    """Averaging over examples is column by column: lengths, corrupted and answer positions must agree."""
+    pairs = make_pairs(feature, any_tokenizer, cs_num=cs, batch_size=8, seed=5)
+    assert len({(len(p.clean_ids), p.corrupted_position, p.answer_position) for p in pairs}) == 1
+    # and only name slots differ between examples: the template tokens line up
+    varying = {i for p in pairs[1:] for i, (a, b) in enumerate(zip(p.clean_ids, pairs[0].clean_ids)) if a != b}
+    assert len(varying) < len(pairs[0].clean_ids) / 2
+    assert len({p.clean_prompt for p in pairs}) == len(pairs)  # yet the examples are different
+
+
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda f: f.value)
+def test_the_corrupted_word_is_the_only_mention_of_itself(feature, project_tokenizer):
+    for cs in (1, 2, 3):
+        for p in make_pairs(feature, project_tokenizer, cs_num=cs, batch_size=30, seed=9,
+                            use_synonyms_table=True, use_synonyms_field=True):
+            for word, prompt in ((p.clean_word, p.clean_prompt), (p.corrupt_word, p.corrupt_prompt)):
+                assert re.findall(r"\w+", prompt).count(word) == 1, (word, prompt)
+            assert p.corrupt_word not in re.findall(r"\w+", p.clean_prompt)
+
+
+def test_template_words_are_never_drawn_as_names(project_tokenizer):
+    assert {"records", "total"} <= V.TEMPLATE_WORDS  # a synonym of albums, a field: both template words too
+    for feature in FEATURES:
+        for p in make_pairs(feature, project_tokenizer, cs_num=3, batch_size=40, seed=1, use_synonyms_table=True):
+            names = {p.clean_item.table} | {f for t in p.clean_item.tables for f in t.field_names}
+            assert not names & V.TEMPLATE_WORDS and "albums" not in names
+
+
+def test_engtablename_distractor_can_answer_the_corrupt_request(project_tokenizer):
+    for p in make_pairs(Feature.ENGTABLENAME, project_tokenizer, cs_num=2, batch_size=20, seed=4):
+        distractor = next(t for t in p.clean_item.tables if t.name == p.corrupt_answer)
+        assert {s.field for s in p.clean_item.select} <= set(distractor.field_names)
