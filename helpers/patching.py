@@ -284,6 +284,8 @@ def _auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
     per_row = q * per_token + geo.n_layers * 2 * geo.n_kv_heads * geo.d_head * kv_len * nbytes
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        # memory PyTorch's caching allocator holds but does not use is free to us too (mem_get_info omits it)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = 0.4 * free
     else:
         budget = 2 * 2**30

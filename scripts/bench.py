@@ -222,7 +222,8 @@ def main(argv=None):
             b = ref.patched_logit_diff[0, idx[:, 0], idx[:, 1], idx[:, 2]]
             err = float((a - b).abs().max())
             rows.append(f"| {name} | {dname} | {n_full:,} | {per_patch * 1e3:.1f} ms | {fmt_s(t_ref_full)} | "
-                        f"{t_fast:.3f} | {t_ref_full / t_fast:,.0f}× | {stats.get('forwards')} | "
+                        f"{t_fast:.3f} | {t_ref_full / t_fast:,.0f}× | {stats.get('forwards')} (≤{stats.get('max_rows_per_forward')} rows"
+                        f"{', OOM halvings ' + str(stats['oom_halvings']) if stats.get('oom_halvings') else ''}) | "
                         f"{peak:.2f} | {tflops:.3g} | {err:.2e} | {stats.get('base_row_max_dev', float('nan')):.1e} |")
             print(rows[-1], flush=True)
             if over_budget():
