@@ -7,6 +7,7 @@ A sweep file (YAML, see ``params/default.yaml``)::
     notebooks: notebooks          # <FEATURE>.ipynb for each feature
     kernel: python3
     cell_timeout: 1800            # seconds per notebook cell (papermill --execution-timeout); null = none
+    run_timeout: null             # seconds per whole run (papermill process, killed after); null = none
     parameters: {batch_size: 4}   # passed to every run
     grid:                         # product of the lists (or a list of such grids); keys are notebook parameters
       model_num: [embedded]
@@ -14,20 +15,40 @@ A sweep file (YAML, see ``params/default.yaml``)::
       feature_name: [ENGTABLENAME, ENGFIELDNAME, DEFTABLENAME, DEFFIELDNAME]
     cells: []                     # optional extra runs, each a dict of parameters
 
-Each run ("cell") writes into ``outputs/<name>/<model>/<cs>/<feature>/``: the executed notebook, the result
-JSON and the heatmaps (the notebook writes those), ``papermill.log``, and last a marker: ``_DONE.json`` after
-success, ``_FAILED.json`` (the error) after a failure. A cell is finished when its result JSON and
-``_DONE.json`` exist; a rerun skips finished cells and never touches them unless ``force``. A failure is
-recorded and the sweep goes on: papermill still writes the executed notebook, with the traceback in it.
-Every file is written atomically (temporary file + ``os.replace``).
+Every key under ``parameters``, ``grid`` and ``cells`` must be an experiment setting (a field of
+``helpers.experiment.ExperimentSettings``: the feature notebooks' parameters); anything else (a token, a
+typo, ``output_dir``, which the sweep sets per cell) is refused when the file is read. The Hugging Face token
+is never a sweep parameter: runs read it from the ``HF_TOKEN`` environment variable.
+
+Each run ("cell") has *resolved* settings: the feature notebook's parameter defaults, overridden by
+``parameters``, overridden by the grid/cell values (the feature name canonical). Two cells with the same
+resolved settings are one run (a warning names the duplicate). A cell writes into
+``outputs/<name>/<model>/cs<cs>/<feature><suffix>/`` where the suffix lists, as ``_key=value`` (or ``_h<hash>``
+when values do not make a short safe name), every setting that differs from the notebook's defaults overridden
+by ``parameters`` and is not already in the path: a cell of the plain grid has no suffix, a cell with
+``seed: 1`` gets ``_seed=1``, whatever other cells the sweep has. That folder holds the executed notebook, the
+result JSON and the heatmaps (the notebook writes those), ``papermill.log`` and a marker: ``_RUNNING.json``
+while it runs, then ``_DONE.json`` after success or ``_FAILED.json`` (the error) after a failure (a crash of
+the runner and a ``run_timeout`` included). Every marker records the resolved settings and their hash.
+
+A cell is finished when its folder has a result JSON and a ``_DONE.json`` whose settings hash equals the
+cell's (a marker of an older version without the hash is compared through its recorded ``params``); a rerun
+skips finished cells and never touches them unless ``force``, which reruns them in place after deleting the
+marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* settings (say ``parameters:``
+changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
+so both results survive. A failure is recorded and the sweep goes on: papermill still writes the executed
+notebook, with the traceback in it. Every file is written atomically (temporary file + ``os.replace``).
 
 With ``jobs > 1`` runs go in parallel, each in its own papermill process; when GPUs are visible each worker
 gets one (``CUDA_VISIBLE_DEVICES``), round robin.
 """
 from __future__ import annotations
 
+import ast
 import concurrent.futures as cf
+import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import html
 import itertools
@@ -35,9 +56,11 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +69,11 @@ import yaml
 from . import results as R
 
 REPO = Path(__file__).resolve().parents[1]
-DONE, FAILED = "_DONE.json", "_FAILED.json"
+DONE, FAILED, RUNNING = "_DONE.json", "_FAILED.json", "_RUNNING.json"
+MARKERS = (DONE, FAILED, RUNNING)
 EXECUTED_SUFFIX = ".executed.ipynb"
-# Parameters that name the model or the place in the tree rather than a variant of a feature run.
-_PLACED = ("model_num", "cs_num", "feature_name", "semantic", "embedded_family", "model_path")
+ALT_PREFIX = "_run-"  # <folder>_run-<hash>: a cell whose natural folder holds another settings' run
+_MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -65,6 +89,7 @@ class SweepConfig:
     notebooks: Path = REPO / "notebooks"
     kernel: str = "python3"
     cell_timeout: int | None = None
+    run_timeout: float | None = None
 
     @property
     def root(self) -> Path:
@@ -76,28 +101,64 @@ def _resolve(path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+@functools.lru_cache(maxsize=1)
+def setting_defaults() -> dict:
+    """The experiment settings (``ExperimentSettings`` fields) and their defaults."""
+    from .experiment import ExperimentSettings
+
+    return {f.name: f.default for f in dataclasses.fields(ExperimentSettings)}
+
+
+def check_keys(config: SweepConfig, source: str | Path | None = None) -> None:
+    """Refuse any key under ``parameters``, ``grid`` or ``cells`` that is not an experiment setting."""
+    allowed = setting_defaults()
+    where = f"{source}: " if source else f"sweep {config.name}: "
+    blocks = [("parameters", config.parameters)] + [("grid", g) for g in config.grids] + \
+             [(f"cells[{i}]", c) for i, c in enumerate(config.cells)]
+    for block, entries in blocks:
+        if not isinstance(entries, dict):
+            raise ValueError(f"{where}{block} must be a mapping of settings, got {entries!r}")
+        for key in entries:
+            if key in allowed:
+                continue
+            if key == "output_dir":
+                why = "the sweep sets output_dir itself, one folder per cell (see output_root)"
+            else:
+                why = f"it is not an experiment setting (allowed: {', '.join(sorted(allowed))})"
+            raise ValueError(
+                f"{where}{block} key {key!r} refused: {why}. Only experiment settings may be swept; they are "
+                f"written into every executed notebook and the summary. A Hugging Face token is never a "
+                f"parameter: set the HF_TOKEN environment variable instead.")
+
+
 def load_config(path: str | Path, output_root: str | Path | None = None) -> SweepConfig:
     """Read a sweep YAML. Relative ``output_root`` / ``notebooks`` are relative to the repository root."""
     path = Path(path)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    unknown = set(raw) - {"name", "grid", "parameters", "cells", "output_root", "notebooks", "kernel", "cell_timeout"}
+    unknown = set(raw) - {"name", "grid", "parameters", "cells", "output_root", "notebooks", "kernel",
+                          "cell_timeout", "run_timeout"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     grid = raw.get("grid") or []
     grids = grid if isinstance(grid, list) else [grid]
     for g in grids:
+        if not isinstance(g, dict):
+            raise ValueError(f"{path}: a grid must be a mapping of lists, got {g!r}")
         for k, v in g.items():
             if not isinstance(v, list):
                 raise ValueError(f"{path}: grid entry {k!r} must be a list, got {v!r}")
     if not grids and not raw.get("cells"):
         raise ValueError(f"{path}: neither a grid nor cells")
-    return SweepConfig(
-        name=str(raw.get("name") or path.stem), grids=grids, parameters=dict(raw.get("parameters") or {}),
+    config = SweepConfig(
+        name=str(raw.get("name") or path.stem), grids=grids, parameters=raw.get("parameters") or {},
         cells=list(raw.get("cells") or []),
         output_root=_resolve(output_root or raw.get("output_root", "outputs"), REPO),
         notebooks=_resolve(raw.get("notebooks", "notebooks"), REPO), kernel=str(raw.get("kernel", "python3")),
-        cell_timeout=raw.get("cell_timeout"))
+        cell_timeout=raw.get("cell_timeout"), run_timeout=raw.get("run_timeout"))
+    check_keys(config, path)
+    config.parameters = dict(config.parameters)
+    return config
 
 
 # --------------------------------------------------------------------------------------------- cells
@@ -105,6 +166,15 @@ def load_config(path: str | Path, output_root: str | Path | None = None) -> Swee
 
 def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(value)).strip("_") or "x"
+
+
+def _canon(value) -> str:
+    """Canonical JSON of a value or a dict of settings (equal runs, equal text)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def params_hash(resolved: dict) -> str:
+    return hashlib.sha256(_canon(resolved).encode()).hexdigest()[:16]
 
 
 def model_label(params: dict) -> str:
@@ -115,10 +185,27 @@ def model_label(params: dict) -> str:
         mp = str(params["model_path"])
         return f"custom-{_slug(Path(mp).name)}-{hashlib.sha256(mp.encode()).hexdigest()[:8]}"
     m = params.get("model_num", "embedded")
-    if str(m).strip().lower() == "embedded":
+    if _is_embedded(params):
         return f"embedded-{_slug(params.get('embedded_family', 'llama'))}"
     label = f"bm{_slug(m)}"
     return label + ("-nonsem" if params.get("semantic", True) is False else "")
+
+
+def _is_embedded(params: dict) -> bool:
+    return str(params.get("model_num", "embedded")).strip().lower() == "embedded"
+
+
+def _in_path(params: dict) -> set[str]:
+    """The settings that :func:`model_label`, ``cs<n>`` and the feature folder already spell out."""
+    keys = {"cs_num", "feature_name"}
+    if params.get("model_path"):
+        return keys | {"model_path"}
+    keys.add("model_num")
+    if _is_embedded(params):
+        keys.add("embedded_family")
+    elif isinstance(params.get("semantic", True), bool):
+        keys.add("semantic")
+    return keys
 
 
 def feature_label(feature_name) -> str:
@@ -130,41 +217,179 @@ def feature_label(feature_name) -> str:
         return _slug(feature_name)
 
 
+def _parameters_cell(path: Path) -> dict:
+    """The literal assignments of a notebook's ``parameters`` cell (``a, b = 1, 2`` included)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    return _parameters_cell_cached(str(path), stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters_cell_cached(path: str, mtime_ns: int) -> dict:
+    try:
+        nb = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code" or "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = cell.get("source", "")
+        try:
+            tree = ast.parse("".join(source) if isinstance(source, list) else source)
+        except SyntaxError:
+            return {}
+        out = {}
+        for node in tree.body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+                continue
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                out[target.id] = value
+            elif (isinstance(target, ast.Tuple) and isinstance(value, tuple) and len(value) == len(target.elts)
+                  and all(isinstance(e, ast.Name) for e in target.elts)):
+                out.update({e.id: v for e, v in zip(target.elts, value)})
+        return out
+    return {}
+
+
+def notebook_defaults(notebooks: Path, feature_name) -> dict:
+    """The settings a run of ``feature_name``'s notebook uses when the sweep passes nothing: the notebook's
+    parameters cell over the ``ExperimentSettings`` defaults (those alone for an unknown feature)."""
+    defaults = dict(setting_defaults())
+    feature = feature_label(feature_name)
+    cell = _parameters_cell(Path(notebooks) / f"{feature}.ipynb")
+    defaults.update({k: v for k, v in cell.items() if k in defaults})
+    defaults["feature_name"] = feature
+    return defaults
+
+
 @dataclass
 class Cell:
-    params: dict  # the notebook parameters of this run (output_dir is added when it runs)
-    varying: tuple[str, ...] = ()  # grid keys besides the placed ones: they name the variant
+    params: dict  # the parameters passed to this run's notebook (output_dir is added when it runs)
+    defaults: dict = field(default_factory=dict)  # the notebook's defaults (see notebook_defaults)
+    common: dict = field(default_factory=dict)  # the sweep's ``parameters``: with defaults, the unnamed baseline
 
     @property
     def feature(self) -> str:
         return feature_label(self.params.get("feature_name"))
 
     @property
+    def resolved(self) -> dict:
+        """Every setting of the run: the notebook's defaults overridden by ``params``, the feature canonical."""
+        return resolve(self.params, self.defaults)
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.resolved)
+
+    @property
+    def variant(self) -> dict:
+        """The settings that differ from the baseline (defaults + ``parameters``) and are not in the path."""
+        resolved = self.resolved
+        base = resolve(self.common, self.defaults)
+        shown = _in_path(resolved)
+        return {k: resolved[k] for k in sorted(resolved)
+                if k not in shown and _canon(resolved[k]) != _canon(base.get(k, _MISSING))}
+
+    @property
     def relpath(self) -> Path:
-        variant = "".join(f"_{k}={_slug(self.params[k])}" for k in self.varying if k in self.params)
-        return Path(model_label(self.params)) / f"cs{_slug(self.params.get('cs_num'))}" / (self.feature + variant)
+        """``<model>/cs<n>/<feature><suffix>``: a function of this cell's settings and the baseline only."""
+        resolved, variant = self.resolved, self.variant
+        parts = [f"{k}={_slug(v)}" for k, v in variant.items()]
+        lossless = all(str(v) == _slug(v) for v in variant.values())
+        suffix = "".join(f"_{p}" for p in parts)
+        if variant and (not lossless or len(suffix) > 60):
+            suffix = f"_h{hashlib.sha256(_canon(variant).encode()).hexdigest()[:10]}"
+        return Path(model_label(resolved)) / f"cs{_slug(resolved.get('cs_num'))}" / (self.feature + suffix)
 
     @property
     def label(self) -> str:
         return str(self.relpath).replace(os.sep, " / ")
 
 
+def resolve(params: dict, defaults: dict) -> dict:
+    resolved = {**defaults, **params}
+    if "feature_name" in resolved:
+        resolved["feature_name"] = feature_label(resolved["feature_name"])
+    return resolved
+
+
 def expand(config: SweepConfig) -> list[Cell]:
-    """Every cell of the sweep, in order, without duplicates."""
-    cells, seen = [], set()
-    varying = tuple(sorted({k for g in config.grids for k, v in g.items() if k not in _PLACED and len(v) > 1}
-                           | {k for c in config.cells for k in c if k not in _PLACED}))
+    """Every cell of the sweep, in order: one per distinct set of resolved settings.
+
+    An exact duplicate (same resolved settings) is run once, with a warning. Two different cells that would
+    share a folder (values that differ only in spelling, e.g. ``cs_num: 1`` and ``"1"``) are an error."""
+    cells, seen, folders = [], {}, {}
     combos = [dict(zip(g, values)) for g in config.grids for values in itertools.product(*g.values())]
     for combo in combos + [dict(c) for c in config.cells]:
-        cell = Cell({**config.parameters, **combo}, varying)
-        if cell.relpath not in seen:
-            seen.add(cell.relpath)
-            cells.append(cell)
+        params = {**config.parameters, **combo}
+        cell = Cell(params, notebook_defaults(config.notebooks, params.get("feature_name")), dict(config.parameters))
+        key = _canon(cell.resolved)
+        if key in seen:
+            warnings.warn(f"sweep {config.name}: cell {cell.label} ({combo}) is listed more than once; it runs "
+                          f"once", stacklevel=2)
+            continue
+        other = folders.get(cell.relpath)
+        if other is not None:
+            raise ValueError(f"sweep {config.name}: cells {other.params} and {cell.params} would share the folder "
+                             f"{cell.relpath}; write their values the same way")
+        seen[key] = cell
+        folders[cell.relpath] = cell
+        cells.append(cell)
     return cells
 
 
-def is_finished(cell_dir: Path) -> bool:
-    return (cell_dir / DONE).is_file() and bool(R.find_results(cell_dir))
+def _read_marker(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else {}
+
+
+def marker_matches(marker: dict | None, cell: Cell) -> bool:
+    """Whether a marker was written for ``cell``'s settings (by hash; an older marker through its params)."""
+    if not marker:
+        return False
+    if "params_hash" in marker:
+        return marker["params_hash"] == cell.params_hash
+    if isinstance(marker.get("params"), dict):  # written before the hash: its params were the explicit ones
+        return params_hash(resolve(marker["params"], cell.defaults)) == cell.params_hash
+    return False
+
+
+def is_finished(cell_dir: Path, cell: Cell | None = None) -> bool:
+    """A result JSON and ``_DONE.json`` in ``cell_dir``; with ``cell``, the marker must be for its settings."""
+    marker = _read_marker(cell_dir / DONE)
+    if marker is None or not R.find_results(cell_dir):
+        return False
+    if marker.get("json") and not (cell_dir / marker["json"]).is_file():
+        return False
+    return cell is None or marker_matches(marker, cell)
+
+
+def folder_for(config: SweepConfig, cell: Cell) -> Path:
+    """Where ``cell`` runs: its own folder, unless a ``_DONE.json`` or ``_RUNNING.json`` there belongs to other
+    settings; then ``<folder>_run-<hash of its settings>``, so neither run overwrites the other."""
+    natural = config.root / cell.relpath
+    for name in (DONE, RUNNING):
+        marker = _read_marker(natural / name)
+        if marker is not None and not marker_matches(marker, cell):
+            return natural.with_name(f"{natural.name}{ALT_PREFIX}{cell.params_hash[:10]}")
+    return natural
+
+
+def _dir_label(config: SweepConfig, d: Path) -> str:
+    try:
+        return " / ".join(d.relative_to(config.root).parts)
+    except ValueError:
+        return str(d)
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -193,23 +418,61 @@ def _notebook_error(nb_path: Path) -> str | None:
 
 
 def _write_marker(cell_dir: Path, name: str, data: dict) -> None:
+    """Write marker ``name`` atomically, then remove the other markers."""
     R.atomic_write_json(cell_dir / name, data)
-    other = cell_dir / (FAILED if name == DONE else DONE)
-    other.unlink(missing_ok=True)
+    for other in MARKERS:
+        if other != name:
+            (cell_dir / other).unlink(missing_ok=True)
 
 
-def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None) -> Outcome:
-    """Execute one cell's notebook with papermill in a subprocess; record the outcome in its folder."""
-    cell_dir = config.root / cell.relpath
+def _record(cell: Cell, cell_dir: Path, config: SweepConfig | None = None) -> dict:
+    return dict(cell=_dir_label(config, cell_dir) if config else cell.label, params=cell.params,
+                resolved=cell.resolved, params_hash=cell.params_hash,
+                started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float = 0.0,
+                   config: SweepConfig | None = None) -> Outcome:
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    _write_marker(cell_dir, FAILED, {**_record(cell, cell_dir, config), "status": "failed", "error": message,
+                                     "duration_s": duration_s})
+    return Outcome(cell, "failed", cell_dir, duration_s, message)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Stop papermill, its kernel (own session) and their children."""
+    procs = []
+    try:
+        import psutil
+
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (OSError, AttributeError):
+        proc.kill()
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    proc.wait()
+
+
+def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cell_dir: Path | None = None) -> Outcome:
+    """Execute one cell's notebook with papermill in a subprocess; record the outcome in its folder.
+
+    ``_DONE.json`` / ``_FAILED.json`` are removed and ``_RUNNING.json`` written before anything runs, so a run
+    killed half way never looks finished."""
+    cell_dir = cell_dir if cell_dir is not None else folder_for(config, cell)
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    record = dict(cell=cell.label, params=cell.params, started_at=started)
+    record = _record(cell, cell_dir, config)
+    _write_marker(cell_dir, RUNNING, {**record, "status": "running", "pid": os.getpid()})
 
     def fail(message: str) -> Outcome:
-        duration = time.perf_counter() - t0
-        _write_marker(cell_dir, FAILED, {**record, "status": "failed", "error": message, "duration_s": duration})
-        return Outcome(cell, "failed", cell_dir, duration, message)
+        return record_failure(cell, cell_dir, message, time.perf_counter() - t0, config)
 
     from .pairs import parse_feature
 
@@ -232,11 +495,23 @@ def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None) -> 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(env_extra or {})
+    timed_out = False
     with open(cell_dir / "papermill.log", "wb") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=config.run_timeout or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_tree(proc)
+        except BaseException:  # KeyboardInterrupt: do not leave papermill and its kernel behind
+            _kill_tree(proc)
+            raise
     if tmp.is_file():
         os.replace(tmp, executed)  # papermill writes the notebook even when a cell raised
     record["notebook"] = executed.name
+    if timed_out:
+        return fail(f"timed out: the run took longer than run_timeout={config.run_timeout} s and was stopped")
     if proc.returncode != 0:
         error = _notebook_error(executed) if executed.is_file() else None
         if error is None:
@@ -268,7 +543,9 @@ def visible_gpus() -> list[str]:
 def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress: bool = True,
               only: str | None = None) -> list[Outcome]:
     """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select."""
+    check_keys(config)
     cells = expand(config)
+    dirs = [folder_for(config, cell) for cell in cells]
     config.root.mkdir(parents=True, exist_ok=True)
     from .plotting import write_plotlyjs
 
@@ -276,11 +553,10 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
     outcomes: dict[int, Outcome] = {}
     todo = []
     for i, cell in enumerate(cells):
-        cell_dir = config.root / cell.relpath
-        if not force and is_finished(cell_dir):
-            outcomes[i] = Outcome(cell, "skipped", cell_dir)
-        elif only is not None and only not in cell.label:
-            outcomes[i] = Outcome(cell, "not run", cell_dir)  # still listed in the index
+        if not force and is_finished(dirs[i], cell):
+            outcomes[i] = Outcome(cell, "skipped", dirs[i])
+        elif only is not None and only not in cell.label and only not in _dir_label(config, dirs[i]):
+            outcomes[i] = Outcome(cell, "not run", dirs[i])  # still listed in the index
         else:
             todo.append(i)
 
@@ -299,9 +575,14 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
                 extra["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
                 extra["OMP_NUM_THREADS"] = str(threads)
-            return run_cell(cells[i], config, extra)
+            return run_cell(cells[i], config, extra, cell_dir=dirs[i])
         except Exception as err:  # a crash of the runner itself is still a recorded failure of this cell
-            return Outcome(cells[i], "failed", config.root / cells[i].relpath, error=f"{type(err).__name__}: {err}")
+            message = f"the sweep runner crashed: {type(err).__name__}: {err}"
+            try:
+                return record_failure(cells[i], dirs[i], message, config=config)
+            except Exception as err2:
+                return Outcome(cells[i], "failed", dirs[i],
+                               error=f"{message} (and _FAILED.json could not be written: {err2})")
         finally:
             slots.put(slot)
 
@@ -331,19 +612,29 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
 
 def _cell_row(config: SweepConfig, out: Outcome) -> dict:
     d = out.dir
-    row = dict(cell=out.cell.label, model=model_label(out.cell.params), cs=out.cell.params.get("cs_num"),
+    row = dict(cell=_dir_label(config, d), model=model_label(out.cell.resolved), cs=out.cell.params.get("cs_num"),
                feature=out.cell.feature, status=out.status, error=out.error, duration_s=round(out.duration_s, 1),
-               dir=str(d.relative_to(config.root)) if d.is_relative_to(config.root) else str(d))
+               dir=str(d.relative_to(config.root)) if d.is_relative_to(config.root) else str(d),
+               params=out.cell.params, params_hash=out.cell.params_hash)
     if out.status == "skipped":
         row["status"] = "done (earlier)"
-    marker = d / FAILED
-    if out.status != "failed" and not is_finished(d):
-        row["status"] = "failed" if marker.is_file() else "not run"
-    if row["status"] == "failed" and row["error"] is None and marker.is_file():
-        row["error"] = json.loads(marker.read_text()).get("error")
+    failed = _read_marker(d / FAILED)
+    if out.status != "failed" and not is_finished(d, out.cell):
+        if failed is not None and marker_matches(failed, out.cell):
+            row["status"] = "failed"
+        elif (d / RUNNING).is_file():
+            row["status"] = "interrupted"  # killed while running (or running now, in another sweep)
+        else:
+            row["status"] = "not run"
+    if row["status"] == "failed" and row["error"] is None and failed is not None:
+        row["error"] = failed.get("error")
     notebooks = sorted(d.glob(f"*{EXECUTED_SUFFIX}"))
     row["notebook"] = str(notebooks[0].relative_to(config.root)) if notebooks else None
-    found = R.find_results(d) if row["status"] in ("ok", "done (earlier)") else []
+    found = []
+    if row["status"] in ("ok", "done (earlier)"):
+        done = _read_marker(d / DONE) or {}
+        named = d / done["json"] if isinstance(done.get("json"), str) else None
+        found = [named] if named is not None and named.is_file() else R.find_results(d)
     row["json"] = row["heatmap"] = row["accuracy"] = None
     row["top_heads"], row["scores"] = [], None
     if found:
@@ -406,7 +697,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
         f"<td>{html.escape((r['error'] or '')[:500])}</td></tr>" for r in rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Sweep {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;
-font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}}</style></head><body>
+font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}} tr.interrupted{{background:#ffe8c0}}</style></head><body>
 <h1>Sweep {html.escape(config.name)}</h1><p>{len(rows)} cells: {n_ok} done, {n_failed} failed. Updated {stamp}.</p>
 {'<p><a href="overview.html">Overview figure</a>: per cell, each head&#39;s mean score at its strongest position.</p>' if fig is not None else ''}
 <table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token: mean, examples)</th><th>notebook</th>

@@ -3,7 +3,8 @@
 
     python scripts/sweep.py                         # params/default.yaml: embedded models, CPU, offline
     python scripts/sweep.py --params params/full.yaml --jobs 4
-    python scripts/sweep.py --force                 # rerun finished cells too
+    python scripts/sweep.py --force                 # rerun finished cells too (in place, same settings)
+    python scripts/sweep.py --list                  # each cell's folder and whether it is finished
 
 Exit status 0 when every cell is done, 1 when any failed (each failure is recorded in its cell's folder and
 in the index page, and the other cells still run).
@@ -16,24 +17,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.sweep import expand, load_config, run_sweep  # noqa: E402
+from helpers.sweep import FAILED, _dir_label, expand, folder_for, is_finished, load_config, run_sweep  # noqa: E402,E501
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/default.yaml", help="sweep YAML (default: %(default)s)")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once (one GPU each when several are visible)")
-    ap.add_argument("--force", action="store_true", help="rerun and overwrite finished cells")
+    ap.add_argument("--force", action="store_true",
+                    help="rerun finished cells too, in their folders (a folder finished with other settings is "
+                         "never overwritten: such a cell runs in <folder>_run-<hash>)")
     ap.add_argument("--only", help="run only cells whose label contains this text, e.g. 'cs2' or 'DEFFIELDNAME'")
     ap.add_argument("--output-root", help="override the YAML's output_root")
-    ap.add_argument("--list", action="store_true", help="print the cells and exit")
+    ap.add_argument("--run-timeout", type=float,
+                    help="seconds a whole cell may run before it is stopped and recorded as failed (overrides the "
+                         "YAML's run_timeout)")
+    ap.add_argument("--list", action="store_true", help="print the cells (folder, state) and exit")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     config = load_config(args.params, output_root=args.output_root)
+    if args.run_timeout is not None:
+        config.run_timeout = args.run_timeout
     if args.list:
         for cell in expand(config):
-            print(cell.label)
+            folder = folder_for(config, cell)
+            state = "done" if is_finished(folder, cell) else "failed" if (folder / FAILED).is_file() else "to run"
+            print(f"{_dir_label(config, folder)}  [{state}]")
         return 0
     outcomes = run_sweep(config, jobs=args.jobs, force=args.force, progress=not args.no_progress, only=args.only)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}

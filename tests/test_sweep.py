@@ -1,6 +1,11 @@
 """The sweep end to end: a 2-cell grid (one good cell, one whose model_path is bad) plus an unknown feature,
 run twice: failures are recorded while the good cell succeeds, the second run skips the finished cell and
-leaves its files alone, the index pages list every cell, and a planted HF_TOKEN never reaches the outputs."""
+leaves its files alone, the index pages list every cell, and a planted HF_TOKEN never reaches the outputs.
+
+Then the reviewed resume bugs, each with a test that failed before the fix, mostly against a stand-in for the
+papermill subprocess (fast): changed settings are never served from (nor written over) a finished cell,
+grids that differ in one value are not merged, folder names do not depend on the other cells, a ``--force``
+rerun drops ``_DONE.json`` first, runner crashes and timeouts are recorded, and non-setting keys are refused."""
 from __future__ import annotations
 
 import json
@@ -123,7 +128,7 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
                            output_root=tmp_path)
     barrier, lock, seen = threading.Barrier(2, timeout=20), threading.Lock(), []
 
-    def fake_run_cell(cell, config, env_extra=None):
+    def fake_run_cell(cell, config, env_extra=None, cell_dir=None):
         with lock:
             first_two = len(seen) < 2
             seen.append(env_extra["CUDA_VISIBLE_DEVICES"])
@@ -136,20 +141,241 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
     assert len(seen) == 4 and sorted(seen[:2]) == ["3", "5"]  # the concurrent pair: different GPUs
 
 
+def _finish(config, cell, d=None, **marker):
+    """Leave ``cell`` finished as run_cell would: a result JSON and a ``_DONE.json`` for its settings."""
+    d = d or config.root / cell.relpath
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "activation_patching_x.json").write_text("{}")
+    (d / S.DONE).write_text(json.dumps({"params_hash": cell.params_hash, **marker}))
+    return d
+
+
 def test_force_reruns_finished_cells_and_only_selects(tmp_path, monkeypatch):
     config = S.SweepConfig(name="f", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME"]}], output_root=tmp_path)
     cells = S.expand(config)
     for cell in cells:  # both cells finished earlier
-        d = config.root / cell.relpath
-        d.mkdir(parents=True)
-        (d / "activation_patching_x.json").write_text("{}")
-        (d / S.DONE).write_text("{}")
+        _finish(config, cell)
     ran = []
-    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None: ran.append(cell.label) or
-                        S.Outcome(cell, "ok", config.root / cell.relpath))
+    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None: ran.append(cell.label) or
+                        S.Outcome(cell, "ok", cell_dir))
     monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
     assert [o.status for o in S.run_sweep(config, progress=False)] == ["skipped", "skipped"] and ran == []
     S.run_sweep(config, force=True, progress=False, only="cs2")
     assert ran == [cells[1].label]
     S.run_sweep(config, force=True, progress=False)
     assert ran == [cells[1].label] + [c.label for c in cells]
+
+
+# ------------------------------------------------------------------ the reviewed bugs (each failed before)
+
+
+class FakePapermill:
+    """Stands in for the papermill subprocess (``subprocess.Popen``): writes the executed notebook and a result
+    JSON holding the parameters it got, and notes what the cell's folder looked like while it "ran"."""
+
+    runs: list = []
+
+    def __init__(self, cmd, stdout=None, stderr=None, env=None, cwd=None, start_new_session=False, **kw):
+        params = yaml.safe_load(cmd[cmd.index("-y") + 1])
+        out = Path(params["output_dir"])
+        self.args, self.pid, self.returncode = cmd, None, 0
+        FakePapermill.runs.append(dict(params=params, dir=out, markers=sorted(p.name for p in out.glob("_*.json"))))
+        Path(cmd[4]).write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+        (out / f"activation_patching_b{params.get('batch_size')}.json").write_text(json.dumps(params))
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    # What subprocess.run needs of it as well.
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def communicate(self, input=None, timeout=None):
+        return None, None
+
+    def poll(self):
+        return self.returncode
+
+
+@pytest.fixture
+def fake_papermill(monkeypatch):
+    FakePapermill.runs = []
+    monkeypatch.setattr(S.subprocess, "Popen", FakePapermill)
+    monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
+    return FakePapermill
+
+
+def _one_cell(tmp_path, **parameters):
+    return S.SweepConfig(name="b", grids=[{"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}],
+                         parameters=parameters, output_root=tmp_path)
+
+
+def _snapshot(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_changed_parameters_are_not_served_from_a_finished_cell(tmp_path, fake_papermill):
+    """Bug 1: batch_size 4 -> 64 under ``parameters:`` used to skip the cell finished with 4."""
+    first = S.run_sweep(_one_cell(tmp_path, batch_size=4), progress=False)[0]
+    assert first.status == "ok" and first.dir == tmp_path / "b" / "embedded-llama" / "cs1" / "DEFTABLENAME"
+    kept = _snapshot(first.dir)
+    second = S.run_sweep(_one_cell(tmp_path, batch_size=64), progress=False)[0]
+    assert second.status == "ok", "a cell finished with other settings was served as finished"
+    done = json.loads((first.dir / S.DONE).read_text())
+    assert done["params_hash"] == first.cell.params_hash and done["resolved"]["batch_size"] == 4
+    assert second.dir != first.dir and second.dir.name.startswith("DEFTABLENAME" + S.ALT_PREFIX)
+    assert FakePapermill.runs[-1]["params"]["batch_size"] == 64
+    assert _snapshot(first.dir) == kept  # the batch_size=4 result survives untouched
+    # Both are resumable: each settings' run is found again and skipped.
+    assert S.run_sweep(_one_cell(tmp_path, batch_size=64), progress=False)[0].status == "skipped"
+    again = S.run_sweep(_one_cell(tmp_path, batch_size=4), progress=False)[0]
+    assert again.status == "skipped" and again.dir == first.dir and len(FakePapermill.runs) == 2
+
+
+def test_marker_without_hash_is_compared_by_its_params(tmp_path, fake_papermill):
+    """A ``_DONE.json`` written before the hash (params only, as in outputs/default) still resumes when its
+    settings match, and is not taken for a run of other settings."""
+    config = _one_cell(tmp_path, batch_size=4, seed=0)
+    cell = S.expand(config)[0]
+    d = config.root / cell.relpath
+    d.mkdir(parents=True)
+    (d / "activation_patching_x.json").write_text("{}")
+    (d / S.DONE).write_text(json.dumps({"params": dict(cell.params), "status": "ok"}))
+    assert S.run_sweep(config, progress=False)[0].status == "skipped"
+    changed = _one_cell(tmp_path, batch_size=64, seed=7)
+    assert not S.is_finished(d, S.expand(changed)[0])
+    out = S.run_sweep(changed, progress=False)[0]
+    assert out.status == "ok" and out.dir != d and (d / "activation_patching_x.json").read_text() == "{}"
+    # A marker that records no settings at all proves nothing: not finished for any cell.
+    (d / S.DONE).write_text("{}")
+    assert S.is_finished(d) and not S.is_finished(d, cell)
+
+
+def test_grids_differing_in_a_single_value_are_all_run(tmp_path):
+    """Bug 2: two grids that differ only by ``seed: [0]`` / ``seed: [1]`` used to collapse into one cell."""
+    base = {"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}
+    config = S.SweepConfig(name="t", grids=[{**base, "seed": [0]}, {**base, "seed": [1]}], output_root=tmp_path)
+    cells = S.expand(config)
+    assert [c.params["seed"] for c in cells] == [0, 1]
+    assert [str(c.relpath) for c in cells] == [str(Path("embedded-llama", "cs1", "DEFTABLENAME")),
+                                               str(Path("embedded-llama", "cs1", "DEFTABLENAME_seed=1"))]
+    batch = S.SweepConfig(name="t", grids=[{**base, "batch_size": [4]}, {**base, "batch_size": [8]}],
+                          output_root=tmp_path)
+    assert len({c.relpath for c in S.expand(batch)}) == 2
+
+
+def test_exact_duplicates_run_once_with_a_warning(tmp_path):
+    base = {"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}
+    config = S.SweepConfig(name="t", grids=[base], output_root=tmp_path,
+                           cells=[{"cs_num": 1, "feature_name": "DefTableName", "seed": 0}])  # seed 0: the default
+    with pytest.warns(UserWarning, match="more than once"):
+        cells = S.expand(config)
+    assert len(cells) == 1
+
+
+def test_folder_names_do_not_depend_on_other_cells():
+    """Bug 3: one ``cells:`` entry with a seed used to rename every grid folder (``..._seed=0``)."""
+    config = S.load_config(REPO / "params" / "default.yaml")
+    before = [c.relpath for c in S.expand(config)]
+    config.cells = [dict(model_num="embedded", cs_num=1, feature_name="DEFTABLENAME", seed=1)]
+    after = [c.relpath for c in S.expand(config)]
+    assert after[:-1] == before
+    assert after[-1] == Path("embedded-llama", "cs1", "DEFTABLENAME_seed=1")
+    # A grid over a setting: the value of ``parameters`` keeps the plain name, the others get a suffix.
+    config.cells = []
+    config.grids = [{"cs_num": [1], "feature_name": ["DEFTABLENAME"], "dtype": ["float32", "bfloat16"]}]
+    assert [c.relpath.name for c in S.expand(config)] == ["DEFTABLENAME", "DEFTABLENAME_dtype=bfloat16"]
+
+
+def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, monkeypatch):
+    """Bug 4: a ``--force`` rerun left ``_DONE.json`` in place, so a rerun killed half way looked finished."""
+    config = _one_cell(tmp_path, batch_size=4)
+    first = S.run_sweep(config, progress=False)[0]
+    S.run_sweep(config, force=True, progress=False)
+    assert "_DONE.json" not in FakePapermill.runs[-1]["markers"]  # gone while the rerun runs
+    assert FakePapermill.runs[-1]["markers"] == [S.RUNNING]
+    assert sorted(p.name for p in first.dir.glob("_*.json")) == [S.DONE]
+
+    class Kill(BaseException):  # a signal that stops the sweep half way (as KeyboardInterrupt would)
+        pass
+
+    class Killed(FakePapermill):
+        def wait(self, timeout=None):
+            raise Kill
+
+    monkeypatch.setattr(S.subprocess, "Popen", Killed)
+    monkeypatch.setattr(S, "_kill_tree", lambda proc: None)
+    with pytest.raises(Kill):
+        S.run_cell(first.cell, config, cell_dir=first.dir)
+    assert not S.is_finished(first.dir, first.cell) and (first.dir / S.RUNNING).is_file()
+    assert not any(p.name.endswith(".tmp") for p in first.dir.iterdir() if p.name.startswith("_"))
+    monkeypatch.setattr(S.subprocess, "Popen", FakePapermill)
+    assert S.run_sweep(config, progress=False)[0].status == "ok"  # so the next sweep runs it again
+    assert not (first.dir / S.RUNNING).exists()
+
+
+def test_runner_crash_is_recorded(tmp_path, fake_papermill, monkeypatch):
+    """Bug 5: an exception in the runner itself (here: papermill cannot start) wrote no marker."""
+    def broken(*args, **kwargs):
+        raise OSError("cannot start papermill")
+
+    monkeypatch.setattr(S.subprocess, "Popen", broken)
+    out = S.run_sweep(_one_cell(tmp_path), progress=False)[0]
+    assert out.status == "failed" and "cannot start papermill" in out.error
+    failed = json.loads((out.dir / S.FAILED).read_text())
+    assert "cannot start papermill" in failed["error"] and failed["params_hash"] == out.cell.params_hash
+    assert sorted(p.name for p in out.dir.glob("_*.json")) == [S.FAILED]
+
+
+def _notebook(path: Path, code: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('model_num, cs_num, feature_name = "embedded", 1, "DEFTABLENAME"\n'
+                                       'batch_size, seed = 5, 0\noutput_dir = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def test_run_timeout_stops_the_run_and_records_a_failure(tmp_path):
+    """Bug 5: a hung run is stopped after ``run_timeout`` seconds and recorded as failed (a real papermill
+    run of a notebook that sleeps)."""
+    _notebook(tmp_path / "nb" / "DEFTABLENAME.ipynb", "import time\ntime.sleep(120)")
+    config = S.SweepConfig(name="slow", grids=[{"cs_num": [1], "feature_name": ["DEFTABLENAME"]}],
+                           output_root=tmp_path, notebooks=tmp_path / "nb", run_timeout=6)
+    t0 = __import__("time").monotonic()
+    out = S.run_sweep(config, progress=False)[0]
+    assert __import__("time").monotonic() - t0 < 60
+    assert out.status == "failed" and "timed out" in out.error
+    assert "timed out" in json.loads((out.dir / S.FAILED).read_text())["error"]
+    assert not (out.dir / S.RUNNING).exists() and not S.is_finished(out.dir, out.cell)
+
+
+def test_notebook_defaults_come_from_the_parameters_cell(tmp_path):
+    _notebook(tmp_path / "DEFTABLENAME.ipynb", "pass")
+    d = S.notebook_defaults(tmp_path, "DefTableName")
+    assert d["batch_size"] == 5 and d["feature_name"] == "DEFTABLENAME" and "output_dir" not in d
+    assert set(d) == set(S.setting_defaults())
+
+
+@pytest.mark.parametrize("block", ["parameters", "grid", "cells"])
+@pytest.mark.parametrize("key", ["hf_token", "output_dir", "batchsize"])
+def test_config_refuses_keys_that_are_not_settings(tmp_path, block, key):
+    """Bug 6: any key under ``parameters:`` (a token, say) was passed to every notebook and the summary."""
+    spec = {"name": "t", "grid": {"cs_num": [1], "feature_name": ["DEFTABLENAME"]}}
+    if block == "parameters":
+        spec["parameters"] = {key: "hf_not-a-real-token"}
+    elif block == "grid":
+        spec["grid"][key] = ["hf_not-a-real-token"]
+    else:
+        spec["cells"] = [{"feature_name": "DEFTABLENAME", key: "hf_not-a-real-token"}]
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=rf"{key}.*HF_TOKEN"):
+        S.load_config(path)
