@@ -14,7 +14,7 @@ import math
 import torch
 
 from helpers.architectures import head_geometry, out_proj_modules
-from helpers.patching import _Calls, _clean_and_corrupt, _progress, _site, unwrap_model
+from helpers.patching import _Calls, _clean_and_corrupt, _eval_mode, _progress, _site, unwrap_model
 from helpers.patching_results import (
     DEFAULT_MIN_DENOMINATOR,
     HeadPatchingResult,
@@ -69,25 +69,22 @@ def attribution_patching_heads(model, pairs, *, keep_incorrect: bool = False,
     forward with grad, one backward (``torch.autograd.grad``, parameter ``.grad`` untouched).
     """
     model = unwrap_model(model)
+    with _eval_mode(model):  # dropout off for every forward, the clean/corrupt metrics included
+        return _attribution_patching_heads(model, list(pairs), keep_incorrect, min_denominator, progress)
+
+
+def _attribution_patching_heads(model, pairs, keep_incorrect, min_denominator, progress) -> HeadPatchingResult:
     calls = _Calls.of(model)
     site = _site(model, "heads")
-    pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
     pre = [_clean_and_corrupt(model, calls, site, p) for p in pairs]
     included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
     geo = head_geometry(model.config)
     lengths = [len(p.clean_ids) for p in pairs]
     patched = torch.full((len(pairs), geo.n_layers, geo.n_heads, max(lengths, default=0)), float("nan"))
-    was_training = model.training
-    model.eval()
-    try:
-        for i in _progress(range(len(pairs)), progress, "attribution"):
-            if not included[i]:
-                continue
-            effect = _attribute_example(model, calls, pairs[i], pre[i][3])
-            patched[i, :, :, : lengths[i]] = pre[i][1] + effect
-    finally:
-        model.train(was_training)
+    for i in _progress(range(len(pairs)), progress, "attribution"):
+        if included[i]:
+            patched[i, :, :, : lengths[i]] = pre[i][1] + _attribute_example(model, calls, pairs[i], pre[i][3])
     return build_result(HeadPatchingResult, "attribution_heads", ("example", "layer", "head", "pos"), patched,
                         [p[0] for p in pre], [p[1] for p in pre], [p[2] for p in pre], included, lengths, firsts,
                         min_denominator, {"forwards": 2 * len(pairs), "backwards": int(included.sum())})

@@ -369,3 +369,19 @@ def test_model_is_left_as_found_even_after_an_error():
     assert model.get_output_embeddings().__dict__.get("forward") is own_forward  # the two-row head is undone
     with torch.no_grad():
         assert model(torch.tensor([pairs[0].clean_ids])).logits.shape[-1] == 256
+
+
+def test_attribution_switches_dropout_off_for_every_forward():
+    """A model handed over in train mode must give the same (deterministic) metrics twice."""
+    from helpers.attribution import attribution_patching_heads
+    from helpers.tiny_models import build_random_model, tiny_config
+
+    config = tiny_config("gpt_neo")
+    config.attention_dropout = config.resid_dropout = config.embed_dropout = 0.5
+    model = build_random_model(config, seed=3).train()
+    pairs = make_pairs(seed=1)
+    a = attribution_patching_heads(model, pairs, keep_incorrect=True, progress=False)
+    b = attribution_patching_heads(model, pairs, keep_incorrect=True, progress=False)
+    torch.testing.assert_close(a.clean_logit_diff, b.clean_logit_diff)
+    torch.testing.assert_close(a.patched_logit_diff, b.patched_logit_diff, equal_nan=True)
+    assert model.training  # restored
