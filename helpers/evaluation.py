@@ -162,11 +162,18 @@ def _tokenizer_key(tokenizer) -> int:
     return hash(backend.to_str()) if backend is not None else id(tokenizer)
 
 
+PAIRS_PER_BATCH = 10  # the pairs of one make_pairs batch share a skeleton: many small batches cover many
+
+
 def cached_pairs(feature: Feature, tokenizer, cs: int, setting: str, n: int, seed: int = PAIR_SEED):
+    """``n`` pairs drawn as batches of ``PAIRS_PER_BATCH`` with distinct seeds (templates, schemas, types)."""
     key = (feature, _tokenizer_key(tokenizer), cs, setting, n, seed)
     if key not in _PAIR_CACHE:
-        _PAIR_CACHE[key] = make_pairs(feature, tokenizer, cs_num=cs, batch_size=n, seed=seed,
-                                      **flag_kwargs(feature, setting))
+        _PAIR_CACHE[key] = [
+            pair for b, start in enumerate(range(0, n, PAIRS_PER_BATCH))
+            for pair in make_pairs(feature, tokenizer, cs_num=cs, batch_size=min(PAIRS_PER_BATCH, n - start),
+                                   seed=seed * 1000 + b, **flag_kwargs(feature, setting))
+        ]
     return _PAIR_CACHE[key]
 
 
