@@ -103,6 +103,18 @@ class LayerPatchingResult(PatchingResult):
     """``patched_logit_diff`` / ``normalised``: [example, layer, pos] (residual, attention or MLP output)."""
 
 
+@dataclass
+class TokenPair:
+    """The minimal pair the kernels read (helpers.pairs.CleanCorruptPair has these fields and more)."""
+
+    clean_ids: list  # [pos]
+    corrupt_ids: list  # [pos], equal length, differs from clean_ids at corrupted_position only
+    corrupted_position: int
+    answer_position: int  # whose logits predict the answer token
+    clean_token_id: int
+    corrupt_token_id: int
+
+
 def validate_pair(pair, index: int) -> int:
     """Check a pair's invariants; return the first index where clean and corrupt ids differ (len if none)."""
     clean, corrupt = list(pair.clean_ids), list(pair.corrupt_ids)

@@ -23,7 +23,6 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +34,7 @@ from helpers.architectures import blocks, head_geometry  # noqa: E402
 from helpers.attribution import attribution_error, attribution_patching_heads  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
 from helpers.patching_reference import patch_heads_reference  # noqa: E402
+from helpers.patching_results import TokenPair  # noqa: E402
 from helpers.tiny_models import build_random_model, tiny_config  # noqa: E402
 
 
@@ -59,14 +59,7 @@ def quick_configs():
     return {f"tiny {f}": tiny_config(f, vocab_size=512, n_layers=4) for f in ("gpt_neo", "qwen2", "llama")}
 
 
-@dataclass
-class Pair:
-    clean_ids: list
-    corrupt_ids: list
-    corrupted_position: int
-    answer_position: int
-    clean_token_id: int
-    corrupt_token_id: int
+Pair = TokenPair
 
 
 def make_pair(gen, vocab: int, length: int, corrupted: int) -> Pair:

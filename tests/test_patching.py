@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from helpers.patching import (
     unwrap_model,
 )
 from helpers.patching_reference import patch_heads_reference, patch_sites_reference
+from helpers.patching_results import TokenPair
 from helpers.tiny_models import TINY_FAMILIES, build_random_model, tiny_config, tiny_model
 
 torch.set_num_threads(1)  # tiny ops: thread wake-ups cost more than the arithmetic (and CI shares cores)
@@ -28,14 +28,7 @@ ATOL = 1e-5
 KERNELS = {"residual": patch_residual, "attention_output": patch_attention_output, "mlp_output": patch_mlp_output}
 
 
-@dataclass
-class Pair:
-    clean_ids: list
-    corrupt_ids: list
-    corrupted_position: int
-    answer_position: int
-    clean_token_id: int
-    corrupt_token_id: int
+Pair = TokenPair
 
 
 def make_pair(gen: torch.Generator, length: int, corrupted: int, vocab: int = 256, clean_tok=None, corrupt_tok=None):
