@@ -10,7 +10,7 @@ It patches *every* position, including those before the corruption, so it also c
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 
