@@ -196,6 +196,6 @@ def save_figure(fig: go.Figure, base: str | Path, png: bool = True) -> dict[str,
             out["png"] = atomic_write_bytes(base.with_name(base.name + ".png"), fig.to_image(format="png", scale=1))
         except Exception as err:  # kaleido missing, or no Chrome for kaleido 1.x
             _png_unavailable = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-            print(f"PNG export skipped (HTML written): {_png_unavailable.rstrip('.')}. Kaleido 1.x needs Chrome; install it "
-                  "with `plotly_get_chrome` (needs internet) to get PNGs.")
+            print(f"PNG export skipped (HTML written): {_png_unavailable.rstrip('.')}. Kaleido 1.x needs Chrome or "
+                  "Chromium: `apt-get install chromium` or `plotly_get_chrome` gives PNGs.")
     return out

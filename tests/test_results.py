@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -116,6 +117,12 @@ def test_plot_saved_and_figures(saved, exp):
 def test_png_written_or_skipped_with_a_message(saved, capsys):
     # Kaleido 1.x needs Chrome; where it is missing the save goes on without a PNG and says why once.
     assert "png" in saved or plotting._png_unavailable
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "google-chrome", "chrome")),
+                    reason="no Chrome/Chromium for kaleido (.ci/run installs Debian's chromium)")
+def test_png_is_a_real_image_where_chromium_exists(saved):
+    assert saved["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_top_heads_table(exp):
