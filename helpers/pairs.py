@@ -166,6 +166,12 @@ def _base_item(feature: Feature, cs: int, rng: random.Random, opts: PairOptions,
         mentioned = {s.field for s in item.select} | {f for f, _ in item.order_by}
         if feature is Feature.ENGFIELDNAME and not set(item.schema.field_names) - mentioned:
             continue  # no field the Instruction leaves unmentioned, to swap in
+        if feature is Feature.DEFFIELDNAME:
+            # Only columns the Instruction asks for (as upstream's two-column tables): after the rename, the
+            # renamed column is then the one column no Instruction word matches, and the corrupt answer is
+            # well defined. With other unmentioned columns it could be any of them.
+            schema = TableSchema(item.table, tuple(c for c in item.schema.columns if c.name in mentioned))
+            item = replace(item, tables=tuple(schema if t.name == item.table else t for t in item.tables))
         return item
     raise PairConstructionError(f"could not draw a base item for {feature.value} in CS{cs}")
 

@@ -170,3 +170,11 @@ def test_engtablename_distractor_can_answer_the_corrupt_request(project_tokenize
     for p in make_pairs(Feature.ENGTABLENAME, project_tokenizer, cs_num=2, batch_size=20, seed=4):
         distractor = next(t for t in p.clean_item.tables if t.name == p.corrupt_answer)
         assert {s.field for s in p.clean_item.select} <= set(distractor.field_names)
+
+
+def test_deffieldname_renames_the_one_column_no_instruction_word_matches(project_tokenizer):
+    for p in make_pairs("DEFFIELDNAME", project_tokenizer, cs_num=2, batch_size=20, seed=6, use_synonyms_field=True):
+        mentioned = {s.field for s in p.clean_item.select} | {f for f, _ in p.clean_item.order_by}
+        assert set(p.clean_item.schema.field_names) == mentioned
+        unmatched = set(p.corrupt_item.schema.field_names) - mentioned
+        assert unmatched == {p.corrupt_answer}
