@@ -88,3 +88,22 @@ def test_shipped_data_recipe_is_the_default(embedded):
     family, cs, folder, _, _ = embedded
     meta = json.loads((folder / "training_meta.json").read_text())
     assert meta["train_config"]["generator"] == recipe_generator(family, cs)
+    assert meta["train_config"].get("init_from") is None  # stage 1 starts from random weights
+
+
+def test_fine_tune_stage_is_documented(embedded):
+    """A shipped model fine-tuned after `make train` records that run, as helpers.training.RECIPE_FINE_TUNE says."""
+    import json
+
+    from helpers.training import RECIPE_FINE_TUNE
+
+    family, cs, folder, _, _ = embedded
+    meta = json.loads((folder / "training_meta.json").read_text())
+    want = RECIPE_FINE_TUNE.get((family, cs))
+    assert ("fine_tune" in meta) == (want is not None)
+    if want is None:
+        return
+    cfg = meta["fine_tune"]["train_config"]
+    assert cfg["init_from"] == f"helpers/embedded_models/{family}-cs{cs}"
+    assert (cfg["family"], cfg["cs"]) == (family, cs)
+    assert {k: cfg[k] for k in want} == want
