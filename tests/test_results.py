@@ -122,6 +122,7 @@ def test_png_written_or_skipped_with_a_message(saved, capsys):
 @pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "google-chrome", "chrome")),
                     reason="no Chrome/Chromium for kaleido (.ci/run installs Debian's chromium)")
 def test_png_is_a_real_image_where_chromium_exists(saved):
+    assert "png" in saved, plotting._png_unavailable
     assert saved["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
