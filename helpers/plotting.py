@@ -193,7 +193,7 @@ def save_figure(fig: go.Figure, base: str | Path, png: bool = True) -> dict[str,
                                                            full_html=True))}
     if png and _png_unavailable is None:
         try:
-            out["png"] = atomic_write_bytes(base.with_name(base.name + ".png"), fig.to_image(format="png", scale=1))
+            out["png"] = atomic_write_bytes(base.with_name(base.name + ".png"), fig.to_image(format="png", scale=1, width=fig.layout.width or 1400))
         except Exception as err:  # kaleido missing, or no Chrome for kaleido 1.x
             _png_unavailable = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
             print(f"PNG export skipped (HTML written): {_png_unavailable.rstrip('.')}. Kaleido 1.x needs Chrome or "
