@@ -121,10 +121,6 @@ class PairOptions:
 # ---------------------------------------------------------------------------------------------- words
 
 
-def _single_token_words(tokenizer, words) -> list[str]:
-    return [w for w in words if single_token_id(tokenizer, w) is not None]
-
-
 def _usable_names(tokenizer, names: dict, with_synonyms: bool) -> tuple[str, ...]:
     """Names that are one token, and (when synonyms are used) whose synonyms are one token each too.
 
@@ -188,13 +184,10 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
         if opts.use_novel_names:
             corrupt_answer = rng.choice([w for w in V.NOVEL_TABLES if w not in prompt_words])
             corrupt_word = corrupt_answer
-        elif distractors:
-            corrupt_answer = distractors[0]
+        else:  # the distractor table if there is one, so the Context can answer the corrupt request
+            corrupt_answer = distractors[0] if distractors else rng.choice([t for t in tables if t not in prompt_words])
             corrupt_word = _word_for(corrupt_answer, V.TABLES, opts.use_synonyms_table, rng)
-        else:
-            corrupt_answer = rng.choice([t for t in tables if t not in prompt_words])
-            corrupt_word = _word_for(corrupt_answer, V.TABLES, opts.use_synonyms_table, rng)
-        corrupt = _with_table_word(item, corrupt_word)
+        corrupt = item.with_english_word(item.table, corrupt_word)
         return corrupt, clean_word, corrupt_word, clean_answer, corrupt_answer
 
     if feature is Feature.ENGFIELDNAME:
@@ -207,7 +200,7 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
         else:  # another field of the same table, so the Context can answer the corrupt request
             corrupt_answer = rng.choice(unmentioned)
             corrupt_word = _word_for(corrupt_answer, V.FIELDS, opts.use_synonyms_field, rng)
-        corrupt = _with_field_word(item, clean_answer, corrupt_word)
+        corrupt = item.with_english_word(clean_answer, corrupt_word)
         return corrupt, clean_word, corrupt_word, clean_answer, corrupt_answer
 
     if feature is Feature.DEFTABLENAME:
@@ -230,14 +223,6 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
     english = {**words, corrupt_answer: words[clean_answer]}
     corrupt = replace(item, tables=tables_, select=select, english_words=english)
     return corrupt, clean_answer, corrupt_answer, clean_answer, corrupt_answer
-
-
-def _with_table_word(item: SqlItem, word: str) -> SqlItem:
-    return replace(item, english_words={**item.english_words, item.table: word})
-
-
-def _with_field_word(item: SqlItem, field: str, word: str) -> SqlItem:
-    return replace(item, english_words={**item.english_words, field: word})
 
 
 def build_pair(feature: Feature | str, clean: SqlItem, corrupt: SqlItem, tokenizer, *, clean_word: str,
@@ -306,8 +291,8 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
             f"({len(tables)} tables, {len(fields)} fields) to build {feature.value} pairs")
     if use_novel_names:
         novel = V.NOVEL_TABLES if feature.is_table else V.NOVEL_FIELDS
-        if len(_single_token_words(tokenizer, novel)) < len(novel):
-            bad = [w for w in novel if single_token_id(tokenizer, w) is None]
+        bad = [w for w in novel if single_token_id(tokenizer, w) is None]
+        if bad:
             raise NotSingleTokenError(f"novel words {bad} are not single tokens for {tokenizer_name(tokenizer)!r}")
 
     rng = random.Random(f"pairs-{feature.value}-cs{cs}-{seed}-{opts}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import vocabulary as V
 
@@ -89,13 +89,7 @@ class SqlItem:
 
     def with_english_word(self, name: str, word: str) -> "SqlItem":
         """The same item whose Instruction says ``word`` for ``name`` (the SQL is unchanged)."""
-        return _replace(self, english_words={**self.english_words, name: word})
-
-
-def _replace(item: SqlItem, **changes) -> SqlItem:
-    from dataclasses import replace
-
-    return replace(item, **changes)
+        return replace(self, english_words={**self.english_words, name: word})
 
 
 def format_prompt(english: str, context: str) -> str:
