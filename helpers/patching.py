@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.architectures import blocks, family_spec, get_submodule, head_geometry, out_proj_modules
+from helpers.fused_modules import fused_modules
 from helpers.patching_results import (
     DEFAULT_MIN_DENOMINATOR,
     HeadPatchingResult,
@@ -526,16 +527,23 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
 
 def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
                 min_denominator: float = DEFAULT_MIN_DENOMINATOR, chunk_size: int | None = None,
-                bucket_size: int | None = None, progress: bool = True) -> PatchingResult:
-    """The shared driver of every kernel; ``kind`` is one of ``SITES``. See the module docstring."""
+                bucket_size: int | None = None, progress: bool = True, fused: bool = True,
+                compile: bool | None = None) -> PatchingResult:
+    """The shared driver of every kernel; ``kind`` is one of ``SITES``. See the module docstring.
+
+    ``fused``: run llama-like models with helpers.fused_modules' same-formula swap-ins (fewer kernels);
+    ``compile``: torch.compile those (None: on CUDA only).
+    """
     model = unwrap_model(model)
     calls = _Calls.of(model)
     site = _site(model, kind)
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
-    with _eval_mode(model):
-        return _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator,
-                            chunk_size, bucket_size, progress)
+    with _eval_mode(model), (fused_modules(model, compile=compile) if fused else nullcontext()) as swapped:
+        result = _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator,
+                              chunk_size, bucket_size, progress)
+    result.stats["fused"] = list(swapped or [])
+    return result
 
 
 @contextmanager
@@ -583,15 +591,17 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
 
 def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: float = DEFAULT_MIN_DENOMINATOR,
                 chunk_size: int | None = None, bucket_size: int | None = None,
-                progress: bool = True) -> HeadPatchingResult:
+                progress: bool = True, fused: bool = True, compile: bool | None = None) -> HeadPatchingResult:
     """Patch each head's z (out_proj input slice) at each position, clean into corrupt.
 
     Returns a HeadPatchingResult with ``normalised`` / ``patched_logit_diff`` of shape [example, layer, head, pos]
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
     memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None = about 8 buckets).
+    ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (compiled on CUDA by default).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,
-                       chunk_size=chunk_size, bucket_size=bucket_size, progress=progress)
+                       chunk_size=chunk_size, bucket_size=bucket_size, progress=progress, fused=fused,
+                       compile=compile)
 
 
 def patch_residual(model, pairs, **kwargs) -> LayerPatchingResult:

@@ -9,7 +9,7 @@ first clean/corrupt difference is at position 10. For each shape and dtype (fp32
   the subset (max abs difference of raw logit differences);
 - peak GPU memory, forwards, and achieved TFLOP/s (2 x block parameters x token-layers actually processed, plus
   attention score/value products; the lm_head is restricted to two rows and not counted);
-- 10 examples vs 1 (bf16 by default), a bucket-size sweep and sdpa attention (bf16).
+- 10 examples vs 1 (bf16 by default), a bucket-size sweep, sdpa attention, and the unfused HF modules (bf16).
 
 Usage: python scripts/bench.py [--quick] [--out results.md]. ``--quick`` uses tiny shapes (CPU check).
 """
@@ -194,8 +194,8 @@ def main(argv=None):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            # fast path: warm-up on a short example, then the full sweep
-            patch_heads(model, [warm], keep_incorrect=True, progress=False)
+            # fast path: warm-up (compiles the fused swap-ins on CUDA: every shape of the timed sweep), then timed
+            t_warm, _ = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False), device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             reps = args.reps if dname == "bf16" or args.quick else 1
@@ -233,6 +233,15 @@ def main(argv=None):
                 extra.append(f"| {name} | {dname} | eager | {len(many)} examples (T {min(len(p.clean_ids) for p in many)}–"
                              f"{max(len(p.clean_ids) for p in many)}) | auto | {t_many:.3f} | "
                              f"{t_many / len(many):.3f} | {res.stats.get('forwards')} |")
+                print(extra[-1], flush=True)
+            if dname == "bf16" and model.config.model_type != "gpt_neo":
+                patch_heads(model, [warm], keep_incorrect=True, progress=False, fused=False)
+                t_u, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False,
+                                                     fused=False), device, reps)
+                a = res.patched_logit_diff[0, idx[:, 0], idx[:, 1], idx[:, 2]]
+                extra.append(f"| {name} | {dname} | HF eager modules (fused=False) | 1 example | auto | {t_u:.3f} | "
+                             f"{t_u:.3f} | fused is {t_u / t_fast:.2f}× faster; first fused sweep (compiles) "
+                             f"{t_warm:.1f} s; max abs vs ref {float((a - b).abs().max()):.1e} |")
                 print(extra[-1], flush=True)
             if dname == "bf16":
                 for bs in buckets:
