@@ -9,7 +9,8 @@ softmax take 4 more, and ``silu(gate) * up`` 2. ``fused_modules(model)`` swaps, 
 - every gated SiLU MLP's forward            -> ``gated_mlp``  (``down(silu(gate(x)) * up(x))``)
 - the modeling module's ``apply_rotary_pos_emb`` -> ``rotary``
 - its ``eager_attention_forward``           -> ``grouped_query_attention`` (query heads grouped by key/value head,
-  so keys and values are never repeated; same additive mask, fp32 softmax, cast back)
+  so keys and values are never repeated; same additive mask, fp32 softmax, cast back), or, for a caller whose
+  forwards are all causal without padding (the sweep) and a half-precision CUDA model, ``causal_flash_attention``
 
 Each replacement is a plain torch function with the HF module's own formula (in float32 they agree to rounding,
 tested on tiny models of every llama-like family). With ``compile=True`` (the default on CUDA) each is wrapped in
@@ -82,6 +83,25 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return z.view(b, n_heads, q_len, d_head).transpose(1, 2).contiguous()
 
 
+def causal_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    """Flash attention, causal, aligned to the *last* positions: the q queries are positions kv-q .. kv-1.
+
+    query: [batch, head, q, d_head]; key, value: [batch, kv_head, kv, d_head] (grouped heads read natively, no
+    copies); CUDA, fp16/bf16 only. Returns z: [batch, q, head, d_head]. The aten flash op's ``is_causal`` is
+    lower-right aligned (``torch.nn.attention.bias.causal_lower_right`` dispatches to it the same way), which is
+    the mask HF builds for a forward that continues a KV cache with no padding.
+    """
+    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal=True,
+                                                             scale=scaling)[0]
+    return out.transpose(1, 2).contiguous()
+
+
+def _flash_applies(module, query: torch.Tensor) -> bool:
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+            and query.shape[-1] % 8 == 0 and getattr(module, "sliding_window", None) is None
+            and not module.training)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Compilation with a safe fallback
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,6 +115,11 @@ def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
     if not compile or fn in _BROKEN:
         return fn
     if fn not in _COMPILED:
+        # one function meets several dtypes, batch-1 and batched calls and models: allow the recompiles
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if getattr(config, name, 64) < 64:
+                setattr(config, name, 64)
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     compiled = _COMPILED[fn]
 
@@ -130,11 +155,14 @@ def _is_gated_silu_mlp(module, config) -> bool:
 
 
 @contextmanager
-def fused_modules(model, *, compile: bool | None = None):
+def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = False):
     """Swap the fused formulas into ``model`` (a HF ``*ForCausalLM``) while inside; restored on exit, even on error.
 
-    ``compile``: wrap them in ``torch.compile`` (None: only when the model is on CUDA). Yields the list of what was
-    swapped (``"rms_norm x49"``, ...), empty for families outside ``FUSABLE_FAMILIES``.
+    ``compile``: wrap them in ``torch.compile`` (None: only when the model is on CUDA). ``causal_flash``: the
+    caller promises every forward inside is causal with no padding and no attention mask of its own (the patching
+    sweep's forwards are), so fp16/bf16 attention on CUDA may use ``causal_flash_attention`` and ignore HF's mask
+    tensor (sliding-window layers keep the masked path). Yields the list of what was swapped
+    (``"rms_norm x49"``, ...), empty for families outside ``FUSABLE_FAMILIES``.
     """
     if not is_fusable(model):
         yield []
@@ -174,6 +202,8 @@ def fused_modules(model, *, compile: bool | None = None):
         def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             if scaling is None:
                 scaling = module.scaling
+            if causal_flash and _flash_applies(module, query):
+                return causal_flash_attention(query, key, value, scaling), None
             return attention_fn(query, key, value, attention_mask, scaling), None
 
         globals_wanted = {"apply_rotary_pos_emb": rotary_fn, "eager_attention_forward": eager_attention}
@@ -183,6 +213,8 @@ def fused_modules(model, *, compile: bool | None = None):
                 setattr(modeling, name, fn)
         swapped = [f"{k} x{v}" for k, v in counts.items() if v]
         swapped += [name for _, name, _ in restore_globals]
+        if causal_flash and "eager_attention_forward" in swapped:
+            swapped.append("causal_flash_attention (CUDA fp16/bf16)")
         yield swapped
     finally:
         for module, own in reversed(swapped_forwards):

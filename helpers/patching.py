@@ -358,6 +358,22 @@ def _sweep_hooks(model, site: _Site, state: dict):
                     patched = _apply_patch(output[0], site, plan.patches[_layer])
                     return (patched,) + tuple(output[1:]) if isinstance(output, tuple) else output
                 handles.append(module.register_forward_hook(post))
+    if site.kind in ("heads", "residual"):
+        # Only the last (answer) position of the last layer reaches the metric, so there the attention output
+        # projection and the MLP see that position alone (registered after the patch hooks: a head patch is
+        # applied first). The block's residual additions broadcast the [batch, 1, d] outputs over positions;
+        # positions other than the last are wrong from then on, and never read. Keys and values of the last
+        # layer still come from every position.
+        last = len(site.modules) - 1
+        spec = family_spec(model.config)
+
+        def keep_last(mod, args, kwargs):
+            if state.get("plan") is None:
+                return None
+            x = _first_tensor(args, kwargs, "hidden_states")
+            return _replace_first(args, kwargs, x[:, -1:], "hidden_states")
+        for module in (out_proj_modules(model)[last], get_submodule(blocks(model)[last], spec.mlp)):
+            handles.append(module.register_forward_pre_hook(keep_last, with_kwargs=True))
     try:
         yield
     finally:
@@ -480,7 +496,11 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 # stays on the device until the example is done: no host sync between forwards
                 results.append((rows, _metric(logits, two_rows, pair.clean_token_id, pair.corrupt_token_id)))
                 stats["forwards"] = stats.get("forwards", 0) + 1
-                stats["row_token_layers"] = stats.get("row_token_layers", 0) + q * sum(per_layer_batch)
+                # token-layers through full blocks (the last layer counts one token a row: only its answer
+                # position goes through the output projection and MLP)
+                sliced = site.kind in ("heads", "residual")
+                stats["row_token_layers"] = stats.get("row_token_layers", 0) + (
+                    q * sum(per_layer_batch[:-1]) + per_layer_batch[-1] * (1 if sliced else q))
                 stats["rows"] = stats.get("rows", 0) + (b - a)
                 stats["max_rows_per_forward"] = max(stats.get("max_rows_per_forward", 0), b - a)
                 if bar is not None:
@@ -539,7 +559,9 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     site = _site(model, kind)
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
-    with _eval_mode(model), (fused_modules(model, compile=compile) if fused else nullcontext()) as swapped:
+    # causal_flash: every forward of the sweep is causal, unpadded, with no mask of its own
+    with _eval_mode(model), (fused_modules(model, compile=compile, causal_flash=True) if fused
+                             else nullcontext()) as swapped:
         result = _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator,
                               chunk_size, bucket_size, progress)
     result.stats["fused"] = list(swapped or [])

@@ -98,3 +98,19 @@ def test_compiled_swaps_match_the_plain_ones():
         compiled = _logits(model, IDS.expand(2, -1))
     assert not fm._BROKEN, f"compilation fell back for {fm._BROKEN}"
     assert torch.allclose(compiled, plain.expand(2, -1, -1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_causal_flash_attention_equals_masked_grouped_attention_on_cuda(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, heads, kv_heads, q, kv, d = 5, 14, 2, 23, 60, 64
+    query = torch.randn(b, heads, q, d, generator=gen, device="cuda", dtype=dtype)
+    key = torch.randn(b, kv_heads, kv, d, generator=gen, device="cuda", dtype=dtype)
+    value = torch.randn(b, kv_heads, kv, d, generator=gen, device="cuda", dtype=dtype)
+    mask = torch.zeros(1, 1, q, kv, device="cuda", dtype=dtype)
+    mask[..., :, kv - q:] = torch.triu(torch.full((q, q), torch.finfo(dtype).min, device="cuda", dtype=dtype), 1)
+    expected = fm.grouped_query_attention(query.float(), key.float(), value.float(), mask.float(), 0.125)
+    got = fm.causal_flash_attention(query, key, value, 0.125)
+    assert got.shape == expected.shape
+    assert (got.float() - expected).abs().max().item() < 2e-2
