@@ -24,13 +24,15 @@ class FamilySpec:
     out_proj: str  # attention output projection; its input is z: [batch, pos, n_heads * d_head]
     attention: str  # attention module; its first output is the attention output added to the residual
     mlp: str  # MLP (or mixture-of-experts) module; its output is added to the residual
+    post_attention_norm: str  # the norm between the attention's residual addition and the MLP
 
 
-_LLAMA_LIKE = dict(blocks="model.layers", out_proj="self_attn.o_proj", attention="self_attn", mlp="mlp")
+_LLAMA_LIKE = dict(blocks="model.layers", out_proj="self_attn.o_proj", attention="self_attn", mlp="mlp",
+                   post_attention_norm="post_attention_layernorm")
 
 FAMILIES: dict[str, FamilySpec] = {
-    "gpt_neo": FamilySpec("gpt_neo", "transformer.h", "attn.attention.out_proj", "attn", "mlp"),
-    "gpt2": FamilySpec("gpt2", "transformer.h", "attn.c_proj", "attn", "mlp"),
+    "gpt_neo": FamilySpec("gpt_neo", "transformer.h", "attn.attention.out_proj", "attn", "mlp", "ln_2"),
+    "gpt2": FamilySpec("gpt2", "transformer.h", "attn.c_proj", "attn", "mlp", "ln_2"),
     "llama": FamilySpec("llama", **_LLAMA_LIKE),  # Llama-3.2, SmolLM, the embedded Llama-family models
     "qwen2": FamilySpec("qwen2", **_LLAMA_LIKE),
     "granite": FamilySpec("granite", **_LLAMA_LIKE),

@@ -57,9 +57,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
-    """q: [batch, head, pos, d_head], k: [batch, kv_head, pos, d_head]; cos, sin: [batch, pos, d_head]."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    """q: [batch, head, pos, d_head], k: [batch, kv_head, pos, d_head]; cos, sin: [batch, pos, d_head].
+
+    HF's q and k are ``[batch, pos, head, d_head]`` projections viewed head-major; computing in that memory order
+    (and returning head-major views of it) keeps the kernel's reads and writes coalesced, and is the layout
+    flash attention reads natively.
+    """
+    if unsqueeze_dim != 1:
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [batch, pos, head, d_head]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    q_out = (q * cos + _rotate_half(q) * sin).transpose(1, 2)
+    k_out = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
+    return q_out, k_out
 
 
 def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -309,9 +309,39 @@ def _auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
 class _Plan:
     """What the hooks do in one forward: rows joining per layer and the patch of each layer."""
 
-    def __init__(self, n_new: list[int], patches: dict):
+    def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None):
         self.n_new = n_new  # rows appended at the input of block l
         self.patches = patches  # layer -> (batch_idx, rel_pos, unit, values [n, width])
+        # join layer j -> (batch_idx, rel_pos, head, clean z [n, d_head]): head patches of layer j - 1 whose one
+        # changed position is computed from the unpatched row's layer j - 1 and written into block j's input
+        self.computed = computed or {}
+        self.stash: dict = {}  # ("x" | "z", layer) -> the unpatched row's block input / out_proj input
+
+
+def _block_tail(model, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Block ``layer``'s output at one position from its input ``x`` and its out_proj input ``z`` ([n, 1, *]).
+
+    The residual wiring every supported family shares: ``mid = x + attn_out * m``, ``out = mid + mlp(norm2(mid))
+    * m`` (``m``: granite's ``residual_multiplier``, else none), ``attn_out = out_proj(z)`` (dropout is off).
+    Modules are called through ``.forward`` so that the sweep's hooks do not fire on these side computations.
+    """
+    spec = family_spec(model.config)
+    block = blocks(model)[layer]
+    m = getattr(block, "residual_multiplier", None)
+    attn = get_submodule(block, spec.out_proj).forward(z)
+    mid = x + (attn if m is None else attn * m)
+    ff = get_submodule(block, spec.mlp).forward(get_submodule(block, spec.post_attention_norm).forward(mid))
+    return mid + (ff if m is None else ff * m)
+
+
+def _computed_rows(model, site: _Site, plan: _Plan, join: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch_idx, rel_pos, block ``join - 1`` output at rel_pos [n, d_model]) of the rows joining at ``join``."""
+    batch_idx, rel_pos, head, clean = plan.computed[join]
+    x0, z0 = plan.stash.pop(("x", join - 1)), plan.stash.pop(("z", join - 1))  # [q, d_model], [q, H * d_head]
+    z = z0[rel_pos].clone()
+    z.view(z.shape[0], site.n_units, site.unit_width)[torch.arange(z.shape[0], device=device), head] = clean
+    out = _block_tail(model, join - 1, x0[rel_pos].unsqueeze(1), z.unsqueeze(1))
+    return batch_idx, rel_pos, out[:, 0]
 
 
 def _apply_patch(x: torch.Tensor, site: _Site, patch) -> torch.Tensor:
@@ -329,13 +359,20 @@ def _sweep_hooks(model, site: _Site, state: dict):
     for layer, block in enumerate(blocks(model)):
         def grow(mod, args, kwargs, _layer=layer):
             plan = state.get("plan")
-            if plan is None or plan.n_new[_layer] == 0:
+            if plan is None or (plan.n_new[_layer] == 0 and _layer + 1 not in plan.computed):
                 return None
             hidden = _first_tensor(args, kwargs, "hidden_states")
+            if _layer + 1 in plan.computed:
+                plan.stash[("x", _layer)] = hidden[0]
             n = plan.n_new[_layer]
+            if n == 0:
+                return None
             hidden = torch.cat([hidden, hidden[:1].expand(n, *hidden.shape[1:])], dim=0)
             if site.where == "block" and _layer in plan.patches:
                 hidden = _apply_patch(hidden, site, plan.patches[_layer])
+            if _layer in plan.computed:
+                batch_idx, rel_pos, values = _computed_rows(model, site, plan, _layer, hidden.device)
+                hidden[batch_idx, rel_pos] = values.to(hidden.dtype)
             return _replace_first(args, kwargs, hidden, "hidden_states")
         handles.append(block.register_forward_pre_hook(grow, with_kwargs=True))
     if site.where in ("pre", "post"):
@@ -343,7 +380,11 @@ def _sweep_hooks(model, site: _Site, state: dict):
             if site.where == "pre":
                 def pre(mod, args, kwargs, _layer=layer):
                     plan = state.get("plan")
-                    if plan is None or _layer not in plan.patches:
+                    if plan is None:
+                        return None
+                    if _layer + 1 in plan.computed:
+                        plan.stash[("z", _layer)] = _first_tensor(args, kwargs)[0]
+                    if _layer not in plan.patches:
                         return None
                     x = _first_tensor(args, kwargs)
                     return _replace_first(args, kwargs, _apply_patch(x, site, plan.patches[_layer]))
@@ -477,18 +518,29 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
 
             def run(a: int, b: int):
                 rows = grid[a:b]
-                n_new = torch.bincount(rows[:, 0], minlength=L).tolist()
-                patches, start = {}, 0
                 rows_dev = grid_dev[a:b]
+                by_layer = torch.bincount(rows[:, 0], minlength=L).tolist()
+                # A head patch of layer l < L-1 changes block l's output at its position only: that one vector is
+                # computed aside (_block_tail) and the row joins at block l + 1, skipping layer l's full width.
+                joins_late = site.kind == "heads"
+                n_new = [0] * L
+                patches, computed, start = {}, {}, 0
                 for layer in range(L):
-                    n = n_new[layer]
-                    if n:
-                        seg = rows_dev[start:start + n]
-                        batch_idx = torch.arange(start + 1, start + 1 + n, device=device)
-                        patches[layer] = (batch_idx, seg[:, 2] - s, seg[:, 1], acts[layer, seg[:, 2], seg[:, 1]])
-                        start += n
+                    n = by_layer[layer]
+                    if not n:
+                        continue
+                    join = layer + 1 if joins_late and layer < L - 1 else layer
+                    seg = rows_dev[start:start + n]
+                    batch_idx = torch.arange(sum(n_new[:join + 1]) + 1, sum(n_new[:join + 1]) + 1 + n, device=device)
+                    entry = (batch_idx, seg[:, 2] - s, seg[:, 1], acts[layer, seg[:, 2], seg[:, 1]])
+                    if join == layer:
+                        patches[layer] = entry
+                    else:
+                        computed[join] = entry
+                    n_new[join] += n
+                    start += n
                 per_layer_batch = (1 + torch.cumsum(torch.tensor(n_new), 0)).tolist()
-                state["plan"] = _Plan(n_new, patches)
+                state["plan"] = _Plan(n_new, patches, computed)
                 try:
                     logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
                 finally:

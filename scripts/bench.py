@@ -246,7 +246,7 @@ def main(argv=None):
             if dname == "bf16":
                 for bs in buckets:
                     t_b, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False,
-                                                         bucket_size=bs), device)
+                                                         bucket_size=bs), device, reps)
                     extra.append(f"| {name} | {dname} | eager | 1 example | {bs} | {t_b:.3f} | {t_b:.3f} | "
                                  f"{res.stats.get('forwards')} |")
                     print(extra[-1], flush=True)

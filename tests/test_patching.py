@@ -261,12 +261,11 @@ def test_patch_heads_survives_out_of_memory_by_halving_chunks():
         warnings.simplefilter("ignore")
         expected = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=4)
 
-        def too_big(mod, args, kwargs):  # the last block sees every row of a forward
-            hidden = args[0] if args else kwargs["hidden_states"]
+        def too_big(mod, args, kwargs):  # the output layer sees every row of a forward
+            hidden = args[0] if args else next(iter(kwargs.values()))
             if hidden.shape[0] > 7:
                 raise OutOfMemoryError("fake: batch > 7")
-        handle = get_submodule(model, family_spec(model.config).blocks)[-1].register_forward_pre_hook(
-            too_big, with_kwargs=True)
+        handle = model.get_output_embeddings().register_forward_pre_hook(too_big, with_kwargs=True)
         try:
             got = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=4, chunk_size=64)
         finally:
@@ -378,3 +377,16 @@ def test_attribution_switches_dropout_off_for_every_forward():
     torch.testing.assert_close(a.clean_logit_diff, b.clean_logit_diff)
     torch.testing.assert_close(a.patched_logit_diff, b.patched_logit_diff, equal_nan=True)
     assert model.training  # restored
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "granite"])
+def test_heads_of_deeper_models_equal_nnsight_reference(family):
+    """4 layers: rows that skip their patch layer (joining at the next block) then run through further blocks."""
+    model = tiny_model(family, n_layers=4)
+    pairs = make_pairs(3, model)[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, bucket_size=3)
+    assert_raw_close(fast, ref)
+    assert fast.normalised.nan_to_num(0)[:, :3].abs().max() > 1e-3  # early layers' patches reach the answer
