@@ -4,7 +4,7 @@ Every kernel answers, for each (layer, [head,] position) of each example: run th
 one activation slice with its value from the *clean* run, and read the metric
 ``logits[answer_position, clean_token_id] - logits[answer_position, corrupt_token_id]``.
 ``patch_heads_reference`` (helpers.patching_reference) does exactly that with one nnsight trace per patch; the
-kernels here give the same numbers (to float rounding) with far less work, by three exact savings:
+kernels here give the same numbers (to float rounding) with far less work, by five exact savings:
 
 1. **Prefix skip.** Before the first position where clean and corrupt ids differ, clean and corrupt activations
    are identical, so a patch there changes nothing: ``patched_logit_diff = corrupt_logit_diff``, not computed.
@@ -15,23 +15,30 @@ kernels here give the same numbers (to float rounding) with far less work, by th
    position in its own layer.
 3. **Rows join at their layer.** Layers before a patch's layer compute exactly the corrupt activations. The
    forward starts with *one* row (the unpatched corrupt run, which is also a self-check of the machinery); a
-   forward pre-hook on block ``l`` appends copies of that row for the patches of layer ``l`` (rows are sorted by
-   layer), so a patch at layer ``l`` costs layers ``l..L-1`` only. Masks and rotary tables are computed for batch
-   1 by the model and broadcast; each layer's cache is expanded to that layer's batch.
+   forward pre-hook on block ``l`` appends copies of that row for the patches joining there (rows are sorted by
+   layer). Masks and rotary tables are computed for batch 1 by the model and broadcast; each layer's cache is
+   expanded to that layer's batch.
+4. **A head patch skips its own layer.** Patching one head at position ``p`` of layer ``l`` changes block ``l``'s
+   output at ``p`` only, so that one vector is computed aside from the unpatched row's block input and z
+   (``_block_tail``: out_proj, residual, post-attention norm, MLP) and the row joins at block ``l + 1`` with it
+   written in. Last-layer head patches are applied at the out_proj input as usual.
+5. **The last layer serves the answer only.** There the out_proj and the MLP see the last position alone (heads
+   and residual sites); its keys and values still come from every position.
 
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
 and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
-out-of-memory error halves the chunk and retries instead of failing.
+out-of-memory error halves the chunk and retries instead of failing. Llama-family models run with
+helpers.fused_modules' same-formula swap-ins (``fused=True``; compiled, with causal flash attention, on CUDA).
 
-Measured (scripts/bench.py, H100 80GB, torch 2.11, transformers 5.17, eager attention, random-init real shapes,
-one 60-token example, first difference at 10, full layer x head x position sweep, default buckets):
-TinyStories-2L 0.096 s fp32 / 0.053 s bf16; Qwen2.5-0.5B 4.7 s / 1.09 s; Llama-3.2-1B 17.3 s / 2.64 s
-(the nnsight loop, extrapolated: 8 / 6, 776 / 554, 1057 / 708 s). The bf16 targets (0.6 s / 1.2 s) are NOT met: a
-profile shows the sweep bound by the model's own elementwise kernels (eager RMSNorm upcasts, rotary, repeat_kv,
-softmax; matmuls are ~25-40 % of GPU time), and sdpa attention was slower here, not faster. fp32 agrees with the
-loop to ~2e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as much: rounding);
-bf16 differs by up to ~0.5 logits, about one bf16 ulp at those logit sizes.
+Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
+example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27):
+TinyStories-2L 0.087 s fp32 / 0.072 s bf16; Qwen2.5-0.5B 3.96 s / 0.81 s; Llama-3.2-1B 13.3 s / 1.63 s (the
+nnsight loop, extrapolated: 11 / 11, 1108 / 878, 801 / 1290 s; the loop's own time varies +-30 % between runs).
+The bf16 targets (0.6 s / 1.2 s) are NOT met: Qwen is bound by the CPU launching its many small kernels (GPU busy
+0.48 of 0.81 s), Llama by matmuls (56 % of GPU time), flash attention at 28 x 60 (12 %) and rotary (13 %). fp32
+agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as
+much: rounding); bf16 differs by up to ~0.4 logits, about one bf16 ulp at those logit sizes.
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).

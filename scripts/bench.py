@@ -115,6 +115,21 @@ def profile_sweep(model, pair, device, name):
     print(events.table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
+def cpu_profile_sweep(model, pair, name, **kwargs):
+    """Python functions by own time over one fast sweep: where a launch-bound sweep spends its CPU."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    patch_heads(model, [pair], keep_incorrect=True, progress=False, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    print(f"\ncProfile {name} {kwargs}:", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
 def fmt_s(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
 
@@ -134,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True, help="also time sdpa (bf16)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one bf16 fast sweep")
+    ap.add_argument("--cpu-profile", action="store_true", help="cProfile one bf16 fast sweep (Python hotspots)")
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; optional parts are skipped after")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
     args = ap.parse_args(argv)
@@ -252,6 +268,13 @@ def main(argv=None):
                     print(extra[-1], flush=True)
                 if args.profile and not over_budget():
                     profile_sweep(model, pair, device, name)
+                if args.cpu_profile:
+                    cpu_profile_sweep(model, pair, name)
+                    for compile_ in (False, True):  # the compiled swap-ins' CPU cost per call, isolated
+                        kw = dict(keep_incorrect=True, progress=False, compile=compile_)
+                        patch_heads(model, [warm], **kw)
+                        t_c, _ = timed(lambda: patch_heads(model, [pair], **kw), device, reps)
+                        print(f"| {name} | bf16 | fused, compile={compile_} | {t_c:.3f} s |", flush=True)
                 if args.sdpa and model.config.model_type != "gpt_neo" and not over_budget():
                     model.set_attn_implementation("sdpa")
                     patch_heads(model, [warm], keep_incorrect=True, progress=False)
