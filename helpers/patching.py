@@ -76,6 +76,8 @@ from helpers.patching_results import (
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 SITES = ("heads", "residual", "attention_output", "mlp_output")
+# sites whose last layer runs out_proj and MLP at the answer position only (see _sweep_hooks)
+_ANSWER_ONLY_LAST_LAYER = ("heads", "residual")
 
 __all__ = [
     "patch_heads", "patch_residual", "patch_attention_output", "patch_mlp_output", "patch_sweep",
@@ -406,7 +408,7 @@ def _sweep_hooks(model, site: _Site, state: dict):
                     patched = _apply_patch(output[0], site, plan.patches[_layer])
                     return (patched,) + tuple(output[1:]) if isinstance(output, tuple) else output
                 handles.append(module.register_forward_hook(post))
-    if site.kind in ("heads", "residual"):
+    if site.kind in _ANSWER_ONLY_LAST_LAYER:
         # Only the last (answer) position of the last layer reaches the metric, so there the attention output
         # projection and the MLP see that position alone (registered after the patch hooks: a head patch is
         # applied first). The block's residual additions broadcast the [batch, 1, d] outputs over positions;
@@ -557,9 +559,9 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 stats["forwards"] = stats.get("forwards", 0) + 1
                 # token-layers through full blocks (the last layer counts one token a row: only its answer
                 # position goes through the output projection and MLP)
-                sliced = site.kind in ("heads", "residual")
                 stats["row_token_layers"] = stats.get("row_token_layers", 0) + (
-                    q * sum(per_layer_batch[:-1]) + per_layer_batch[-1] * (1 if sliced else q))
+                    q * sum(per_layer_batch[:-1])
+                    + per_layer_batch[-1] * (1 if site.kind in _ANSWER_ONLY_LAST_LAYER else q))
                 stats["rows"] = stats.get("rows", 0) + (b - a)
                 stats["max_rows_per_forward"] = max(stats.get("max_rows_per_forward", 0), b - a)
                 if bar is not None:
