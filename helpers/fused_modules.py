@@ -1,29 +1,37 @@
-"""Same formulas, fewer GPU kernels: swap-ins for the elementwise-heavy parts of llama-like models during a sweep.
+"""Same formulas, fewer GPU kernels: swap-ins for llama-like models while a patching sweep runs.
 
-A patching sweep's forwards are huge batches (thousands of patch rows x tens of positions), and there the HF eager
-modules' elementwise work moves more bytes than the matmuls take time: RMSNorm upcasts in ~7 kernels, rotary's
-``rotate_half`` in ~6, ``repeat_kv`` copies every key and value head group times, the additive mask and fp32
-softmax take 4 more, and ``silu(gate) * up`` 2. ``fused_modules(model)`` swaps, only while inside:
+A sweep's forwards are huge batches (thousands of patch rows x tens of positions) of a model whose HF eager modules
+launch many small kernels: RMSNorm upcasts in ~7, rotary's ``rotate_half`` in ~6, ``repeat_kv`` copies every key
+and value head group times, and the KV cache concatenates the shared prefix into every row. ``fused_modules(model)``
+replaces, only while inside, the ``forward`` of
 
-- every ``*RMSNorm`` module's forward       -> ``rms_norm``   (normalise in fp32, cast back, times weight)
-- every gated SiLU MLP's forward            -> ``gated_mlp``  (``down(silu(gate(x)) * up(x))``)
-- the modeling module's ``apply_rotary_pos_emb`` -> ``rotary``
-- its ``eager_attention_forward``           -> ``grouped_query_attention`` (query heads grouped by key/value head,
-  so keys and values are never repeated; same additive mask, fp32 softmax, cast back), or, for a caller whose
-  forwards are all causal without padding (the sweep) and a half-precision CUDA model, ``causal_flash_attention``
+- every ``*RMSNorm``           -> ``rms_norm``   (normalise in fp32, cast back, times weight)
+- every gated SiLU MLP         -> ``gated_mlp``  (``down(silu(gate(x)) * up(x))``, gate and up as one matmul)
+- every (full-attention) llama-like attention -> ``q, k, v`` as one matmul with rotary (``qkv_rotary``), then
+  attention without ``repeat_kv`` (``grouped_query_attention``: same additive mask, fp32 softmax, cast back), then
+  the module's own ``o_proj`` (so hooks there still fire: it is where heads are patched).
 
-Each replacement is a plain torch function with the HF module's own formula (in float32 they agree to rounding,
-tested on tiny models of every llama-like family). With ``compile=True`` (the default on CUDA) each is wrapped in
-``torch.compile(dynamic=True)``, so inductor fuses its elementwise work into one or two kernels; matmuls stay
-cuBLAS calls. If compilation fails (no Triton, say) the plain function is used, with one warning. Modules this
-file does not recognise, and families outside ``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one
-kernel), are left alone. Hooks on the swapped modules still run: only ``forward`` is replaced.
+For a caller whose forwards are all causal without padding (the sweep: ``causal_flash=True``), fp16/bf16 attention
+on CUDA uses the aten flash kernel instead, and a forward may replace the KV cache by a **shared prefix**
+(``FusedSwap.shared_prefix``): the keys and values of the positions before the fed tokens, batch 1, shared by every
+row. Every row's queries then attend to that prefix in *one* flash call (rows folded into the query axis) and to
+their own tokens in a causal one; the two are merged exactly by their log-sum-exps (``merge_attention``), so the
+prefix is never copied per row.
+
+In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
+family). With ``compile=True`` (the default on CUDA) the elementwise formulas are ``torch.compile(dynamic=True)``'d,
+so inductor fuses each into one or two kernels; matmuls stay cuBLAS calls. If compilation fails (no Triton, say)
+the plain function is used, with one warning. Sliding-window attention layers, modules this file does not
+recognise, and families outside ``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one kernel) keep
+their own forward. Hooks on swapped modules still run: only ``forward`` is replaced. The fused q/k/v and gate/up
+weights are concatenated copies, held while inside (for Llama-3.2-1B in bf16, 1.3 GB).
 """
 from __future__ import annotations
 
-import sys
+import functools
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -46,9 +54,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def gated_mlp(x: torch.Tensor, w_gate, b_gate, w_up, b_up, w_down, b_down) -> torch.Tensor:
-    """x: [..., d_model] -> [..., d_model]: ``down(silu(gate(x)) * up(x))`` (LlamaMLP with a SiLU activation)."""
-    return F.linear(F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up), w_down, b_down)
+def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Tensor:
+    """x: [..., d_model] -> [..., d_model]: ``down(silu(gate(x)) * up(x))``; ``w_gate_up`` is [gate; up] stacked."""
+    gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down, b_down)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,21 +65,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
-    """q: [batch, head, pos, d_head], k: [batch, kv_head, pos, d_head]; cos, sin: [batch, pos, d_head].
+def qkv_rotary(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
+               sin: torch.Tensor, n_heads: int, n_kv_heads: int, d_head: int):
+    """x: [batch, q, d_model] -> query [batch, q, head, d_head], key and value [batch, q, kv_head, d_head].
 
-    HF's q and k are ``[batch, pos, head, d_head]`` projections viewed head-major; computing in that memory order
-    (and returning head-major views of it) keeps the kernel's reads and writes coalesced, and is the layout
-    flash attention reads natively.
+    ``weight``/``bias``: q_proj, k_proj, v_proj stacked; cos, sin: [batch or 1, q, d_head] (HF's rotary embedding).
+    Rotary is HF's ``apply_rotary_pos_emb`` (``x * cos + rotate_half(x) * sin``), applied in the projections'
+    own [batch, pos, head, d_head] order, the layout flash attention reads natively. All three are contiguous.
     """
-    if unsqueeze_dim != 1:
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [batch, pos, head, d_head]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    q_out = (q * cos + _rotate_half(q) * sin).transpose(1, 2)
-    k_out = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
-    return q_out, k_out
+    qkv = F.linear(x, weight, bias).view(*x.shape[:-1], n_heads + 2 * n_kv_heads, d_head)
+    q, k, v = qkv.split([n_heads, n_kv_heads, n_kv_heads], dim=-2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v.contiguous()
 
 
 def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -94,6 +100,13 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return z.view(b, n_heads, q_len, d_head).transpose(1, 2).contiguous()
 
 
+def _flash(query, key, value, causal: bool, scaling: float):
+    """aten flash attention on [batch, head, seq, d_head] views: (out [batch, seq, head, d_head], lse [batch, head, seq])."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal=causal,
+                                                                  scale=scaling)[:2]
+    return out.transpose(1, 2), lse[..., : query.shape[2]]
+
+
 def causal_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
     """Flash attention, causal, aligned to the *last* positions: the q queries are positions kv-q .. kv-1.
 
@@ -102,54 +115,124 @@ def causal_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     lower-right aligned (``torch.nn.attention.bias.causal_lower_right`` dispatches to it the same way), which is
     the mask HF builds for a forward that continues a KV cache with no padding.
     """
-    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal=True,
-                                                             scale=scaling)[0]
-    return out.transpose(1, 2).contiguous()
+    return _flash(query, key, value, True, scaling)[0].contiguous()
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Attention over keys A and B together, from attention over each: out [..., d_head], lse [...] (natural log).
+
+    softmax over A u B weights each part's output by ``exp(lse_part - lse_all)``; computed in float32, cast back.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - m).unsqueeze(-1), torch.exp(lse_b - m).unsqueeze(-1)
+    z = (out_a.float() * w_a + out_b.float() * w_b) / (w_a + w_b)
+    return z.to(out_a.dtype)
+
+
+def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  prefix_key: torch.Tensor, prefix_value: torch.Tensor, scaling: float,
+                                  merge: Callable = merge_attention) -> torch.Tensor:
+    """Causal attention of every row's tokens to one shared prefix, then to their own tokens; CUDA fp16/bf16.
+
+    query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, positions s..s+q-1);
+    prefix_key/value: [1, kv_head, s, d_head] (positions < s, the same for every row). Returns z: [batch, q, head,
+    d_head]. Every prefix key precedes every query, so the prefix part needs no mask and the batch rows fold into
+    one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is causal.
+    """
+    b, q, n_heads, d_head = query.shape
+    folded = query.reshape(1, b * q, n_heads, d_head).transpose(1, 2)  # [1, head, b * q, d_head]
+    out_p, lse_p = _flash(folded, prefix_key, prefix_value, False, scaling)
+    out_n, lse_n = _flash(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), True, scaling)
+    return merge(out_p.reshape(b, q, n_heads, d_head), lse_p.reshape(n_heads, b, q).permute(1, 2, 0),
+                 out_n, lse_n.transpose(1, 2))
 
 
 def _flash_applies(module, query: torch.Tensor) -> bool:
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-            and query.shape[-1] % 8 == 0 and getattr(module, "sliding_window", None) is None
-            and not module.training)
+            and query.shape[-1] % 8 == 0)
+
+
+def _additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
+    """HF's mask in eager's additive form [batch or 1, 1, q, kv]: float as given, bool (sdpa: True = attend)
+    converted, None (sdpa's "causal, no padding") built, lower-right aligned (queries are the last q positions)."""
+    lowest = torch.finfo(like.dtype).min
+    if mask is None:
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
+        mask = keep[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~mask, lowest)
+    return mask[..., :kv_len]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Compilation with a safe fallback
 # ----------------------------------------------------------------------------------------------------------------
 
-_COMPILED: dict[Callable, Callable] = {}
+_COMPILED: dict = {}
 _BROKEN: set[Callable] = set()
 
 
-def _maybe_compiled(fn: Callable, compile: bool) -> Callable:
-    """``fn`` compiled (dynamic shapes, cached per function) when asked; the plain ``fn`` if that fails."""
+def _maybe_compiled(fn: Callable, compile: bool, **static) -> Callable:
+    """``fn`` (with ``static`` keyword arguments bound) compiled with dynamic shapes when asked, cached per function
+    and ``static``; the plain ``fn`` if compiling fails."""
+    plain = functools.partial(fn, **static) if static else fn
     if not compile or fn in _BROKEN:
-        return fn
-    if fn not in _COMPILED:
+        return plain
+    key = (fn, tuple(sorted(static.items())))
+    if key not in _COMPILED:
         # one function meets several dtypes, batch-1 and batched calls and models: allow the recompiles
         config = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):
             if getattr(config, name, 64) < 64:
                 setattr(config, name, 64)
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    compiled = _COMPILED[fn]
+        _COMPILED[key] = torch.compile(plain, dynamic=True)
+    compiled = _COMPILED[key]
 
     def call(*args, **kwargs):
         if fn in _BROKEN:
-            return fn(*args, **kwargs)
+            return plain(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a missing compiler must cost speed, not the sweep
             _BROKEN.add(fn)
             warnings.warn(f"torch.compile of {fn.__name__} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                           "using the plain torch version", RuntimeWarning, stacklevel=2)
-            return fn(*args, **kwargs)
+            return plain(*args, **kwargs)
     return call
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The swap
 # ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FusedSwap:
+    """What ``fused_modules`` swapped in, and the channel through which a forward shares a prefix."""
+
+    swapped: list[str] = field(default_factory=list)  # "rms_norm x49", "attention x24", ...
+    n_layers: int = 0
+    attention_layers: set[int] = field(default_factory=set)  # layer_idx of the attentions running the fused forward
+    causal_flash: bool = False
+    # per layer (keys, values): [1, kv_head, s, d_head] of positions < s, after rotary; None: no shared prefix
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Can a forward pass no cache and ``shared_prefix`` instead? (Every layer's attention is fused.)"""
+        return self.causal_flash and self.n_layers > 0 and len(self.attention_layers) == self.n_layers
+
+    @contextmanager
+    def shared_prefix(self, cache):
+        """While inside, each fused attention attends first to ``cache``'s keys/values (a batch-1 transformers cache
+        of the positions before the fed tokens), shared by every row; the forward itself passes no cache."""
+        if cache is not None and not self.shares_prefix:
+            raise RuntimeError("shared_prefix needs every layer's attention fused and causal_flash=True")
+        self.prefix = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
+        try:
+            yield
+        finally:
+            self.prefix = None
+
 
 def is_fusable(model) -> bool:
     return getattr(model.config, "model_type", None) in FUSABLE_FAMILIES
@@ -165,28 +248,84 @@ def _is_gated_silu_mlp(module, config) -> bool:
             and getattr(config, "hidden_act", None) in _SILU)
 
 
+def _is_plain_attention(module) -> bool:
+    """A llama-like full attention: q/k/v/o Linear projections, rotary from ``position_embeddings``, no extras."""
+    return (all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and isinstance(getattr(module, "layer_idx", None), int) and isinstance(getattr(module, "head_dim", None), int)
+            and getattr(module, "sliding_window", None) is None
+            and not any(hasattr(module, n) for n in ("q_norm", "k_norm")))
+
+
+def _stacked(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([m.weight.detach() for m in linears])
+    if all(m.bias is None for m in linears):
+        return weight, None
+    return weight, torch.cat([m.bias.detach() if m.bias is not None
+                              else m.weight.new_zeros(m.out_features) for m in linears])
+
+
+def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compile: bool) -> Callable:
+    config = module.config
+    n_heads, n_kv, d_head = config.num_attention_heads, config.num_key_value_heads, module.head_dim
+    weight, bias = _stacked([module.q_proj, module.k_proj, module.v_proj])
+    qkv = _maybe_compiled(qkv_rotary, compile, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head)
+    attend = _maybe_compiled(grouped_query_attention, compile)
+    merge = _maybe_compiled(merge_attention, compile)
+    layer = module.layer_idx
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        kv_cache = cache if cache is not None else past_key_values
+        if (position_embeddings is None or (module.training and getattr(module, "attention_dropout", 0.0))
+                or not (attention_mask is None or isinstance(attention_mask, torch.Tensor))):  # flex's BlockMask
+            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                            **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
+        b, q_len, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        query, key, value = qkv(hidden_states, weight, bias, cos, sin)  # [b, q, (kv_)head, d_head]
+        prefix = None if swap.prefix is None else swap.prefix[layer]
+        flash = swap.causal_flash and _flash_applies(module, query)
+        if prefix is not None and flash:
+            z = shared_prefix_flash_attention(query, key, value, *prefix, module.scaling, merge=merge)
+        else:
+            key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, kv_head, q, d_head]
+            if kv_cache is not None:
+                key, value = kv_cache.update(key, value, layer)
+            mask = attention_mask
+            if prefix is not None:  # (plain math path of the shared prefix: the sweep's promise, no padding)
+                s = prefix[0].shape[2]
+                key = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2)
+                value = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2)
+                mask = None
+            if flash:
+                z = causal_flash_attention(query.transpose(1, 2), key, value, module.scaling)
+            else:
+                mask = _additive_mask(mask, q_len, key.shape[2], query)
+                z = attend(query.transpose(1, 2), key, value, mask, module.scaling)
+        return module.o_proj(z.reshape(b, q_len, n_heads * d_head)), None
+    return forward
+
+
 @contextmanager
 def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = False):
     """Swap the fused formulas into ``model`` (a HF ``*ForCausalLM``) while inside; restored on exit, even on error.
 
     ``compile``: wrap them in ``torch.compile`` (None: only when the model is on CUDA). ``causal_flash``: the
-    caller promises every forward inside is causal with no padding and no attention mask of its own (the patching
-    sweep's forwards are), so fp16/bf16 attention on CUDA may use ``causal_flash_attention`` and ignore HF's mask
-    tensor (sliding-window layers keep the masked path). Yields the list of what was swapped
-    (``"rms_norm x49"``, ...), empty for families outside ``FUSABLE_FAMILIES``.
+    caller promises every forward inside is causal with no padding (the patching sweep's forwards are), so
+    fp16/bf16 attention on CUDA may use flash attention and ignore HF's mask, and forwards may share a prefix
+    (``FusedSwap.shared_prefix``). Yields a ``FusedSwap``; its ``swapped`` is empty for families outside
+    ``FUSABLE_FAMILIES``.
     """
+    swap = FusedSwap(n_layers=len(blocks(model)), causal_flash=causal_flash)
     if not is_fusable(model):
-        yield []
+        yield swap
         return
     if compile is None:
         compile = next(model.parameters()).device.type == "cuda"
     norm_fn = _maybe_compiled(rms_norm, compile)
     mlp_fn = _maybe_compiled(gated_mlp, compile)
-    rotary_fn = _maybe_compiled(rotary, compile)
-    attention_fn = _maybe_compiled(grouped_query_attention, compile)
-
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)
-    counts = {"rms_norm": 0, "gated_mlp": 0}
+    counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0}
     spec = family_spec(model.config)
 
     def swap_forward(module, forward):
@@ -194,7 +333,6 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         swapped_forwards.append((module, module.__dict__.get("forward")))
         module.forward = forward
 
-    restore_globals: list[tuple[object, str, object]] = []
     try:
         for module in model.modules():
             if _is_rms_norm(module):
@@ -203,35 +341,23 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         for block in blocks(model):
             mlp = get_submodule(block, spec.mlp)
             if _is_gated_silu_mlp(mlp, model.config):
-                swap_forward(mlp, lambda x, _m=mlp: mlp_fn(
-                    x, _m.gate_proj.weight, _m.gate_proj.bias, _m.up_proj.weight, _m.up_proj.bias,
-                    _m.down_proj.weight, _m.down_proj.bias))
+                w_gu, b_gu = _stacked([mlp.gate_proj, mlp.up_proj])
+                swap_forward(mlp, lambda x, _m=mlp, _w=w_gu, _b=b_gu: mlp_fn(
+                    x, _w, _b, _m.down_proj.weight, _m.down_proj.bias))
                 counts["gated_mlp"] += 1
-        attention = get_submodule(blocks(model)[0], spec.attention)
-        modeling = sys.modules[type(attention).__module__]
-
-        def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-            if scaling is None:
-                scaling = module.scaling
-            if causal_flash and _flash_applies(module, query):
-                return causal_flash_attention(query, key, value, scaling), None
-            return attention_fn(query, key, value, attention_mask, scaling), None
-
-        globals_wanted = {"apply_rotary_pos_emb": rotary_fn, "eager_attention_forward": eager_attention}
-        for name, fn in globals_wanted.items():
-            if callable(getattr(modeling, name, None)):
-                restore_globals.append((modeling, name, getattr(modeling, name)))
-                setattr(modeling, name, fn)
-        swapped = [f"{k} x{v}" for k, v in counts.items() if v]
-        swapped += [name for _, name, _ in restore_globals]
-        if causal_flash and "eager_attention_forward" in swapped:
-            swapped.append("causal_flash_attention (CUDA fp16/bf16)")
-        yield swapped
+            attention = get_submodule(block, spec.attention)
+            if _is_plain_attention(attention):
+                swap_forward(attention, _fused_attention_forward(attention, swap, attention.forward, compile))
+                swap.attention_layers.add(attention.layer_idx)
+                counts["attention"] += 1
+        swap.swapped = [f"{k} x{v}" for k, v in counts.items() if v]
+        if causal_flash and counts["attention"]:
+            swap.swapped.append("flash attention (CUDA fp16/bf16)")
+        yield swap
     finally:
+        swap.prefix = None
         for module, own in reversed(swapped_forwards):
             if own is None:
                 del module.forward
             else:
                 module.forward = own
-        for owner, name, old in reversed(restore_globals):
-            setattr(owner, name, old)

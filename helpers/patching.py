@@ -498,7 +498,7 @@ def _buckets(first: int, length: int, bucket_size: int | None) -> list[tuple[int
 
 
 def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include: bool, clean_diff, corrupt_diff,
-                   clean_acts, *, chunk_size, bucket_size, stats, bar=None) -> torch.Tensor | None:
+                   clean_acts, *, chunk_size, bucket_size, stats, bar=None, swap=None) -> torch.Tensor | None:
     """patched_logit_diff [L, U, T] for one example (prefix positions = corrupt, computed ones filled)."""
     device = _device(model)
     L, U = len(site.modules), site.n_units
@@ -512,9 +512,11 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
     buckets = _buckets(first, T, bucket_size)
     state: dict = {"plan": None}
     results: list = []
-    with torch.no_grad(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
+    with torch.inference_mode(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
             _sweep_hooks(model, site, state):
         snaps = _prefix_caches(model, calls, corrupt, [b[0] for b in buckets], stats)
+        shares_prefix = swap is not None and swap.shares_prefix and all(_is_plain(c) for c in snaps if c is not None)
+        stats["shared_prefix"] = shares_prefix
         for (s, e), snap in zip(buckets, snaps):
             q = T - s
             # the same layer-major grid of (layer, unit, position) rows on the host (bookkeeping) and on the
@@ -551,7 +553,11 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 per_layer_batch = (1 + torch.cumsum(torch.tensor(n_new), 0)).tolist()
                 state["plan"] = _Plan(n_new, patches, computed)
                 try:
-                    logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
+                    if shares_prefix:  # fused attention reads the batch-1 prefix itself: no per-row cache copies
+                        with swap.shared_prefix(snap):
+                            logits, _ = calls.forward(model, ids, start=s)
+                    else:
+                        logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
                 finally:
                     state["plan"] = None
                 # stays on the device until the example is done: no host sync between forwards
@@ -622,10 +628,10 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
     # causal_flash: every forward of the sweep is causal, unpadded, with no mask of its own
     with _eval_mode(model), (fused_modules(model, compile=compile, causal_flash=True) if fused
-                             else nullcontext()) as swapped:
+                             else nullcontext()) as swap:
         result = _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator,
-                              chunk_size, bucket_size, progress)
-    result.stats["fused"] = list(swapped or [])
+                              chunk_size, bucket_size, progress, swap)
+    result.stats["fused"] = list(swap.swapped) if swap is not None else []
     return result
 
 
@@ -641,7 +647,7 @@ def _eval_mode(model):
 
 
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
-                 bucket_size, progress):
+                 bucket_size, progress, swap):
     # metrics first (no activations kept), so exclusions are reported before the long part
     pre = [_clean_and_corrupt(model, calls, None, p) for p in pairs]
     included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
@@ -655,7 +661,7 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
             acts = _clean_and_corrupt(model, calls, site, pair)[3] if included[i] else None
             per_example.append(_sweep_example(
                 model, calls, site, pair, firsts[i], bool(included[i]), pre[i][0], pre[i][1], acts,
-                chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar))
+                chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap))
     finally:
         if bar is not None:
             bar.close()

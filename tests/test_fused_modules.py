@@ -1,13 +1,10 @@
 """helpers.fused_modules: the swap-ins compute what the HF modules compute, and the model is left as found."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 import helpers.fused_modules as fm
-from helpers.architectures import blocks, family_spec, get_submodule
 from helpers.fused_modules import FUSABLE_FAMILIES, fused_modules
 from helpers.tiny_models import TINY_FAMILIES, tiny_model
 
@@ -21,44 +18,107 @@ def _logits(model, ids=IDS):
         return model(input_ids=ids).logits
 
 
-def _modeling(model):
-    attention = get_submodule(blocks(model)[0], family_spec(model.config).attention)
-    return sys.modules[type(attention).__module__]
-
-
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_fused_forward_equals_hf_modules_and_is_undone(family):
     model = tiny_model(family)
     plain = _logits(model)
-    modeling = _modeling(model)
-    before = {n: getattr(modeling, n, None) for n in ("apply_rotary_pos_emb", "eager_attention_forward")}
-    with fused_modules(model, compile=False) as swapped:
+    with fused_modules(model, compile=False) as swap:
         fused = _logits(model)
         # batch > 1 with a shared mask, as in a sweep, and grouped-query attention (4 heads, 2 kv heads)
         fused_batch = _logits(model, IDS.expand(3, -1))
     if family in FUSABLE_FAMILIES:
-        assert "apply_rotary_pos_emb" in swapped and "eager_attention_forward" in swapped
-        assert any(s.startswith("rms_norm x") for s in swapped)
-        assert any(s.startswith("gated_mlp x") for s in swapped) == (family != "granitemoe")
+        assert "attention x2" in swap.swapped and "rms_norm x5" in swap.swapped
+        assert ("gated_mlp x2" in swap.swapped) == (family != "granitemoe")
+        assert swap.attention_layers == {0, 1}
     else:
-        assert swapped == []
+        assert swap.swapped == [] and not swap.shares_prefix
     assert torch.allclose(fused, plain, atol=1e-5, rtol=0), (fused - plain).abs().max()
     assert torch.allclose(fused_batch, plain.expand(3, -1, -1), atol=1e-5, rtol=0)
-    # everything restored: no instance forwards left, module globals back
+    # everything restored: no instance forwards left
     assert not any("forward" in m.__dict__ for m in model.modules())
-    assert {n: getattr(modeling, n, None) for n in before} == before
     assert torch.equal(_logits(model), plain)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fused_attention_reads_eager_and_sdpa_masks_and_continues_a_cache(attn):
+    """Real checkpoints load with sdpa (bool or no mask), tiny test models with eager (additive mask)."""
+    from transformers import AutoModelForCausalLM
+    from helpers.tiny_models import tiny_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2"), attn_implementation=attn).eval()
+    plain = _logits(model)
+    with fused_modules(model, compile=False):
+        fused = _logits(model)
+        with torch.no_grad():
+            head = model(input_ids=IDS[:, :5], use_cache=True)
+            tail = model(input_ids=IDS[:, 5:], past_key_values=head.past_key_values,
+                         position_ids=torch.arange(5, IDS.shape[1])[None]).logits
+    assert torch.allclose(fused, plain, atol=1e-5, rtol=0)
+    assert torch.allclose(tail, plain[:, 5:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FUSABLE_FAMILIES))
+def test_a_shared_prefix_stands_in_for_a_per_row_cache(family):
+    """The sweep's forwards: no cache, the corrupt prefix's keys/values (batch 1) shared by every row."""
+    model = tiny_model(family)
+    plain = _logits(model)
+    s = 5
+    with fused_modules(model, compile=False, causal_flash=True) as swap, torch.no_grad():
+        assert swap.shares_prefix
+        prefix = model(input_ids=IDS[:, :s], use_cache=True).past_key_values
+        with swap.shared_prefix(prefix):
+            tail = model(input_ids=IDS[:, s:].expand(3, -1), position_ids=torch.arange(s, IDS.shape[1])[None]).logits
+        assert swap.prefix is None
+    assert torch.allclose(tail, plain[:, s:].expand(3, -1, -1), atol=1e-5, rtol=0), (tail - plain[:, s:]).abs().max()
+
+
+def test_a_shared_prefix_needs_every_attention_fused():
+    model = tiny_model("llama")
+    with fused_modules(model, compile=False) as swap:  # no causal promise
+        with pytest.raises(RuntimeError, match="every layer's attention"):
+            with swap.shared_prefix(object()):
+                pass
+
+
+def _attention_with_lse(query, key, value, scaling, causal_offset=None):
+    """query [b, q, h, d], key/value [b, k, h, d] -> (out [b, q, h, d], lse [b, q, h]); the math of flash."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * scaling
+    if causal_offset is not None:
+        q, k = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(q, k, dtype=torch.bool).tril(causal_offset), float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), value)
+    return out, lse.transpose(1, 2)
+
+
+def test_merge_attention_of_two_key_sets_equals_attention_over_both():
+    gen = torch.Generator().manual_seed(1)
+    b, q, h, d, s = 3, 5, 4, 8, 7
+    query = torch.randn(b, q, h, d, generator=gen)
+    key, value = torch.randn(b, s + q, h, d, generator=gen), torch.randn(b, s + q, h, d, generator=gen)
+    full, _ = _attention_with_lse(query, key, value, 0.3, causal_offset=s)
+    out_p, lse_p = _attention_with_lse(query, key[:, :s], value[:, :s], 0.3)
+    out_n, lse_n = _attention_with_lse(query, key[:, s:], value[:, s:], 0.3, causal_offset=0)
+    assert torch.allclose(fm.merge_attention(out_p, lse_p, out_n, lse_n), full, atol=1e-6)
+
+
+def test_additive_mask_from_sdpa_forms_equals_the_eager_one():
+    like = torch.zeros(1, dtype=torch.float32)
+    q, kv = 3, 7
+    keep = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+    eager = torch.zeros(q, kv).masked_fill(~keep, torch.finfo(torch.float32).min)[None, None]
+    assert torch.equal(fm._additive_mask(None, q, kv, like), eager)
+    assert torch.equal(fm._additive_mask(keep[None, None], q, kv, like), eager)
+    assert torch.equal(fm._additive_mask(eager, q, kv, like), eager)
 
 
 def test_swaps_are_undone_after_an_error():
     model = tiny_model("llama")
-    modeling = _modeling(model)
-    original = modeling.eager_attention_forward
+    attention = model.model.layers[0].self_attn
     with pytest.raises(RuntimeError, match="boom"):
         with fused_modules(model, compile=False):
-            assert modeling.eager_attention_forward is not original
+            assert "forward" in attention.__dict__
             raise RuntimeError("boom")
-    assert modeling.eager_attention_forward is original
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
@@ -113,4 +173,21 @@ def test_causal_flash_attention_equals_masked_grouped_attention_on_cuda(dtype):
     expected = fm.grouped_query_attention(query.float(), key.float(), value.float(), mask.float(), 0.125)
     got = fm.causal_flash_attention(query, key, value, 0.125)
     assert got.shape == expected.shape
+    assert (got.float() - expected).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shared_prefix_flash_attention_equals_attention_over_the_concatenated_keys_on_cuda(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, heads, kv_heads, q, s, d = 5, 14, 2, 23, 37, 64
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)  # noqa: E731
+    query, key, value = rand(b, q, heads, d), rand(b, q, kv_heads, d), rand(b, q, kv_heads, d)
+    prefix_key, prefix_value = rand(1, kv_heads, s, d), rand(1, kv_heads, s, d)
+    full_key = torch.cat([prefix_key.expand(b, -1, -1, -1), key.transpose(1, 2)], 2).float()
+    full_value = torch.cat([prefix_value.expand(b, -1, -1, -1), value.transpose(1, 2)], 2).float()
+    mask = fm._additive_mask(None, q, s + q, full_key)
+    expected = fm.grouped_query_attention(query.transpose(1, 2).float(), full_key, full_value, mask, 0.125)
+    got = fm.shared_prefix_flash_attention(query, key, value, prefix_key, prefix_value, 0.125)
+    assert got.shape == expected.shape and got.dtype == dtype
     assert (got.float() - expected).abs().max().item() < 2e-2

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers.architectures import family_spec, get_submodule, out_proj_modules
 from helpers.attribution import attribution_error, attribution_patching_heads
+from helpers.fused_modules import FUSABLE_FAMILIES
 from helpers.patching import (
     OutOfMemoryError,
     patch_attention_output,
@@ -103,6 +104,8 @@ def test_heads_fast_equals_nnsight_reference(family):
         assert torch.all(fast.normalised[i, ..., :d].nan_to_num(0) == 0)
         assert torch.isnan(fast.patched_logit_diff[i, ..., len(pair.clean_ids):]).all()
     assert fast.stats["base_row_max_dev"] < ATOL  # the unpatched row of every forward reproduces the corrupt run
+    # llama-like families ran the fused modules with the shared corrupt prefix in place of per-row caches
+    assert fast.stats["shared_prefix"] == (family in FUSABLE_FAMILIES)
     # the sweep must see some effect, or the comparison above proves nothing
     assert fast.normalised.nan_to_num(0).abs().max() > 1e-3
 
