@@ -21,7 +21,8 @@ prefix is never copied per row.
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
 family). With ``compile=True`` (the default on CUDA) the elementwise formulas are ``torch.compile(dynamic=True)``'d,
 so inductor fuses each into one or two kernels; matmuls stay cuBLAS calls. If compilation fails (no Triton, say)
-the plain function is used, with one warning. Sliding-window attention layers, modules this file does not
+the plain function is used, with one warning. On CUDA, rotary and the prefix merge run as hand-written Triton kernels
+(helpers.triton_kernels), which inductor's dynamic-shape kernels were ten times slower than. Sliding-window attention layers, modules this file does not
 recognise, and families outside ``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one kernel) keep
 their own forward. Hooks on swapped modules still run: only ``forward`` is replaced. The fused q/k/v and gate/up
 weights are concatenated copies, held while inside (for Llama-3.2-1B in bf16, 1.3 GB).
@@ -37,6 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from helpers import triton_kernels
 from helpers.architectures import blocks, family_spec, get_submodule
 
 FUSABLE_FAMILIES = frozenset({"llama", "qwen2", "granite", "granitemoe"})
@@ -282,11 +284,18 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
                             **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
         b, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
-        query, key, value = qkv(hidden_states, weight, bias, cos, sin)  # [b, q, (kv_)head, d_head]
+        on_triton = triton_kernels.usable(hidden_states, d_head=d_head)
+        if on_triton:  # rotary in place on the one projection output: q, k, v are views of it
+            fused = F.linear(hidden_states, weight, bias).view(b, q_len, n_heads + 2 * n_kv, d_head)
+            triton_kernels.rotary_inplace(fused, cos, sin, n_heads + n_kv)
+            query, key, value = fused.split([n_heads, n_kv, n_kv], dim=2)
+        else:
+            query, key, value = qkv(hidden_states, weight, bias, cos, sin)  # [b, q, (kv_)head, d_head]
         prefix = None if swap.prefix is None else swap.prefix[layer]
         flash = swap.causal_flash and _flash_applies(module, query)
         if prefix is not None and flash:
-            z = shared_prefix_flash_attention(query, key, value, *prefix, module.scaling, merge=merge)
+            z = shared_prefix_flash_attention(query, key, value, *prefix, module.scaling,
+                                              merge=triton_kernels.merge_attention if on_triton else merge)
         else:
             key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, kv_head, q, d_head]
             if kv_cache is not None:

@@ -421,7 +421,8 @@ def _sweep_hooks(model, site: _Site, state: dict):
             if state.get("plan") is None:
                 return None
             x = _first_tensor(args, kwargs, "hidden_states")
-            return _replace_first(args, kwargs, x[:, -1:], "hidden_states")
+            # contiguous: a strided [batch, 1, d] view sends compiled linears to a batched matmul per row
+            return _replace_first(args, kwargs, x[:, -1:].contiguous(), "hidden_states")
         for module in (out_proj_modules(model)[last], get_submodule(blocks(model)[last], spec.mlp)):
             handles.append(module.register_forward_pre_hook(keep_last, with_kwargs=True))
     try:

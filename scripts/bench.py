@@ -130,6 +130,24 @@ def cpu_profile_sweep(model, pair, name, **kwargs):
     pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
+def sync_report(model, pair, name):
+    """Every host-device synchronisation inside one fast sweep (file:line, count): each one stalls the launch queue."""
+    from collections import Counter
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            patch_heads(model, [pair], keep_incorrect=True, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"\nsyncs in one sweep of {name}: {sum(where.values())}", flush=True)
+    for loc, n in where.most_common(12):
+        print(f"  {n:5d}  {loc}", flush=True)
+
+
 def fmt_s(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
 
@@ -150,6 +168,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of one bf16 fast sweep")
     ap.add_argument("--cpu-profile", action="store_true", help="cProfile one bf16 fast sweep (Python hotspots)")
+    ap.add_argument("--sync-debug", action="store_true", help="list the host-device syncs of one bf16 fast sweep")
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; optional parts are skipped after")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
     args = ap.parse_args(argv)
@@ -268,6 +287,8 @@ def main(argv=None):
                     print(extra[-1], flush=True)
                 if args.profile and not over_budget():
                     profile_sweep(model, pair, device, name)
+                if args.sync_debug and device.type == "cuda":
+                    sync_report(model, pair, name)
                 if args.cpu_profile:
                     cpu_profile_sweep(model, pair, name)
                     for compile_ in (False, True):  # the compiled swap-ins' CPU cost per call, isolated

@@ -191,3 +191,39 @@ def test_shared_prefix_flash_attention_equals_attention_over_the_concatenated_ke
     got = fm.shared_prefix_flash_attention(query, key, value, prefix_key, prefix_value, 0.125)
     assert got.shape == expected.shape and got.dtype == dtype
     assert (got.float() - expected).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cos_batch", [1, 3])
+def test_triton_rotary_equals_the_torch_formula_on_cuda(dtype, cos_batch):
+    from helpers import triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, q, heads, kv_heads, d = 3, 37, 14, 2, 64
+    x = torch.randn(b, q, 16, device="cuda", dtype=dtype, generator=gen)
+    weight = torch.randn((heads + 2 * kv_heads) * d, 16, device="cuda", dtype=dtype, generator=gen)
+    angles = torch.randn(cos_batch, q, d // 2, device="cuda", generator=gen).repeat(1, 1, 2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected = fm.qkv_rotary(x.float(), weight.float(), None, cos.float(), sin.float(), heads, kv_heads, d)
+    fused = torch.nn.functional.linear(x, weight).view(b, q, heads + 2 * kv_heads, d)
+    triton_kernels.rotary_inplace(fused, cos, sin, heads + kv_heads)
+    got = fused.split([heads, kv_heads, kv_heads], dim=2)
+    tol = 1e-5 if dtype == torch.float32 else 0.05 * expected[0].abs().max().item() / 8
+    for g, e in zip(got, expected):
+        assert (g.float() - e).abs().max().item() <= tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_merge_equals_the_torch_merge_on_cuda(dtype):
+    from helpers import triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, q, h, d = 5, 23, 14, 64
+    out_a = torch.randn(1, b * q, h, d, device="cuda", generator=gen).to(dtype).reshape(b, q, h, d)
+    out_b = torch.randn(b, h, q, d, device="cuda", generator=gen).to(dtype).transpose(1, 2)  # strided, as flash
+    lse_a = (3 * torch.randn(h, b * q, device="cuda", generator=gen)).reshape(h, b, q).permute(1, 2, 0)
+    lse_b = (3 * torch.randn(b, h, q, device="cuda", generator=gen)).transpose(1, 2)
+    expected = fm.merge_attention(out_a.float(), lse_a, out_b.float(), lse_b)
+    got = triton_kernels.merge_attention(out_a, lse_a, out_b, lse_b)
+    assert got.shape == (b, q, h, d) and got.is_contiguous() and got.dtype == dtype
+    assert (got.float() - expected).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2)
