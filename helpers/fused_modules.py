@@ -50,7 +50,12 @@ _SILU = frozenset({"silu", "swish"})
 # ----------------------------------------------------------------------------------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., d_model]. HF's LlamaRMSNorm: normalise in float32, cast back to x's dtype, then times weight."""
+    """x: [..., d_model]. HF's LlamaRMSNorm: normalise in float32, cast back to x's dtype, then times weight.
+
+    Where x and weight share a dtype, torch's own ``F.rms_norm`` (one fused kernel on CUDA, float32 inside; in
+    float32 the same formula) computes it; HF's extra rounding before the weight is the only difference."""
+    if x.dtype == weight.dtype and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -302,7 +307,6 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
                 key, value = kv_cache.update(key, value, layer)
             mask = attention_mask
             if prefix is not None:  # (plain math path of the shared prefix: the sweep's promise, no padding)
-                s = prefix[0].shape[2]
                 key = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2)
                 value = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2)
                 mask = None
@@ -331,7 +335,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         return
     if compile is None:
         compile = next(model.parameters()).device.type == "cuda"
-    norm_fn = _maybe_compiled(rms_norm, compile)
+    norm_fn = rms_norm  # F.rms_norm: already one kernel, and a compiled call costs more host time than it saves
     mlp_fn = _maybe_compiled(gated_mlp, compile)
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)
     counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0}

@@ -116,12 +116,17 @@ class _Calls:
         cache_kw = "cache" if "cache" in params else "past_key_values"
         return cls(cache_kw, "logits_to_keep" in params)
 
-    def forward(self, model, ids: torch.Tensor, *, start: int = 0, cache=None, use_cache: bool = False):
-        """Run ``ids`` ([batch, q] tokens at absolute positions start..start+q-1); return (last logits, cache)."""
+    def forward(self, model, ids: torch.Tensor, *, start: int = 0, cache=None, use_cache: bool = False,
+                mask: torch.Tensor | None = None):
+        """Run ``ids`` ([batch, q] tokens at absolute positions start..start+q-1); return (last logits, cache).
+
+        ``mask``: a ready 4D mask, which transformers passes through as is (see ``_causal_mask``)."""
         q = ids.shape[1]
         kwargs = {"use_cache": use_cache or cache is not None}
         if cache is not None:
             kwargs[self.cache_kw] = cache
+        if mask is not None:
+            kwargs["attention_mask"] = mask
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = 1
         position_ids = torch.arange(start, start + q, device=ids.device).unsqueeze(0)
@@ -132,6 +137,14 @@ class _Calls:
             if new_cache is None:  # output field named differently from the keyword in some versions
                 new_cache = getattr(out, "past_key_values" if self.cache_kw == "cache" else "cache", None)
         return out.logits[:, -1], new_cache
+
+
+def _causal_mask(q: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Eager's additive causal mask [1, 1, q, q] for a forward with no cache and no padding.
+
+    Handing it to the model ready-made skips transformers' mask building, whose packed-sequence check reads a GPU
+    value (a host sync per forward, which stalls the launch queue of a sweep)."""
+    return torch.full((q, q), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
 def _device(model) -> torch.device:
@@ -509,6 +522,7 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
         out.fill_(float("nan"))
         return out
     corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+    dtype = next(model.parameters()).dtype
     acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
     buckets = _buckets(first, T, bucket_size)
     state: dict = {"plan": None}
@@ -556,7 +570,7 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 try:
                     if shares_prefix:  # fused attention reads the batch-1 prefix itself: no per-row cache copies
                         with swap.shared_prefix(snap):
-                            logits, _ = calls.forward(model, ids, start=s)
+                            logits, _ = calls.forward(model, ids, start=s, mask=_causal_mask(q, dtype, device))
                     else:
                         logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
                 finally:
