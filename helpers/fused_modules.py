@@ -10,6 +10,8 @@ replaces, only while inside, the ``forward`` of
 - every (full-attention) llama-like attention -> ``q, k, v`` as one matmul with rotary (``qkv_rotary``), then
   attention without ``repeat_kv`` (``grouped_query_attention``: same additive mask, fp32 softmax, cast back), then
   the module's own ``o_proj`` (so hooks there still fire: it is where heads are patched).
+- every llama-like decoder block around them -> the same residual formula, its submodules called as modules, and
+  room in its output for the rows a sweep adds at the next block (``FusedSwap.extra_rows``).
 
 For a caller whose forwards are all causal without padding (the sweep: ``causal_flash=True``), fp16/bf16 attention
 on CUDA uses the aten flash kernel instead, and a forward may replace the KV cache by a **shared prefix**
@@ -176,6 +178,9 @@ def _additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, like: tor
 # ----------------------------------------------------------------------------------------------------------------
 
 _COMPILED: dict = {}
+# below this many input elements a compiled call's host-side cost (guards, wrappers: ~0.2 ms) exceeds the memory
+# traffic it saves, so the plain formula runs (the sweep's one-position side computations, batch-1 prefixes)
+_COMPILE_MIN_NUMEL = 1 << 20
 _BROKEN: set[Callable] = set()
 
 
@@ -222,6 +227,10 @@ class FusedSwap:
     causal_flash: bool = False
     # per layer (keys, values): [1, kv_head, s, d_head] of positions < s, after rotary; None: no shared prefix
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    blocks: set[int] = field(default_factory=set)  # layers whose decoder block runs the fused forward
+    # layer -> n: a fused block appends n copies of its output's row 0 (the sweep's rows joining at the next
+    # block), written in place instead of concatenated to the next block's input (which copies every row)
+    extra_rows: dict[int, int] | None = None
 
     @property
     def shares_prefix(self) -> bool:
@@ -319,6 +328,42 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
     return forward
 
 
+def _fused_block_forward(block, attention, mlp, swap: FusedSwap) -> Callable:
+    """The llama-like decoder block, same formula (``mid = x + attn * m``, ``out = mid + mlp(norm2(mid)) * m``,
+    ``m``: granite's residual multiplier), with its submodules called as modules (their hooks fire), and room for
+    the rows joining at the next block (``FusedSwap.extra_rows``)."""
+    m = getattr(block, "residual_multiplier", None)
+    layer = attention.layer_idx
+
+    def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        kv_cache = cache if cache is not None else past_key_values
+        attn = attention(hidden_states=block.input_layernorm(hidden_states), attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=kv_cache, use_cache=use_cache,
+                         position_embeddings=position_embeddings, **kwargs)[0]
+        mid = hidden_states + (attn if m is None else attn * m)
+        ff = mlp(block.post_attention_layernorm(mid))
+        if m is not None:
+            ff = ff * m
+        extra = swap.extra_rows.get(layer, 0) if swap.extra_rows else 0
+        if not extra:
+            return mid + ff
+        b = mid.shape[0]
+        out = mid.new_empty((b + extra, *mid.shape[1:]))
+        torch.add(mid, ff, out=out[:b])
+        out[b:] = out[:1]
+        return out
+    return forward
+
+
+def _is_plain_block(block, attention, mlp) -> bool:
+    """A llama-like decoder block returning a tensor (transformers 5), with the submodules the formula names."""
+    returns = getattr(type(block).forward, "__annotations__", {}).get("return")
+    return (returns in (torch.Tensor, "torch.Tensor") and getattr(block, "self_attn", None) is attention
+            and getattr(block, "mlp", None) is mlp
+            and all(_is_rms_norm(getattr(block, n, None)) for n in ("input_layernorm", "post_attention_layernorm")))
+
+
 @contextmanager
 def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = False):
     """Swap the fused formulas into ``model`` (a HF ``*ForCausalLM``) while inside; restored on exit, even on error.
@@ -338,7 +383,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
     norm_fn = rms_norm  # F.rms_norm: already one kernel, and a compiled call costs more host time than it saves
     mlp_fn = _maybe_compiled(gated_mlp, compile)
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)
-    counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0}
+    counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0, "block": 0}
     spec = family_spec(model.config)
 
     def swap_forward(module, forward):
@@ -355,7 +400,8 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
             mlp = get_submodule(block, spec.mlp)
             if _is_gated_silu_mlp(mlp, model.config):
                 w_gu, b_gu = _stacked([mlp.gate_proj, mlp.up_proj])
-                swap_forward(mlp, lambda x, _m=mlp, _w=w_gu, _b=b_gu: mlp_fn(
+                swap_forward(mlp, lambda x, _m=mlp, _w=w_gu, _b=b_gu: (
+                    mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp)(
                     x, _w, _b, _m.down_proj.weight, _m.down_proj.bias))
                 counts["gated_mlp"] += 1
             attention = get_submodule(block, spec.attention)
@@ -363,12 +409,16 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
                 swap_forward(attention, _fused_attention_forward(attention, swap, attention.forward, compile))
                 swap.attention_layers.add(attention.layer_idx)
                 counts["attention"] += 1
+                if counts["gated_mlp"] and _is_plain_block(block, attention, mlp):
+                    swap_forward(block, _fused_block_forward(block, attention, mlp, swap))
+                    swap.blocks.add(attention.layer_idx)
+                    counts["block"] += 1
         swap.swapped = [f"{k} x{v}" for k, v in counts.items() if v]
         if causal_flash and counts["attention"]:
             swap.swapped.append("flash attention (CUDA fp16/bf16)")
         yield swap
     finally:
-        swap.prefix = None
+        swap.prefix = swap.extra_rows = None
         for module, own in reversed(swapped_forwards):
             if own is None:
                 del module.forward

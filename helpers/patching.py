@@ -333,6 +333,7 @@ class _Plan:
 
     def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None):
         self.n_new = n_new  # rows appended at the input of block l
+        self.batch = (1 + torch.tensor(n_new).cumsum(0)).tolist()  # batch of block l once its rows have joined
         self.patches = patches  # layer -> (batch_idx, rel_pos, unit, values [n, width])
         # join layer j -> (batch_idx, rel_pos, head, clean z [n, d_head]): head patches of layer j - 1 whose one
         # changed position is computed from the unpatched row's layer j - 1 and written into block j's input
@@ -389,7 +390,8 @@ def _sweep_hooks(model, site: _Site, state: dict):
             n = plan.n_new[_layer]
             if n == 0:
                 return None
-            hidden = torch.cat([hidden, hidden[:1].expand(n, *hidden.shape[1:])], dim=0)
+            if hidden.shape[0] != plan.batch[_layer]:  # (a fused block already appended them: FusedSwap.extra_rows)
+                hidden = torch.cat([hidden, hidden[:1].expand(n, *hidden.shape[1:])], dim=0)
             if site.where == "block" and _layer in plan.patches:
                 hidden = _apply_patch(hidden, site, plan.patches[_layer])
             if _layer in plan.computed:
@@ -502,12 +504,27 @@ def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: int, corrupt_tok: i
     return logits[..., clean_tok] - logits[..., corrupt_tok]
 
 
-def _buckets(first: int, length: int, bucket_size: int | None) -> list[tuple[int, int]]:
+# Default bucketing. A bucket [s, e) recomputes positions s..p-1 for its rows at p (waste ~ bucket size), and each
+# forward costs the host ~2-3 ms per layer to launch. So: at least 8 buckets, and up to 24 where the sweep's
+# arithmetic is large enough to keep the GPU busy meanwhile (~20 TFLOP a forward, ~35 ms of an H100 in bf16).
+# Measured on an H100, bf16, 60 tokens: Qwen2.5-0.5B is fastest at 8 forwards, Llama-3.2-1B at 17 (scripts/bench.py).
+_MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 8, 24, 20e12
+
+
+def _bucket_count(model, site: _Site, n_positions: int) -> int:
+    """Buckets for one example: its sweep's arithmetic (2 x block params x row-token-layers) / _FLOP_PER_FORWARD."""
+    L = len(site.modules)
+    per_layer = sum(p.numel() for p in blocks(model)[0].parameters())
+    row_token_layers = site.n_units * (L * (L - 1) / 2) * (n_positions * (n_positions + 1) / 2)
+    return int(min(_MAX_BUCKETS, max(_MIN_BUCKETS, math.ceil(2 * per_layer * row_token_layers / _FLOP_PER_FORWARD))))
+
+
+def _buckets(first: int, length: int, bucket_size: int | None, n_buckets: int = _MIN_BUCKETS) -> list[tuple[int, int]]:
     n = length - first
     if n <= 0:
         return []
-    if bucket_size is None:  # ~8 forwards per example: few launches, little recomputation of in-bucket prefixes
-        bucket_size = max(1, math.ceil(n / 8))
+    if bucket_size is None:
+        bucket_size = max(1, math.ceil(n / n_buckets))
     return [(s, min(length, s + bucket_size)) for s in range(first, length, bucket_size)]
 
 
@@ -524,7 +541,7 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
     corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
     dtype = next(model.parameters()).dtype
     acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
-    buckets = _buckets(first, T, bucket_size)
+    buckets = _buckets(first, T, bucket_size, _bucket_count(model, site, T - first))
     state: dict = {"plan": None}
     results: list = []
     with torch.inference_mode(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
@@ -565,8 +582,10 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                         computed[join] = entry
                     n_new[join] += n
                     start += n
-                per_layer_batch = (1 + torch.cumsum(torch.tensor(n_new), 0)).tolist()
-                state["plan"] = _Plan(n_new, patches, computed)
+                state["plan"] = plan = _Plan(n_new, patches, computed)
+                per_layer_batch = plan.batch
+                if swap is not None and swap.blocks:  # fused blocks make room for the next block's rows
+                    swap.extra_rows = {j - 1: n for j, n in enumerate(n_new) if j > 0 and n and j - 1 in swap.blocks}
                 try:
                     if shares_prefix:  # fused attention reads the batch-1 prefix itself: no per-row cache copies
                         with swap.shared_prefix(snap):
@@ -575,6 +594,8 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                         logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
                 finally:
                     state["plan"] = None
+                    if swap is not None:
+                        swap.extra_rows = None
                 # stays on the device until the example is done: no host sync between forwards
                 results.append((rows, _metric(logits, two_rows, pair.clean_token_id, pair.corrupt_token_id)))
                 stats["forwards"] = stats.get("forwards", 0) + 1
@@ -700,7 +721,8 @@ def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: 
 
     Returns a HeadPatchingResult with ``normalised`` / ``patched_logit_diff`` of shape [example, layer, head, pos]
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
-    memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None = about 8 buckets).
+    memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 8 to 24 buckets per example,
+    more for larger models).
     ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (compiled on CUDA by default).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,

@@ -30,6 +30,7 @@ def test_fused_forward_equals_hf_modules_and_is_undone(family):
         assert "attention x2" in swap.swapped and "rms_norm x5" in swap.swapped
         assert ("gated_mlp x2" in swap.swapped) == (family != "granitemoe")
         assert swap.attention_layers == {0, 1}
+        assert ("block x2" in swap.swapped) == (swap.blocks == {0, 1}) == (family != "granitemoe")
     else:
         assert swap.swapped == [] and not swap.shares_prefix
     assert torch.allclose(fused, plain, atol=1e-5, rtol=0), (fused - plain).abs().max()
@@ -227,3 +228,19 @@ def test_triton_merge_equals_the_torch_merge_on_cuda(dtype):
     got = triton_kernels.merge_attention(out_a, lse_a, out_b, lse_b)
     assert got.shape == (b, q, h, d) and got.is_contiguous() and got.dtype == dtype
     assert (got.float() - expected).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "granite"])
+def test_a_fused_block_appends_copies_of_row_zero_for_the_next_block(family):
+    model = tiny_model(family)
+    plain = _logits(model)
+    seen = []
+    handle = model.model.layers[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    try:
+        with fused_modules(model, compile=False) as swap:
+            swap.extra_rows = {0: 2}
+            grown = _logits(model)
+    finally:
+        handle.remove()
+    assert seen == [3] and grown.shape[0] == 3
+    assert torch.allclose(grown, plain.expand(3, -1, -1), atol=1e-5, rtol=0)
