@@ -505,10 +505,11 @@ def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: int, corrupt_tok: i
 
 
 # Default bucketing. A bucket [s, e) recomputes positions s..p-1 for its rows at p (waste ~ bucket size), and each
-# forward costs the host ~2-3 ms per layer to launch. So: at least 8 buckets, and up to 24 where the sweep's
+# forward costs the host ~2 ms per layer to launch. So: at least 9 buckets, and up to 24 where the sweep's
 # arithmetic is large enough to keep the GPU busy meanwhile (~20 TFLOP a forward, ~35 ms of an H100 in bf16).
-# Measured on an H100, bf16, 60 tokens: Qwen2.5-0.5B is fastest at 8 forwards, Llama-3.2-1B at 17 (scripts/bench.py).
-_MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 8, 24, 20e12
+# Measured on an H100, bf16, 60 tokens (scripts/bench.py): Qwen2.5-0.5B 0.53 s at 9 forwards, 0.57 at 13, 0.60 at
+# 8; Llama-3.2-1B 1.30-1.34 s at 13-25 forwards, 1.36 at 9.
+_MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 9, 24, 20e12
 
 
 def _bucket_count(model, site: _Site, n_positions: int) -> int:
@@ -721,7 +722,7 @@ def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: 
 
     Returns a HeadPatchingResult with ``normalised`` / ``patched_logit_diff`` of shape [example, layer, head, pos]
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
-    memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 8 to 24 buckets per example,
+    memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 9 to 24 buckets per example,
     more for larger models).
     ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (compiled on CUDA by default).
     """
