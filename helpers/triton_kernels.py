@@ -28,7 +28,9 @@ def usable(*tensors: torch.Tensor, d_head: int) -> bool:
 
 
 if triton is not None:
-    @triton.jit
+    # Triton specialises integer arguments on ``== 1`` and divisibility by 16 (a compile per new combination); the
+    # sizes and strides here change with every example's length and every forward's batch, so none is specialised.
+    @triton.jit(do_not_specialize=["n_rows", "q_len", "x_row_stride", "cs_row_stride"])
     def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, q_len, x_row_stride, cs_row_stride,
                        HALF: tl.constexpr, BLOCK_R: tl.constexpr):
         # program (row block, head): rows are (batch, pos) pairs, pos = row % q_len indexes cos/sin
@@ -49,7 +51,8 @@ if triton is not None:
         tl.store(ptr, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty), mask=ok[:, None])
         tl.store(ptr + HALF, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=ok[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "q_len", "oa_sb", "oa_sq", "oa_sh", "la_sb", "la_sq", "la_sh",
+                                   "ob_sb", "ob_sq", "ob_sh", "lb_sb", "lb_sq", "lb_sh"])
     def _merge_kernel(oa_ptr, la_ptr, ob_ptr, lb_ptr, z_ptr, n_rows, q_len,
                       oa_sb, oa_sq, oa_sh, la_sb, la_sq, la_sh, ob_sb, ob_sq, ob_sh, lb_sb, lb_sq, lb_sh,
                       D: tl.constexpr, BLOCK_R: tl.constexpr):
