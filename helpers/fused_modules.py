@@ -5,7 +5,7 @@ launch many small kernels: RMSNorm upcasts in ~7, rotary's ``rotate_half`` in ~6
 and value head group times, and the KV cache concatenates the shared prefix into every row. ``fused_modules(model)``
 replaces, only while inside, the ``forward`` of
 
-- every ``*RMSNorm``           -> ``rms_norm``   (normalise in fp32, cast back, times weight)
+- every ``*RMSNorm``           -> ``rms_norm``   (``F.rms_norm``: one kernel, float32 inside)
 - every gated SiLU MLP         -> ``gated_mlp``  (``down(silu(gate(x)) * up(x))``, gate and up as one matmul)
 - every (full-attention) llama-like attention -> ``q, k, v`` as one matmul with rotary (``qkv_rotary``), then
   attention without ``repeat_kv`` (``grouped_query_attention``: same additive mask, fp32 softmax, cast back), then
@@ -21,13 +21,15 @@ their own tokens in a causal one; the two are merged exactly by their log-sum-ex
 prefix is never copied per row.
 
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
-family). With ``compile=True`` (the default on CUDA) the elementwise formulas are ``torch.compile(dynamic=True)``'d,
-so inductor fuses each into one or two kernels; matmuls stay cuBLAS calls. If compilation fails (no Triton, say)
-the plain function is used, with one warning. On CUDA, rotary and the prefix merge run as hand-written Triton kernels
-(helpers.triton_kernels), which inductor's dynamic-shape kernels were ten times slower than. Sliding-window attention layers, modules this file does not
-recognise, and families outside ``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one kernel) keep
-their own forward. Hooks on swapped modules still run: only ``forward`` is replaced. The fused q/k/v and gate/up
-weights are concatenated copies, held while inside (for Llama-3.2-1B in bf16, 1.3 GB).
+family). With ``compile=True`` (the default on CUDA) the MLP and the plain-torch fallbacks are
+``torch.compile(dynamic=True)``'d, so inductor fuses ``silu(gate) * up`` into one kernel (matmuls stay cuBLAS
+calls); inputs under ``_COMPILE_MIN_NUMEL`` elements run uncompiled, where a compiled call's host cost exceeds its
+saving. If compilation fails (no Triton, say) the plain function is used, with one warning. On CUDA, rotary and the
+prefix merge run as hand-written Triton kernels (helpers.triton_kernels): inductor's dynamic-shape versions of them
+were ten times slower. Sliding-window attention layers, modules this file does not recognise, and families outside
+``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on
+swapped modules still run: only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated
+copies, held while inside (for Llama-3.2-1B in bf16, 1.3 GB).
 """
 from __future__ import annotations
 

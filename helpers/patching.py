@@ -10,9 +10,10 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
    are identical, so a patch there changes nothing: ``patched_logit_diff = corrupt_logit_diff``, not computed.
 2. **Corrupt KV cache.** A patch at position ``p`` cannot change keys/values at positions ``< p`` in any layer.
    Patch positions are grouped in buckets ``[s, e)``; one forward feeds only tokens ``s..end`` with the corrupt
-   run's cache of positions ``< s`` (computed once per bucket start, batch 1, shared by every row as an expanded
-   view), with explicit ``position_ids``. Each batch row is one patch, applied by a hook at its own relative
-   position in its own layer.
+   run's cache of positions ``< s`` (computed once per bucket start, batch 1), with explicit ``position_ids``. Each
+   batch row is one patch, applied by a hook at its own relative position in its own layer. Fused llama-like models
+   share that batch-1 cache with every row inside their attention (``FusedSwap.shared_prefix``: one flash call over
+   all rows' queries, merged exactly with the causal part); other families get it as an expanded view per layer.
 3. **Rows join at their layer.** Layers before a patch's layer compute exactly the corrupt activations. The
    forward starts with *one* row (the unpatched corrupt run, which is also a self-check of the machinery); a
    forward pre-hook on block ``l`` appends copies of that row for the patches joining there (rows are sorted by
@@ -29,16 +30,17 @@ Only the answer position's logits are needed: the model runs with ``logits_to_ke
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
 and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
 out-of-memory error halves the chunk and retries instead of failing. Llama-family models run with
-helpers.fused_modules' same-formula swap-ins (``fused=True``; compiled, with causal flash attention, on CUDA).
+helpers.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash attention, Triton and compiled
+kernels).
 
 Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
-example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27):
-TinyStories-2L 0.087 s fp32 / 0.072 s bf16; Qwen2.5-0.5B 3.96 s / 0.81 s; Llama-3.2-1B 13.3 s / 1.63 s (the
-nnsight loop, extrapolated: 11 / 11, 1108 / 878, 801 / 1290 s; the loop's own time varies +-30 % between runs).
-The bf16 targets (0.6 s / 1.2 s) are NOT met: Qwen is bound by the CPU launching its many small kernels (GPU busy
-0.48 of 0.81 s), Llama by matmuls (56 % of GPU time), flash attention at 28 x 60 (12 %) and rotary (13 %). fp32
-agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as
-much: rounding); bf16 differs by up to ~0.4 logits, about one bf16 ulp at those logit sizes.
+example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27, README "Speed"):
+TinyStories-2L 0.068 s fp32 / 0.058 s bf16; Qwen2.5-0.5B 3.70 s / 0.54-0.63 s; Llama-3.2-1B 12.3 s / 1.27-1.30 s
+(the nnsight loop, extrapolated: 8 / 8, 666 / 1083, 1093 / 1137 s; the loop's own time varies +-30 % between runs).
+Qwen in bf16 is held back by the host launching ~24 layers x 9 forwards of kernels, Llama by its matmuls (~60 % of
+GPU time, ~750 TFLOP/s), flash attention (~16 %) and the gated MLP's elementwise step (~11 %). fp32 agrees with the
+loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as much: rounding);
+bf16 by up to ~0.7 logits, about one bf16 ulp at those logit sizes (the unpatched row, likewise).
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
