@@ -643,6 +643,26 @@ def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
     return clean_diff, corrupt_diff, correct, store
 
 
+def _metrics(model, calls: _Calls, pair):
+    """(clean_diff, corrupt_diff, clean_correct) from one batch-2 forward (clean and corrupt have one length)."""
+    device = _device(model)
+    ids = torch.as_tensor([list(pair.clean_ids), list(pair.corrupt_ids)], device=device)
+    with torch.inference_mode():
+        logits, _ = calls.forward(model, ids)
+    logits = logits.float()
+    diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).tolist()
+    return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
+
+
+def _clean_activations(model, calls: _Calls, site: _Site, pair) -> dict:
+    """{layer: activation at ``site`` of the clean run [pos, width]} (one batch-1 forward)."""
+    store: dict = {}
+    clean = torch.as_tensor(list(pair.clean_ids), device=_device(model)).unsqueeze(0)
+    with torch.inference_mode(), capture_site(site, store):
+        calls.forward(model, clean)
+    return store
+
+
 def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     """tqdm.auto over ``iterable`` (or a manual bar when it is None); ``iterable`` itself / None when disabled."""
     if not enabled:
@@ -688,8 +708,8 @@ def _eval_mode(model):
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
                  bucket_size, progress, swap):
     # metrics first (no activations kept), so exclusions are reported before the long part
-    pre = [_clean_and_corrupt(model, calls, None, p) for p in pairs]
-    included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
+    pre = [_metrics(model, calls, p) for p in pairs]
+    included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     stats: dict = {}
     per_example = []
     L, U = len(site.modules), site.n_units
@@ -697,7 +717,7 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
     bar = _progress(None, progress and total > 0, f"patch {kind}", total=total)
     try:
         for i, pair in enumerate(pairs):
-            acts = _clean_and_corrupt(model, calls, site, pair)[3] if included[i] else None
+            acts = _clean_activations(model, calls, site, pair) if included[i] else None
             per_example.append(_sweep_example(
                 model, calls, site, pair, firsts[i], bool(included[i]), pre[i][0], pre[i][1], acts,
                 chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap))
