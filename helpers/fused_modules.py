@@ -140,22 +140,29 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return z.to(out_a.dtype)
 
 
+def _causal_flash_with_lse(query, key, value, scaling):
+    """query [batch, q, head, d], key/value [batch, q, kv_head, d] -> (out [batch, q, head, d], lse [batch, q, head])."""
+    out, lse = _flash(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), True, scaling)
+    return out, lse.transpose(1, 2)
+
+
 def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   prefix_key: torch.Tensor, prefix_value: torch.Tensor, scaling: float,
-                                  merge: Callable = merge_attention) -> torch.Tensor:
+                                  merge: Callable = merge_attention,
+                                  own: Callable = _causal_flash_with_lse) -> torch.Tensor:
     """Causal attention of every row's tokens to one shared prefix, then to their own tokens; CUDA fp16/bf16.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, positions s..s+q-1);
     prefix_key/value: [1, kv_head, s, d_head] (positions < s, the same for every row). Returns z: [batch, q, head,
     d_head]. Every prefix key precedes every query, so the prefix part needs no mask and the batch rows fold into
-    one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is causal.
+    one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is causal
+    (``own``: flash, or helpers.triton_kernels.short_causal_attention for short rows).
     """
     b, q, n_heads, d_head = query.shape
     folded = query.reshape(1, b * q, n_heads, d_head).transpose(1, 2)  # [1, head, b * q, d_head]
     out_p, lse_p = _flash(folded, prefix_key, prefix_value, False, scaling)
-    out_n, lse_n = _flash(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), True, scaling)
-    return merge(out_p.reshape(b, q, n_heads, d_head), lse_p.reshape(n_heads, b, q).permute(1, 2, 0),
-                 out_n, lse_n.transpose(1, 2))
+    out_n, lse_n = own(query, key, value, scaling)
+    return merge(out_p.reshape(b, q, n_heads, d_head), lse_p.reshape(n_heads, b, q).permute(1, 2, 0), out_n, lse_n)
 
 
 def _flash_applies(module, query: torch.Tensor) -> bool:
@@ -310,8 +317,10 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         prefix = None if swap.prefix is None else swap.prefix[layer]
         flash = swap.causal_flash and _flash_applies(module, query)
         if prefix is not None and flash:
-            z = shared_prefix_flash_attention(query, key, value, *prefix, module.scaling,
-                                              merge=triton_kernels.merge_attention if on_triton else merge)
+            short = on_triton and q_len <= triton_kernels.SHORT_CAUSAL_MAX
+            z = shared_prefix_flash_attention(
+                query, key, value, *prefix, module.scaling, merge=triton_kernels.merge_attention if on_triton else merge,
+                own=triton_kernels.short_causal_attention if short else _causal_flash_with_lse)
         else:
             key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, kv_head, q, d_head]
             if kv_cache is not None:

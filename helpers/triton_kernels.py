@@ -1,7 +1,7 @@
-"""Two memory-bound steps of the fused attention as hand-written Triton kernels (CUDA only).
+"""Three steps of the fused attention as hand-written Triton kernels (CUDA only).
 
-torch.compile with dynamic shapes turned both into kernels that reached ~0.2 TB/s on an H100 (index arithmetic on
-symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain torch twin in
+torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
+arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain torch twin in
 helpers.fused_modules (in float32, rounded once), and is used only when ``usable`` says so; tests compare the two on
 the GPU box.
 
@@ -9,6 +9,8 @@ the GPU box.
   ``n_rotated_heads`` heads (query then key heads) of the fused q/k/v projection, in place.
 - ``merge_attention(out_a, lse_a, out_b, lse_b)``: attention over two key sets from each one's output and
   log-sum-exp (``helpers.fused_modules.merge_attention``).
+- ``short_causal_attention(query, key, value, scaling)``: the causal attention of short rows among their own
+  tokens, with its log-sum-exp (what flash attention computes, without its padding on short rows).
 """
 from __future__ import annotations
 
@@ -75,7 +77,36 @@ if triton is not None:
         tl.store(z_ptr + z_off[:, None] + d[None, :], z.to(z_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+    @triton.jit(do_not_specialize=["q_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq", "v_sh",
+                                   "o_sb", "o_sq", "o_sh", "l_sb", "l_sq", "l_sh"])
+    def _short_causal_kernel(q_ptr, k_ptr, v_ptr, o_ptr, l_ptr, q_len, scale,
+                             q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh, o_sb, o_sq, o_sh, l_sb, l_sq, l_sh,
+                             GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+        # program (row, kv head): its keys and values are loaded once for the GROUP query heads that share them
+        b = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        d = tl.arange(0, D)
+        valid = i < q_len
+        k = tl.load(k_ptr + b * k_sb + i[:, None] * k_sq + kv_head * k_sh + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + b * v_sb + i[:, None] * v_sq + kv_head * v_sh + d[None, :], mask=valid[:, None], other=0.0)
+        keep = (i[None, :] <= i[:, None]) & valid[None, :]
+        for g in tl.static_range(GROUP):
+            head = kv_head * GROUP + g
+            q = tl.load(q_ptr + b * q_sb + i[:, None] * q_sq + head * q_sh + d[None, :], mask=valid[:, None],
+                        other=0.0)
+            scores = tl.where(keep, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            m = tl.max(scores, 1)
+            p = tl.exp(scores - m[:, None])
+            total = tl.sum(p, 1)
+            out = tl.dot(p.to(v.dtype), v) / total[:, None]  # probabilities rounded to v's dtype, as flash does
+            tl.store(o_ptr + b * o_sb + i[:, None] * o_sq + head * o_sh + d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+            tl.store(l_ptr + b * l_sb + i * l_sq + head * l_sh, m + tl.log(total), mask=valid)
+
+
 _BLOCK_R = 32
+SHORT_CAUSAL_MAX = 128  # longest row the one-tile causal kernel takes (its score tile is BLOCK x BLOCK)
 
 
 def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated_heads: int) -> torch.Tensor:
@@ -107,3 +138,24 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
                         *out_a.stride()[:3], *lse_a.stride(), *out_b.stride()[:3], *lse_b.stride(),
                         D=d_head, BLOCK_R=_BLOCK_R)
     return z
+
+
+def short_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    """Causal attention of each row's q tokens among themselves, one tile per (row, key/value head); fp16/bf16.
+
+    query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (any strides, d_head contiguous),
+    q <= SHORT_CAUSAL_MAX. Returns (out [batch, q, head, d_head], lse [batch, q, head] float32, natural log), the
+    pair ``merge_attention`` takes. For the sweep's short rows this beats flash attention, whose 128-query tiles
+    are mostly padding there and which reloads a group's keys for each of its query heads.
+    """
+    b, q, n_heads, d_head = query.shape
+    n_kv = key.shape[2]
+    assert q <= SHORT_CAUSAL_MAX and query.stride(3) == key.stride(3) == value.stride(3) == 1
+    out = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
+    lse = torch.empty(b, q, n_heads, dtype=torch.float32, device=query.device)
+    block = max(16, triton.next_power_of_2(q))
+    _short_causal_kernel[(b, n_kv)](query, key, value, out, lse, q, scaling, *query.stride()[:3],
+                                    *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *lse.stride(),
+                                    GROUP=n_heads // n_kv, BLOCK=block, D=d_head,
+                                    num_warps=4 if block <= 64 else 8)
+    return out, lse

@@ -244,3 +244,18 @@ def test_a_fused_block_appends_copies_of_row_zero_for_the_next_block(family):
         handle.remove()
     assert seen == [3] and grown.shape[0] == 3
     assert torch.allclose(grown, plain.expand(3, -1, -1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q, heads, kv_heads", [(50, 14, 2), (9, 32, 8), (128, 4, 4)])
+def test_triton_short_causal_attention_equals_flash_on_cuda(dtype, q, heads, kv_heads):
+    from helpers import triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(37, q, heads + 2 * kv_heads, 64, generator=gen, device="cuda").to(dtype)
+    query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)  # strided views, as in the sweep
+    out, lse = triton_kernels.short_causal_attention(query, key, value, 0.125)
+    ref_out, ref_lse = fm._causal_flash_with_lse(query, key, value, 0.125)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert (out.float() - ref_out.float()).abs().max().item() < 2e-2
+    assert (lse - ref_lse).abs().max().item() < 1e-2
