@@ -21,12 +21,11 @@ their own tokens in a causal one; the two are merged exactly by their log-sum-ex
 prefix is never copied per row.
 
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
-family). With ``compile=True`` (the default on CUDA) the MLP and the plain-torch fallbacks are
-``torch.compile(dynamic=True)``'d, so inductor fuses ``silu(gate) * up`` into one kernel (matmuls stay cuBLAS
-calls); inputs under ``_COMPILE_MIN_NUMEL`` elements run uncompiled, where a compiled call's host cost exceeds its
-saving. If compilation fails (no Triton, say) the plain function is used, with one warning. On CUDA, rotary and the
-prefix merge run as hand-written Triton kernels (helpers.triton_kernels): inductor's dynamic-shape versions of them
-were ten times slower. Sliding-window attention layers, modules this file does not recognise, and families outside
+family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' causal attention and the prefix merge run
+as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower, rotary and
+the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain formulas are
+``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a compiled
+call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning. Sliding-window attention layers, modules this file does not recognise, and families outside
 ``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on
 swapped modules still run: only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated
 copies, held while inside (for Llama-3.2-1B in bf16, 1.3 GB).
@@ -69,6 +68,19 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
     """x: [..., d_model] -> [..., d_model]: ``down(silu(gate(x)) * up(x))``; ``w_gate_up`` is [gate; up] stacked."""
     gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w_down, b_down)
+
+
+def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
+    """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
+    for large inputs and the plain formula for small ones."""
+    down = mlp.down_proj
+
+    def forward(x):
+        if triton_kernels.usable(x):
+            return F.linear(triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up)), down.weight, down.bias)
+        fn = mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp
+        return fn(x, w_gate_up, b_gate_up, down.weight, down.bias)
+    return forward
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -411,9 +423,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
             mlp = get_submodule(block, spec.mlp)
             if _is_gated_silu_mlp(mlp, model.config):
                 w_gu, b_gu = _stacked([mlp.gate_proj, mlp.up_proj])
-                swap_forward(mlp, lambda x, _m=mlp, _w=w_gu, _b=b_gu: (
-                    mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp)(
-                    x, _w, _b, _m.down_proj.weight, _m.down_proj.bias))
+                swap_forward(mlp, _gated_mlp_forward(mlp, w_gu, b_gu, mlp_fn))
                 counts["gated_mlp"] += 1
             attention = get_submodule(block, spec.attention)
             if _is_plain_attention(attention):

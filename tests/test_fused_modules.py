@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import helpers.fused_modules as fm
 from helpers.fused_modules import FUSABLE_FAMILIES, fused_modules
@@ -259,3 +260,14 @@ def test_triton_short_causal_attention_equals_flash_on_cuda(dtype, q, heads, kv_
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert (out.float() - ref_out.float()).abs().max().item() < 2e-2
     assert (lse - ref_lse).abs().max().item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_silu_mul_equals_the_torch_formula_on_cuda(dtype):
+    from helpers import triton_kernels
+    gate_up = torch.randn(3, 37, 2 * 1500, device="cuda").to(dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    got = triton_kernels.silu_mul(gate_up)
+    assert got.shape == (3, 37, 1500) and got.dtype == dtype
+    assert (got.float() - F.silu(gate) * up).abs().max().item() <= (1e-5 if dtype == torch.float32 else 3e-2)

@@ -393,3 +393,25 @@ def test_heads_of_deeper_models_equal_nnsight_reference(family):
         fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, bucket_size=3)
     assert_raw_close(fast, ref)
     assert fast.normalised.nan_to_num(0)[:, :3].abs().max() > 1e-3  # early layers' patches reach the answer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels (Triton, flash) run on the GPU box only")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
+def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family):
+    """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16) and flash + Triton attention (bf16)."""
+    model = tiny_model(family)
+    pairs = make_pairs(0, model)
+    model.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        assert_raw_close(fast, ref, atol=1e-4)  # fp32 on a GPU: TF32 is off, rounding only
+        model.to(torch.bfloat16)
+        fused = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False)
+    assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"] and fused.stats["shared_prefix"]
+    a, b = fused.patched_logit_diff, plain.patched_logit_diff
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    scale = b.nan_to_num(0).abs().max().item()
+    assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05
