@@ -30,17 +30,16 @@ Only the answer position's logits are needed: the model runs with ``logits_to_ke
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
 and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
 out-of-memory error halves the chunk and retries instead of failing. Llama-family models run with
-helpers.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash attention, Triton and compiled
-kernels).
+helpers.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash attention and Triton kernels).
 
 Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
 example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27, README "Speed"):
-TinyStories-2L 0.068 s fp32 / 0.058 s bf16; Qwen2.5-0.5B 3.70 s / 0.54-0.63 s; Llama-3.2-1B 12.3 s / 1.27-1.30 s
-(the nnsight loop, extrapolated: 8 / 8, 666 / 1083, 1093 / 1137 s; the loop's own time varies +-30 % between runs).
-Qwen in bf16 is held back by the host launching ~24 layers x 9 forwards of kernels, Llama by its matmuls (~60 % of
-GPU time, ~750 TFLOP/s), flash attention (~16 %) and the gated MLP's elementwise step (~11 %). fp32 agrees with the
-loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as much: rounding);
-bf16 by up to ~0.7 logits, about one bf16 ulp at those logit sizes (the unpatched row, likewise).
+TinyStories-2L 0.070 s fp32 / 0.080 s bf16; Qwen2.5-0.5B 3.60 s / 0.49 s; Llama-3.2-1B 12.2 s / 1.17-1.24 s (the
+nnsight loop, extrapolated: 10 / 12, 693 / 687, 680 / 1392 s; the loop's own time varies 2x between runs). Qwen in
+bf16 is held back by the host launching ~24 layers x 9 forwards of kernels, Llama by its matmuls (~65 % of GPU
+time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). fp32 agrees with the loop to ~1e-4 logits on these
+shapes (the unpatched row deviates from the full corrupt run by as much: rounding); bf16 by up to ~0.7 logits, about
+one bf16 ulp at those logit sizes (the unpatched row, likewise).
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
@@ -509,8 +508,8 @@ def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: int, corrupt_tok: i
 # Default bucketing. A bucket [s, e) recomputes positions s..p-1 for its rows at p (waste ~ bucket size), and each
 # forward costs the host ~2 ms per layer to launch. So: at least 9 buckets, and up to 24 where the sweep's
 # arithmetic is large enough to keep the GPU busy meanwhile (~20 TFLOP a forward, ~35 ms of an H100 in bf16).
-# Measured on an H100, bf16, 60 tokens (scripts/bench.py): Qwen2.5-0.5B 0.53 s at 9 forwards, 0.57 at 13, 0.60 at
-# 8; Llama-3.2-1B 1.30-1.34 s at 13-25 forwards, 1.36 at 9.
+# Measured on an H100, bf16, 60 tokens (scripts/bench.py, before the Triton MLP and own-token kernels): Qwen2.5-0.5B
+# 0.53 s at 9 forwards, 0.57 at 13, 0.60 at 8; Llama-3.2-1B 1.30-1.34 s at 13-25 forwards, 1.36 at 9.
 _MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 9, 24, 20e12
 
 
@@ -678,7 +677,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     """The shared driver of every kernel; ``kind`` is one of ``SITES``. See the module docstring.
 
     ``fused``: run llama-like models with helpers.fused_modules' same-formula swap-ins (fewer kernels);
-    ``compile``: torch.compile those (None: on CUDA only).
+    ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA only).
     """
     model = unwrap_model(model)
     calls = _Calls.of(model)
@@ -746,7 +745,7 @@ def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: 
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
     memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 9 to 24 buckets per example,
     more for larger models).
-    ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (compiled on CUDA by default).
+    ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (see ``patch_sweep``).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,
                        chunk_size=chunk_size, bucket_size=bucket_size, progress=progress, fused=fused,
