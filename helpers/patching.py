@@ -152,6 +152,10 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def _first_tensor(args, kwargs, name: str | None = None):
     if args:
         return args[0]
@@ -474,7 +478,8 @@ def _truncated(cache, s: int):
     return out
 
 
-def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int], stats: dict) -> list:
+def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int], stats: dict,
+                   ready_mask: bool = False) -> list:
     """The corrupt run's cache of positions < s for every bucket start s (None for s = 0).
 
     Full-attention caches: one batch-1 pass up to the last start, then views truncated to each start. Other
@@ -483,7 +488,8 @@ def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int
     last = max(starts, default=0)
     if last == 0:
         return [None for _ in starts]
-    _, cache = calls.forward(model, corrupt[:, :last], cache=None, use_cache=True)
+    mask = _causal_mask(last, _dtype(model), corrupt.device) if ready_mask else None
+    _, cache = calls.forward(model, corrupt[:, :last], cache=None, use_cache=True, mask=mask)
     stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
     if _is_plain(cache):
         return [_truncated(cache, s) if s > 0 else None for s in starts]
@@ -541,14 +547,14 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
         out.fill_(float("nan"))
         return out
     corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
-    dtype = next(model.parameters()).dtype
+    dtype = _dtype(model)
     acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
     buckets = _buckets(first, T, bucket_size, _bucket_count(model, site, T - first))
     state: dict = {"plan": None}
     results: list = []
     with torch.inference_mode(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
             _sweep_hooks(model, site, state):
-        snaps = _prefix_caches(model, calls, corrupt, [b[0] for b in buckets], stats)
+        snaps = _prefix_caches(model, calls, corrupt, [b[0] for b in buckets], stats, _ready_masks(swap))
         shares_prefix = swap is not None and swap.shares_prefix and all(_is_plain(c) for c in snaps if c is not None)
         stats["shared_prefix"] = shares_prefix
         for (s, e), snap in zip(buckets, snaps):
@@ -642,23 +648,31 @@ def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
     return clean_diff, corrupt_diff, correct, store
 
 
-def _metrics(model, calls: _Calls, pair):
+def _ready_masks(swap) -> bool:
+    """Hand the model ready causal masks (no host sync in transformers' mask building)? Only where the fused
+    attention runs every layer under the sweep's promise (causal, no padding)."""
+    return swap is not None and swap.shares_prefix
+
+
+def _metrics(model, calls: _Calls, pair, ready_mask: bool = False):
     """(clean_diff, corrupt_diff, clean_correct) from one batch-2 forward (clean and corrupt have one length)."""
     device = _device(model)
     ids = torch.as_tensor([list(pair.clean_ids), list(pair.corrupt_ids)], device=device)
+    mask = _causal_mask(ids.shape[1], _dtype(model), device) if ready_mask else None
     with torch.inference_mode():
-        logits, _ = calls.forward(model, ids)
+        logits, _ = calls.forward(model, ids, mask=mask)
     logits = logits.float()
     diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).tolist()
     return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
 
 
-def _clean_activations(model, calls: _Calls, site: _Site, pair) -> dict:
+def _clean_activations(model, calls: _Calls, site: _Site, pair, ready_mask: bool = False) -> dict:
     """{layer: activation at ``site`` of the clean run [pos, width]} (one batch-1 forward)."""
     store: dict = {}
     clean = torch.as_tensor(list(pair.clean_ids), device=_device(model)).unsqueeze(0)
+    mask = _causal_mask(clean.shape[1], _dtype(model), clean.device) if ready_mask else None
     with torch.inference_mode(), capture_site(site, store):
-        calls.forward(model, clean)
+        calls.forward(model, clean, mask=mask)
     return store
 
 
@@ -707,7 +721,7 @@ def _eval_mode(model):
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
                  bucket_size, progress, swap):
     # metrics first (no activations kept), so exclusions are reported before the long part
-    pre = [_metrics(model, calls, p) for p in pairs]
+    pre = [_metrics(model, calls, p, _ready_masks(swap)) for p in pairs]
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     stats: dict = {}
     per_example = []
@@ -716,7 +730,7 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
     bar = _progress(None, progress and total > 0, f"patch {kind}", total=total)
     try:
         for i, pair in enumerate(pairs):
-            acts = _clean_activations(model, calls, site, pair) if included[i] else None
+            acts = _clean_activations(model, calls, site, pair, _ready_masks(swap)) if included[i] else None
             per_example.append(_sweep_example(
                 model, calls, site, pair, firsts[i], bool(included[i]), pre[i][0], pre[i][1], acts,
                 chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap))
