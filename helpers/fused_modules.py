@@ -25,10 +25,11 @@ family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' causal 
 as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower, rotary and
 the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain formulas are
 ``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a compiled
-call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning. Sliding-window attention layers, modules this file does not recognise, and families outside
-``FUSABLE_FAMILIES`` (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on
-swapped modules still run: only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated
-copies, held while inside (for Llama-3.2-1B in bf16, 1.3 GB).
+call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning.
+Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``
+(gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on swapped modules still run:
+only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated, detached copies, held while
+inside (for Llama-3.2-1B in bf16, 1.3 GB); with gradients enabled the attention and MLP run their own forwards.
 """
 from __future__ import annotations
 
@@ -72,10 +73,14 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
 
 def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
     """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
-    for large inputs and the plain formula for small ones."""
+    for large inputs and the plain formula for small ones. With gradients on, the module's own forward (the fused
+    weights are detached copies)."""
     down = mlp.down_proj
+    original = mlp.forward
 
     def forward(x):
+        if torch.is_grad_enabled():
+            return original(x)
         if triton_kernels.usable(x):
             return F.linear(triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up)), down.weight, down.bias)
         fn = mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp
@@ -313,8 +318,12 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
                 **kwargs):
         kv_cache = cache if cache is not None else past_key_values
-        if (position_embeddings is None or (module.training and getattr(module, "attention_dropout", 0.0))
-                or not (attention_mask is None or isinstance(attention_mask, torch.Tensor))):  # flex's BlockMask
+        # the HF forward where this one's promises fail: gradients (Triton kernels and detached fused weights have
+        # none), dropout, masks other than eager's / sdpa's 4D ones (flash-attention-2's 2D padding mask, flex's)
+        if (position_embeddings is None or torch.is_grad_enabled()
+                or (module.training and getattr(module, "attention_dropout", 0.0))
+                or not (attention_mask is None
+                        or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))):
             return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                             **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
         b, q_len, _ = hidden_states.shape
@@ -329,7 +338,7 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         prefix = None if swap.prefix is None else swap.prefix[layer]
         flash = swap.causal_flash and _flash_applies(module, query)
         if prefix is not None and flash:
-            short = on_triton and q_len <= triton_kernels.SHORT_CAUSAL_MAX
+            short = on_triton and triton_kernels.short_causal_applies(q_len, d_head)
             z = shared_prefix_flash_attention(
                 query, key, value, *prefix, module.scaling, merge=triton_kernels.merge_attention if on_triton else merge,
                 own=triton_kernels.short_causal_attention if short else _causal_flash_with_lse)

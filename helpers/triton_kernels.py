@@ -1,9 +1,9 @@
 """Four memory-bound steps of the fused modules as hand-written Triton kernels (CUDA only).
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
-arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain torch twin in
-helpers.fused_modules (in float32, rounded once), and is used only when ``usable`` says so; tests compare the two on
-the GPU box.
+arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
+torch twin in helpers.fused_modules (in float32, rounded once), and is used only when ``usable`` says so; tests
+compare the two on the GPU box. No autograd: callers use them under no_grad / inference_mode only.
 
 - ``rotary_inplace(qkv, cos, sin, n_rotated_heads)``: HF's ``x * cos + rotate_half(x) * sin`` on the first
   ``n_rotated_heads`` heads (query then key heads) of the fused q/k/v projection, in place.
@@ -14,6 +14,8 @@ the GPU box.
   tokens, with its log-sum-exp (what flash attention computes, without its padding on short rows).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -40,7 +42,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         head = tl.program_id(1)
         ok = rows < n_rows
-        pos = rows % q_len
+        pos = (rows % q_len).to(tl.int64)
         i = tl.arange(0, HALF)
         ptr = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + head * (2 * HALF) + i[None, :]
         cs = pos[:, None] * cs_row_stride + i[None, :]
@@ -120,7 +122,19 @@ if triton is not None:
 
 
 _BLOCK_R = 32
+
+
+def _on(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s (a model on cuda:1, say) while launching."""
+    if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
+        return nullcontext()
+    return torch.cuda.device(t.device)
 SHORT_CAUSAL_MAX = 128  # longest row the one-tile causal kernel takes (its score tile is BLOCK x BLOCK)
+
+
+def short_causal_applies(q_len: int, d_head: int) -> bool:
+    """Rows short enough for one tile; 128-token tiles only up to d_head 128 (registers)."""
+    return q_len <= 64 or (q_len <= SHORT_CAUSAL_MAX and d_head <= 128)
 
 
 def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated_heads: int) -> torch.Tensor:
@@ -135,8 +149,9 @@ def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_ro
     cos, sin = cos.contiguous(), sin.contiguous()
     n_rows = b * q
     grid = (triton.cdiv(n_rows, _BLOCK_R), n_rotated_heads)
-    _rotary_kernel[grid](qkv, cos, sin, n_rows, q_len, qkv.stride(1), cos.stride(0),
-                         HALF=d_head // 2, BLOCK_R=_BLOCK_R)
+    with _on(qkv):
+        _rotary_kernel[grid](qkv, cos, sin, n_rows, q_len, qkv.stride(1), cos.stride(0),
+                             HALF=d_head // 2, BLOCK_R=_BLOCK_R)
     return qkv
 
 
@@ -148,9 +163,10 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     z = torch.empty(b, q, n_heads, d_head, dtype=out_a.dtype, device=out_a.device)
     n_rows = b * q
     grid = (triton.cdiv(n_rows, _BLOCK_R), n_heads)
-    _merge_kernel[grid](out_a, lse_a, out_b, lse_b, z, n_rows, q,
-                        *out_a.stride()[:3], *lse_a.stride(), *out_b.stride()[:3], *lse_b.stride(),
-                        D=d_head, BLOCK_R=_BLOCK_R)
+    with _on(z):
+        _merge_kernel[grid](out_a, lse_a, out_b, lse_b, z, n_rows, q,
+                            *out_a.stride()[:3], *lse_a.stride(), *out_b.stride()[:3], *lse_b.stride(),
+                            D=d_head, BLOCK_R=_BLOCK_R)
     return z
 
 
@@ -168,10 +184,11 @@ def short_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     out = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
     lse = torch.empty(b, q, n_heads, dtype=torch.float32, device=query.device)
     block = max(16, triton.next_power_of_2(q))
-    _short_causal_kernel[(b, n_kv)](query, key, value, out, lse, q, scaling, *query.stride()[:3],
-                                    *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *lse.stride(),
-                                    GROUP=n_heads // n_kv, BLOCK=block, D=d_head,
-                                    num_warps=4 if block <= 64 else 8)
+    with _on(out):
+        _short_causal_kernel[(b, n_kv)](query, key, value, out, lse, q, scaling, *query.stride()[:3],
+                                        *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *lse.stride(),
+                                        GROUP=n_heads // n_kv, BLOCK=block, D=d_head,
+                                        num_warps=4 if block <= 64 else 8)
     return out, lse
 
 
@@ -183,5 +200,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
     n_rows = rows.shape[0]
     grid = (triton.cdiv(n_rows, 4), triton.cdiv(width, 1024))
-    _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=4, BLOCK_C=1024, num_warps=4)
+    with _on(out):
+        _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=4, BLOCK_C=1024, num_warps=4)
     return out

@@ -271,3 +271,34 @@ def test_triton_silu_mul_equals_the_torch_formula_on_cuda(dtype):
     got = triton_kernels.silu_mul(gate_up)
     assert got.shape == (3, 37, 1500) and got.dtype == dtype
     assert (got.float() - F.silu(gate) * up).abs().max().item() <= (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_with_gradients_on_the_hf_forwards_run_and_gradients_match():
+    """The fused weights are detached copies and the Triton kernels have no backward: autograd gets HF's forwards."""
+    model = tiny_model("llama")
+    ids = IDS[:, :8]
+    model.zero_grad()
+    model(input_ids=ids).logits.sum().backward()
+    expected = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    with fused_modules(model, compile=False):
+        model(input_ids=ids).logits.sum().backward()
+    got = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert got is not None and torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fused_attention_honours_a_padding_mask(attn):
+    from transformers import AutoModelForCausalLM
+    from helpers.tiny_models import tiny_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation=attn).eval()
+    ids = IDS[:, :8].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with fused_modules(model, compile=False):
+            fused = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(fused[0], plain[0], atol=1e-5, rtol=0)
+    assert torch.allclose(fused[1, 3:], plain[1, 3:], atol=1e-5, rtol=0)
