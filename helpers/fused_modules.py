@@ -182,20 +182,25 @@ def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value:
     return merge(out_p.reshape(b, q, n_heads, d_head), lse_p.reshape(n_heads, b, q).permute(1, 2, 0), out_n, lse_n)
 
 
-def _flash_applies(module, query: torch.Tensor) -> bool:
+def _flash_applies(query: torch.Tensor) -> bool:
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
             and query.shape[-1] % 8 == 0)
 
 
+def causal_additive_mask(q_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Eager's additive causal mask [1, 1, q, kv] (0 or the dtype's lowest), lower-right aligned: the q queries are
+    the last q of the kv positions."""
+    return torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device).triu(
+        kv_len - q_len + 1)[None, None]
+
+
 def _additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
     """HF's mask in eager's additive form [batch or 1, 1, q, kv]: float as given, bool (sdpa: True = attend)
-    converted, None (sdpa's "causal, no padding") built, lower-right aligned (queries are the last q positions)."""
-    lowest = torch.finfo(like.dtype).min
+    converted, None (sdpa's "causal, no padding") built by ``causal_additive_mask``."""
     if mask is None:
-        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=like.device).tril(kv_len - q_len)
-        mask = keep[None, None]
+        return causal_additive_mask(q_len, kv_len, like.dtype, like.device)
     if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~mask, lowest)
+        return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~mask, torch.finfo(like.dtype).min)
     return mask[..., :kv_len]
 
 
@@ -336,7 +341,7 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         else:
             query, key, value = qkv(hidden_states, weight, bias, cos, sin)  # [b, q, (kv_)head, d_head]
         prefix = None if swap.prefix is None else swap.prefix[layer]
-        flash = swap.causal_flash and _flash_applies(module, query)
+        flash = swap.causal_flash and _flash_applies(query)
         if prefix is not None and flash:
             short = on_triton and triton_kernels.short_causal_applies(q_len, d_head)
             z = shared_prefix_flash_attention(

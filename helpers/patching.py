@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.architectures import blocks, family_spec, get_submodule, head_geometry, out_proj_modules
-from helpers.fused_modules import fused_modules
+from helpers.fused_modules import causal_additive_mask, fused_modules
 from helpers.patching_results import (
     DEFAULT_MIN_DENOMINATOR,
     HeadPatchingResult,
@@ -118,16 +118,19 @@ class _Calls:
         return cls(cache_kw, "logits_to_keep" in params)
 
     def forward(self, model, ids: torch.Tensor, *, start: int = 0, cache=None, use_cache: bool = False,
-                mask: torch.Tensor | None = None):
+                ready_mask: bool = False):
         """Run ``ids`` ([batch, q] tokens at absolute positions start..start+q-1); return (last logits, cache).
 
-        ``mask``: a ready 4D mask, which transformers passes through as is (see ``_causal_mask``)."""
+        ``ready_mask``: hand the model eager's causal mask [1, 1, q, q] ready-made (no cache, no padding), which
+        transformers passes through as is. Its own mask building has a packed-sequence check that reads a GPU
+        value: a host sync per forward, which stalls a sweep's launch queue."""
         q = ids.shape[1]
         kwargs = {"use_cache": use_cache or cache is not None}
         if cache is not None:
             kwargs[self.cache_kw] = cache
-        if mask is not None:
-            kwargs["attention_mask"] = mask
+        if ready_mask:
+            assert cache is None, "a ready causal mask is q x q: no cached positions"
+            kwargs["attention_mask"] = causal_additive_mask(q, q, _dtype(model), ids.device)
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = 1
         position_ids = torch.arange(start, start + q, device=ids.device).unsqueeze(0)
@@ -138,14 +141,6 @@ class _Calls:
             if new_cache is None:  # output field named differently from the keyword in some versions
                 new_cache = getattr(out, "past_key_values" if self.cache_kw == "cache" else "cache", None)
         return out.logits[:, -1], new_cache
-
-
-def _causal_mask(q: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Eager's additive causal mask [1, 1, q, q] for a forward with no cache and no padding.
-
-    Handing it to the model ready-made skips transformers' mask building, whose packed-sequence check reads a GPU
-    value (a host sync per forward, which stalls the launch queue of a sweep)."""
-    return torch.full((q, q), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
 def _device(model) -> torch.device:
@@ -488,8 +483,7 @@ def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int
     last = max(starts, default=0)
     if last == 0:
         return [None for _ in starts]
-    mask = _causal_mask(last, _dtype(model), corrupt.device) if ready_mask else None
-    _, cache = calls.forward(model, corrupt[:, :last], cache=None, use_cache=True, mask=mask)
+    _, cache = calls.forward(model, corrupt[:, :last], cache=None, use_cache=True, ready_mask=ready_mask)
     stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
     if _is_plain(cache):
         return [_truncated(cache, s) if s > 0 else None for s in starts]
@@ -547,7 +541,6 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
         out.fill_(float("nan"))
         return out
     corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
-    dtype = _dtype(model)
     acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
     buckets = _buckets(first, T, bucket_size, _bucket_count(model, site, T - first))
     state: dict = {"plan": None}
@@ -582,7 +575,8 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                         continue
                     join = layer + 1 if joins_late and layer < L - 1 else layer
                     seg = rows_dev[start:start + n]
-                    batch_idx = torch.arange(sum(n_new[:join + 1]) + 1, sum(n_new[:join + 1]) + 1 + n, device=device)
+                    first_row = 1 + sum(n_new[:join + 1])  # after the unpatched row and the rows joining earlier
+                    batch_idx = torch.arange(first_row, first_row + n, device=device)
                     entry = (batch_idx, seg[:, 2] - s, seg[:, 1], acts[layer, seg[:, 2], seg[:, 1]])
                     if join == layer:
                         patches[layer] = entry
@@ -597,7 +591,7 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 try:
                     if shares_prefix:  # fused attention reads the batch-1 prefix itself: no per-row cache copies
                         with swap.shared_prefix(snap):
-                            logits, _ = calls.forward(model, ids, start=s, mask=_causal_mask(q, dtype, device))
+                            logits, _ = calls.forward(model, ids, start=s, ready_mask=True)
                     else:
                         logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
                 finally:
@@ -640,12 +634,14 @@ def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
         else:
             clean_logits, _ = calls.forward(model, clean)
         corrupt_logits, _ = calls.forward(model, corrupt)
-    clean_logits, corrupt_logits = clean_logits[0].float(), corrupt_logits[0].float()
-    ct, xt = pair.clean_token_id, pair.corrupt_token_id
-    clean_diff = float(clean_logits[ct] - clean_logits[xt])
-    corrupt_diff = float(corrupt_logits[ct] - corrupt_logits[xt])
-    correct = int(clean_logits.argmax()) == ct
-    return clean_diff, corrupt_diff, correct, store
+    return (*_logit_diffs(clean_logits[0], corrupt_logits[0], pair), store)
+
+
+def _logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) -> tuple[float, float, bool]:
+    """(clean_diff, corrupt_diff, clean_correct) from the answer position's logits [vocab] of both runs."""
+    logits = torch.stack([clean_logits, corrupt_logits]).float()
+    diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).tolist()
+    return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
 
 
 def _ready_masks(swap) -> bool:
@@ -658,21 +654,17 @@ def _metrics(model, calls: _Calls, pair, ready_mask: bool = False):
     """(clean_diff, corrupt_diff, clean_correct) from one batch-2 forward (clean and corrupt have one length)."""
     device = _device(model)
     ids = torch.as_tensor([list(pair.clean_ids), list(pair.corrupt_ids)], device=device)
-    mask = _causal_mask(ids.shape[1], _dtype(model), device) if ready_mask else None
     with torch.inference_mode():
-        logits, _ = calls.forward(model, ids, mask=mask)
-    logits = logits.float()
-    diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).tolist()
-    return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
+        logits, _ = calls.forward(model, ids, ready_mask=ready_mask)
+    return _logit_diffs(logits[0], logits[1], pair)
 
 
 def _clean_activations(model, calls: _Calls, site: _Site, pair, ready_mask: bool = False) -> dict:
     """{layer: activation at ``site`` of the clean run [pos, width]} (one batch-1 forward)."""
     store: dict = {}
     clean = torch.as_tensor(list(pair.clean_ids), device=_device(model)).unsqueeze(0)
-    mask = _causal_mask(clean.shape[1], _dtype(model), clean.device) if ready_mask else None
     with torch.inference_mode(), capture_site(site, store):
-        calls.forward(model, clean, mask=mask)
+        calls.forward(model, clean, ready_mask=ready_mask)
     return store
 
 
