@@ -259,14 +259,24 @@ class FusedSwap:
     # per layer (keys, values): [1, kv_head, s, d_head] of positions < s, after rotary; None: no shared prefix
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     blocks: set[int] = field(default_factory=set)  # layers whose decoder block runs the fused forward
-    # layer -> n: a fused block appends n copies of its output's row 0 (the sweep's rows joining at the next
-    # block), written in place instead of concatenated to the next block's input (which copies every row)
-    extra_rows: dict[int, int] | None = None
+    # layer -> n or rows [n]: a fused block appends n copies of its output's row 0, or copies of those rows (the
+    # sweep's rows joining at the next block), written in place instead of concatenated to the next block's input
+    # (which copies every row)
+    extra_rows: dict[int, int | torch.Tensor] | None = None
 
     @property
     def shares_prefix(self) -> bool:
         """Can a forward pass no cache and ``shared_prefix`` instead? (Every layer's attention is fused.)"""
         return self.causal_flash and self.n_layers > 0 and len(self.attention_layers) == self.n_layers
+
+    @contextmanager
+    def padded(self):
+        """While inside, forwards carry padding masks: causal flash (which ignores masks) and shared prefixes off."""
+        was, self.causal_flash = self.causal_flash, False
+        try:
+            yield
+        finally:
+            self.causal_flash = was
 
     @contextmanager
     def shared_prefix(self, cache):
@@ -382,13 +392,16 @@ def _fused_block_forward(block, attention, mlp, swap: FusedSwap) -> Callable:
         ff = mlp(block.post_attention_layernorm(mid))
         if m is not None:
             ff = ff * m
-        extra = swap.extra_rows.get(layer, 0) if swap.extra_rows else 0
-        if not extra:
+        extra = swap.extra_rows.get(layer) if swap.extra_rows else None
+        if extra is None:
             return mid + ff
-        b = mid.shape[0]
-        out = mid.new_empty((b + extra, *mid.shape[1:]))
+        b, n = mid.shape[0], extra if isinstance(extra, int) else extra.shape[0]
+        out = mid.new_empty((b + n, *mid.shape[1:]))
         torch.add(mid, ff, out=out[:b])
-        out[b:] = out[:1]
+        if isinstance(extra, int):
+            out[b:] = out[:1]
+        else:
+            torch.index_select(out[:b], 0, extra, out=out[b:])
         return out
     return forward
 

@@ -62,6 +62,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from helpers.aligned_batch import AlignedBatch
 from helpers.architectures import blocks, family_spec, get_submodule, head_geometry, out_proj_modules
 from helpers.fused_modules import causal_additive_mask, fused_modules
 from helpers.patching_results import (
@@ -117,23 +118,28 @@ class _Calls:
         cache_kw = "cache" if "cache" in params else "past_key_values"
         return cls(cache_kw, "logits_to_keep" in params)
 
-    def forward(self, model, ids: torch.Tensor, *, start: int = 0, cache=None, use_cache: bool = False,
-                ready_mask: bool = False):
-        """Run ``ids`` ([batch, q] tokens at absolute positions start..start+q-1); return (last logits, cache).
+    def forward(self, model, ids: torch.Tensor, *, start: int = 0, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache=None, use_cache: bool = False, ready_mask: bool = False):
+        """Run ``ids`` ([batch, q] tokens at absolute positions start..start+q-1, or at ``positions`` [batch, q]);
+        return (last logits, cache).
 
-        ``ready_mask``: hand the model eager's causal mask [1, 1, q, q] ready-made (no cache, no padding), which
-        transformers passes through as is. Its own mask building has a packed-sequence check that reads a GPU
-        value: a host sync per forward, which stalls a sweep's launch queue."""
+        ``mask``: a ready 4D additive mask [batch or 1, 1, q, kv] (transformers passes 4D masks through as is).
+        ``ready_mask``: hand the model eager's causal mask [1, 1, q, q] ready-made (no cache, no padding). Its own
+        mask building has a packed-sequence check that reads a GPU value: a host sync per forward, which stalls a
+        sweep's launch queue."""
         q = ids.shape[1]
         kwargs = {"use_cache": use_cache or cache is not None}
         if cache is not None:
             kwargs[self.cache_kw] = cache
-        if ready_mask:
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        elif ready_mask:
             assert cache is None, "a ready causal mask is q x q: no cached positions"
             kwargs["attention_mask"] = causal_additive_mask(q, q, _dtype(model), ids.device)
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        position_ids = torch.arange(start, start + q, device=ids.device).unsqueeze(0)
+        position_ids = positions if positions is not None else torch.arange(
+            start, start + q, device=ids.device).unsqueeze(0)
         out = model(input_ids=ids, position_ids=position_ids, **kwargs)
         new_cache = None
         if kwargs["use_cache"]:
@@ -200,11 +206,11 @@ def read_site(site: _Site, args, kwargs, output) -> torch.Tensor:
 
 @contextmanager
 def capture_site(site: _Site, store: dict):
-    """Hooks saving ``store[layer] = activation[0]`` (batch row 0, detached) at every layer of ``site``."""
+    """Hooks saving ``store[layer] = activation`` ([batch, pos, width], detached) at every layer of ``site``."""
     handles = []
     for layer, module in enumerate(site.modules):
         def hook(mod, args, kwargs, output=None, _layer=layer):
-            store[_layer] = read_site(site, args, kwargs, output)[0].detach()
+            store[_layer] = read_site(site, args, kwargs, output).detach()
         if site.where == "post":
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         else:
@@ -258,8 +264,10 @@ def _snapshot(cache):
     return snap
 
 
-def _expanded(snap, batch_per_layer: Sequence[int]):
-    """A fresh copy of a batch-1 snapshot with layer j's keys/values expanded (views) to ``batch_per_layer[j]``."""
+def _expanded(snap, batch_per_layer: Sequence[int], row_example: torch.Tensor | None = None):
+    """A fresh copy of a snapshot whose layer j holds keys/values for the ``batch_per_layer[j]`` rows of that layer:
+    a batch-1 snapshot's expanded (views), a batch-n one's gathered by ``row_example`` ([rows], each row's example).
+    """
     if snap is None:
         return None
     out = copy.copy(snap)
@@ -267,8 +275,12 @@ def _expanded(snap, batch_per_layer: Sequence[int]):
     for layer, b in zip(snap.layers, batch_per_layer):
         layer = copy.copy(layer)
         if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            layer.keys = layer.keys.expand(b, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(b, *layer.values.shape[1:])
+            if layer.keys.shape[0] == 1:
+                layer.keys = layer.keys.expand(b, *layer.keys.shape[1:])
+                layer.values = layer.values.expand(b, *layer.values.shape[1:])
+            else:
+                layer.keys = layer.keys.index_select(0, row_example[:b])
+                layer.values = layer.values.index_select(0, row_example[:b])
         out.layers.append(layer)
     return out
 
@@ -329,16 +341,62 @@ def _auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 class _Plan:
-    """What the hooks do in one forward: rows joining per layer and the patch of each layer."""
+    """What the hooks do in one forward: rows joining per layer and the patch of each layer.
 
-    def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None):
+    Rows ``0 .. n_base - 1`` are the unpatched corrupt runs of the forward's examples (one example unless several
+    are merged); every other row is a copy of its example's one, joined at its layer. ``row_example`` [batch]:
+    each row's example (= the batch index of its base row), in batch order.
+    """
+
+    def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None, *, n_base: int = 1,
+                 row_example: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         self.n_new = n_new  # rows appended at the input of block l
-        self.batch = (1 + torch.tensor(n_new).cumsum(0)).tolist()  # batch of block l once its rows have joined
+        self.n_base = n_base
+        self.batch = (n_base + torch.tensor(n_new).cumsum(0)).tolist()  # batch of block l once its rows have joined
         self.patches = patches  # layer -> (batch_idx, rel_pos, unit, values [n, width])
-        # join layer j -> (batch_idx, rel_pos, head, clean z [n, d_head]): head patches of layer j - 1 whose one
-        # changed position is computed from the unpatched row's layer j - 1 and written into block j's input
+        # join layer j -> (batch_idx, rel_pos, head, clean z [n, d_head], example): head patches of layer j - 1 whose
+        # one changed position is computed from their base row's layer j - 1 and written into block j's input
         self.computed = computed or {}
-        self.stash: dict = {}  # ("x" | "z", layer) -> the unpatched row's block input / out_proj input
+        self.stash: dict = {}  # ("x" | "z", layer) -> the base rows' block input / out_proj input
+        self.row_example = row_example
+        self.mask = mask  # the batch-n_base 4D mask handed to the model (several examples), gathered per block
+        self._gathered: dict = {}
+
+    def joining(self, layer: int) -> torch.Tensor | int:
+        """Where the rows joining at ``layer`` copy from: base row indices [n], or n copies of row 0."""
+        n = self.n_new[layer]
+        if self.n_base == 1:
+            return n
+        return self.row_example[self.batch[layer] - n: self.batch[layer]]
+
+    def per_row(self, args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict]:
+        """A block's batch-``n_base`` arguments (the 4D mask, rotary tables, position ids) gathered to its rows."""
+        b = self.batch[layer]
+        index = self.row_example[:b]
+
+        if self._gathered.get("batch") != b:  # blocks run in order: keep only the current batch's copies
+            self._gathered = {"batch": b}
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in self._gathered:
+                self._gathered[id(t)] = t.index_select(0, index)
+            return self._gathered[id(t)]
+
+        found = any(a is self.mask for a in args) or any(v is self.mask for v in kwargs.values())
+        if not found:
+            raise RuntimeError("a merged-examples sweep needs the model to pass its 4D attention mask to every block "
+                               "as given; run with examples_per_forward=1")
+        args = tuple(rows(a) if a is self.mask else a for a in args)
+        kwargs = dict(kwargs)
+        for key, value in kwargs.items():
+            if value is self.mask:
+                kwargs[key] = rows(value)
+            elif key == "position_embeddings" and isinstance(value, tuple) and value[0].shape[0] == self.n_base:
+                kwargs[key] = tuple(rows(t) for t in value)
+            elif key == "position_ids" and isinstance(value, torch.Tensor) and value.dim() == 2 \
+                    and value.shape[0] == self.n_base > 1:
+                kwargs[key] = rows(value)
+        return args, kwargs
 
 
 def _block_tail(model, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -359,11 +417,12 @@ def _block_tail(model, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Te
 
 def _computed_rows(model, site: _Site, plan: _Plan, join: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(batch_idx, rel_pos, block ``join - 1`` output at rel_pos [n, d_model]) of the rows joining at ``join``."""
-    batch_idx, rel_pos, head, clean = plan.computed[join]
-    x0, z0 = plan.stash.pop(("x", join - 1)), plan.stash.pop(("z", join - 1))  # [q, d_model], [q, H * d_head]
-    z = z0[rel_pos].clone()
+    batch_idx, rel_pos, head, clean, example = plan.computed[join]
+    # the base rows' [n_base, q, d_model] and [n_base, q, H * d_head]
+    x0, z0 = plan.stash.pop(("x", join - 1)), plan.stash.pop(("z", join - 1))
+    z = z0[example, rel_pos]  # (advanced indexing: a copy)
     z.view(z.shape[0], site.n_units, site.unit_width)[torch.arange(z.shape[0], device=device), head] = clean
-    out = _block_tail(model, join - 1, x0[rel_pos].unsqueeze(1), z.unsqueeze(1))
+    out = _block_tail(model, join - 1, x0[example, rel_pos].unsqueeze(1), z.unsqueeze(1))
     return batch_idx, rel_pos, out[:, 0]
 
 
@@ -382,21 +441,24 @@ def _sweep_hooks(model, site: _Site, state: dict):
     for layer, block in enumerate(blocks(model)):
         def grow(mod, args, kwargs, _layer=layer):
             plan = state.get("plan")
-            if plan is None or (plan.n_new[_layer] == 0 and _layer + 1 not in plan.computed):
+            if plan is None or (plan.n_new[_layer] == 0 and _layer + 1 not in plan.computed and plan.n_base == 1):
                 return None
             hidden = _first_tensor(args, kwargs, "hidden_states")
             if _layer + 1 in plan.computed:
-                plan.stash[("x", _layer)] = hidden[0]
-            n = plan.n_new[_layer]
-            if n == 0:
-                return None
-            if hidden.shape[0] != plan.batch[_layer]:  # (a fused block already appended them: FusedSwap.extra_rows)
-                hidden = torch.cat([hidden, hidden[:1].expand(n, *hidden.shape[1:])], dim=0)
-            if site.where == "block" and _layer in plan.patches:
-                hidden = _apply_patch(hidden, site, plan.patches[_layer])
-            if _layer in plan.computed:
-                batch_idx, rel_pos, values = _computed_rows(model, site, plan, _layer, hidden.device)
-                hidden[batch_idx, rel_pos] = values.to(hidden.dtype)
+                plan.stash[("x", _layer)] = hidden[:plan.n_base]
+            if plan.n_new[_layer]:
+                if hidden.shape[0] != plan.batch[_layer]:  # (unless a fused block appended them: FusedSwap.extra_rows)
+                    src = plan.joining(_layer)
+                    new = (hidden[:1].expand(src, *hidden.shape[1:]) if isinstance(src, int)
+                           else hidden.index_select(0, src))
+                    hidden = torch.cat([hidden, new], dim=0)
+                if site.where == "block" and _layer in plan.patches:
+                    hidden = _apply_patch(hidden, site, plan.patches[_layer])
+                if _layer in plan.computed:
+                    batch_idx, rel_pos, values = _computed_rows(model, site, plan, _layer, hidden.device)
+                    hidden[batch_idx, rel_pos] = values.to(hidden.dtype)
+            if plan.n_base > 1:
+                args, kwargs = plan.per_row(args, kwargs, _layer)
             return _replace_first(args, kwargs, hidden, "hidden_states")
         handles.append(block.register_forward_pre_hook(grow, with_kwargs=True))
     if site.where in ("pre", "post"):
@@ -407,7 +469,7 @@ def _sweep_hooks(model, site: _Site, state: dict):
                     if plan is None:
                         return None
                     if _layer + 1 in plan.computed:
-                        plan.stash[("z", _layer)] = _first_tensor(args, kwargs)[0]
+                        plan.stash[("z", _layer)] = _first_tensor(args, kwargs)[:plan.n_base]
                     if _layer not in plan.patches:
                         return None
                     x = _first_tensor(args, kwargs)
@@ -448,10 +510,23 @@ def _sweep_hooks(model, site: _Site, state: dict):
             h.remove()
 
 
-def _grid(L: int, U: int, s: int, e: int, device) -> torch.Tensor:
-    """Rows (layer, unit, position) for positions [s, e), layer-major (rows join the forward in this order)."""
-    return torch.stack(torch.meshgrid(torch.arange(L, device=device), torch.arange(U, device=device),
-                                      torch.arange(s, e, device=device), indexing="ij"), -1).reshape(-1, 3)
+def _group_rows(L: int, U: int, spans: Sequence[int], q: int, size: int) -> torch.Tensor:
+    """Rows (layer, example, unit, r) of one bucket, layer-major (rows join the forward in this order).
+
+    ``r`` counts positions from the end (the answer position is r = 1): the bucket feeds every example's last ``q``
+    tokens and patches its positions r in (q - size, q], as far as its span (positions from its first difference).
+    """
+    r = torch.arange(max(1, q - size + 1), q + 1)
+    grid = torch.stack(torch.meshgrid(torch.arange(L), torch.arange(len(spans)), torch.arange(U), r, indexing="ij"),
+                       -1).reshape(-1, 4)
+    return grid[grid[:, 3] <= torch.tensor(list(spans))[grid[:, 1]]]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host bookkeeping to the device without waiting for the queued forwards (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _is_plain(cache) -> bool:
@@ -473,24 +548,41 @@ def _truncated(cache, s: int):
     return out
 
 
-def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int], stats: dict,
-                   ready_mask: bool = False) -> list:
-    """The corrupt run's cache of positions < s for every bucket start s (None for s = 0).
+def _aligned_forward(model, calls: _Calls, batch: AlignedBatch, stop: int, swap, *, use_cache: bool = False):
+    """One forward of ``batch``'s slots ``0 .. stop - 1`` (no cache): with its padding mask where it is padded
+    (fused attention then takes the masked path, not causal flash), else causal (ready-made where fused)."""
+    if not batch.padded:
+        return calls.forward(model, batch.ids[:, :stop], use_cache=use_cache, ready_mask=_ready_masks(swap))
+    mask = batch.additive_mask(stop, stop, _dtype(model))
+    with _padded(swap):
+        return calls.forward(model, batch.ids[:, :stop], positions=batch.positions[:, :stop], mask=mask,
+                             use_cache=use_cache)
 
-    Full-attention caches: one batch-1 pass up to the last start, then views truncated to each start. Other
-    cache layers (sliding windows keep only their window): one incremental pass, snapshotted at each start.
+
+def _padded(swap):
+    return swap.padded() if swap is not None else nullcontext()
+
+
+def _prefix_caches(model, calls: _Calls, batch: AlignedBatch, starts: list[int], stats: dict, swap) -> list | None:
+    """The corrupt runs' cache of slots < s for every bucket start s (None for s = 0); None if the group of
+    several examples needs per-example handling (cache layers other than full attention).
+
+    Full-attention caches: one pass up to the last start, then views truncated to each start. Other cache layers
+    (sliding windows keep only their window), one example: one incremental pass, snapshotted at each start.
     """
     last = max(starts, default=0)
     if last == 0:
         return [None for _ in starts]
-    _, cache = calls.forward(model, corrupt[:, :last], cache=None, use_cache=True, ready_mask=ready_mask)
+    _, cache = _aligned_forward(model, calls, batch, last, swap, use_cache=True)
     stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
     if _is_plain(cache):
         return [_truncated(cache, s) if s > 0 else None for s in starts]
+    if len(batch) > 1:
+        return None
     snaps, cache, done = [], None, 0
     for s in starts:
         if s > done:
-            _, cache = calls.forward(model, corrupt[:, done:s], start=done, cache=cache, use_cache=True)
+            _, cache = calls.forward(model, batch.ids[:, done:s], start=done, cache=cache, use_cache=True)
             cache = _snapshot(cache)
             done = s
             stats["prefix_forwards"] += 1
@@ -498,71 +590,131 @@ def _prefix_caches(model, calls: _Calls, corrupt: torch.Tensor, starts: list[int
     return snaps
 
 
-def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: int, corrupt_tok: int) -> torch.Tensor:
+def _metric(logits: torch.Tensor, two_rows: bool, clean_tok: torch.Tensor, corrupt_tok: torch.Tensor,
+            row_example: torch.Tensor) -> torch.Tensor:
+    """logit[clean] - logit[corrupt] of every row [batch], each with its example's tokens. ``two_rows``: the logits
+    have two columns per example (clean, corrupt), else the full vocabulary (``*_tok``: [examples] token ids)."""
     logits = logits.float()
     if two_rows:
-        return logits[..., 0] - logits[..., 1]
-    return logits[..., clean_tok] - logits[..., corrupt_tok]
+        clean_col, corrupt_col = 2 * row_example, 2 * row_example + 1
+    else:
+        clean_col, corrupt_col = clean_tok[row_example], corrupt_tok[row_example]
+    return (logits.gather(1, clean_col.unsqueeze(1)) - logits.gather(1, corrupt_col.unsqueeze(1))).squeeze(1)
 
 
-# Default bucketing. A bucket [s, e) recomputes positions s..p-1 for its rows at p (waste ~ bucket size), and each
-# forward costs the host ~2 ms per layer to launch. So: at least 9 buckets, and up to 24 where the sweep's
-# arithmetic is large enough to keep the GPU busy meanwhile (~20 TFLOP a forward, ~35 ms of an H100 in bf16).
+# Default bucketing. A bucket recomputes positions s..p-1 for its rows at p (waste ~ bucket size), and each forward
+# costs the host ~2 ms per layer to launch. So: at least 9 buckets, and up to 24 where the sweep's arithmetic is
+# large enough to keep the GPU busy meanwhile (~20 TFLOP a forward, ~35 ms of an H100 in bf16).
 # Measured on an H100, bf16, 60 tokens (scripts/bench.py, before the Triton MLP and own-token kernels): Qwen2.5-0.5B
 # 0.53 s at 9 forwards, 0.57 at 13, 0.60 at 8; Llama-3.2-1B 1.30-1.34 s at 13-25 forwards, 1.36 at 9.
 _MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 9, 24, 20e12
 
 
-def _bucket_count(model, site: _Site, n_positions: int) -> int:
-    """Buckets for one example: its sweep's arithmetic (2 x block params x row-token-layers) / _FLOP_PER_FORWARD."""
+def _sweep_flop(model, site: _Site, spans: Sequence[int]) -> float:
+    """A sweep's arithmetic over examples with these spans: 2 x block params x row-token-layers."""
     L = len(site.modules)
     per_layer = sum(p.numel() for p in blocks(model)[0].parameters())
-    row_token_layers = site.n_units * (L * (L - 1) / 2) * (n_positions * (n_positions + 1) / 2)
-    return int(min(_MAX_BUCKETS, max(_MIN_BUCKETS, math.ceil(2 * per_layer * row_token_layers / _FLOP_PER_FORWARD))))
+    row_token_layers = site.n_units * (L * (L - 1) / 2) * sum(n * (n + 1) / 2 for n in spans)
+    return 2 * per_layer * row_token_layers
 
 
-def _buckets(first: int, length: int, bucket_size: int | None, n_buckets: int = _MIN_BUCKETS) -> list[tuple[int, int]]:
-    n = length - first
-    if n <= 0:
-        return []
-    if bucket_size is None:
-        bucket_size = max(1, math.ceil(n / n_buckets))
-    return [(s, min(length, s + bucket_size)) for s in range(first, length, bucket_size)]
+def _bucket_count(model, site: _Site, spans: Sequence[int]) -> int:
+    """Buckets (forwards) for one group of examples: its sweep's arithmetic / _FLOP_PER_FORWARD, within bounds."""
+    return int(min(_MAX_BUCKETS, max(_MIN_BUCKETS, math.ceil(_sweep_flop(model, site, spans) / _FLOP_PER_FORWARD))))
 
 
-def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include: bool, clean_diff, corrupt_diff,
-                   clean_acts, *, chunk_size, bucket_size, stats, bar=None, swap=None) -> torch.Tensor | None:
-    """patched_logit_diff [L, U, T] for one example (prefix positions = corrupt, computed ones filled)."""
+def _bucket_sizes(span: int, bucket_size: int | None, n_buckets: int) -> tuple[int, list[int]]:
+    """(bucket size, fed tokens q of each bucket): bucket k patches positions r in (q_k - size, q_k] from the end."""
+    if span <= 0:
+        return 1, []
+    size = bucket_size if bucket_size is not None else max(1, math.ceil(span / n_buckets))
+    return size, list(range(span, 0, -size))
+
+
+@dataclass
+class _Example:
+    """One included example of a sweep: its pair, first difference, corrupt metric and clean activations."""
+
+    index: int
+    pair: object
+    first: int
+    corrupt_diff: float
+
+    @property
+    def length(self) -> int:
+        return len(self.pair.clean_ids)
+
+    @property
+    def span(self) -> int:
+        """Positions from the first difference to the end: the ones a sweep computes."""
+        return self.length - self.first
+
+
+def _example_groups(model, site: _Site, examples: list[_Example], per_forward: int | None) -> list[list[_Example]]:
+    """Consecutive examples merged into one sweep's forwards. A group's forwards feed every example's last q tokens,
+    so its longest span must fit in its shortest example. ``per_forward``: at most that many examples a group;
+    None: merge while the group's arithmetic stays below what keeps the GPU busy at the most buckets (a model that
+    one example already keeps busy gains nothing from merging; a small model saves the host a launch per forward).
+    """
+    groups: list[list[_Example]] = []
+    if not _pads_examples(model):
+        per_forward = 1
+    for ex in examples:
+        group = groups[-1] + [ex] if groups else None
+        fits = group is not None and max(e.span for e in group) <= min(e.length for e in group) and (
+            len(group) <= per_forward if per_forward is not None
+            else _sweep_flop(model, site, [e.span for e in group]) <= _MAX_BUCKETS * _FLOP_PER_FORWARD)
+        if fits:
+            groups[-1] = group
+        else:
+            groups.append([ex])
+    return groups
+
+
+def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, chunk_size, bucket_size, stats,
+                 bar=None, swap=None) -> list[torch.Tensor]:
+    """patched_logit_diff [L, U, T] of each example of ``group`` (prefix positions = corrupt, the rest computed).
+
+    The examples run end-aligned in the same forwards (helpers.aligned_batch): rows 0 .. E-1 are their unpatched
+    corrupt runs, every patch row a copy of its example's. A single example (or a model whose cache is not all
+    full attention, one example at a time) shares its batch-1 prefix inside fused attention where it can.
+    """
     device = _device(model)
-    L, U = len(site.modules), site.n_units
-    T = len(pair.clean_ids)
-    out = torch.full((L, U, T), float(corrupt_diff))
-    if not include:
-        out.fill_(float("nan"))
-        return out
-    corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
-    acts = torch.stack([clean_acts[l].reshape(T, U, site.unit_width) for l in range(L)])  # [L, T, U, w]
-    buckets = _buckets(first, T, bucket_size, _bucket_count(model, site, T - first))
+    L, U, E = len(site.modules), site.n_units, len(group)
+    outs = [torch.full((L, U, ex.length), float(ex.corrupt_diff)) for ex in group]
+    spans = [ex.span for ex in group]
+    size, qs = _bucket_sizes(max(spans), bucket_size, _bucket_count(model, site, spans))
+    if not qs:
+        return outs
+    corrupt = AlignedBatch([ex.pair.corrupt_ids for ex in group], device)
+    T = corrupt.length
+    clean_toks = torch.tensor([ex.pair.clean_token_id for ex in group], device=device)
+    corrupt_toks = torch.tensor([ex.pair.corrupt_token_id for ex in group], device=device)
+    tokens = [t for ex in group for t in (ex.pair.clean_token_id, ex.pair.corrupt_token_id)]
     state: dict = {"plan": None}
     results: list = []
-    with torch.inference_mode(), two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows, \
-            _sweep_hooks(model, site, state):
-        snaps = _prefix_caches(model, calls, corrupt, [b[0] for b in buckets], stats, _ready_masks(swap))
-        shares_prefix = swap is not None and swap.shares_prefix and all(_is_plain(c) for c in snaps if c is not None)
+    with torch.inference_mode(), two_row_output_layer(model, tokens) as two_rows, _sweep_hooks(model, site, state):
+        acts = _clean_activations(model, calls, site, [ex.pair for ex in group], swap)  # [E, L, T, U, w]
+        snaps = _prefix_caches(model, calls, corrupt, [T - q for q in qs], stats, swap)
+        if snaps is None:  # several examples, caches other than full attention: one at a time
+            return [out for ex in group for out in _sweep_group(
+                model, calls, site, [ex], chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar,
+                swap=swap)]
+        shares_prefix = (E == 1 and swap is not None and swap.shares_prefix
+                         and all(_is_plain(c) for c in snaps if c is not None))
         stats["shared_prefix"] = shares_prefix
-        for (s, e), snap in zip(buckets, snaps):
-            q = T - s
-            # the same layer-major grid of (layer, unit, position) rows on the host (bookkeeping) and on the
-            # device (indexing): no host-to-device copy, which would wait for the queued forwards
-            grid = _grid(L, U, s, e, torch.device("cpu"))
-            grid_dev = _grid(L, U, s, e, device)
+        stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
+        for q, snap in zip(qs, snaps):
+            s = T - q
+            grid = _group_rows(L, U, spans, q, size)  # (layer, example, unit, r)
             n_rows = grid.shape[0]
-            size = chunk_size or min(n_rows, _auto_chunk_rows(model, q, T, device))
-            ids = corrupt[:, s:]
+            rows_size = chunk_size or min(n_rows, _auto_chunk_rows(model, q, T, device))
+            ids, positions = corrupt.ids[:, s:], corrupt.positions[:, s:]
+            mask = corrupt.additive_mask(q, T, _dtype(model)) if E > 1 else None
 
             def run(a: int, b: int):
                 rows = grid[a:b]
-                rows_dev = grid_dev[a:b]
+                rows_dev = _to_device(rows, device)
                 by_layer = torch.bincount(rows[:, 0], minlength=L).tolist()
                 # A head patch of layer l < L-1 changes block l's output at its position only: that one vector is
                 # computed aside (_block_tail) and the row joins at block l + 1, skipping layer l's full width.
@@ -575,31 +727,37 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                         continue
                     join = layer + 1 if joins_late and layer < L - 1 else layer
                     seg = rows_dev[start:start + n]
-                    first_row = 1 + sum(n_new[:join + 1])  # after the unpatched row and the rows joining earlier
+                    example, unit, r = seg[:, 1], seg[:, 2], seg[:, 3]
+                    first_row = E + sum(n_new[:join + 1])  # after the base rows and the rows joining earlier
                     batch_idx = torch.arange(first_row, first_row + n, device=device)
-                    entry = (batch_idx, seg[:, 2] - s, seg[:, 1], acts[layer, seg[:, 2], seg[:, 1]])
+                    clean = acts[example, layer, T - r, unit]
                     if join == layer:
-                        patches[layer] = entry
+                        patches[layer] = (batch_idx, q - r, unit, clean)
                     else:
-                        computed[join] = entry
+                        computed[join] = (batch_idx, q - r, unit, clean, example)
                     n_new[join] += n
                     start += n
-                state["plan"] = plan = _Plan(n_new, patches, computed)
+                # each row's example, in batch order (rows join layer-major, as the grid lists them)
+                row_example = torch.cat([torch.arange(E, device=device), rows_dev[:, 1]])
+                state["plan"] = plan = _Plan(n_new, patches, computed, n_base=E, row_example=row_example, mask=mask)
                 per_layer_batch = plan.batch
                 if swap is not None and swap.blocks:  # fused blocks make room for the next block's rows
-                    swap.extra_rows = {j - 1: n for j, n in enumerate(n_new) if j > 0 and n and j - 1 in swap.blocks}
+                    swap.extra_rows = {j - 1: plan.joining(j) for j, n in enumerate(n_new)
+                                       if j > 0 and n and j - 1 in swap.blocks}
                 try:
                     if shares_prefix:  # fused attention reads the batch-1 prefix itself: no per-row cache copies
                         with swap.shared_prefix(snap):
                             logits, _ = calls.forward(model, ids, start=s, ready_mask=True)
                     else:
-                        logits, _ = calls.forward(model, ids, start=s, cache=_expanded(snap, per_layer_batch))
+                        with _padded(swap) if corrupt.padded else nullcontext():
+                            logits, _ = calls.forward(model, ids, positions=positions, mask=mask,
+                                                      cache=_expanded(snap, per_layer_batch, row_example))
                 finally:
                     state["plan"] = None
                     if swap is not None:
                         swap.extra_rows = None
-                # stays on the device until the example is done: no host sync between forwards
-                results.append((rows, _metric(logits, two_rows, pair.clean_token_id, pair.corrupt_token_id)))
+                # stays on the device until the group is done: no host sync between forwards
+                results.append((rows, _metric(logits, two_rows, clean_toks, corrupt_toks, row_example)))
                 stats["forwards"] = stats.get("forwards", 0) + 1
                 # token-layers through full blocks (the last layer counts one token a row: only its answer
                 # position goes through the output projection and MLP)
@@ -611,14 +769,23 @@ def _sweep_example(model, calls: _Calls, site: _Site, pair, first: int, include:
                 if bar is not None:
                     bar.update(b - a)
 
-            _, halvings = run_chunked(n_rows, size, run)
+            _, halvings = run_chunked(n_rows, rows_size, run)
             stats["oom_halvings"] = stats.get("oom_halvings", 0) + halvings
     for rows, diffs in results:
         diffs = diffs.cpu()
-        base = abs(float(diffs[0]) - float(corrupt_diff))  # the unpatched row: a self-check of the machinery
-        stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
-        out[rows[:, 0], rows[:, 1], rows[:, 2]] = diffs[1:]
-    return out
+        for e, ex in enumerate(group):
+            if not (rows[:, 1] == e).any():
+                continue
+            # the unpatched row: a self-check of the machinery
+            base = abs(float(diffs[e]) - float(ex.corrupt_diff))
+            stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
+        patched = diffs[E:]
+        outs_rows = rows[:, 1]
+        for e, ex in enumerate(group):
+            sel = outs_rows == e
+            r = rows[sel]
+            outs[e][r[:, 0], r[:, 2], ex.length - r[:, 3]] = patched[sel]
+    return outs
 
 
 def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
@@ -634,7 +801,7 @@ def _clean_and_corrupt(model, calls: _Calls, site: _Site | None, pair):
         else:
             clean_logits, _ = calls.forward(model, clean)
         corrupt_logits, _ = calls.forward(model, corrupt)
-    return (*_logit_diffs(clean_logits[0], corrupt_logits[0], pair), store)
+    return (*_logit_diffs(clean_logits[0], corrupt_logits[0], pair), {l: a[0] for l, a in store.items()})
 
 
 def _logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) -> tuple[float, float, bool]:
@@ -650,22 +817,45 @@ def _ready_masks(swap) -> bool:
     return swap is not None and swap.shares_prefix
 
 
-def _metrics(model, calls: _Calls, pair, ready_mask: bool = False):
-    """(clean_diff, corrupt_diff, clean_correct) from one batch-2 forward (clean and corrupt have one length)."""
-    device = _device(model)
-    ids = torch.as_tensor([list(pair.clean_ids), list(pair.corrupt_ids)], device=device)
+# examples per metrics forward (each contributes a clean and a corrupt row)
+_METRICS_BATCH = 16
+
+
+def _pads_examples(model) -> bool:
+    """May examples of different lengths share a forward under one ready 4D padding mask? transformers hands such
+    a mask to every layer as is, so not where some layers need another mask: sliding windows (``layer_types``
+    other than full attention, or a model-wide ``sliding_window``). (gpt_neo's local layers apply their window
+    themselves, on top of the mask.)"""
+    config = model.config
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+
+
+def _metrics(model, calls: _Calls, pairs, swap=None) -> list[tuple[float, float, bool]]:
+    """(clean_diff, corrupt_diff, clean_correct) of every pair: clean and corrupt rows of up to ``_METRICS_BATCH``
+    examples, end-aligned, in one forward."""
+    out = []
+    per_forward = _METRICS_BATCH if _pads_examples(model) else 1
     with torch.inference_mode():
-        logits, _ = calls.forward(model, ids, ready_mask=ready_mask)
-    return _logit_diffs(logits[0], logits[1], pair)
+        for a in range(0, len(pairs), per_forward):
+            chunk = pairs[a:a + per_forward]
+            batch = AlignedBatch([list(p.clean_ids) for p in chunk] + [list(p.corrupt_ids) for p in chunk],
+                                 _device(model))
+            logits, _ = _aligned_forward(model, calls, batch, batch.length, swap)
+            out += [_logit_diffs(logits[i], logits[len(chunk) + i], p) for i, p in enumerate(chunk)]
+    return out
 
 
-def _clean_activations(model, calls: _Calls, site: _Site, pair, ready_mask: bool = False) -> dict:
-    """{layer: activation at ``site`` of the clean run [pos, width]} (one batch-1 forward)."""
+def _clean_activations(model, calls: _Calls, site: _Site, pairs, swap=None) -> torch.Tensor:
+    """The clean runs' activations at ``site``, end-aligned: [example, layer, T, unit, width] (one forward)."""
     store: dict = {}
-    clean = torch.as_tensor(list(pair.clean_ids), device=_device(model)).unsqueeze(0)
+    batch = AlignedBatch([list(p.clean_ids) for p in pairs], _device(model))
     with torch.inference_mode(), capture_site(site, store):
-        calls.forward(model, clean, ready_mask=ready_mask)
-    return store
+        _aligned_forward(model, calls, batch, batch.length, swap)
+    acts = torch.stack([store[l] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
+    return acts.view(*acts.shape[:3], site.n_units, site.unit_width)
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
@@ -678,13 +868,17 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
 
 def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
                 min_denominator: float = DEFAULT_MIN_DENOMINATOR, chunk_size: int | None = None,
-                bucket_size: int | None = None, progress: bool = True, fused: bool = True,
-                compile: bool | None = None) -> PatchingResult:
+                bucket_size: int | None = None, examples_per_forward: int | None = None, progress: bool = True,
+                fused: bool = True, compile: bool | None = None) -> PatchingResult:
     """The shared driver of every kernel; ``kind`` is one of ``SITES``. See the module docstring.
 
-    ``fused``: run llama-like models with helpers.fused_modules' same-formula swap-ins (fewer kernels);
-    ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA only).
+    ``examples_per_forward``: examples merged into the same forwards (None: as many as keep one GPU busy; 1: each
+    example alone). ``fused``: run llama-like models with helpers.fused_modules' same-formula swap-ins (fewer
+    kernels); ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA
+    only).
     """
+    if examples_per_forward is not None and examples_per_forward < 1:
+        raise ValueError(f"examples_per_forward must be None or >= 1, got {examples_per_forward}")
     model = unwrap_model(model)
     calls = _Calls.of(model)
     site = _site(model, kind)
@@ -694,7 +888,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     with _eval_mode(model), (fused_modules(model, compile=compile, causal_flash=True) if fused
                              else nullcontext()) as swap:
         result = _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator,
-                              chunk_size, bucket_size, progress, swap)
+                              chunk_size, bucket_size, examples_per_forward, progress, swap)
     result.stats["fused"] = list(swap.swapped) if swap is not None else []
     return result
 
@@ -711,29 +905,26 @@ def _eval_mode(model):
 
 
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
-                 bucket_size, progress, swap):
+                 bucket_size, examples_per_forward, progress, swap):
     # metrics first (no activations kept), so exclusions are reported before the long part
-    pre = [_metrics(model, calls, p, _ready_masks(swap)) for p in pairs]
+    pre = _metrics(model, calls, pairs, swap)
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     stats: dict = {}
-    per_example = []
     L, U = len(site.modules), site.n_units
-    total = sum(L * U * (len(p.clean_ids) - f) for p, f, inc in zip(pairs, firsts, included) if inc)
+    lengths = [len(p.clean_ids) for p in pairs]
+    patched = torch.full((len(pairs), L, U, max(lengths, default=0)), float("nan"))
+    examples = [_Example(i, p, f, pre[i][1]) for i, (p, f) in enumerate(zip(pairs, firsts)) if included[i]]
+    total = sum(L * U * ex.span for ex in examples)
     bar = _progress(None, progress and total > 0, f"patch {kind}", total=total)
     try:
-        for i, pair in enumerate(pairs):
-            acts = _clean_activations(model, calls, site, pair, _ready_masks(swap)) if included[i] else None
-            per_example.append(_sweep_example(
-                model, calls, site, pair, firsts[i], bool(included[i]), pre[i][0], pre[i][1], acts,
-                chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap))
+        for group in _example_groups(model, site, examples, examples_per_forward):
+            outs = _sweep_group(model, calls, site, group, chunk_size=chunk_size, bucket_size=bucket_size,
+                                stats=stats, bar=bar, swap=swap)
+            for ex, values in zip(group, outs):
+                patched[ex.index, :, :, : ex.length] = values
     finally:
         if bar is not None:
             bar.close()
-    lengths = [len(p.clean_ids) for p in pairs]
-    t_max = max(lengths, default=0)
-    patched = torch.full((len(pairs), L, U, t_max), float("nan"))
-    for i, values in enumerate(per_example):
-        patched[i, :, :, : lengths[i]] = values
     if kind == "heads":
         cls, dims = HeadPatchingResult, ("example", "layer", "head", "pos")
     else:
@@ -744,18 +935,20 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
 
 def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: float = DEFAULT_MIN_DENOMINATOR,
                 chunk_size: int | None = None, bucket_size: int | None = None,
-                progress: bool = True, fused: bool = True, compile: bool | None = None) -> HeadPatchingResult:
+                examples_per_forward: int | None = None, progress: bool = True, fused: bool = True,
+                compile: bool | None = None) -> HeadPatchingResult:
     """Patch each head's z (out_proj input slice) at each position, clean into corrupt.
 
     Returns a HeadPatchingResult with ``normalised`` / ``patched_logit_diff`` of shape [example, layer, head, pos]
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
     memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 9 to 24 buckets per example,
-    more for larger models).
+    more for larger models). ``examples_per_forward``: examples run end-aligned in the same forwards (None: merged
+    while that saves host time, i.e. for models one example does not keep busy; 1: one example at a time).
     ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (see ``patch_sweep``).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,
-                       chunk_size=chunk_size, bucket_size=bucket_size, progress=progress, fused=fused,
-                       compile=compile)
+                       chunk_size=chunk_size, bucket_size=bucket_size, examples_per_forward=examples_per_forward,
+                       progress=progress, fused=fused, compile=compile)
 
 
 def patch_residual(model, pairs, **kwargs) -> LayerPatchingResult:

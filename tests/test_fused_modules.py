@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers.fused_modules as fm
-from helpers.fused_modules import FUSABLE_FAMILIES, fused_modules
+from helpers.fused_modules import FUSABLE_FAMILIES, causal_additive_mask, fused_modules
 from helpers.tiny_models import TINY_FAMILIES, tiny_model
 
 torch.set_num_threads(1)
@@ -245,6 +245,19 @@ def test_a_fused_block_appends_copies_of_row_zero_for_the_next_block(family):
         handle.remove()
     assert seen == [3] and grown.shape[0] == 3
     assert torch.allclose(grown, plain.expand(3, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_a_fused_block_appends_copies_of_the_rows_it_is_given():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = causal_additive_mask(9, 9, torch.float32, "cpu")  # [1, 1, q, q]: broadcasts over the grown batch
+    with torch.no_grad():
+        plain = model(ids).logits
+        with fused_modules(model, compile=False) as swap:
+            swap.extra_rows = {0: torch.tensor([1, 1, 0])}
+            grown = model(ids, attention_mask=mask).logits
+    assert grown.shape[0] == 5
+    assert torch.allclose(grown, plain[[0, 1, 1, 1, 0]], atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")

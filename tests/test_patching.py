@@ -86,14 +86,24 @@ def assert_normalised_close(fast, ref, atol=ATOL):
     assert (a - b).nan_to_num(0).abs().max().item() <= 2 * atol / denom[ok].min().item()
 
 
+_REFERENCES: dict = {}
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_heads_fast_equals_nnsight_reference(family):
+@pytest.mark.parametrize("per_forward", [None, 1])
+def test_heads_fast_equals_nnsight_reference(family, per_forward):
+    """Both layouts: the three examples (lengths 12, 10, 13) end-aligned in the same forwards (the default for tiny
+    models), and one example at a time (llama-like families then share the corrupt prefix inside fused attention)."""
     model = model_of(family)
     pairs = make_pairs(0, model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
-        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        if family not in _REFERENCES:
+            _REFERENCES[family] = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False,
+                                                        min_denominator=0.02)
+        ref = _REFERENCES[family]
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                           examples_per_forward=per_forward)
     assert fast.patched_logit_diff.shape == (3, 2, 4, 13)
     assert_raw_close(fast, ref)
     assert_normalised_close(fast, ref)
@@ -104,8 +114,10 @@ def test_heads_fast_equals_nnsight_reference(family):
         assert torch.all(fast.normalised[i, ..., :d].nan_to_num(0) == 0)
         assert torch.isnan(fast.patched_logit_diff[i, ..., len(pair.clean_ids):]).all()
     assert fast.stats["base_row_max_dev"] < ATOL  # the unpatched row of every forward reproduces the corrupt run
-    # llama-like families ran the fused modules with the shared corrupt prefix in place of per-row caches
-    assert fast.stats["shared_prefix"] == (family in FUSABLE_FAMILIES)
+    assert fast.stats["max_examples_per_forward"] == (3 if per_forward is None else 1)
+    # one at a time, llama-like families ran the fused modules with the shared corrupt prefix in place of per-row
+    # caches
+    assert fast.stats["shared_prefix"] == (family in FUSABLE_FAMILIES and per_forward == 1)
     # the sweep must see some effect, or the comparison above proves nothing
     assert fast.normalised.nan_to_num(0).abs().max() > 1e-3
 
@@ -221,7 +233,8 @@ def test_clean_incorrect_examples_are_excluded_by_default():
     assert torch.isnan(res.patched_logit_diff[1]).all()
     assert torch.isnan(res.mean()[..., 10:]).all()  # only the excluded example had those positions
     only = patch_heads(model, [right], progress=False, min_denominator=1e-4)
-    assert torch.allclose(res.mean()[..., :10], only.mean(), equal_nan=True)
+    # (rounding only: alone, the example's forwards have other shapes than merged with the longer one)
+    assert torch.allclose(res.mean()[..., :10], only.mean(), equal_nan=True, atol=1e-4)
     with pytest.warns(UserWarning, match=r"kept \(keep_incorrect=True\)"):
         kept = patch_heads(model, [right, wrong], keep_incorrect=True, progress=False)
     assert kept.included.tolist() == [True, True]
@@ -397,21 +410,68 @@ def test_heads_of_deeper_models_equal_nnsight_reference(family):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels (Triton, flash) run on the GPU box only")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
-def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family):
-    """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16) and flash + Triton attention (bf16)."""
+@pytest.mark.parametrize("per_forward", [1, None])
+def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward):
+    """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16); one example at a time, flash + Triton
+    attention with the shared prefix (bf16); examples merged, the padded masked path with per-row rotary tables."""
     model = tiny_model(family)
     pairs = make_pairs(0, model)
     model.cuda()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
-        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                           examples_per_forward=per_forward)
         assert_raw_close(fast, ref, atol=1e-4)  # fp32 on a GPU: TF32 is off, rounding only
         model.to(torch.bfloat16)
-        fused = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
-        plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False)
-    assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"] and fused.stats["shared_prefix"]
+        fused = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                            examples_per_forward=per_forward)
+        plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False,
+                            examples_per_forward=1)
+    assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"]
+    assert fused.stats["shared_prefix"] == (per_forward == 1)
+    assert fused.stats["max_examples_per_forward"] == (1 if per_forward == 1 else 3)
     a, b = fused.patched_logit_diff, plain.patched_logit_diff
     assert torch.equal(torch.isnan(a), torch.isnan(b))
     scale = b.nan_to_num(0).abs().max().item()
     assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_an_end_aligned_batch_gives_each_examples_own_logits(family):
+    """The padding mask reaches every layer as given: each row of a padded batch equals its example run alone."""
+    from helpers.aligned_batch import AlignedBatch
+    from helpers.patching import _Calls
+
+    model = model_of(family)
+    gen = torch.Generator().manual_seed(12)
+    lists = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 12, 3)]
+    batch = AlignedBatch(lists, "cpu")
+    assert batch.pads == [5, 0, 9] and batch.padded
+    calls = _Calls.of(model)
+    with torch.no_grad():
+        merged, _ = calls.forward(model, batch.ids, positions=batch.positions,
+                                  mask=batch.additive_mask(12, 12, torch.float32))
+        alone = torch.cat([calls.forward(model, torch.tensor([ids]))[0] for ids in lists])
+    assert torch.allclose(merged, alone, atol=1e-5, rtol=0)
+
+
+def test_examples_merge_only_where_every_span_fits_the_shortest_example():
+    """A long span (corruption early in a long prompt) cannot be fed from a short example's end: separate groups,
+    same numbers as one example at a time."""
+    model = model_of("llama")
+    gen = torch.Generator().manual_seed(13)
+    pairs = [decisive(model, make_pair(gen, 16, 2)), decisive(model, make_pair(gen, 8, 5)),
+             decisive(model, make_pair(gen, 9, 4))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
+        merged = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+        alone = patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=1)
+        capped = patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=2, bucket_size=2)
+    assert merged.stats["max_examples_per_forward"] == 2  # span 14 > 8: the first alone, the other two together
+    assert alone.stats["max_examples_per_forward"] == 1
+    for res in (merged, alone, capped):
+        assert_raw_close(res, ref)
+    with pytest.raises(ValueError, match="examples_per_forward"):
+        patch_heads(model, pairs, progress=False, examples_per_forward=0)
