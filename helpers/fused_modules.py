@@ -187,6 +187,13 @@ def _flash_applies(query: torch.Tensor) -> bool:
             and query.shape[-1] % 8 == 0)
 
 
+def per_example_prefix_applies(like: torch.Tensor, q_len: int, d_head: int) -> bool:
+    """Can forwards of ``like``'s device and dtype, feeding up to ``q_len`` tokens, share several examples'
+    prefixes (``FusedSwap.shared_prefix`` with ``row_example``)? CUDA fp16/bf16 with Triton, one-tile rows."""
+    return (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
+            and triton_kernels.usable(like, d_head=d_head) and triton_kernels.short_causal_applies(q_len, d_head))
+
+
 def causal_additive_mask(q_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Eager's additive causal mask [1, 1, q, kv] (0 or the dtype's lowest), lower-right aligned: the q queries are
     the last q of the kv positions."""
@@ -256,8 +263,12 @@ class FusedSwap:
     n_layers: int = 0
     attention_layers: set[int] = field(default_factory=set)  # layer_idx of the attentions running the fused forward
     causal_flash: bool = False
-    # per layer (keys, values): [1, kv_head, s, d_head] of positions < s, after rotary; None: no shared prefix
+    # per layer (keys, values): [1 or examples, kv_head, s, d_head] of positions < s, after rotary; None: no
+    # shared prefix
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # several examples' end-aligned prefixes: each row's example [rows] and each example's first real slot [examples]
+    prefix_rows: torch.Tensor | None = None
+    prefix_starts: torch.Tensor | None = None
     blocks: set[int] = field(default_factory=set)  # layers whose decoder block runs the fused forward
     # layer -> n or rows [n]: a fused block appends n copies of its output's row 0, or copies of those rows (the
     # sweep's rows joining at the next block), written in place instead of concatenated to the next block's input
@@ -279,16 +290,21 @@ class FusedSwap:
             self.causal_flash = was
 
     @contextmanager
-    def shared_prefix(self, cache):
+    def shared_prefix(self, cache, row_example: torch.Tensor | None = None, starts: torch.Tensor | None = None):
         """While inside, each fused attention attends first to ``cache``'s keys/values (a batch-1 transformers cache
-        of the positions before the fed tokens), shared by every row; the forward itself passes no cache."""
+        of the positions before the fed tokens), shared by every row; the forward itself passes no cache.
+
+        Several examples: ``cache`` has one end-aligned prefix per example (batch = examples, example e's keys from
+        slot ``starts[e]`` on), ``row_example`` [rows of the last block] says whose each row is; CUDA fp16/bf16 with
+        Triton only (``per_example_prefix_applies``)."""
         if cache is not None and not self.shares_prefix:
             raise RuntimeError("shared_prefix needs every layer's attention fused and causal_flash=True")
         self.prefix = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
+        self.prefix_rows, self.prefix_starts = row_example, starts
         try:
             yield
         finally:
-            self.prefix = None
+            self.prefix = self.prefix_rows = self.prefix_starts = None
 
 
 def is_fusable(model) -> bool:
@@ -354,9 +370,15 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         flash = swap.causal_flash and _flash_applies(query)
         if prefix is not None and flash:
             short = on_triton and triton_kernels.short_causal_applies(q_len, d_head)
-            z = shared_prefix_flash_attention(
-                query, key, value, *prefix, module.scaling, merge=triton_kernels.merge_attention if on_triton else merge,
-                own=triton_kernels.short_causal_attention if short else _causal_flash_with_lse)
+            own = triton_kernels.short_causal_attention if short else _causal_flash_with_lse
+            if swap.prefix_rows is not None:  # several examples' prefixes: each row reads its own example's
+                out_p, lse_p = triton_kernels.prefix_attention(query, *prefix, swap.prefix_rows[:b],
+                                                               swap.prefix_starts, module.scaling)
+                z = triton_kernels.merge_attention(out_p, lse_p, *own(query, key, value, module.scaling))
+            else:
+                z = shared_prefix_flash_attention(
+                    query, key, value, *prefix, module.scaling,
+                    merge=triton_kernels.merge_attention if on_triton else merge, own=own)
         else:
             key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, kv_head, q, d_head]
             if kv_cache is not None:

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from helpers.aligned_batch import AlignedBatch
 from helpers.architectures import blocks, family_spec, get_submodule, head_geometry, out_proj_modules
-from helpers.fused_modules import causal_additive_mask, fused_modules
+from helpers.fused_modules import causal_additive_mask, fused_modules, per_example_prefix_applies
 from helpers.patching_results import (
     DEFAULT_MIN_DENOMINATOR,
     HeadPatchingResult,
@@ -382,8 +382,8 @@ class _Plan:
                 self._gathered[id(t)] = t.index_select(0, index)
             return self._gathered[id(t)]
 
-        found = any(a is self.mask for a in args) or any(v is self.mask for v in kwargs.values())
-        if not found:
+        if self.mask is not None and not (any(a is self.mask for a in args)
+                                          or any(v is self.mask for v in kwargs.values())):
             raise RuntimeError("a merged-examples sweep needs the model to pass its 4D attention mask to every block "
                                "as given; run with examples_per_forward=1")
         args = tuple(rows(a) if a is self.mask else a for a in args)
@@ -700,8 +700,12 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
             return [out for ex in group for out in _sweep_group(
                 model, calls, site, [ex], chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar,
                 swap=swap)]
-        shares_prefix = (E == 1 and swap is not None and swap.shares_prefix
-                         and all(_is_plain(c) for c in snaps if c is not None))
+        # fused attention reads the corrupt prefix itself (no per-row cache copies): one example's through flash,
+        # several examples' through a Triton kernel that gives each row its own example's
+        shares_prefix = (swap is not None and swap.shares_prefix and all(_is_plain(c) for c in snaps if c is not None)
+                         and (E == 1 or per_example_prefix_applies(next(model.parameters()), max(spans),
+                                                               head_geometry(model.config).d_head)))
+        starts = torch.tensor(corrupt.pads, device=device) if shares_prefix and E > 1 else None
         stats["shared_prefix"] = shares_prefix
         stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
         for q, snap in zip(qs, snaps):
@@ -710,7 +714,7 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
             n_rows = grid.shape[0]
             rows_size = chunk_size or min(n_rows, _auto_chunk_rows(model, q, T, device))
             ids, positions = corrupt.ids[:, s:], corrupt.positions[:, s:]
-            mask = corrupt.additive_mask(q, T, _dtype(model)) if E > 1 else None
+            mask = corrupt.additive_mask(q, T, _dtype(model)) if E > 1 and not shares_prefix else None
 
             def run(a: int, b: int):
                 rows = grid[a:b]
@@ -745,9 +749,9 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
                     swap.extra_rows = {j - 1: plan.joining(j) for j, n in enumerate(n_new)
                                        if j > 0 and n and j - 1 in swap.blocks}
                 try:
-                    if shares_prefix:  # fused attention reads the batch-1 prefix itself: no per-row cache copies
-                        with swap.shared_prefix(snap):
-                            logits, _ = calls.forward(model, ids, start=s, ready_mask=True)
+                    if shares_prefix:  # every row's fed tokens are real: a causal mask, broadcast over rows
+                        with swap.shared_prefix(snap, row_example if E > 1 else None, starts):
+                            logits, _ = calls.forward(model, ids, positions=positions, ready_mask=True)
                     else:
                         with _padded(swap) if corrupt.padded else nullcontext():
                             logits, _ = calls.forward(model, ids, positions=positions, mask=mask,

@@ -1,4 +1,4 @@
-"""Four memory-bound steps of the fused modules as hand-written Triton kernels (CUDA only).
+"""Five memory-bound steps of the fused modules as hand-written Triton kernels (CUDA only).
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
 arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
@@ -12,6 +12,8 @@ compare the two on the GPU box. No autograd: callers use them under no_grad / in
 - ``silu_mul(gate_up)``: the gated MLP's ``silu(gate) * up`` (inductor's version ran at ~1.6 TB/s).
 - ``short_causal_attention(query, key, value, scaling)``: the causal attention of short rows among their own
   tokens, with its log-sum-exp (what flash attention computes, without its padding on short rows).
+- ``prefix_attention(query, prefix_key, prefix_value, row_example, starts, scaling)``: each row's attention to
+  its own example's prefix, with its log-sum-exp, when a sweep merges several examples into one forward.
 """
 from __future__ import annotations
 
@@ -108,6 +110,48 @@ if triton is not None:
             tl.store(l_ptr + b * l_sb + i * l_sq + head * l_sh, m + tl.log(total), mask=valid)
 
 
+    @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh",
+                                   "v_ss", "o_sb", "o_sq", "o_sh", "l_sb", "l_sq", "l_sh"])
+    def _prefix_kernel(q_ptr, k_ptr, v_ptr, ex_ptr, start_ptr, o_ptr, l_ptr, q_len, s_len, scale,
+                       q_sb, q_sq, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sq, o_sh, l_sb, l_sq, l_sh,
+                       GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr):
+        # program (row, kv head): the row's queries against its example's prefix keys start .. s_len - 1 (every
+        # prefix key precedes every query: no causal mask), online softmax over key blocks
+        b = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        ex = tl.load(ex_ptr + b).to(tl.int64)
+        start = tl.load(start_ptr + ex).to(tl.int32)
+        i = tl.arange(0, BLOCK_Q)
+        d = tl.arange(0, D)
+        valid = i < q_len
+        k_base = k_ptr + ex * k_sb + kv_head * k_sh
+        v_base = v_ptr + ex * v_sb + kv_head * v_sh
+        for g in tl.static_range(GROUP):
+            head = kv_head * GROUP + g
+            q = tl.load(q_ptr + b * q_sb + i[:, None] * q_sq + head * q_sh + d[None, :], mask=valid[:, None],
+                        other=0.0)
+            m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+            total = tl.zeros((BLOCK_Q,), tl.float32)
+            acc = tl.zeros((BLOCK_Q, D), tl.float32)
+            for k0 in range(start, s_len, BLOCK_K):
+                j = k0 + tl.arange(0, BLOCK_K)
+                ok = j < s_len
+                k = tl.load(k_base + j[:, None].to(tl.int64) * k_ss + d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(v_base + j[:, None].to(tl.int64) * v_ss + d[None, :], mask=ok[:, None], other=0.0)
+                scores = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 1))
+                p = tl.exp(scores - m_new[:, None])
+                alpha = tl.exp(m - m_new)
+                total = total * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m = m_new
+            has = total > 0  # an empty prefix: output 0 with log-sum-exp -inf (weight 0 in the merge)
+            out = acc / tl.where(has, total, 1.0)[:, None]
+            tl.store(o_ptr + b * o_sb + i[:, None] * o_sq + head * o_sh + d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+            tl.store(l_ptr + b * l_sb + i * l_sq + head * l_sh,
+                     tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf")), mask=valid)
+
     @triton.jit(do_not_specialize=["n_rows", "width", "row_stride"])
     def _silu_mul_kernel(gu_ptr, out_ptr, n_rows, width, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # out[r, c] = silu(gu[r, c]) * gu[r, width + c]: gate and up halves of the fused gate/up projection
@@ -189,6 +233,33 @@ def short_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                                         *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *lse.stride(),
                                         GROUP=n_heads // n_kv, BLOCK=block, D=d_head,
                                         num_warps=4 if block <= 64 else 8)
+    return out, lse
+
+
+def prefix_attention(query: torch.Tensor, prefix_key: torch.Tensor, prefix_value: torch.Tensor,
+                     row_example: torch.Tensor, starts: torch.Tensor, scaling: float):
+    """Each row's queries against its own example's prefix, one program per (row, key/value head); fp16/bf16.
+
+    query: [batch, q, head, d_head] (any strides, d_head contiguous), q <= SHORT_CAUSAL_MAX; prefix_key/value:
+    [examples, kv_head, s, d_head], the examples' end-aligned prefixes (example e's keys are slots starts[e] .. s-1,
+    the slots before are padding); row_example: [batch] int64, each row's example. Returns (out [batch, q, head,
+    d_head], lse [batch, q, head] float32; an empty prefix gives out 0, lse -inf), the pair ``merge_attention``
+    takes. What ``shared_prefix_flash_attention``'s folded flash call computes for one example, for several at
+    once and without copying a prefix per row.
+    """
+    b, q, n_heads, d_head = query.shape
+    n_kv, s = prefix_key.shape[1], prefix_key.shape[2]
+    assert q <= SHORT_CAUSAL_MAX and query.stride(3) == prefix_key.stride(3) == prefix_value.stride(3) == 1
+    out = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
+    lse = torch.empty(b, q, n_heads, dtype=torch.float32, device=query.device)
+    block_q = max(16, triton.next_power_of_2(q))
+    with _on(out):
+        _prefix_kernel[(b, n_kv)](query, prefix_key, prefix_value, row_example, starts, out, lse, q, s, scaling,
+                                  *query.stride()[:3], prefix_key.stride(0), prefix_key.stride(1),
+                                  prefix_key.stride(2), prefix_value.stride(0), prefix_value.stride(1),
+                                  prefix_value.stride(2), *out.stride()[:3], *lse.stride(),
+                                  GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=64 if d_head <= 64 else 32,
+                                  D=d_head, num_warps=4 if block_q <= 64 else 8)
     return out, lse
 
 

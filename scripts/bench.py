@@ -163,6 +163,8 @@ def main(argv=None):
     ap.add_argument("--ref-patches", type=int, default=48, help="reference patches timed per shape and dtype")
     ap.add_argument("--examples", type=int, default=10, help="the multi-example run (0: skip)")
     ap.add_argument("--examples-dtypes", default="bf16")
+    ap.add_argument("--per-forward", default="auto,1",
+                    help="examples_per_forward values of the multi-example run (auto = the default)")
     ap.add_argument("--bucket-sizes", default="2,4,8,16", help="bf16 bucket-size sweep ('' to skip)")
     ap.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True, help="also time sdpa (bf16)")
     ap.add_argument("--reps", type=int, default=2)
@@ -204,6 +206,7 @@ def main(argv=None):
               "speed-up | forwards | peak GPU GiB | TFLOP/s | max abs(fast−ref) on subset | base-row dev |")
     sep = "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"
     t_start = time.perf_counter()
+    per_forwards = [None if v == "auto" else int(v) for v in args.per_forward.split(",") if v]
 
     def over_budget() -> bool:
         return time.perf_counter() - t_start > args.time_budget
@@ -267,7 +270,7 @@ def main(argv=None):
             if dname in args.examples_dtypes.split(",") and args.examples:
                 # warm the merged path's shapes first (the masked attention compiles on its first call)
                 patch_heads(model, [warm, warm_short], keep_incorrect=True, progress=False)
-                for per_forward in (None, 1):  # (None merges as many as pay; 1: one at a time)
+                for per_forward in per_forwards:  # (None merges as many as pay; 1: one at a time)
                     t_many, res = timed(lambda: patch_heads(model, many, keep_incorrect=True, progress=False,
                                                             examples_per_forward=per_forward), device)
                     merged = res.stats.get("max_examples_per_forward")
@@ -277,8 +280,8 @@ def main(argv=None):
                                  f"{t_many / len(many):.3f} | {t_many / t_fast:.1f}× one example; "
                                  f"{res.stats.get('forwards')} forwards, ≤{merged} examples a forward |")
                     print(extra[-1], flush=True)
-                    if merged == 1 and per_forward is None:
-                        break
+                    if merged == 1 and per_forward is None and per_forwards[1:2] == [1]:
+                        break  # auto already ran one example at a time
             if dname == "bf16" and model.config.model_type != "gpt_neo":
                 patch_heads(model, [warm], keep_incorrect=True, progress=False, fused=False)
                 t_u, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False,

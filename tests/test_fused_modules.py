@@ -276,6 +276,30 @@ def test_triton_short_causal_attention_equals_flash_on_cuda(dtype, q, heads, kv_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q, s, heads, kv_heads, d_head", [(50, 40, 14, 2, 64), (9, 130, 32, 8, 64), (20, 7, 4, 4, 128)])
+def test_triton_prefix_attention_gives_each_row_its_examples_prefix_on_cuda(dtype, q, s, heads, kv_heads, d_head):
+    from helpers import triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(11, q, heads + 2 * kv_heads, d_head, generator=gen, device="cuda").to(dtype)[:, :, :heads]
+    keys, values = torch.randn(2, 3, kv_heads, s, d_head, generator=gen, device="cuda").to(dtype)
+    row_example = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 2], device="cuda")
+    starts = torch.tensor([0, s // 3, s], device="cuda")  # example 2's prefix is empty
+    out, lse = triton_kernels.prefix_attention(query, keys, values, row_example, starts, 0.125)
+    for row, e in enumerate(row_example.tolist()):
+        k, v = keys[e, :, starts[e]:].float(), values[e, :, starts[e]:].float()  # [kv_head, n, d]
+        qf = query[row].float().transpose(0, 1)  # [head, q, d]
+        group = heads // kv_heads
+        scores = qf @ k.repeat_interleave(group, 0).transpose(1, 2) * 0.125  # [head, q, n]
+        if k.shape[1] == 0:
+            assert out[row].abs().max().item() == 0 and torch.isneginf(lse[row]).all()
+            continue
+        expected = (torch.softmax(scores, -1) @ v.repeat_interleave(group, 0)).transpose(0, 1)
+        assert (out[row].float() - expected).abs().max().item() < 2e-2
+        assert (lse[row] - torch.logsumexp(scores, -1).transpose(0, 1)).abs().max().item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_silu_mul_equals_the_torch_formula_on_cuda(dtype):
     from helpers import triton_kernels

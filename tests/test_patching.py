@@ -412,8 +412,9 @@ def test_heads_of_deeper_models_equal_nnsight_reference(family):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
 @pytest.mark.parametrize("per_forward", [1, None])
 def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward):
-    """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16); one example at a time, flash + Triton
-    attention with the shared prefix (bf16); examples merged, the padded masked path with per-row rotary tables."""
+    """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16). fp32, examples merged: the padded
+    masked path with per-row rotary tables. bf16: the corrupt prefix shared inside attention, one example's through
+    flash, several examples' through Triton's per-row prefix kernel."""
     model = tiny_model(family)
     pairs = make_pairs(0, model)
     model.cuda()
@@ -428,8 +429,7 @@ def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward
                             examples_per_forward=per_forward)
         plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False,
                             examples_per_forward=1)
-    assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"]
-    assert fused.stats["shared_prefix"] == (per_forward == 1)
+    assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"] and fused.stats["shared_prefix"]
     assert fused.stats["max_examples_per_forward"] == (1 if per_forward == 1 else 3)
     a, b = fused.patched_logit_diff, plain.patched_logit_diff
     assert torch.equal(torch.isnan(a), torch.isnan(b))
