@@ -386,10 +386,11 @@ class _Plan:
                                           or any(v is self.mask for v in kwargs.values())):
             raise RuntimeError("a merged-examples sweep needs the model to pass its 4D attention mask to every block "
                                "as given; run with examples_per_forward=1")
-        args = tuple(rows(a) if a is self.mask else a for a in args)
+        mask = self.mask if self.mask is not None and self.mask.shape[0] == self.n_base else None
+        args = tuple(rows(a) if mask is not None and a is mask else a for a in args)
         kwargs = dict(kwargs)
         for key, value in kwargs.items():
-            if value is self.mask:
+            if mask is not None and value is mask:
                 kwargs[key] = rows(value)
             elif key == "position_embeddings" and isinstance(value, tuple) and value[0].shape[0] == self.n_base:
                 kwargs[key] = tuple(rows(t) for t in value)
