@@ -26,6 +26,14 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
 5. **The last layer serves the answer only.** There the out_proj and the MLP see the last position alone (heads
    and residual sites); its keys and values still come from every position.
 
+**Several examples share forwards** (``examples_per_forward``; by default up to 32 of those whose own sweep leaves
+the GPU waiting for the host). They run end-aligned (helpers.aligned_batch): a bucket feeds every example's last q
+tokens, so the answer is the last position for all; rows 0 .. E-1 are the examples' unpatched corrupt runs and each
+patch row copies its own example's; each block gets the padding mask, rotary tables and cache gathered to its rows.
+Fused llama-like models on a GPU share the examples' prefixes inside attention (helpers.triton_kernels'
+``prefix_attention``: each row reads its own example's), with no padding mask at all. A group's longest span must
+fit in its shortest example; models with sliding-window layers run one example at a time.
+
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
 and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
@@ -37,7 +45,9 @@ example, first difference at 10, full layer x head x position sweep, default buc
 TinyStories-2L 0.070 s fp32 / 0.080 s bf16; Qwen2.5-0.5B 3.60 s / 0.47-0.54 s; Llama-3.2-1B 12.2 s / 1.17-1.24 s
 (the nnsight loop, extrapolated: 10 / 12, 693 / 592-687, 680 / 610-1392 s; its own time varies 2x between runs). Qwen in
 bf16 is held back by the host launching ~24 layers x 9 forwards of kernels, Llama by its matmuls (~65 % of GPU
-time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). fp32 agrees with the loop to ~1e-4 logits on these
+time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T 55-65, bf16, 2026-11-28): TinyStories
+0.092 s merged (2.2x one example; 0.46 s one at a time), Qwen 4.99 s merged (9.0x; 5.55 s one at a time), Llama
+12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s). fp32 agrees with the loop to ~1e-4 logits on these
 shapes (the unpatched row deviates from the full corrupt run by as much: rounding); bf16 by up to ~0.7 logits, about
 one bf16 ulp at those logit sizes (the unpatched row, likewise).
 
