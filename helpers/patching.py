@@ -697,8 +697,10 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
     """patched_logit_diff [L, U, T] of each example of ``group`` (prefix positions = corrupt, the rest computed).
 
     The examples run end-aligned in the same forwards (helpers.aligned_batch): rows 0 .. E-1 are their unpatched
-    corrupt runs, every patch row a copy of its example's. A single example (or a model whose cache is not all
-    full attention, one example at a time) shares its batch-1 prefix inside fused attention where it can.
+    corrupt runs, every patch row a copy of its example's. Fused attention reads the corrupt prefix itself where it
+    can (one example: flash; several: Triton's per-row ``prefix_attention``); elsewhere every row gets its
+    example's prefix as a cache, and several examples a padding mask. A group whose cache is not all full
+    attention runs its examples one at a time.
     """
     device = _device(model)
     L, U, E = len(site.modules), site.n_units, len(group)
