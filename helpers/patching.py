@@ -26,8 +26,8 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
 5. **The last layer serves the answer only.** There the out_proj and the MLP see the last position alone (heads
    and residual sites); its keys and values still come from every position.
 
-**Several examples share forwards** (``examples_per_forward``; by default up to 32 of those whose own sweep leaves
-the GPU waiting for the host). They run end-aligned (helpers.aligned_batch): a bucket feeds every example's last q
+**Several examples share forwards** (``examples_per_forward``; by default, on a GPU, up to 32 of those whose own
+sweep leaves it waiting for the host). They run end-aligned (helpers.aligned_batch): a bucket feeds every example's last q
 tokens, so the answer is the last position for all; rows 0 .. E-1 are the examples' unpatched corrupt runs and each
 patch row copies its own example's; each block gets the padding mask, rotary tables and cache gathered to its rows.
 Fused llama-like models on a GPU share the examples' prefixes inside attention (helpers.triton_kernels'
@@ -671,14 +671,16 @@ def _example_groups(model, site: _Site, examples: list[_Example], per_forward: i
     """Consecutive examples merged into one sweep's forwards. A group's forwards feed every example's last q tokens,
     so its longest span must fit in its shortest example. ``per_forward``: at most that many examples a group.
 
-    None: up to ``_MAX_EXAMPLES_PER_FORWARD``, but only examples whose own sweep leaves the GPU waiting for the host
-    (arithmetic below ``_MERGE_MAX_FLOP``). Measured on an H100 in bf16, 10 examples
-    of ~60 tokens: TinyStories-2L merged 0.08-0.13 s against 0.48-0.62 s one at a time; Qwen2.5-0.5B 4.85-5.04 s
-    against 5.14-5.68 s; Llama-3.2-1B, which one example keeps busy, 19.6 s merged against 13.8 s.
+    None: on a GPU up to ``_MAX_EXAMPLES_PER_FORWARD``, but only examples whose own sweep leaves the GPU waiting
+    for the host (arithmetic below ``_MERGE_MAX_FLOP``). Measured on an H100 in bf16, 10 examples of ~60 tokens:
+    TinyStories-2L merged 0.08-0.13 s against 0.46-0.62 s one at a time; Qwen2.5-0.5B 4.85-5.04 s against
+    5.14-5.68 s; Llama-3.2-1B, which one example keeps busy, 19.6 s merged against 13.8 s. On a CPU one at a time:
+    there the arithmetic is the cost, and merged batches outgrow the caches (the embedded gpt_neo model, 16
+    examples, 2 cores: 10.0 s merged against 5.7 s).
     Models whose layers need masks other than causal ones (sliding windows) run one example at a time."""
     groups: list[list[_Example]] = []
     limit = per_forward or _MAX_EXAMPLES_PER_FORWARD
-    if not _pads_examples(model):
+    if not _pads_examples(model) or (per_forward is None and _device(model).type != "cuda"):
         limit = 1
     for ex in examples:
         group = groups[-1] + [ex] if groups else None
@@ -969,8 +971,8 @@ def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: 
     Returns a HeadPatchingResult with ``normalised`` / ``patched_logit_diff`` of shape [example, layer, head, pos]
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
     memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 9 to 24 buckets per example,
-    more for larger models). ``examples_per_forward``: examples run end-aligned in the same forwards (None: up to 32
-    where one example's sweep does not keep a GPU busy, else one at a time; 1: one example at a time).
+    more for larger models). ``examples_per_forward``: examples run end-aligned in the same forwards (None: on a GPU
+    up to 32 where one example's sweep does not keep it busy, else and on a CPU one at a time; 1: one at a time).
     ``fused`` / ``compile``: helpers.fused_modules' swap-ins for llama-like models (see ``patch_sweep``).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,

@@ -90,10 +90,10 @@ _REFERENCES: dict = {}
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("per_forward", [None, 1])
+@pytest.mark.parametrize("per_forward", [3, None])
 def test_heads_fast_equals_nnsight_reference(family, per_forward):
-    """Both layouts: the three examples (lengths 12, 10, 13) end-aligned in the same forwards (the default for tiny
-    models), and one example at a time (llama-like families then share the corrupt prefix inside fused attention)."""
+    """Both layouts: the three examples (lengths 12, 10, 13) end-aligned in the same forwards, and one example at a
+    time (the default on a CPU; llama-like families then share the corrupt prefix inside fused attention)."""
     model = model_of(family)
     pairs = make_pairs(0, model)
     with warnings.catch_warnings():
@@ -114,34 +114,37 @@ def test_heads_fast_equals_nnsight_reference(family, per_forward):
         assert torch.all(fast.normalised[i, ..., :d].nan_to_num(0) == 0)
         assert torch.isnan(fast.patched_logit_diff[i, ..., len(pair.clean_ids):]).all()
     assert fast.stats["base_row_max_dev"] < ATOL  # the unpatched row of every forward reproduces the corrupt run
-    assert fast.stats["max_examples_per_forward"] == (3 if per_forward is None else 1)
+    assert fast.stats["max_examples_per_forward"] == (3 if per_forward == 3 else 1)
     # one at a time, llama-like families ran the fused modules with the shared corrupt prefix in place of per-row
     # caches
-    assert fast.stats["shared_prefix"] == (family in FUSABLE_FAMILIES and per_forward == 1)
+    assert fast.stats["shared_prefix"] == (family in FUSABLE_FAMILIES and per_forward is None)
     # the sweep must see some effect, or the comparison above proves nothing
     assert fast.normalised.nan_to_num(0).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 @pytest.mark.parametrize("bucket_size,chunk_size", [(1, None), (100, None), (3, 5), (2, 1)])
-def test_heads_bucketing_and_chunking_do_not_change_results(family, bucket_size, chunk_size):
+@pytest.mark.parametrize("per_forward", [None, 3])
+def test_heads_bucketing_and_chunking_do_not_change_results(family, bucket_size, chunk_size, per_forward):
     model, pairs = model_of(family), make_pairs(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
         fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=bucket_size,
-                           chunk_size=chunk_size)
+                           chunk_size=chunk_size, examples_per_forward=per_forward)
     assert_raw_close(fast, ref)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("kind", list(KERNELS))
-def test_layer_kernels_equal_hook_loop(family, kind):
+@pytest.mark.parametrize("per_forward", [None, 3])
+def test_layer_kernels_equal_hook_loop(family, kind, per_forward):
     model, pairs = model_of(family), make_pairs(2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = patch_sites_reference(model, pairs, kind, keep_incorrect=True)
-        fast = KERNELS[kind](model, pairs, keep_incorrect=True, progress=False)
+        fast = KERNELS[kind](model, pairs, keep_incorrect=True, progress=False, examples_per_forward=per_forward)
+    assert fast.stats["max_examples_per_forward"] == (per_forward or 1)
     assert fast.patched_logit_diff.shape == (3, 2, 13)
     assert fast.dims == ("example", "layer", "pos")
     assert_raw_close(fast, ref)
@@ -466,8 +469,8 @@ def test_examples_merge_only_where_every_span_fits_the_shortest_example():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
-        merged = patch_heads(model, pairs, keep_incorrect=True, progress=False)
-        alone = patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=1)
+        merged = patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=32)
+        alone = patch_heads(model, pairs, keep_incorrect=True, progress=False)  # (the default on a CPU)
         capped = patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=2, bucket_size=2)
     assert merged.stats["max_examples_per_forward"] == 2  # span 14 > 8: the first alone, the other two together
     assert alone.stats["max_examples_per_forward"] == 1
