@@ -309,9 +309,9 @@ def test_triton_silu_mul_equals_the_torch_formula_on_cuda(dtype):
     got = triton_kernels.silu_mul(gate_up)
     expected = F.silu(gate) * up
     assert got.shape == (3, 37, 1500) and got.dtype == dtype
-    # computed in float32, rounded once to the output dtype: within half a unit in the last place (relative 2^-8
-    # for bfloat16; an absolute bound failed on unlucky unseeded draws, outputs reach ~15)
-    rel = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # (float32: the kernel's exp is an approximation)
+    # computed in float32, rounded once to the output dtype: within one unit in the last place (relative 2^-7 for
+    # bfloat16, whatever the rounding mode; an absolute bound failed on an unlucky unseeded draw, outputs reach ~15)
+    rel = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # (float32: the kernel's exp is an approximation)
     assert ((got.float() - expected).abs() <= rel * expected.abs() + 1e-5).all()
 
 
