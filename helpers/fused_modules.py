@@ -189,8 +189,9 @@ def _flash_applies(query: torch.Tensor) -> bool:
 
 def per_example_prefix_applies(like: torch.Tensor, q_len: int, d_head: int) -> bool:
     """Can forwards of ``like``'s device and dtype, feeding up to ``q_len`` tokens, share several examples'
-    prefixes (``FusedSwap.shared_prefix`` with ``row_example``)? CUDA fp16/bf16 with Triton, one-tile rows."""
-    return (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
+    prefixes (``FusedSwap.shared_prefix`` with ``row_example``)? CUDA fp16/bf16 with Triton, one-tile rows, and the
+    head sizes the fused attention takes its flash branch for (``_flash_applies``)."""
+    return (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16) and d_head <= 256 and d_head % 8 == 0
             and triton_kernels.usable(like, d_head=d_head) and triton_kernels.short_causal_applies(q_len, d_head))
 
 

@@ -846,16 +846,14 @@ def _ready_masks(swap) -> bool:
     return swap is not None and swap.shares_prefix
 
 
-# examples per metrics forward (each contributes a clean and a corrupt row)
-_METRICS_BATCH = 16
-
-
 def _pads_examples(model) -> bool:
     """May examples of different lengths share a forward under one ready 4D padding mask? transformers hands such
-    a mask to every layer as is, so not where some layers need another mask: sliding windows (``layer_types``
-    other than full attention, or a model-wide ``sliding_window``). (gpt_neo's local layers apply their window
+    a mask to every layer as is, so only for eager and sdpa attention, and not where some layers need another mask:
+    sliding windows (``layer_types`` other than full attention, or a model-wide ``sliding_window``). (gpt_neo's local layers apply their window
     themselves, on top of the mask.)"""
     config = model.config
+    if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        return False  # flash-attention-2 reads a mask as 2D padding, flex wants a BlockMask
     types = getattr(config, "layer_types", None)
     if types is not None:
         return all(t == "full_attention" for t in types)
@@ -863,17 +861,14 @@ def _pads_examples(model) -> bool:
 
 
 def _metrics(model, calls: _Calls, pairs, swap=None) -> list[tuple[float, float, bool]]:
-    """(clean_diff, corrupt_diff, clean_correct) of every pair: clean and corrupt rows of up to ``_METRICS_BATCH``
-    examples, end-aligned, in one forward."""
+    """(clean_diff, corrupt_diff, clean_correct) of every pair, each from its own batch-2 forward (clean and corrupt
+    have one length), so an example's metrics, and whether it is included, never depend on the other examples."""
     out = []
-    per_forward = _METRICS_BATCH if _pads_examples(model) else 1
     with torch.inference_mode():
-        for a in range(0, len(pairs), per_forward):
-            chunk = pairs[a:a + per_forward]
-            batch = AlignedBatch([list(p.clean_ids) for p in chunk] + [list(p.corrupt_ids) for p in chunk],
-                                 _device(model))
+        for pair in pairs:
+            batch = AlignedBatch([list(pair.clean_ids), list(pair.corrupt_ids)], _device(model))
             logits, _ = _aligned_forward(model, calls, batch, batch.length, swap)
-            out += [_logit_diffs(logits[i], logits[len(chunk) + i], p) for i, p in enumerate(chunk)]
+            out.append(_logit_diffs(logits[0], logits[1], pair))
     return out
 
 

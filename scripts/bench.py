@@ -221,7 +221,9 @@ def main(argv=None):
                           args.first_diff + int(torch.randint(-3, 4, (1,), generator=gen)))
                 for _ in range(args.examples)]
         warm = make_pair(gen, vocab, max(args.first_diff + 6, 16), args.first_diff)
-        warm_short = make_pair(gen, vocab, max(args.first_diff + 6, 16) - 2, args.first_diff - 1)
+        # (its own generator: the shared one draws the timed pairs of every later shape)
+        warm_short = make_pair(torch.Generator().manual_seed(2), vocab, max(args.first_diff + 6, 16) - 2,
+                               max(1, args.first_diff - 1))
         L, H, T = geo.n_layers, geo.n_heads, args.length
         n_full = L * H * T
         subset_gen = torch.Generator().manual_seed(1)
