@@ -65,6 +65,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -350,6 +351,10 @@ def _auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
 # The sweep
 # ----------------------------------------------------------------------------------------------------------------
 
+class _MaskNotPassedOn(RuntimeError):
+    """A block got another mask than the one handed to the model: merged examples cannot be told apart there."""
+
+
 class _Plan:
     """What the hooks do in one forward: rows joining per layer and the patch of each layer.
 
@@ -394,8 +399,7 @@ class _Plan:
 
         if self.mask is not None and not (any(a is self.mask for a in args)
                                           or any(v is self.mask for v in kwargs.values())):
-            raise RuntimeError("a merged-examples sweep needs the model to pass its 4D attention mask to every block "
-                               "as given; run with examples_per_forward=1")
+            raise _MaskNotPassedOn(f"block {layer} did not receive the sweep's 4D attention mask as given")
         mask = self.mask if self.mask is not None and self.mask.shape[0] == self.n_base else None
         args = tuple(rows(a) if mask is not None and a is mask else a for a in args)
         kwargs = dict(kwargs)
@@ -942,8 +946,15 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
     bar = _progress(None, progress and total > 0, f"patch {kind}", total=total)
     try:
         for group in _example_groups(model, site, examples, examples_per_forward):
-            outs = _sweep_group(model, calls, site, group, chunk_size=chunk_size, bucket_size=bucket_size,
-                                stats=stats, bar=bar, swap=swap)
+            kw = dict(chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap)
+            try:
+                outs = _sweep_group(model, calls, site, group, **kw)
+            except _MaskNotPassedOn as exc:  # (raised in the group's first forward, before any result)
+                if len(group) == 1:
+                    raise
+                warnings.warn(f"{exc}; running these examples one at a time", RuntimeWarning, stacklevel=3)
+                stats["max_examples_per_forward"] = 1
+                outs = [out for ex in group for out in _sweep_group(model, calls, site, [ex], **kw)]
             for ex, values in zip(group, outs):
                 patched[ex.index, :, :, : ex.length] = values
     finally:

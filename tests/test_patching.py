@@ -483,3 +483,25 @@ def test_examples_merge_only_where_every_span_fits_the_shortest_example():
         assert_raw_close(res, ref)
     with pytest.raises(ValueError, match="examples_per_forward"):
         patch_heads(model, pairs, progress=False, examples_per_forward=0)
+
+
+def test_a_model_that_does_not_pass_the_mask_on_runs_examples_one_at_a_time():
+    """Merged rows are told apart by the 4D mask the model hands every block; where a block gets another one (here
+    a user's hook copies it), the sweep warns and runs the group's examples one at a time, with the same numbers."""
+    model = model_of("gpt2")
+    pairs = make_pairs(14, model)
+
+    def copy_mask(module, args, kwargs):
+        return tuple(a.clone() if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args), kwargs
+    handles = [block.register_forward_pre_hook(copy_mask, with_kwargs=True) for block in model.transformer.h]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = patch_sites_reference(model, pairs, "heads", keep_incorrect=True)
+        with pytest.warns(RuntimeWarning, match="one at a time"):
+            fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert fast.stats["max_examples_per_forward"] == 1
+    assert_raw_close(fast, ref)
