@@ -44,8 +44,8 @@ Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, rando
 example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27, README "Speed"):
 TinyStories-2L 0.070 s fp32 / 0.080 s bf16; Qwen2.5-0.5B 3.60 s / 0.47-0.54 s; Llama-3.2-1B 12.2 s / 1.17-1.24 s
 (the nnsight loop, extrapolated: 10 / 12, 693 / 592-687, 680 / 610-1392 s; its own time varies 2x between runs). Qwen in
-bf16 is held back by the host launching ~24 layers x 9 forwards of kernels, Llama by its matmuls (~65 % of GPU
-time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T 55-65, bf16, 2026-11-28): TinyStories
+bf16 is held back by its narrow matmuls and, less, the host launching ~24 layers x 9 forwards of kernels, Llama by
+its matmuls (~65 % of GPU time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T 55-65, bf16, 2026-11-28): TinyStories
 0.092 s merged (2.2x one example; 0.46 s one at a time), Qwen 4.99 s merged (9.0x; 5.55 s one at a time), Llama
 12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s). fp32 agrees with the loop to ~1e-4 logits on these
 shapes (the unpatched row deviates from the full corrupt run by as much: rounding); bf16 by up to ~0.7 logits, about
