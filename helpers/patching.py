@@ -27,10 +27,10 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
    and residual sites); its keys and values still come from every position.
 
 **Several examples share forwards** (``examples_per_forward``; by default, on a GPU, up to 32 of those whose own
-sweep leaves it waiting for the host). They run end-aligned (helpers.aligned_batch): a bucket feeds every example's last q
-tokens, so the answer is the last position for all; rows 0 .. E-1 are the examples' unpatched corrupt runs and each
-patch row copies its own example's; each block gets the padding mask, rotary tables and cache gathered to its rows.
-Fused llama-like models on a GPU share the examples' prefixes inside attention (helpers.triton_kernels'
+sweep leaves it waiting for the host). They run end-aligned (helpers.aligned_batch): a bucket feeds every example's
+last q tokens, so the answer is the last position for all; rows 0 .. E-1 are the examples' unpatched corrupt runs
+and each patch row copies its own example's; each block gets the padding mask, rotary tables and cache gathered to
+its rows. Fused llama-like models on a GPU share the examples' prefixes inside attention (helpers.triton_kernels'
 ``prefix_attention``: each row reads its own example's), with no padding mask at all. A group's longest span must
 fit in its shortest example; models with sliding-window layers run one example at a time.
 
@@ -43,13 +43,13 @@ helpers.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash
 Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
 example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27, README "Speed"):
 TinyStories-2L 0.070 s fp32 / 0.080 s bf16; Qwen2.5-0.5B 3.60 s / 0.47-0.54 s; Llama-3.2-1B 12.2 s / 1.17-1.24 s
-(the nnsight loop, extrapolated: 10 / 12, 693 / 592-687, 680 / 610-1392 s; its own time varies 2x between runs). Qwen in
-bf16 is held back by its narrow matmuls and, less, the host launching ~24 layers x 9 forwards of kernels, Llama by
-its matmuls (~65 % of GPU time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T 55-65, bf16, 2026-11-28): TinyStories
-0.092 s merged (2.2x one example; 0.46 s one at a time), Qwen 4.99 s merged (9.0x; 5.55 s one at a time), Llama
-12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s). fp32 agrees with the loop to ~1e-4 logits on these
-shapes (the unpatched row deviates from the full corrupt run by as much: rounding); bf16 by up to ~0.7 logits, about
-one bf16 ulp at those logit sizes (the unpatched row, likewise).
+(the nnsight loop, extrapolated: 10 / 12, 693 / 592-687, 680 / 610-1392 s; its own time varies 2x between runs).
+Qwen in bf16 is held back by its narrow matmuls and, less, the host launching ~24 layers x 9 forwards of kernels,
+Llama by its matmuls (~65 % of GPU time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T
+55-65, bf16, 2026-11-28): TinyStories 0.092 s merged (2.2x one example; 0.46 s one at a time), Qwen 4.99 s merged
+(9.0x; 5.55 s one at a time), Llama 12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s). fp32
+agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as
+much: rounding); bf16 by up to ~0.7 logits, about one bf16 ulp at those logit sizes (the unpatched row, likewise).
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
@@ -851,10 +851,10 @@ def _ready_masks(swap) -> bool:
 
 
 def _pads_examples(model) -> bool:
-    """May examples of different lengths share a forward under one ready 4D padding mask? transformers hands such
-    a mask to every layer as is, so only for eager and sdpa attention, and not where some layers need another mask:
-    sliding windows (``layer_types`` other than full attention, or a model-wide ``sliding_window``). (gpt_neo's local layers apply their window
-    themselves, on top of the mask.)"""
+    """May examples of different lengths share a forward under one ready 4D padding mask? transformers hands such a
+    mask to every layer as is, so only for eager and sdpa attention, and not where some layers need another mask:
+    sliding windows (``layer_types`` other than full attention, or a model-wide ``sliding_window``). (gpt_neo's
+    local layers apply their window themselves, on top of the mask.)"""
     config = model.config
     if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
         return False  # flash-attention-2 reads a mask as 2D padding, flex wants a BlockMask
