@@ -741,7 +741,8 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
             s = T - q
             grid = _group_rows(L, U, spans, q, size)  # (layer, example, unit, r)
             n_rows = grid.shape[0]
-            rows_size = chunk_size or min(n_rows, _auto_chunk_rows(model, q, T, device))
+            # (every forward also carries the E base rows)
+            rows_size = chunk_size or min(n_rows, max(1, _auto_chunk_rows(model, q, T, device) - E))
             ids, positions = corrupt.ids[:, s:], corrupt.positions[:, s:]
             mask = corrupt.additive_mask(q, T, _dtype(model)) if E > 1 and not shares_prefix else None
 
