@@ -182,17 +182,19 @@ def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value:
     return merge(out_p.reshape(b, q, n_heads, d_head), lse_p.reshape(n_heads, b, q).permute(1, 2, 0), out_n, lse_n)
 
 
-def _flash_applies(query: torch.Tensor) -> bool:
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-            and query.shape[-1] % 8 == 0)
+def _flash_applies(query: torch.Tensor, d_head: int | None = None) -> bool:
+    """Does aten flash attention take ``query`` (CUDA fp16/bf16, head size ``d_head``, else its last dim)?"""
+    d_head = query.shape[-1] if d_head is None else d_head
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and d_head <= 256
+            and d_head % 8 == 0)
 
 
 def per_example_prefix_applies(like: torch.Tensor, q_len: int, d_head: int) -> bool:
     """Can forwards of ``like``'s device and dtype, feeding up to ``q_len`` tokens, share several examples'
     prefixes (``FusedSwap.shared_prefix`` with ``row_example``)? CUDA fp16/bf16 with Triton, one-tile rows, and the
     head sizes the fused attention takes its flash branch for (``_flash_applies``)."""
-    return (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16) and d_head <= 256 and d_head % 8 == 0
-            and triton_kernels.usable(like, d_head=d_head) and triton_kernels.short_causal_applies(q_len, d_head))
+    return (_flash_applies(like, d_head) and triton_kernels.usable(like, d_head=d_head)
+            and triton_kernels.short_causal_applies(q_len, d_head))
 
 
 def causal_additive_mask(q_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor:

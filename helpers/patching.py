@@ -351,7 +351,11 @@ def _auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
 # The sweep
 # ----------------------------------------------------------------------------------------------------------------
 
-class _MaskNotPassedOn(RuntimeError):
+class _NotMergeable(RuntimeError):
+    """These examples cannot share forwards (raised before any of their results): run them one at a time."""
+
+
+class _MaskNotPassedOn(_NotMergeable):
     """A block got another mask than the one handed to the model: merged examples cannot be told apart there."""
 
 
@@ -574,13 +578,14 @@ def _aligned_forward(model, calls: _Calls, batch: AlignedBatch, stop: int, swap,
                              use_cache=use_cache)
 
 
-def _padded(swap):
-    return swap.padded() if swap is not None else nullcontext()
+def _padded(swap, padded: bool = True):
+    """Fused attention off its causal-flash promise while a padded batch runs."""
+    return swap.padded() if swap is not None and padded else nullcontext()
 
 
-def _prefix_caches(model, calls: _Calls, batch: AlignedBatch, starts: list[int], stats: dict, swap) -> list | None:
-    """The corrupt runs' cache of slots < s for every bucket start s (None for s = 0); None if the group of
-    several examples needs per-example handling (cache layers other than full attention).
+def _prefix_caches(model, calls: _Calls, batch: AlignedBatch, starts: list[int], stats: dict, swap) -> list:
+    """The corrupt runs' cache of slots < s for every bucket start s (None for s = 0). Raises _NotMergeable for
+    several examples whose cache layers are not all full attention.
 
     Full-attention caches: one pass up to the last start, then views truncated to each start. Other cache layers
     (sliding windows keep only their window), one example: one incremental pass, snapshotted at each start.
@@ -593,7 +598,7 @@ def _prefix_caches(model, calls: _Calls, batch: AlignedBatch, starts: list[int],
     if _is_plain(cache):
         return [_truncated(cache, s) if s > 0 else None for s in starts]
     if len(batch) > 1:
-        return None
+        raise _NotMergeable("cache layers other than full attention")
     snaps, cache, done = [], None, 0
     for s in starts:
         if s > done:
@@ -648,7 +653,8 @@ def _bucket_sizes(span: int, bucket_size: int | None, n_buckets: int) -> tuple[i
 
 @dataclass
 class _Example:
-    """One included example of a sweep: its pair, first difference, corrupt metric and clean activations."""
+    """One included example of a sweep: its index among the pairs, the pair, its first difference and its corrupt
+    logit difference."""
 
     index: int
     pair: object
@@ -705,8 +711,8 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
     The examples run end-aligned in the same forwards (helpers.aligned_batch): rows 0 .. E-1 are their unpatched
     corrupt runs, every patch row a copy of its example's. Fused attention reads the corrupt prefix itself where it
     can (one example: flash; several: Triton's per-row ``prefix_attention``); elsewhere every row gets its
-    example's prefix as a cache, and several examples a padding mask. A group whose cache is not all full
-    attention runs its examples one at a time.
+    example's prefix as a cache, and several examples a padding mask. Raises _NotMergeable (before any result)
+    where several examples cannot share forwards.
     """
     device = _device(model)
     L, U, E = len(site.modules), site.n_units, len(group)
@@ -725,10 +731,6 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
     with torch.inference_mode(), two_row_output_layer(model, tokens) as two_rows, _sweep_hooks(model, site, state):
         acts = _clean_activations(model, calls, site, [ex.pair for ex in group], swap)  # [E, L, T, U, w]
         snaps = _prefix_caches(model, calls, corrupt, [T - q for q in qs], stats, swap)
-        if snaps is None:  # several examples, caches other than full attention: one at a time
-            return [out for ex in group for out in _sweep_group(
-                model, calls, site, [ex], chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar,
-                swap=swap)]
         # fused attention reads the corrupt prefix itself (no per-row cache copies): one example's through flash,
         # several examples' through a Triton kernel that gives each row its own example's
         shares_prefix = (swap is not None and swap.shares_prefix and all(_is_plain(c) for c in snaps if c is not None)
@@ -783,7 +785,7 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
                         with swap.shared_prefix(snap, row_example if E > 1 else None, starts):
                             logits, _ = calls.forward(model, ids, positions=positions, ready_mask=True)
                     else:
-                        with _padded(swap) if corrupt.padded else nullcontext():
+                        with _padded(swap, corrupt.padded):
                             logits, _ = calls.forward(model, ids, positions=positions, mask=mask,
                                                       cache=_expanded(snap, per_layer_batch, row_example))
                 finally:
@@ -808,17 +810,14 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
     for rows, diffs in results:
         diffs = diffs.cpu()
         for e, ex in enumerate(group):
-            if not (rows[:, 1] == e).any():
+            mine = rows[:, 1] == e
+            if not mine.any():
                 continue
             # the unpatched row: a self-check of the machinery
             base = abs(float(diffs[e]) - float(ex.corrupt_diff))
             stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
-        patched = diffs[E:]
-        outs_rows = rows[:, 1]
-        for e, ex in enumerate(group):
-            sel = outs_rows == e
-            r = rows[sel]
-            outs[e][r[:, 0], r[:, 2], ex.length - r[:, 3]] = patched[sel]
+            r = rows[mine]
+            outs[e][r[:, 0], r[:, 2], ex.length - r[:, 3]] = diffs[E:][mine]
     return outs
 
 
@@ -950,11 +949,12 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
             kw = dict(chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap)
             try:
                 outs = _sweep_group(model, calls, site, group, **kw)
-            except _MaskNotPassedOn as exc:  # (raised in the group's first forward, before any result)
+            except _NotMergeable as exc:
                 if len(group) == 1:
                     raise
-                warnings.warn(f"{exc}; running these examples one at a time", RuntimeWarning, stacklevel=3)
-                stats["max_examples_per_forward"] = 1
+                if isinstance(exc, _MaskNotPassedOn):
+                    warnings.warn(f"{exc}; running these examples one at a time", RuntimeWarning, stacklevel=3)
+                    stats["max_examples_per_forward"] = 1
                 outs = [out for ex in group for out in _sweep_group(model, calls, site, [ex], **kw)]
             for ex, values in zip(group, outs):
                 patched[ex.index, :, :, : ex.length] = values
