@@ -16,13 +16,14 @@ replaces, only while inside, the ``forward`` of
 For a caller whose forwards are all causal without padding (the sweep: ``causal_flash=True``), fp16/bf16 attention
 on CUDA uses the aten flash kernel instead, and a forward may replace the KV cache by a **shared prefix**
 (``FusedSwap.shared_prefix``): the keys and values of the positions before the fed tokens, batch 1, shared by every
-row. Every row's queries then attend to that prefix in *one* flash call (rows folded into the query axis) and to
-their own tokens in a causal one; the two are merged exactly by their log-sum-exps (``merge_attention``), so the
-prefix is never copied per row.
+row, so the prefix is never copied per row. Short rows (every sweep bucket) attend to it and to their own tokens in
+one Triton kernel with one softmax (``triton_kernels.row_attention``, which also takes one prefix per example);
+longer rows attend to it in *one* flash call (rows folded into the query axis) and to their own tokens in a causal
+one, the two merged exactly by their log-sum-exps (``merge_attention``).
 
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
-family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' causal attention and the prefix merge run
-as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower, rotary and
+family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attention and the longer rows' prefix
+merge run as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower, rotary and
 the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain formulas are
 ``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a compiled
 call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning.
@@ -173,7 +174,8 @@ def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value:
     prefix_key/value: [1, kv_head, s, d_head] (positions < s, the same for every row). Returns z: [batch, q, head,
     d_head]. Every prefix key precedes every query, so the prefix part needs no mask and the batch rows fold into
     one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is causal
-    (``own``: flash, or helpers.triton_kernels.short_causal_attention for short rows).
+    (``own``: flash). Short rows on CUDA take helpers.triton_kernels.row_attention instead, which does both parts in
+    one kernel.
     """
     b, q, n_heads, d_head = query.shape
     folded = query.reshape(1, b * q, n_heads, d_head).transpose(1, 2)  # [1, head, b * q, d_head]
@@ -194,7 +196,7 @@ def per_example_prefix_applies(like: torch.Tensor, q_len: int, d_head: int) -> b
     prefixes (``FusedSwap.shared_prefix`` with ``row_example``)? CUDA fp16/bf16 with Triton, one-tile rows, and the
     head sizes the fused attention takes its flash branch for (``_flash_applies``)."""
     return (_flash_applies(like, d_head) and triton_kernels.usable(like, d_head=d_head)
-            and triton_kernels.short_causal_applies(q_len, d_head))
+            and triton_kernels.row_attention_applies(q_len, d_head))
 
 
 def causal_additive_mask(q_len: int, kv_len: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -372,16 +374,17 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         prefix = None if swap.prefix is None else swap.prefix[layer]
         flash = swap.causal_flash and _flash_applies(query)
         if prefix is not None and flash:
-            short = on_triton and triton_kernels.short_causal_applies(q_len, d_head)
-            own = triton_kernels.short_causal_attention if short else _causal_flash_with_lse
-            if swap.prefix_rows is not None:  # several examples' prefixes: each row reads its own example's
-                out_p, lse_p = triton_kernels.prefix_attention(query, *prefix, swap.prefix_rows[:b],
-                                                               swap.prefix_starts, module.scaling)
-                z = triton_kernels.merge_attention(out_p, lse_p, *own(query, key, value, module.scaling))
+            if on_triton and triton_kernels.row_attention_applies(q_len, d_head):
+                # short rows (every sweep bucket): prefix and own tokens in one Triton kernel; several examples'
+                # prefixes (swap.prefix_rows) only ever come here (per_example_prefix_applies)
+                rows = None if swap.prefix_rows is None else swap.prefix_rows[:b]
+                z = triton_kernels.row_attention(query, key, value, *prefix, module.scaling, rows,
+                                                 swap.prefix_starts)
             else:
+                assert swap.prefix_rows is None, "several examples' prefixes need row_attention"
                 z = shared_prefix_flash_attention(
                     query, key, value, *prefix, module.scaling,
-                    merge=triton_kernels.merge_attention if on_triton else merge, own=own)
+                    merge=triton_kernels.merge_attention if on_triton else merge)
         else:
             key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, kv_head, q, d_head]
             if kv_cache is not None:

@@ -31,7 +31,7 @@ sweep leaves it waiting for the host). They run end-aligned (helpers.aligned_bat
 last q tokens, so the answer is the last position for all; rows 0 .. E-1 are the examples' unpatched corrupt runs
 and each patch row copies its own example's; each block gets the padding mask, rotary tables and cache gathered to
 its rows. Fused llama-like models on a GPU share the examples' prefixes inside attention (helpers.triton_kernels'
-``prefix_attention``: each row reads its own example's), with no padding mask at all. A group's longest span must
+``row_attention``: each row reads its own example's), with no padding mask at all. A group's longest span must
 fit in its shortest example; models with sliding-window layers run one example at a time.
 
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
@@ -710,9 +710,9 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
 
     The examples run end-aligned in the same forwards (helpers.aligned_batch): rows 0 .. E-1 are their unpatched
     corrupt runs, every patch row a copy of its example's. Fused attention reads the corrupt prefix itself where it
-    can (one example: flash; several: Triton's per-row ``prefix_attention``); elsewhere every row gets its
-    example's prefix as a cache, and several examples a padding mask. Raises _NotMergeable (before any result)
-    where several examples cannot share forwards.
+    can (helpers.triton_kernels' ``row_attention``; one example's rows over 128 tokens: flash); elsewhere every
+    row gets its example's prefix as a cache, and several examples a padding mask. Raises _NotMergeable (before any
+    result) where several examples cannot share forwards.
     """
     device = _device(model)
     L, U, E = len(site.modules), site.n_units, len(group)

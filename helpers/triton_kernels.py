@@ -1,4 +1,4 @@
-"""Five memory-bound steps of the fused modules as hand-written Triton kernels (CUDA only).
+"""Four memory-bound steps of the fused modules as hand-written Triton kernels (CUDA only).
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
 arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
@@ -10,10 +10,9 @@ compare the two on the GPU box. No autograd: callers use them under no_grad / in
 - ``merge_attention(out_a, lse_a, out_b, lse_b)``: attention over two key sets from each one's output and
   log-sum-exp (``helpers.fused_modules.merge_attention``).
 - ``silu_mul(gate_up)``: the gated MLP's ``silu(gate) * up`` (inductor's version ran at ~1.6 TB/s).
-- ``short_causal_attention(query, key, value, scaling)``: the causal attention of short rows among their own
-  tokens, with its log-sum-exp (what flash attention computes, without its padding on short rows).
-- ``prefix_attention(query, prefix_key, prefix_value, row_example, starts, scaling)``: each row's attention to
-  its own example's prefix, with its log-sum-exp, when a sweep merges several examples into one forward.
+- ``row_attention(query, key, value, prefix_key, prefix_value, scaling[, row_example, starts])``: a sweep
+  forward's attention, short rows that attend to a prefix (one shared, or each row its own example's) and causally
+  to their own tokens, in one kernel and one softmax.
 """
 from __future__ import annotations
 
@@ -82,50 +81,33 @@ if triton is not None:
         tl.store(z_ptr + z_off[:, None] + d[None, :], z.to(z_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-    @triton.jit(do_not_specialize=["q_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq", "v_sh",
-                                   "o_sb", "o_sq", "o_sh", "l_sb", "l_sq", "l_sh"])
-    def _short_causal_kernel(q_ptr, k_ptr, v_ptr, o_ptr, l_ptr, q_len, scale,
-                             q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh, o_sb, o_sq, o_sh, l_sb, l_sq, l_sh,
-                             GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-        # program (row, kv head): its keys and values are loaded once for the GROUP query heads that share them
+    @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq",
+                                   "v_sh", "pk_sb", "pk_sh", "pk_ss", "pv_sb", "pv_sh", "pv_ss"])
+    def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, z_ptr, q_len, s_len, scale,
+                              q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh,
+                              pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss,
+                              GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+                              PER_ROW: tl.constexpr):
+        # program (row, kv head): the GROUP query heads that share the row's own keys/values (loaded once) attend
+        # to the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to the
+        # row's own tokens, in one online softmax (float32 accumulators); z is written once, contiguous
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
-        i = tl.arange(0, BLOCK)
+        if PER_ROW:
+            ex = tl.load(ex_ptr + b).to(tl.int64)
+            start = tl.load(start_ptr + ex).to(tl.int32)
+        else:
+            ex = 0
+            start = 0
+        i = tl.arange(0, BLOCK_Q)
         d = tl.arange(0, D)
         valid = i < q_len
         k = tl.load(k_ptr + b * k_sb + i[:, None] * k_sq + kv_head * k_sh + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + b * v_sb + i[:, None] * v_sq + kv_head * v_sh + d[None, :], mask=valid[:, None], other=0.0)
         keep = (i[None, :] <= i[:, None]) & valid[None, :]
-        for g in tl.static_range(GROUP):
-            head = kv_head * GROUP + g
-            q = tl.load(q_ptr + b * q_sb + i[:, None] * q_sq + head * q_sh + d[None, :], mask=valid[:, None],
-                        other=0.0)
-            scores = tl.where(keep, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-            m = tl.max(scores, 1)
-            p = tl.exp(scores - m[:, None])
-            total = tl.sum(p, 1)
-            out = tl.dot(p.to(v.dtype), v) / total[:, None]  # probabilities rounded to v's dtype, as flash does
-            tl.store(o_ptr + b * o_sb + i[:, None] * o_sq + head * o_sh + d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
-            tl.store(l_ptr + b * l_sb + i * l_sq + head * l_sh, m + tl.log(total), mask=valid)
-
-
-    @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh",
-                                   "v_ss", "o_sb", "o_sq", "o_sh", "l_sb", "l_sq", "l_sh"])
-    def _prefix_kernel(q_ptr, k_ptr, v_ptr, ex_ptr, start_ptr, o_ptr, l_ptr, q_len, s_len, scale,
-                       q_sb, q_sq, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sq, o_sh, l_sb, l_sq, l_sh,
-                       GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr):
-        # program (row, kv head): the row's queries against its example's prefix keys start .. s_len - 1 (every
-        # prefix key precedes every query: no causal mask), online softmax over key blocks
-        b = tl.program_id(0).to(tl.int64)
-        kv_head = tl.program_id(1)
-        ex = tl.load(ex_ptr + b).to(tl.int64)
-        start = tl.load(start_ptr + ex).to(tl.int32)
-        i = tl.arange(0, BLOCK_Q)
-        d = tl.arange(0, D)
-        valid = i < q_len
-        k_base = k_ptr + ex * k_sb + kv_head * k_sh
-        v_base = v_ptr + ex * v_sb + kv_head * v_sh
+        pk_base = pk_ptr + ex * pk_sb + kv_head * pk_sh
+        pv_base = pv_ptr + ex * pv_sb + kv_head * pv_sh
+        n_heads = tl.num_programs(1) * GROUP
         for g in tl.static_range(GROUP):
             head = kv_head * GROUP + g
             q = tl.load(q_ptr + b * q_sb + i[:, None] * q_sq + head * q_sh + d[None, :], mask=valid[:, None],
@@ -136,21 +118,25 @@ if triton is not None:
             for k0 in range(start, s_len, BLOCK_K):
                 j = k0 + tl.arange(0, BLOCK_K)
                 ok = j < s_len
-                k = tl.load(k_base + j[:, None].to(tl.int64) * k_ss + d[None, :], mask=ok[:, None], other=0.0)
-                v = tl.load(v_base + j[:, None].to(tl.int64) * v_ss + d[None, :], mask=ok[:, None], other=0.0)
-                scores = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+                pk = tl.load(pk_base + j[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
+                pv = tl.load(pv_base + j[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
+                scores = tl.where(ok[None, :], tl.dot(q, tl.trans(pk)) * scale, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, 1))
                 p = tl.exp(scores - m_new[:, None])
                 alpha = tl.exp(m - m_new)
                 total = total * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + tl.dot(p.to(pv.dtype), pv)  # probabilities rounded as flash does
                 m = m_new
-            has = total > 0  # an empty prefix: output 0 with log-sum-exp -inf (weight 0 in the merge)
-            out = acc / tl.where(has, total, 1.0)[:, None]
-            tl.store(o_ptr + b * o_sb + i[:, None] * o_sq + head * o_sh + d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
-            tl.store(l_ptr + b * l_sb + i * l_sq + head * l_sh,
-                     tl.where(has, m + tl.log(tl.where(has, total, 1.0)), float("-inf")), mask=valid)
+            # own tokens: the diagonal is always kept, so every query ends with a finite maximum and total > 0
+            scores = tl.where(keep, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            total = total * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            z_off = ((b * q_len + i) * n_heads + head) * D
+            tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
+                     mask=valid[:, None])
 
     @triton.jit(do_not_specialize=["n_rows", "width", "row_stride"])
     def _silu_mul_kernel(gu_ptr, out_ptr, n_rows, width, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -173,12 +159,14 @@ def _on(t: torch.Tensor):
     if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
         return nullcontext()
     return torch.cuda.device(t.device)
-SHORT_CAUSAL_MAX = 128  # longest row the one-tile causal kernel takes (its score tile is BLOCK x BLOCK)
 
 
-def short_causal_applies(q_len: int, d_head: int) -> bool:
-    """Rows short enough for one tile; 128-token tiles only up to d_head 128 (registers)."""
-    return q_len <= 64 or (q_len <= SHORT_CAUSAL_MAX and d_head <= 128)
+ROW_ATTENTION_MAX = 128  # longest row the one-tile causal kernel takes (its score tile is BLOCK x BLOCK)
+
+
+def row_attention_applies(q_len: int, d_head: int) -> bool:
+    """Rows short enough for ``row_attention``'s one query tile; 128-token tiles only up to d_head 128 (registers)."""
+    return q_len <= 64 or (q_len <= ROW_ATTENTION_MAX and d_head <= 128)
 
 
 def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated_heads: int) -> torch.Tensor:
@@ -214,53 +202,40 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return z
 
 
-def short_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
-    """Causal attention of each row's q tokens among themselves, one tile per (row, key/value head); fp16/bf16.
+def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
+                  prefix_value: torch.Tensor, scaling: float, row_example: torch.Tensor | None = None,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's queries against its prefix, then causally against its own tokens: one kernel, one softmax.
 
-    query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (any strides, d_head contiguous),
-    q <= SHORT_CAUSAL_MAX. Returns (out [batch, q, head, d_head], lse [batch, q, head] float32, natural log), the
-    pair ``merge_attention`` takes. For the sweep's short rows this beats flash attention, whose 128-query tiles
-    are mostly padding there and which reloads a group's keys for each of its query heads.
-    """
-    b, q, n_heads, d_head = query.shape
-    n_kv = key.shape[2]
-    assert q <= SHORT_CAUSAL_MAX and query.stride(3) == key.stride(3) == value.stride(3) == 1
-    out = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
-    lse = torch.empty(b, q, n_heads, dtype=torch.float32, device=query.device)
-    block = max(16, triton.next_power_of_2(q))
-    with _on(out):
-        _short_causal_kernel[(b, n_kv)](query, key, value, out, lse, q, scaling, *query.stride()[:3],
-                                        *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *lse.stride(),
-                                        GROUP=n_heads // n_kv, BLOCK=block, D=d_head,
-                                        num_warps=4 if block <= 64 else 8)
-    return out, lse
-
-
-def prefix_attention(query: torch.Tensor, prefix_key: torch.Tensor, prefix_value: torch.Tensor,
-                     row_example: torch.Tensor, starts: torch.Tensor, scaling: float):
-    """Each row's queries against its own example's prefix, one program per (row, key/value head); fp16/bf16.
-
-    query: [batch, q, head, d_head] (any strides, d_head contiguous), q <= SHORT_CAUSAL_MAX; prefix_key/value:
-    [examples, kv_head, s, d_head], the examples' end-aligned prefixes (example e's keys are slots starts[e] .. s-1,
-    the slots before are padding); row_example: [batch] int64, each row's example. Returns (out [batch, q, head,
-    d_head], lse [batch, q, head] float32; an empty prefix gives out 0, lse -inf), the pair ``merge_attention``
-    takes. What ``shared_prefix_flash_attention``'s folded flash call computes for one example, for several at
-    once and without copying a prefix per row.
+    query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, the last q positions;
+    any strides, d_head contiguous), q <= ROW_ATTENTION_MAX; prefix_key/value: [1 or examples, kv_head, s, d_head],
+    the keys/values of the positions before the fed tokens, shared by every row (batch 1) or, with ``row_example``
+    [batch] (each row's example) and ``starts`` [examples], one end-aligned prefix per example (example e's keys
+    are slots starts[e] .. s-1; the slots before are padding). Returns z: [batch, q, head, d_head], contiguous, fp16
+    or bf16 as query. One program per (row, key/value head): the row's keys and values are read once for the query
+    heads that share them, the prefix is read in place (never copied per row), and the softmax runs over prefix and
+    own keys together, so nothing is written between them (flash on the prefix, a causal kernel on the own tokens
+    and a log-sum-exp merge wrote and re-read three outputs of z's size).
     """
     b, q, n_heads, d_head = query.shape
     n_kv, s = prefix_key.shape[1], prefix_key.shape[2]
-    assert q <= SHORT_CAUSAL_MAX and query.stride(3) == prefix_key.stride(3) == prefix_value.stride(3) == 1
-    out = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
-    lse = torch.empty(b, q, n_heads, dtype=torch.float32, device=query.device)
+    assert q <= ROW_ATTENTION_MAX and query.stride(3) == key.stride(3) == value.stride(3) == 1
+    assert prefix_key.stride(3) == prefix_value.stride(3) == 1 and key.shape[2] == n_kv
+    per_row = row_example is not None
+    if not per_row:
+        assert prefix_key.shape[0] == 1, "several prefixes need row_example and starts"
+        row_example = starts = query  # (unread placeholders)
+    z = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
     block_q = max(16, triton.next_power_of_2(q))
-    with _on(out):
-        _prefix_kernel[(b, n_kv)](query, prefix_key, prefix_value, row_example, starts, out, lse, q, s, scaling,
-                                  *query.stride()[:3], prefix_key.stride(0), prefix_key.stride(1),
-                                  prefix_key.stride(2), prefix_value.stride(0), prefix_value.stride(1),
-                                  prefix_value.stride(2), *out.stride()[:3], *lse.stride(),
-                                  GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=64 if d_head <= 64 else 32,
-                                  D=d_head, num_warps=4 if block_q <= 64 else 8)
-    return out, lse
+    with _on(z):
+        _row_attention_kernel[(b, n_kv)](
+            query, key, value, prefix_key, prefix_value, row_example, starts, z, q, s, scaling,
+            *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+            prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
+            prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2),
+            GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=64 if d_head <= 64 else 32, D=d_head, PER_ROW=per_row,
+            num_warps=4 if block_q <= 64 else 8)
+    return z
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -270,7 +245,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     assert rows.stride(1) == 1
     out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
     n_rows = rows.shape[0]
-    grid = (triton.cdiv(n_rows, 4), triton.cdiv(width, 1024))
+    # one row x 1024 columns a program: 2.7 TB/s on an H100 (bf16, 40,000 rows of 2 x 8192 or 2 x 4864), where
+    # 4 x 1024 reached 1.8 TB/s
+    grid = (n_rows, triton.cdiv(width, 1024))
     with _on(out):
-        _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=4, BLOCK_C=1024, num_warps=4)
+        _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=1, BLOCK_C=1024, num_warps=4)
     return out

@@ -260,43 +260,51 @@ def test_a_fused_block_appends_copies_of_the_rows_it_is_given():
     assert torch.allclose(grown, plain[[0, 1, 1, 1, 0]], atol=1e-5, rtol=0)
 
 
+def _row_attention_reference(query, key, value, prefix_key, prefix_value, row_example, starts, scaling):
+    """Per row, in float32: softmax over [its example's prefix keys from starts[e], its own keys up to the query]."""
+    b, q, heads, d = query.shape
+    group = heads // key.shape[2]
+    z = torch.empty(b, q, heads, d)
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
+    for row in range(b):
+        e = int(row_example[row])
+        pk = prefix_key[e, :, int(starts[e]):].float().cpu().repeat_interleave(group, 0)  # [head, n, d]
+        pv = prefix_value[e, :, int(starts[e]):].float().cpu().repeat_interleave(group, 0)
+        k = torch.cat([pk, key[row].float().cpu().transpose(0, 1).repeat_interleave(group, 0)], 1)
+        v = torch.cat([pv, value[row].float().cpu().transpose(0, 1).repeat_interleave(group, 0)], 1)
+        scores = query[row].float().cpu().transpose(0, 1) @ k.transpose(1, 2) * scaling  # [head, q, n + q]
+        keep = torch.cat([torch.ones(q, pk.shape[1], dtype=torch.bool), causal], 1)
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1)
+        z[row] = (probs @ v).transpose(0, 1)
+    return z
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("q, heads, kv_heads", [(50, 14, 2), (9, 32, 8), (128, 4, 4)])
-def test_triton_short_causal_attention_equals_flash_on_cuda(dtype, q, heads, kv_heads):
+@pytest.mark.parametrize("q, s, heads, kv_heads, d_head",
+                         [(50, 40, 14, 2, 64), (9, 130, 32, 8, 64), (20, 7, 4, 4, 128), (128, 3, 4, 4, 64)])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens_on_cuda(dtype, q, s, heads, kv_heads, d_head,
+                                                                                per_example):
     from helpers import triton_kernels
     gen = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(37, q, heads + 2 * kv_heads, 64, generator=gen, device="cuda").to(dtype)
+    qkv = torch.randn(11, q, heads + 2 * kv_heads, d_head, generator=gen, device="cuda").to(dtype)
     query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)  # strided views, as in the sweep
-    out, lse = triton_kernels.short_causal_attention(query, key, value, 0.125)
-    ref_out, ref_lse = fm._causal_flash_with_lse(query, key, value, 0.125)
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
-    assert (out.float() - ref_out.float()).abs().max().item() < 2e-2
-    assert (lse - ref_lse).abs().max().item() < 1e-2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("q, s, heads, kv_heads, d_head", [(50, 40, 14, 2, 64), (9, 130, 32, 8, 64), (20, 7, 4, 4, 128)])
-def test_triton_prefix_attention_gives_each_row_its_examples_prefix_on_cuda(dtype, q, s, heads, kv_heads, d_head):
-    from helpers import triton_kernels
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    query = torch.randn(11, q, heads + 2 * kv_heads, d_head, generator=gen, device="cuda").to(dtype)[:, :, :heads]
-    keys, values = torch.randn(2, 3, kv_heads, s, d_head, generator=gen, device="cuda").to(dtype)
-    row_example = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 2], device="cuda")
-    starts = torch.tensor([0, s // 3, s], device="cuda")  # example 2's prefix is empty
-    out, lse = triton_kernels.prefix_attention(query, keys, values, row_example, starts, 0.125)
-    for row, e in enumerate(row_example.tolist()):
-        k, v = keys[e, :, starts[e]:].float(), values[e, :, starts[e]:].float()  # [kv_head, n, d]
-        qf = query[row].float().transpose(0, 1)  # [head, q, d]
-        group = heads // kv_heads
-        scores = qf @ k.repeat_interleave(group, 0).transpose(1, 2) * 0.125  # [head, q, n]
-        if k.shape[1] == 0:
-            assert out[row].abs().max().item() == 0 and torch.isneginf(lse[row]).all()
-            continue
-        expected = (torch.softmax(scores, -1) @ v.repeat_interleave(group, 0)).transpose(0, 1)
-        assert (out[row].float() - expected).abs().max().item() < 2e-2
-        assert (lse[row] - torch.logsumexp(scores, -1).transpose(0, 1)).abs().max().item() < 1e-2
+    n_prefixes = 3 if per_example else 1
+    prefix_key, prefix_value = torch.randn(2, n_prefixes, kv_heads, s, d_head, generator=gen, device="cuda").to(dtype)
+    if per_example:
+        row_example = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 2], device="cuda")
+        starts = torch.tensor([0, s // 3, s], device="cuda")  # example 2's prefix is empty
+        got = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, row_example, starts)
+    else:
+        row_example, starts = torch.zeros(11, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        got = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125)
+    expected = _row_attention_reference(query, key, value, prefix_key, prefix_value, row_example, starts, 0.125)
+    assert got.shape == (11, q, heads, d_head) and got.is_contiguous() and got.dtype == dtype
+    assert (got.float().cpu() - expected).abs().max().item() < 2e-2
+    if not per_example:  # what the longer rows' path (flash on the prefix and on the own tokens, merged) computes
+        flash = fm.shared_prefix_flash_attention(query, key, value, prefix_key, prefix_value, 0.125)
+        assert (got.float() - flash.float()).abs().max().item() < 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")

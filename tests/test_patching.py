@@ -421,8 +421,8 @@ def test_heads_of_deeper_models_equal_nnsight_reference(family):
 @pytest.mark.parametrize("per_forward", [1, None])
 def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward):
     """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16). fp32, examples merged: the padded
-    masked path with per-row rotary tables. bf16: the corrupt prefix shared inside attention, one example's through
-    flash, several examples' through Triton's per-row prefix kernel."""
+    masked path with per-row rotary tables. bf16: the corrupt prefix shared inside attention, read by Triton's
+    row_attention (one example's prefix for every row, or each row its own example's)."""
     model = tiny_model(family)
     pairs = make_pairs(0, model)
     model.cuda()
