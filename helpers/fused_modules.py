@@ -365,26 +365,27 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         b, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         on_triton = triton_kernels.usable(hidden_states, d_head=d_head)
-        if on_triton:  # rotary in place on the one projection output: q, k, v are views of it
+        prefix = None if swap.prefix is None else swap.prefix[layer]
+        flash = swap.causal_flash and _flash_applies(hidden_states, d_head)
+        # short rows attending to a prefix (every sweep bucket): rotary, prefix and own tokens in one Triton kernel;
+        # several examples' prefixes (swap.prefix_rows) only ever come here (per_example_prefix_applies)
+        rows_kernel = (prefix is not None and flash and on_triton
+                       and triton_kernels.row_attention_applies(q_len, d_head))
+        if on_triton:  # q, k, v are views of the one projection output, rotated in place unless rows_kernel does it
             fused = F.linear(hidden_states, weight, bias).view(b, q_len, n_heads + 2 * n_kv, d_head)
-            triton_kernels.rotary_inplace(fused, cos, sin, n_heads + n_kv)
+            if not rows_kernel:
+                triton_kernels.rotary_inplace(fused, cos, sin, n_heads + n_kv)
             query, key, value = fused.split([n_heads, n_kv, n_kv], dim=2)
         else:
             query, key, value = qkv(hidden_states, weight, bias, cos, sin)  # [b, q, (kv_)head, d_head]
-        prefix = None if swap.prefix is None else swap.prefix[layer]
-        flash = swap.causal_flash and _flash_applies(query)
-        if prefix is not None and flash:
-            if on_triton and triton_kernels.row_attention_applies(q_len, d_head):
-                # short rows (every sweep bucket): prefix and own tokens in one Triton kernel; several examples'
-                # prefixes (swap.prefix_rows) only ever come here (per_example_prefix_applies)
-                rows = None if swap.prefix_rows is None else swap.prefix_rows[:b]
-                z = triton_kernels.row_attention(query, key, value, *prefix, module.scaling, rows,
-                                                 swap.prefix_starts)
-            else:
-                assert swap.prefix_rows is None, "several examples' prefixes need row_attention"
-                z = shared_prefix_flash_attention(
-                    query, key, value, *prefix, module.scaling,
-                    merge=triton_kernels.merge_attention if on_triton else merge)
+        if rows_kernel:
+            rows = None if swap.prefix_rows is None else swap.prefix_rows[:b]
+            z = triton_kernels.row_attention(query, key, value, *prefix, module.scaling, rows, swap.prefix_starts,
+                                             rotary=(cos, sin))
+        elif prefix is not None and flash:
+            assert swap.prefix_rows is None, "several examples' prefixes need row_attention"
+            z = shared_prefix_flash_attention(query, key, value, *prefix, module.scaling,
+                                              merge=triton_kernels.merge_attention if on_triton else merge)
         else:
             key, value = key.transpose(1, 2), value.transpose(1, 2)  # [b, kv_head, q, d_head]
             if kv_cache is not None:

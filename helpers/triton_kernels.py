@@ -10,9 +10,9 @@ compare the two on the GPU box. No autograd: callers use them under no_grad / in
 - ``merge_attention(out_a, lse_a, out_b, lse_b)``: attention over two key sets from each one's output and
   log-sum-exp (``helpers.fused_modules.merge_attention``).
 - ``silu_mul(gate_up)``: the gated MLP's ``silu(gate) * up`` (inductor's version ran at ~1.6 TB/s).
-- ``row_attention(query, key, value, prefix_key, prefix_value, scaling[, row_example, starts])``: a sweep
-  forward's attention, short rows that attend to a prefix (one shared, or each row its own example's) and causally
-  to their own tokens, in one kernel and one softmax.
+- ``row_attention(query, key, value, prefix_key, prefix_value, scaling[, row_example, starts, rotary])``: a
+  sweep forward's attention, short rows that attend to a prefix (one shared, or each row its own example's) and
+  causally to their own tokens, in one kernel and one softmax, rotating query and key as it loads them.
 """
 from __future__ import annotations
 
@@ -81,13 +81,30 @@ if triton is not None:
         tl.store(z_ptr + z_off[:, None] + d[None, :], z.to(z_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+    @triton.jit
+    def _rotated(ptr, cos_ptr, sin_ptr, rows, cs_rows, ok, D: tl.constexpr, ROTARY: tl.constexpr):
+        # [len(rows), D] vectors at ptr + rows, with HF's rotary when ROTARY: x * cos + rotate_half(x) * sin, where
+        # rotate_half(x)[c] = -x[c + D/2] (first half) or x[c - D/2] (second half); in float32, rounded to x's
+        # dtype as rotary_inplace stores it
+        d = tl.arange(0, D)
+        x = tl.load(ptr + rows[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        if ROTARY:
+            half = D // 2
+            partner = tl.load(ptr + rows[:, None] + ((d + half) % D)[None, :], mask=ok[:, None], other=0.0)
+            sign = tl.where(d < half, -1.0, 1.0)
+            cs = cs_rows[:, None] + d[None, :]
+            c = tl.load(cos_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * c + sign[None, :] * partner.to(tl.float32) * s).to(x.dtype)
+        return x
+
     @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq",
-                                   "v_sh", "pk_sb", "pk_sh", "pk_ss", "pv_sb", "pv_sh", "pv_ss"])
-    def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, z_ptr, q_len, s_len, scale,
-                              q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh,
-                              pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss,
+                                   "v_sh", "pk_sb", "pk_sh", "pk_ss", "pv_sb", "pv_sh", "pv_ss", "cs_sb", "cs_sq"])
+    def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, cos_ptr, sin_ptr, z_ptr,
+                              q_len, s_len, scale, q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh,
+                              pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss, cs_sb, cs_sq,
                               GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-                              PER_ROW: tl.constexpr):
+                              PER_ROW: tl.constexpr, ROTARY: tl.constexpr):
         # program (row, kv head): the GROUP query heads that share the row's own keys/values (loaded once) attend
         # to the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to the
         # row's own tokens, in one online softmax (float32 accumulators); z is written once, contiguous
@@ -102,7 +119,8 @@ if triton is not None:
         i = tl.arange(0, BLOCK_Q)
         d = tl.arange(0, D)
         valid = i < q_len
-        k = tl.load(k_ptr + b * k_sb + i[:, None] * k_sq + kv_head * k_sh + d[None, :], mask=valid[:, None], other=0.0)
+        cs_rows = b * cs_sb + i * cs_sq
+        k = _rotated(k_ptr + b * k_sb + kv_head * k_sh, cos_ptr, sin_ptr, i * k_sq, cs_rows, valid, D, ROTARY)
         v = tl.load(v_ptr + b * v_sb + i[:, None] * v_sq + kv_head * v_sh + d[None, :], mask=valid[:, None], other=0.0)
         keep = (i[None, :] <= i[:, None]) & valid[None, :]
         pk_base = pk_ptr + ex * pk_sb + kv_head * pk_sh
@@ -110,8 +128,7 @@ if triton is not None:
         n_heads = tl.num_programs(1) * GROUP
         for g in tl.static_range(GROUP):
             head = kv_head * GROUP + g
-            q = tl.load(q_ptr + b * q_sb + i[:, None] * q_sq + head * q_sh + d[None, :], mask=valid[:, None],
-                        other=0.0)
+            q = _rotated(q_ptr + b * q_sb + head * q_sh, cos_ptr, sin_ptr, i * q_sq, cs_rows, valid, D, ROTARY)
             m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
             total = tl.zeros((BLOCK_Q,), tl.float32)
             acc = tl.zeros((BLOCK_Q, D), tl.float32)
@@ -128,12 +145,14 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(pv.dtype), pv)  # probabilities rounded as flash does
                 m = m_new
             # own tokens: the diagonal is always kept, so every query ends with a finite maximum and total > 0
-            scores = tl.where(keep, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            # (own names: a name the prefix loop assigns must keep its [BLOCK_Q, BLOCK_K] shape across the unrolled
+            # heads)
+            own = tl.where(keep, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            m_own = tl.maximum(m, tl.max(own, 1))
+            p_own = tl.exp(own - m_own[:, None])
+            a_own = tl.exp(m - m_own)
+            total = total * a_own + tl.sum(p_own, 1)
+            acc = acc * a_own[:, None] + tl.dot(p_own.to(v.dtype), v)
             z_off = ((b * q_len + i) * n_heads + head) * D
             tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
                      mask=valid[:, None])
@@ -204,15 +223,17 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
                   prefix_value: torch.Tensor, scaling: float, row_example: torch.Tensor | None = None,
-                  starts: torch.Tensor | None = None) -> torch.Tensor:
+                  starts: torch.Tensor | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
     """Each row's queries against its prefix, then causally against its own tokens: one kernel, one softmax.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, the last q positions;
     any strides, d_head contiguous), q <= ROW_ATTENTION_MAX; prefix_key/value: [1 or examples, kv_head, s, d_head],
     the keys/values of the positions before the fed tokens, shared by every row (batch 1) or, with ``row_example``
     [batch] (each row's example) and ``starts`` [examples], one end-aligned prefix per example (example e's keys
-    are slots starts[e] .. s-1; the slots before are padding). Returns z: [batch, q, head, d_head], contiguous, fp16
-    or bf16 as query. One program per (row, key/value head): the row's keys and values are read once for the query
+    are slots starts[e] .. s-1; the slots before are padding). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query
+    and key are not rotated yet, the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding;
+    the prefix is rotated already). Returns z: [batch, q, head, d_head], contiguous, fp16 or bf16 as query. One program per (row, key/value head): the row's keys and values are read once for the query
     heads that share them, the prefix is read in place (never copied per row), and the softmax runs over prefix and
     own keys together, so nothing is written between them (flash on the prefix, a causal kernel on the own tokens
     and a log-sum-exp merge wrote and re-read three outputs of z's size).
@@ -225,16 +246,23 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     if not per_row:
         assert prefix_key.shape[0] == 1, "several prefixes need row_example and starts"
         row_example = starts = query  # (unread placeholders)
+    if rotary is None:
+        cos = sin = query  # (unread placeholders)
+        cs_sb = cs_sq = 0
+    else:
+        cos, sin = (t.expand(-1, q, d_head).contiguous() for t in rotary)  # [1 or batch, q, d_head]
+        assert cos.shape[0] in (1, b)
+        cs_sb, cs_sq = (cos.stride(0) if cos.shape[0] == b > 1 else 0), cos.stride(1)
     z = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
     block_q = max(16, triton.next_power_of_2(q))
     with _on(z):
         _row_attention_kernel[(b, n_kv)](
-            query, key, value, prefix_key, prefix_value, row_example, starts, z, q, s, scaling,
+            query, key, value, prefix_key, prefix_value, row_example, starts, cos, sin, z, q, s, scaling,
             *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
             prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
-            prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2),
+            prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2), cs_sb, cs_sq,
             GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=64 if d_head <= 64 else 32, D=d_head, PER_ROW=per_row,
-            num_warps=4 if block_q <= 64 else 8)
+            ROTARY=rotary is not None, num_warps=4 if block_q <= 64 else 8)
     return z
 
 

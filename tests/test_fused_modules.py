@@ -282,28 +282,39 @@ def _row_attention_reference(query, key, value, prefix_key, prefix_value, row_ex
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton kernels need CUDA (checked on the GPU box)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q, s, heads, kv_heads, d_head",
-                         [(50, 40, 14, 2, 64), (9, 130, 32, 8, 64), (20, 7, 4, 4, 128), (128, 3, 4, 4, 64)])
+                         [(50, 40, 14, 2, 64), (9, 130, 32, 8, 64), (20, 7, 4, 4, 128), (128, 3, 4, 4, 64), (12, 5, 4, 2, 16)])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens_on_cuda(dtype, q, s, heads, kv_heads, d_head,
                                                                                 per_example):
+    """Un-rotated query and key with rotary tables (one for all rows, or one per row when examples are merged), and
+    already rotated ones without."""
     from helpers import triton_kernels
     gen = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(11, q, heads + 2 * kv_heads, d_head, generator=gen, device="cuda").to(dtype)
     query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)  # strided views, as in the sweep
     n_prefixes = 3 if per_example else 1
     prefix_key, prefix_value = torch.randn(2, n_prefixes, kv_heads, s, d_head, generator=gen, device="cuda").to(dtype)
+    angles = torch.randn(11 if per_example else 1, q, d_head // 2, generator=gen, device="cuda").repeat(1, 1, 2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    rotated = qkv.clone()
+    triton_kernels.rotary_inplace(rotated, cos, sin, heads + kv_heads)  # (its own test compares it with HF's formula)
+    r_query, r_key, _ = rotated.split([heads, kv_heads, kv_heads], dim=2)
     if per_example:
         row_example = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1, 1, 2], device="cuda")
         starts = torch.tensor([0, s // 3, s], device="cuda")  # example 2's prefix is empty
-        got = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, row_example, starts)
+        extra = (row_example, starts)
     else:
         row_example, starts = torch.zeros(11, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        got = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125)
-    expected = _row_attention_reference(query, key, value, prefix_key, prefix_value, row_example, starts, 0.125)
-    assert got.shape == (11, q, heads, d_head) and got.is_contiguous() and got.dtype == dtype
-    assert (got.float().cpu() - expected).abs().max().item() < 2e-2
+        extra = ()
+    got = triton_kernels.row_attention(r_query, r_key, value, prefix_key, prefix_value, 0.125, *extra)
+    got_rotating = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
+                                                rotary=(cos, sin))
+    expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
+    for z in (got, got_rotating):
+        assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype
+        assert (z.float().cpu() - expected).abs().max().item() < 2e-2
     if not per_example:  # what the longer rows' path (flash on the prefix and on the own tokens, merged) computes
-        flash = fm.shared_prefix_flash_attention(query, key, value, prefix_key, prefix_value, 0.125)
+        flash = fm.shared_prefix_flash_attention(r_query, r_key, value, prefix_key, prefix_value, 0.125)
         assert (got.float() - flash.float()).abs().max().item() < 2e-2
 
 
