@@ -18,7 +18,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# Tests only: Triton on CPU builds of torch (CUDA builds ship their own, left alone), so that the kernel tests run
+# under Triton's interpreter and the kernels compile for an H100 without one.
+TRITON_SPEC ?= triton==3.9.0
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
+	touch $@
+
+test: venv $(VENV)/.test-installed
 	$(PY) -m pytest
 
 # Sweep of the feature notebooks over a parameter grid (papermill): make sweep [PARAMS=params/x.yaml] [JOBS=N]

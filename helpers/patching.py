@@ -47,7 +47,10 @@ TinyStories-2L 0.070 s fp32 / 0.080 s bf16; Qwen2.5-0.5B 3.60 s / 0.47-0.54 s; L
 Qwen in bf16 is held back by its narrow matmuls and, less, the host launching ~24 layers x 9 forwards of kernels,
 Llama by its matmuls (~65 % of GPU time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T
 55-65, bf16, 2026-11-28): TinyStories 0.092 s merged (2.2x one example; 0.46 s one at a time), Qwen 4.99 s merged
-(9.0x; 5.55 s one at a time), Llama 12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s). fp32
+(9.0x; 5.55 s one at a time), Llama 12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s).
+Later on 2026-11-28 the attention became one Triton kernel (helpers.triton_kernels.row_attention), timed against the
+code before in the same runs on two H100s: Qwen 0.568 -> 0.475 s and 0.633 -> 0.550 s, Llama 1.207 -> 1.186 s and
+1.271 -> 1.213 s; Llama 10 examples 12.05 s (10.2x). fp32
 agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as
 much: rounding); bf16 by up to ~0.7 logits, about one bf16 ulp at those logit sizes (the unpatched row, likewise).
 

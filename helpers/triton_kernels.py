@@ -221,6 +221,12 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return z
 
 
+def row_attention_tiles(q_len: int, d_head: int) -> tuple[int, int, int]:
+    """(query tile, prefix key tile, warps) of ``row_attention`` for rows of q_len tokens."""
+    block_q = max(16, triton.next_power_of_2(q_len))
+    return block_q, (64 if d_head <= 64 else 32), (4 if block_q <= 64 else 8)
+
+
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
                   prefix_value: torch.Tensor, scaling: float, row_example: torch.Tensor | None = None,
                   starts: torch.Tensor | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -254,15 +260,15 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
         assert cos.shape[0] in (1, b)
         cs_sb, cs_sq = (cos.stride(0) if cos.shape[0] == b > 1 else 0), cos.stride(1)
     z = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
-    block_q = max(16, triton.next_power_of_2(q))
+    block_q, block_k, num_warps = row_attention_tiles(q, d_head)
     with _on(z):
         _row_attention_kernel[(b, n_kv)](
             query, key, value, prefix_key, prefix_value, row_example, starts, cos, sin, z, q, s, scaling,
             *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
             prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
             prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2), cs_sb, cs_sq,
-            GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=64 if d_head <= 64 else 32, D=d_head, PER_ROW=per_row,
-            ROTARY=rotary is not None, num_warps=4 if block_q <= 64 else 8)
+            GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=block_k, D=d_head, PER_ROW=per_row,
+            ROTARY=rotary is not None, num_warps=num_warps)
     return z
 
 

@@ -1,7 +1,30 @@
-import pytest
+import os
 
-from helpers import vocabulary as V
-from helpers.tokenizer_training import train_tokenizer
+import torch
+
+# Without a GPU, Triton's kernels run in its interpreter (numpy), so the kernel tests (``triton_device``) check their
+# arithmetic on a CPU too. Read when helpers.triton_kernels is imported, hence here, before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from helpers import vocabulary as V  # noqa: E402
+from helpers.tokenizer_training import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Where the Triton kernel tests run: the GPU, else the CPU under Triton's interpreter; skipped without Triton."""
+    from helpers import triton_kernels
+    if triton_kernels.triton is None:
+        pytest.skip("Triton is not installed (CUDA builds of torch ship it; `make venv` adds it to CPU ones)")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and TRITON_INTERPRET is not 1")
+    return "cpu"
+
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,72 @@
+"""Compile every Triton kernel of helpers.triton_kernels for an H100 (sm_90), no GPU needed.
+
+Triton's interpreter (the CPU kernel tests) skips what its compiler checks: types, tile shapes, ``tl.dot``'s minimum
+sizes, names that change shape inside a loop. Run as a script, without TRITON_INTERPRET (the test suite sets it on a
+CPU), by tests/test_fused_modules.py; prints one line per compiled configuration, exits 1 on the first failure.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from helpers import triton_kernels as tk  # noqa: E402
+
+_FLOAT32_POINTERS = {"la_ptr", "lb_ptr"}  # the merge's log-sum-exps
+_INT64_POINTERS = {"ex_ptr", "start_ptr"}  # row_attention's row -> example and example -> first slot
+
+
+def _signature(kernel, dtype: str) -> dict:
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = ("*fp32" if p.name in _FLOAT32_POINTERS else "*i64" if p.name in _INT64_POINTERS
+                           else f"*{dtype}")
+        else:
+            sig[p.name] = "fp32" if p.name == "scale" else "i32"
+    return sig
+
+
+def configurations():
+    """(kernel, element type, constexprs, warps): what the launch wrappers pass, for the shapes the sweep meets."""
+    for dtype in ("bf16", "fp32"):
+        for d_head in (16, 64, 128):
+            yield tk._rotary_kernel, dtype, dict(HALF=d_head // 2, BLOCK_R=tk._BLOCK_R), 4
+            yield tk._merge_kernel, dtype, dict(D=d_head, BLOCK_R=tk._BLOCK_R), 4
+        yield tk._silu_mul_kernel, dtype, dict(BLOCK_R=1, BLOCK_C=1024), 4
+    # llama (4 query heads a key/value head), qwen2 (7), the tiny test models (2, head size 16), head size 128
+    for group, d_head, q_lens in ((4, 64, (9, 60, 128)), (7, 64, (33,)), (2, 16, (12,)), (1, 128, (100,))):
+        for q_len in q_lens:
+            block_q, block_k, warps = tk.row_attention_tiles(q_len, d_head)
+            for per_row, rotary in ((False, True), (True, True), (False, False)):
+                yield tk._row_attention_kernel, "bf16", dict(GROUP=group, BLOCK_Q=block_q, BLOCK_K=block_k, D=d_head,
+                                                             PER_ROW=per_row, ROTARY=rotary), warps
+
+
+def main() -> int:
+    if tk.triton is None or os.environ.get("TRITON_INTERPRET") == "1":
+        print("needs Triton, not in interpreter mode", file=sys.stderr)
+        return 2
+    target = GPUTarget("cuda", 90, 32)
+    n = 0
+    for kernel, dtype, constexprs, warps in configurations():
+        src = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, dtype), constexprs=constexprs)
+        try:
+            triton.compile(src, target=target, options={"num_warps": warps})
+        except Exception as exc:  # noqa: BLE001 - report which configuration, then fail
+            print(f"FAILED {kernel.__name__} {dtype} {constexprs} warps={warps}: {type(exc).__name__}: {exc}")
+            return 1
+        n += 1
+        print(f"ok {kernel.__name__} {dtype} {constexprs} warps={warps}", flush=True)
+    print(f"compiled {n} configurations for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
