@@ -383,7 +383,10 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
             z = triton_kernels.row_attention(query, key, value, *prefix, module.scaling, rows, swap.prefix_starts,
                                              rotary=(cos, sin))
         elif prefix is not None and flash:
-            assert swap.prefix_rows is None, "several examples' prefixes need row_attention"
+            if swap.prefix_rows is not None:
+                raise ValueError(f"several examples' prefixes need rows of at most {triton_kernels.ROW_ATTENTION_MAX} "
+                                 f"tokens and head size <= 128 on CUDA fp16/bf16 with Triton "
+                                 f"(per_example_prefix_applies); got {q_len} tokens, head size {d_head}")
             z = shared_prefix_flash_attention(query, key, value, *prefix, module.scaling,
                                               merge=triton_kernels.merge_attention if on_triton else merge)
         else:

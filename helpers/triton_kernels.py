@@ -184,8 +184,9 @@ ROW_ATTENTION_MAX = 128  # longest row the one-tile causal kernel takes (its sco
 
 
 def row_attention_applies(q_len: int, d_head: int) -> bool:
-    """Rows short enough for ``row_attention``'s one query tile; 128-token tiles only up to d_head 128 (registers)."""
-    return q_len <= 64 or (q_len <= ROW_ATTENTION_MAX and d_head <= 128)
+    """Rows short enough for ``row_attention``'s one query tile, head sizes up to 128 (a tile of float32 accumulators
+    per query head lives in registers; larger ones go the flash way)."""
+    return q_len <= ROW_ATTENTION_MAX and d_head <= 128
 
 
 def rotary_inplace(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rotated_heads: int) -> torch.Tensor:
@@ -237,7 +238,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     any strides, d_head contiguous), q <= ROW_ATTENTION_MAX; prefix_key/value: [1 or examples, kv_head, s, d_head],
     the keys/values of the positions before the fed tokens, shared by every row (batch 1) or, with ``row_example``
     [batch] (each row's example) and ``starts`` [examples], one end-aligned prefix per example (example e's keys
-    are slots starts[e] .. s-1; the slots before are padding). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query
+    are slots starts[e] .. s-1; the slots before are padding). fp16 or bf16 (float32 runs, but a GPU's ``tl.dot``
+    then rounds to tf32). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query
     and key are not rotated yet, the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding;
     the prefix is rotated already). Returns z: [batch, q, head, d_head], contiguous, fp16 or bf16 as query. One program per (row, key/value head): the row's keys and values are read once for the query
     heads that share them, the prefix is read in place (never copied per row), and the softmax runs over prefix and
@@ -246,10 +248,14 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     """
     b, q, n_heads, d_head = query.shape
     n_kv, s = prefix_key.shape[1], prefix_key.shape[2]
-    assert q <= ROW_ATTENTION_MAX and query.stride(3) == key.stride(3) == value.stride(3) == 1
-    assert prefix_key.stride(3) == prefix_value.stride(3) == 1 and key.shape[2] == n_kv
+    assert row_attention_applies(q, d_head) and n_heads % n_kv == 0, (q, d_head, n_heads, n_kv)
+    assert key.shape == value.shape == (b, q, n_kv, d_head) and prefix_value.shape == prefix_key.shape
+    assert query.stride(3) == key.stride(3) == value.stride(3) == prefix_key.stride(3) == prefix_value.stride(3) == 1
     per_row = row_example is not None
-    if not per_row:
+    if per_row:
+        assert row_example.shape[0] >= b and starts.shape[0] == prefix_key.shape[0]
+        assert row_example.device == starts.device == query.device
+    else:
         assert prefix_key.shape[0] == 1, "several prefixes need row_example and starts"
         row_example = starts = query  # (unread placeholders)
     if rotary is None:
