@@ -23,8 +23,8 @@ one, the two merged exactly by their log-sum-exps (``merge_attention``).
 
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
 family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attention and the longer rows' prefix
-merge run as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower, rotary and
-the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain formulas are
+merge run as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower,
+rotary and the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain formulas are
 ``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a compiled
 call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning.
 Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``

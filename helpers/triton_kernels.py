@@ -1,4 +1,4 @@
-"""Four memory-bound steps of the fused modules as hand-written Triton kernels (CUDA only).
+"""Four steps of the fused modules as hand-written Triton kernels (CUDA only).
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
 arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
@@ -180,7 +180,7 @@ def _on(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-ROW_ATTENTION_MAX = 128  # longest row the one-tile causal kernel takes (its score tile is BLOCK x BLOCK)
+ROW_ATTENTION_MAX = 128  # longest row row_attention takes (its own-token scores are one BLOCK_Q x BLOCK_Q tile)
 
 
 def row_attention_applies(q_len: int, d_head: int) -> bool:
@@ -235,16 +235,18 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     """Each row's queries against its prefix, then causally against its own tokens: one kernel, one softmax.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, the last q positions;
-    any strides, d_head contiguous), q <= ROW_ATTENTION_MAX; prefix_key/value: [1 or examples, kv_head, s, d_head],
-    the keys/values of the positions before the fed tokens, shared by every row (batch 1) or, with ``row_example``
-    [batch] (each row's example) and ``starts`` [examples], one end-aligned prefix per example (example e's keys
-    are slots starts[e] .. s-1; the slots before are padding). fp16 or bf16 (float32 runs, but a GPU's ``tl.dot``
-    then rounds to tf32). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query
-    and key are not rotated yet, the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding;
-    the prefix is rotated already). Returns z: [batch, q, head, d_head], contiguous, fp16 or bf16 as query. One program per (row, key/value head): the row's keys and values are read once for the query
-    heads that share them, the prefix is read in place (never copied per row), and the softmax runs over prefix and
-    own keys together, so nothing is written between them (flash on the prefix, a causal kernel on the own tokens
-    and a log-sum-exp merge wrote and re-read three outputs of z's size).
+    any strides, d_head contiguous; ``row_attention_applies(q, d_head)``); prefix_key/value: [1 or examples,
+    kv_head, s, d_head], the keys/values of the positions before the fed tokens, shared by every row (batch 1) or,
+    with ``row_example`` [batch] (each row's example) and ``starts`` [examples], one end-aligned prefix per example
+    (example e's keys are slots starts[e] .. s-1; the slots before are padding). fp16 or bf16 (float32 runs, but a
+    GPU's ``tl.dot`` then rounds to tf32). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query and key are not
+    rotated yet, and the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding; the prefix
+    is rotated already). Returns z: [batch, q, head, d_head], contiguous, in query's dtype.
+
+    One program per (row, key/value head): the row's keys and values are read once for the query heads that share
+    them, the prefix is read in place (never copied per row), and the softmax runs over prefix and own keys
+    together, so nothing is written between them (flash on the prefix, a causal kernel on the own tokens and a
+    log-sum-exp merge wrote and re-read three outputs of z's size).
     """
     b, q, n_heads, d_head = query.shape
     n_kv, s = prefix_key.shape[1], prefix_key.shape[2]

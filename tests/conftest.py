@@ -18,13 +18,12 @@ def triton_device() -> str:
     """Where the Triton kernel tests run: the GPU, else the CPU under Triton's interpreter; skipped without Triton."""
     from helpers import triton_kernels
     if triton_kernels.triton is None:
-        pytest.skip("Triton is not installed (CUDA builds of torch ship it; `make venv` adds it to CPU ones)")
+        pytest.skip("Triton is not installed (CUDA builds of torch ship it; `make test` adds it to CPU ones)")
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU, and TRITON_INTERPRET is not 1")
     return "cpu"
-
 
 
 @pytest.fixture(scope="session")
