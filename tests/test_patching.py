@@ -445,6 +445,51 @@ def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward
     assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05
 
 
+def _cpu_flash(query, key, value, causal, scaling):
+    """aten's flash attention (CUDA only) as plain torch: [batch, head, seq, d] views, grouped key/value heads,
+    lower-right causal; (out [batch, seq, head, d], log-sum-exp [batch, head, seq])."""
+    group = query.shape[1] // key.shape[1]
+    scores = query.float() @ key.repeat_interleave(group, 1).float().transpose(-1, -2) * scaling
+    if causal:
+        q, kv = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(q, kv, dtype=torch.bool).triu(kv - q + 1), float("-inf"))
+    out = torch.softmax(scores, -1) @ value.repeat_interleave(group, 1).float()
+    return out.to(query.dtype).transpose(1, 2), torch.logsumexp(scores, -1)
+
+
+@pytest.mark.parametrize("family, per_forward", [("llama", 3), ("qwen2", 1)])  # (~30 s each, interpreted)
+def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(triton_device, monkeypatch, family,
+                                                                          per_forward):
+    """The sweep as a GPU runs it (fused modules with Triton's rotary, silu-mul and row_attention, the corrupt prefix
+    shared inside attention; merged, each row reading its own example's prefix), here on a CPU in float32: Triton's
+    kernels interpreted, aten's CUDA-only flash attention replaced by the same arithmetic in torch (_cpu_flash)."""
+    if triton_device == "cuda":
+        pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
+    import helpers.fused_modules as fm
+    from helpers import triton_kernels
+    monkeypatch.setattr(fm, "_flash_applies", lambda like, d_head=None: True)
+    monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
+    monkeypatch.setattr(fm, "_flash", _cpu_flash)
+    calls = []
+    monkeypatch.setattr(triton_kernels, "row_attention",
+                        lambda *a, _f=triton_kernels.row_attention, **k: calls.append(k["rotary"]) or _f(*a, **k))
+    model = model_of(family)
+    pairs = make_pairs(0, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if family not in _REFERENCES:
+            _REFERENCES[family] = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False,
+                                                        min_denominator=0.02)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                           examples_per_forward=per_forward)
+    assert fast.stats["shared_prefix"] and fast.stats["max_examples_per_forward"] == per_forward
+    assert calls and all(rotary is not None for rotary in calls)  # every sweep forward's attention was the kernel
+    if per_forward == 3:  # merged: per-row rotary tables
+        assert any(rotary[0].shape[0] > 1 for rotary in calls)
+    assert_raw_close(fast, _REFERENCES[family])
+    assert_normalised_close(fast, _REFERENCES[family])
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_an_end_aligned_batch_gives_each_examples_own_logits(family):
     """The padding mask reaches every layer as given: each row of a padded batch equals its example run alone."""
