@@ -89,11 +89,8 @@ def assert_normalised_close(fast, ref, atol=ATOL):
 _REFERENCES: dict = {}
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("per_forward", [3, None])
-def test_heads_fast_equals_nnsight_reference(family, per_forward):
-    """Both layouts: the three examples (lengths 12, 10, 13) end-aligned in the same forwards, and one example at a
-    time (the default on a CPU; llama-like families then share the corrupt prefix inside fused attention)."""
+def _heads_and_reference(family: str, per_forward: int | None):
+    """patch_heads on the three test pairs of ``family``'s tiny model, and the nnsight reference (computed once)."""
     model = model_of(family)
     pairs = make_pairs(0, model)
     with warnings.catch_warnings():
@@ -101,9 +98,18 @@ def test_heads_fast_equals_nnsight_reference(family, per_forward):
         if family not in _REFERENCES:
             _REFERENCES[family] = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False,
                                                         min_denominator=0.02)
-        ref = _REFERENCES[family]
         fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
                            examples_per_forward=per_forward)
+    return fast, _REFERENCES[family]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("per_forward", [3, None])
+def test_heads_fast_equals_nnsight_reference(family, per_forward):
+    """Both layouts: the three examples (lengths 12, 10, 13) end-aligned in the same forwards, and one example at a
+    time (the default on a CPU; llama-like families then share the corrupt prefix inside fused attention)."""
+    fast, ref = _heads_and_reference(family, per_forward)
+    pairs = make_pairs(0, model_of(family))
     assert fast.patched_logit_diff.shape == (3, 2, 4, 13)
     assert_raw_close(fast, ref)
     assert_normalised_close(fast, ref)
@@ -473,21 +479,13 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
     calls = []
     monkeypatch.setattr(triton_kernels, "row_attention",
                         lambda *a, _f=triton_kernels.row_attention, **k: calls.append(k["rotary"]) or _f(*a, **k))
-    model = model_of(family)
-    pairs = make_pairs(0, model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if family not in _REFERENCES:
-            _REFERENCES[family] = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False,
-                                                        min_denominator=0.02)
-        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
-                           examples_per_forward=per_forward)
+    fast, ref = _heads_and_reference(family, per_forward)
     assert fast.stats["shared_prefix"] and fast.stats["max_examples_per_forward"] == per_forward
     assert calls and all(rotary is not None for rotary in calls)  # every sweep forward's attention was the kernel
     if per_forward == 3:  # merged: per-row rotary tables
         assert any(rotary[0].shape[0] > 1 for rotary in calls)
-    assert_raw_close(fast, _REFERENCES[family])
-    assert_normalised_close(fast, _REFERENCES[family])
+    assert_raw_close(fast, ref)
+    assert_normalised_close(fast, ref)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
