@@ -24,9 +24,9 @@ one, the two merged exactly by their log-sum-exps (``merge_attention``).
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
 family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attention and the longer rows' prefix
 merge run as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower,
-rotary and the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain formulas are
-``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a compiled
-call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning.
+rotary and the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain
+formulas are ``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a
+compiled call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning.
 Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``
 (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on swapped modules still run:
 only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated, detached copies, held while
@@ -166,21 +166,20 @@ def _causal_flash_with_lse(query, key, value, scaling):
 
 def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   prefix_key: torch.Tensor, prefix_value: torch.Tensor, scaling: float,
-                                  merge: Callable = merge_attention,
-                                  own: Callable = _causal_flash_with_lse) -> torch.Tensor:
+                                  merge: Callable = merge_attention) -> torch.Tensor:
     """Causal attention of every row's tokens to one shared prefix, then to their own tokens; CUDA fp16/bf16.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, positions s..s+q-1);
     prefix_key/value: [1, kv_head, s, d_head] (positions < s, the same for every row). Returns z: [batch, q, head,
     d_head]. Every prefix key precedes every query, so the prefix part needs no mask and the batch rows fold into
-    one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is causal
-    (``own``: flash). Short rows on CUDA take helpers.triton_kernels.row_attention instead, which does both parts in
-    one kernel.
+    one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is a causal
+    flash call. Short rows on CUDA take helpers.triton_kernels.row_attention instead, which does both parts in one
+    kernel.
     """
     b, q, n_heads, d_head = query.shape
     folded = query.reshape(1, b * q, n_heads, d_head).transpose(1, 2)  # [1, head, b * q, d_head]
     out_p, lse_p = _flash(folded, prefix_key, prefix_value, False, scaling)
-    out_n, lse_n = own(query, key, value, scaling)
+    out_n, lse_n = _causal_flash_with_lse(query, key, value, scaling)
     return merge(out_p.reshape(b, q, n_heads, d_head), lse_p.reshape(n_heads, b, q).permute(1, 2, 0), out_n, lse_n)
 
 

@@ -50,9 +50,9 @@ Llama by its matmuls (~65 % of GPU time, ~750 TFLOP/s) and the MLP's ``silu(gate
 (9.0x; 5.55 s one at a time), Llama 12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s).
 Later on 2026-11-28 the attention became one Triton kernel (helpers.triton_kernels.row_attention), timed against the
 code before in the same runs on two H100s: Qwen 0.568 -> 0.475 s and 0.633 -> 0.550 s, Llama 1.207 -> 1.186 s and
-1.271 -> 1.213 s; Llama 10 examples 12.05 s (10.2x). fp32
-agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as
-much: rounding); bf16 by up to ~0.7 logits, about one bf16 ulp at those logit sizes (the unpatched row, likewise).
+1.271 -> 1.213 s; Llama 10 examples 12.05 s (10.2x). fp32 agrees with the loop to ~1e-4 logits on these shapes
+(the unpatched row deviates from the full corrupt run by as much: rounding); bf16 by up to ~0.7 logits, about one
+bf16 ulp at those logit sizes (the unpatched row, likewise).
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
@@ -695,10 +695,12 @@ def _example_groups(model, site: _Site, examples: list[_Example], per_forward: i
     limit = per_forward or _MAX_EXAMPLES_PER_FORWARD
     if not _pads_examples(model) or (per_forward is None and _device(model).type != "cuda"):
         limit = 1
+    # (by default an example whose own sweep keeps the GPU busy runs alone)
+    alone = {ex.index for ex in examples if per_forward is None and limit > 1
+             and _sweep_flop(model, site, [ex.span]) > _MERGE_MAX_FLOP}
     for ex in examples:
         group = groups[-1] + [ex] if groups else None
-        if per_forward is None and group is not None and max(
-                _sweep_flop(model, site, [e.span]) for e in group) > _MERGE_MAX_FLOP:
+        if group is not None and any(e.index in alone for e in group):
             group = None
         if group is not None and len(group) <= limit and max(e.span for e in group) <= min(e.length for e in group):
             groups[-1] = group
@@ -734,8 +736,8 @@ def _sweep_group(model, calls: _Calls, site: _Site, group: list[_Example], *, ch
     with torch.inference_mode(), two_row_output_layer(model, tokens) as two_rows, _sweep_hooks(model, site, state):
         acts = _clean_activations(model, calls, site, [ex.pair for ex in group], swap)  # [E, L, T, U, w]
         snaps = _prefix_caches(model, calls, corrupt, [T - q for q in qs], stats, swap)
-        # fused attention reads the corrupt prefix itself (no per-row cache copies): one example's through flash,
-        # several examples' through a Triton kernel that gives each row its own example's
+        # fused attention reads the corrupt prefix itself (no per-row cache copies; several examples: each row its
+        # own example's, through Triton's row_attention)
         shares_prefix = (swap is not None and swap.shares_prefix and all(_is_plain(c) for c in snaps if c is not None)
                          and (E == 1 or per_example_prefix_applies(next(model.parameters()), max(spans),
                                                                head_geometry(model.config).d_head)))
