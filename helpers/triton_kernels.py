@@ -103,11 +103,12 @@ if triton is not None:
     def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, cos_ptr, sin_ptr, z_ptr,
                               q_len, s_len, scale, q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh,
                               pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss, cs_sb, cs_sq,
-                              GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
-                              PER_ROW: tl.constexpr, ROTARY: tl.constexpr):
-        # program (row, kv head): the GROUP query heads that share the row's own keys/values (loaded once) attend
-        # to the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to the
-        # row's own tokens, in one online softmax (float32 accumulators); z is written once, contiguous
+                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+                              BLOCK_K: tl.constexpr, D: tl.constexpr, PER_ROW: tl.constexpr, ROTARY: tl.constexpr):
+        # program (row, kv head, tile): the GROUP query heads sharing one key/value head are stacked into one query
+        # axis of GROUP * q_len (head, position) pairs, head-major, and this program takes BLOCK_M of them. They
+        # attend to the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to
+        # the row's own tokens, in one online softmax (float32 accumulators); z is written once, contiguous
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         if PER_ROW:
@@ -116,46 +117,47 @@ if triton is not None:
         else:
             ex = 0
             start = 0
-        i = tl.arange(0, BLOCK_Q)
+        f = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = f // q_len  # query head within the group
+        i = f % q_len  # position
+        valid = g < GROUP
+        head = kv_head * GROUP + g
         d = tl.arange(0, D)
-        valid = i < q_len
-        cs_rows = b * cs_sb + i * cs_sq
-        k = _rotated(k_ptr + b * k_sb + kv_head * k_sh, cos_ptr, sin_ptr, i * k_sq, cs_rows, valid, D, ROTARY)
-        v = tl.load(v_ptr + b * v_sb + i[:, None] * v_sq + kv_head * v_sh + d[None, :], mask=valid[:, None], other=0.0)
-        keep = (i[None, :] <= i[:, None]) & valid[None, :]
+        q = _rotated(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid, D,
+                     ROTARY)
+        j = tl.arange(0, BLOCK_J)  # the row's own keys
+        own_ok = j < q_len
+        k = _rotated(k_ptr + b * k_sb + kv_head * k_sh, cos_ptr, sin_ptr, j * k_sq, b * cs_sb + j * cs_sq, own_ok, D,
+                     ROTARY)
+        v = tl.load(v_ptr + b * v_sb + kv_head * v_sh + j[:, None] * v_sq + d[None, :], mask=own_ok[:, None],
+                    other=0.0)
         pk_base = pk_ptr + ex * pk_sb + kv_head * pk_sh
         pv_base = pv_ptr + ex * pv_sb + kv_head * pv_sh
-        n_heads = tl.num_programs(1) * GROUP
-        for g in tl.static_range(GROUP):
-            head = kv_head * GROUP + g
-            q = _rotated(q_ptr + b * q_sb + head * q_sh, cos_ptr, sin_ptr, i * q_sq, cs_rows, valid, D, ROTARY)
-            m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-            total = tl.zeros((BLOCK_Q,), tl.float32)
-            acc = tl.zeros((BLOCK_Q, D), tl.float32)
-            for k0 in range(start, s_len, BLOCK_K):
-                j = k0 + tl.arange(0, BLOCK_K)
-                ok = j < s_len
-                pk = tl.load(pk_base + j[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
-                pv = tl.load(pv_base + j[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
-                scores = tl.where(ok[None, :], tl.dot(q, tl.trans(pk)) * scale, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, 1))
-                p = tl.exp(scores - m_new[:, None])
-                alpha = tl.exp(m - m_new)
-                total = total * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(pv.dtype), pv)  # probabilities rounded as flash does
-                m = m_new
-            # own tokens: the diagonal is always kept, so every query ends with a finite maximum and total > 0
-            # (own names: a name the prefix loop assigns must keep its [BLOCK_Q, BLOCK_K] shape across the unrolled
-            # heads)
-            own = tl.where(keep, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-            m_own = tl.maximum(m, tl.max(own, 1))
-            p_own = tl.exp(own - m_own[:, None])
-            a_own = tl.exp(m - m_own)
-            total = total * a_own + tl.sum(p_own, 1)
-            acc = acc * a_own[:, None] + tl.dot(p_own.to(v.dtype), v)
-            z_off = ((b * q_len + i) * n_heads + head) * D
-            tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
-                     mask=valid[:, None])
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        for k0 in range(start, s_len, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            ok = kk < s_len
+            pk = tl.load(pk_base + kk[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
+            pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
+            scores = tl.where(ok[None, :], tl.dot(q, tl.trans(pk)) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            total = total * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(pv.dtype), pv)  # probabilities rounded as flash does
+            m = m_new
+        # own tokens: the diagonal is always kept, so every query ends with a finite maximum and total > 0
+        own = tl.where((j[None, :] <= i[:, None]) & own_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_own = tl.maximum(m, tl.max(own, 1))
+        p_own = tl.exp(own - m_own[:, None])
+        a_own = tl.exp(m - m_own)
+        total = total * a_own + tl.sum(p_own, 1)
+        acc = acc * a_own[:, None] + tl.dot(p_own.to(v.dtype), v)
+        z_off = ((b * q_len + i) * (tl.num_programs(1) * GROUP) + head) * D
+        tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
+                 mask=valid[:, None])
 
     @triton.jit(do_not_specialize=["n_rows", "width", "row_stride"])
     def _silu_mul_kernel(gu_ptr, out_ptr, n_rows, width, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -180,12 +182,12 @@ def _on(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-ROW_ATTENTION_MAX = 128  # longest row row_attention takes (its own-token scores are one BLOCK_Q x BLOCK_Q tile)
+ROW_ATTENTION_MAX = 128  # longest row row_attention takes (a program holds all its own keys: one tile of BLOCK_J)
 
 
 def row_attention_applies(q_len: int, d_head: int) -> bool:
-    """Rows short enough for ``row_attention``'s one query tile, head sizes up to 128 (a tile of float32 accumulators
-    per query head lives in registers; larger ones go the flash way)."""
+    """Rows short enough for ``row_attention``'s one tile of own keys, head sizes up to 128 (a tile of float32
+    accumulators lives in registers; larger ones go the flash way)."""
     return q_len <= ROW_ATTENTION_MAX and d_head <= 128
 
 
@@ -222,16 +224,20 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return z
 
 
-def row_attention_tiles(q_len: int, d_head: int) -> tuple[int, int, int]:
-    """(query tile, prefix key tile, warps) of ``row_attention`` for rows of q_len tokens."""
-    block_q = max(16, triton.next_power_of_2(q_len))
-    return block_q, (64 if d_head <= 64 else 32), (4 if block_q <= 64 else 8)
+def row_attention_tiles(q_len: int, d_head: int, group: int) -> tuple[int, int, int, int]:
+    """(stacked queries a program, own keys, prefix keys a step, warps) of ``row_attention`` for rows of q_len tokens
+    and ``group`` query heads per key/value head."""
+    # up to 64 stacked queries a program: on an H100 (bf16, Llama-3.2-1B and Qwen2.5-0.5B sweep shapes) faster
+    # overall than 32 or 128 (more programs in flight; 128 won only for the longest rows, by a few percent)
+    block_j = max(16, triton.next_power_of_2(q_len))
+    block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
+    return block_m, block_j, (64 if d_head <= 64 else 32), 4
 
 
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
                   prefix_value: torch.Tensor, scaling: float, row_example: torch.Tensor | None = None,
-                  starts: torch.Tensor | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+                  starts: torch.Tensor | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Each row's queries against its prefix, then causally against its own tokens: one kernel, one softmax.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, the last q positions;
@@ -241,12 +247,14 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     (example e's keys are slots starts[e] .. s-1; the slots before are padding). fp16 or bf16 (float32 runs, but a
     GPU's ``tl.dot`` then rounds to tf32). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query and key are not
     rotated yet, and the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding; the prefix
-    is rotated already). Returns z: [batch, q, head, d_head], contiguous, in query's dtype.
+    is rotated already). Returns z: [batch, q, head, d_head], contiguous, in query's dtype. ``tiles``: overrides
+    ``row_attention_tiles`` (benchmarks).
 
-    One program per (row, key/value head): the row's keys and values are read once for the query heads that share
-    them, the prefix is read in place (never copied per row), and the softmax runs over prefix and own keys
-    together, so nothing is written between them (flash on the prefix, a causal kernel on the own tokens and a
-    log-sum-exp merge wrote and re-read three outputs of z's size).
+    The query heads that share a key/value head are stacked into one query axis (head-major, no padding between
+    heads), so one pass over the keys serves them all with matrix products of up to 128 stacked queries. One
+    program per (row, key/value head, tile of that axis): the prefix is read in place (never copied per row), and
+    the softmax runs over prefix and own keys together, so nothing is written between them (flash on the prefix, a
+    causal kernel on the own tokens and a log-sum-exp merge wrote and re-read three outputs of z's size).
     """
     b, q, n_heads, d_head = query.shape
     n_kv, s = prefix_key.shape[1], prefix_key.shape[2]
@@ -268,14 +276,15 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
         assert cos.shape[0] in (1, b)
         cs_sb, cs_sq = (cos.stride(0) if cos.shape[0] == b > 1 else 0), cos.stride(1)
     z = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
-    block_q, block_k, num_warps = row_attention_tiles(q, d_head)
+    group = n_heads // n_kv
+    block_m, block_j, block_k, num_warps = tiles or row_attention_tiles(q, d_head, group)
     with _on(z):
-        _row_attention_kernel[(b, n_kv)](
+        _row_attention_kernel[(b, n_kv, triton.cdiv(group * q, block_m))](
             query, key, value, prefix_key, prefix_value, row_example, starts, cos, sin, z, q, s, scaling,
             *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
             prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
             prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2), cs_sb, cs_sq,
-            GROUP=n_heads // n_kv, BLOCK_Q=block_q, BLOCK_K=block_k, D=d_head, PER_ROW=per_row,
+            GROUP=group, BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, D=d_head, PER_ROW=per_row,
             ROTARY=rotary is not None, num_warps=num_warps)
     return z
 
