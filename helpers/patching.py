@@ -41,18 +41,16 @@ out-of-memory error halves the chunk and retries instead of failing. Llama-famil
 helpers.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash attention and Triton kernels).
 
 Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
-example, first difference at 10, full layer x head x position sweep, default buckets, 2026-11-27, README "Speed"):
-TinyStories-2L 0.070 s fp32 / 0.080 s bf16; Qwen2.5-0.5B 3.60 s / 0.47-0.54 s; Llama-3.2-1B 12.2 s / 1.17-1.24 s
-(the nnsight loop, extrapolated: 10 / 12, 693 / 592-687, 680 / 610-1392 s; its own time varies 2x between runs).
-Qwen in bf16 is held back by its narrow matmuls and, less, the host launching ~24 layers x 9 forwards of kernels,
-Llama by its matmuls (~65 % of GPU time, ~750 TFLOP/s) and the MLP's ``silu(gate) * up`` (~10 %). 10 examples (T
-55-65, bf16, 2026-11-28): TinyStories 0.092 s merged (2.2x one example; 0.46 s one at a time), Qwen 4.99 s merged
-(9.0x; 5.55 s one at a time), Llama 12.4 s one at a time (10.3x; merged it was slower, 19.6 s against 13.8 s).
-Later on 2026-11-28 the attention became one Triton kernel (helpers.triton_kernels.row_attention), timed against the
-code before in the same runs on two H100s: Qwen 0.568 -> 0.475 s and 0.633 -> 0.550 s, Llama 1.207 -> 1.186 s and
-1.271 -> 1.213 s; Llama 10 examples 12.05 s (10.2x). fp32 agrees with the loop to ~1e-4 logits on these shapes
-(the unpatched row deviates from the full corrupt run by as much: rounding); bf16 by up to ~0.7 logits, about one
-bf16 ulp at those logit sizes (the unpatched row, likewise).
+example, first difference at 10, full layer x head x position sweep, default settings; README "Speed"): bf16 on
+2026-11-28, TinyStories-2L 0.060 s, Qwen2.5-0.5B 0.414-0.427 s, Llama-3.2-1B 1.083-1.115 s (the nnsight loop,
+extrapolated, in the README table's run: 9.3, 601, 631 s; its own time varies 3x between runs); fp32 on 2026-11-27, 0.070,
+3.60, 12.2 s. Llama's matrix products take ~73 % of its GPU time at ~720 TFLOP/s; Qwen's ~55 %, then
+``silu(gate) * up`` 15 % and attention 12 %, and its GPU waits for the host ~16 % of the wall time. 10 examples
+(T 55-65, bf16): TinyStories 2.2x one example (merged), Qwen 9.5x (merged), Llama 9.9x (one at a time): patches of
+different examples share no arithmetic, so where one example keeps the GPU busy the cost is linear in examples.
+fp32 agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by
+as much: rounding); bf16 by up to ~0.6 logits, about one bf16 ulp at those logit sizes (the unpatched row,
+likewise).
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
