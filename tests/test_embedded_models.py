@@ -107,3 +107,29 @@ def test_fine_tune_stage_is_documented(embedded):
     assert cfg["init_from"] == f"helpers/embedded_models/{family}-cs{cs}"
     assert (cfg["family"], cfg["cs"]) == (family, cs)
     assert {k: cfg[k] for k in want} == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CPU run is the reference)")
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_cuda_experiment_equals_the_cpu_one(family):
+    """A researcher's run on a GPU: run_experiment end to end (five examples merged into the sweep's forwards; for
+    llama in bf16 the fused modules and Triton's row_attention with each row's own example's prefix) gives the CPU's
+    patched logit differences: to float rounding in float32, to bf16 rounding in bfloat16."""
+    from helpers.experiment import run_experiment
+
+    def run(device, dtype):
+        result = run_experiment("embedded", 1, "ENGTABLENAME", embedded_family=family, batch_size=5, seed=0,
+                                device=device, dtype=dtype, progress=False, generate=False)
+        return result.patching
+
+    cpu = run("cpu", "float32")
+    for dtype, tol in (("float32", 1e-3), ("bfloat16", 0.5)):
+        gpu = run("cuda", dtype)
+        assert torch.equal(gpu.included, cpu.included) and int(cpu.included.sum()) >= 4
+        assert gpu.stats["max_examples_per_forward"] > 1  # merged, as a GPU runs them by default
+        diff = (gpu.patched_logit_diff - cpu.patched_logit_diff).abs().max().item()
+        assert diff < tol, (dtype, diff)
+        if dtype == "bfloat16":
+            flat = torch.stack([gpu.patched_logit_diff.flatten(), cpu.patched_logit_diff.flatten()])
+            assert torch.corrcoef(flat)[0, 1] > 0.999
+            assert gpu.stats["shared_prefix"] == (family == "llama")
