@@ -231,7 +231,8 @@ def row_attention_tiles(q_len: int, d_head: int, group: int) -> tuple[int, int, 
     # overall than 32 or 128 (more programs in flight; 128 won only for the longest rows, by a few percent)
     block_j = max(16, triton.next_power_of_2(q_len))
     block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
-    return block_m, block_j, (64 if d_head <= 64 else 32), 4
+    # (8 warps where the own-key tile is 128 x 128: with 4, ptxas spills ~4x more registers there; not timed)
+    return block_m, block_j, (64 if d_head <= 64 else 32), (8 if block_j * d_head >= 128 * 128 else 4)
 
 
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
@@ -251,7 +252,7 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     ``row_attention_tiles`` (benchmarks).
 
     The query heads that share a key/value head are stacked into one query axis (head-major, no padding between
-    heads), so one pass over the keys serves them all with matrix products of up to 128 stacked queries. One
+    heads), so one pass over the keys serves them all with matrix products of up to 64 stacked queries. One
     program per (row, key/value head, tile of that axis): the prefix is read in place (never copied per row), and
     the softmax runs over prefix and own keys together, so nothing is written between them (flash on the prefix, a
     causal kernel on the own tokens and a log-sum-exp merge wrote and re-read three outputs of z's size).
@@ -261,6 +262,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     assert row_attention_applies(q, d_head) and n_heads % n_kv == 0, (q, d_head, n_heads, n_kv)
     assert key.shape == value.shape == (b, q, n_kv, d_head) and prefix_value.shape == prefix_key.shape
     assert query.stride(3) == key.stride(3) == value.stride(3) == prefix_key.stride(3) == prefix_value.stride(3) == 1
+    # (offsets within a row are int32 in the kernel; row offsets are int64)
+    assert max((q - 1) * t.stride(1) + (t.shape[2] - 1) * t.stride(2) for t in (query, key, value)) < 2**31
     per_row = row_example is not None
     if per_row:
         assert row_example.shape[0] >= b and starts.shape[0] == prefix_key.shape[0]
@@ -278,6 +281,7 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     z = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
     group = n_heads // n_kv
     block_m, block_j, block_k, num_warps = tiles or row_attention_tiles(q, d_head, group)
+    assert block_j >= q and min(block_m, block_j, block_k) >= 16, (tiles, q)  # (tl.dot's minimum is 16)
     with _on(z):
         _row_attention_kernel[(b, n_kv, triton.cdiv(group * q, block_m))](
             query, key, value, prefix_key, prefix_value, row_example, starts, cos, sin, z, q, s, scaling,

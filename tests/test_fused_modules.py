@@ -294,12 +294,15 @@ def _row_attention_reference(query, key, value, prefix_key, prefix_value, row_ex
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q, s, heads, kv_heads, d_head", [(50, 40, 14, 2, 64), (9, 130, 32, 8, 64),
-                                                       (20, 7, 4, 4, 128), (128, 3, 4, 4, 64), (12, 5, 4, 2, 16)])
+                                                       (20, 7, 4, 4, 128), (128, 3, 4, 4, 64), (12, 5, 4, 2, 16),
+                                                       (6, 9, 8, 2, 64), (1, 4, 14, 2, 64)])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_device, dtype, q, s, heads, kv_heads,
                                                                         d_head, per_example):
     """Un-rotated query and key with rotary tables (one for all rows, or one per row when examples are merged), and
-    already rotated ones without."""
+    already rotated ones without; default tiles and the smallest ones (every 16 stacked (head, position) pairs a
+    program, so tiles straddle heads). Group sizes and row lengths with and without a common factor: a wrong
+    (head, position) mapping can still visit every pair once when they share none."""
     skip_rounding_checks_of_the_interpreter(triton_device, dtype)
     from helpers import triton_kernels
     gen = torch.Generator(device=triton_device).manual_seed(0)
@@ -323,8 +326,10 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
     got = triton_kernels.row_attention(r_query, r_key, value, prefix_key, prefix_value, 0.125, *extra)
     got_rotating = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                                 rotary=(cos, sin))
+    small = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
+                                         rotary=(cos, sin), tiles=(16, max(16, 1 << (q - 1).bit_length()), 16, 4))
     expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
-    for z in (got, got_rotating):
+    for z in (got, got_rotating, small):
         assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype
         assert (z.float().cpu() - expected).abs().max().item() < 2e-2
     if not per_example and triton_device == "cuda":  # what the longer rows' path (flash on the prefix and on the own
