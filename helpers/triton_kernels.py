@@ -98,6 +98,17 @@ if triton is not None:
             x = (x.to(tl.float32) * c + sign[None, :] * partner.to(tl.float32) * s).to(x.dtype)
         return x
 
+    @triton.jit
+    def _softmax_step(q, keys, values, keep, scale, m, total, acc):
+        # one step of an online softmax: queries q [M, D] against keys [N, D] where keep ([M or 1, N]), folding the
+        # values [N, D] into the running maximum m, normaliser total and float32 accumulator acc
+        scores = tl.where(keep, tl.dot(q, tl.trans(keys)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        # (probabilities rounded to the values' dtype, as flash does)
+        return m_new, total * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+
     @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq",
                                    "v_sh", "pk_sb", "pk_sh", "pk_ss", "pv_sb", "pv_sh", "pv_ss", "cs_sb", "cs_sq"])
     def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, cos_ptr, sin_ptr, z_ptr,
@@ -141,20 +152,9 @@ if triton is not None:
             ok = kk < s_len
             pk = tl.load(pk_base + kk[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
             pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
-            scores = tl.where(ok[None, :], tl.dot(q, tl.trans(pk)) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(pv.dtype), pv)  # probabilities rounded as flash does
-            m = m_new
+            m, total, acc = _softmax_step(q, pk, pv, ok[None, :], scale, m, total, acc)
         # own tokens: the diagonal is always kept, so every query ends with a finite maximum and total > 0
-        own = tl.where((j[None, :] <= i[:, None]) & own_ok[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m_own = tl.maximum(m, tl.max(own, 1))
-        p_own = tl.exp(own - m_own[:, None])
-        a_own = tl.exp(m - m_own)
-        total = total * a_own + tl.sum(p_own, 1)
-        acc = acc * a_own[:, None] + tl.dot(p_own.to(v.dtype), v)
+        m, total, acc = _softmax_step(q, k, v, (j[None, :] <= i[:, None]) & own_ok[None, :], scale, m, total, acc)
         z_off = ((b * q_len + i) * (tl.num_programs(1) * GROUP) + head) * D
         tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
                  mask=valid[:, None])

@@ -26,6 +26,30 @@ def triton_device() -> str:
     return "cpu"
 
 
+@pytest.fixture
+def row_attention_calls(monkeypatch) -> list:
+    """Every call of ``triton_kernels.row_attention`` while the test runs, as (args, kwargs); the kernel still runs."""
+    from helpers import triton_kernels
+    calls = []
+    real = triton_kernels.row_attention
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(triton_kernels, "row_attention", recording)
+    return calls
+
+
+@pytest.fixture
+def gpu_branches_on_cpu(monkeypatch) -> None:
+    """The fused attention takes its CUDA fp16/bf16 branches (flash, Triton kernels) on a CPU, in float32: for tests
+    that run those branches with Triton interpreted (aten's flash itself still needs CUDA)."""
+    import helpers.fused_modules as fm
+    from helpers import triton_kernels
+    monkeypatch.setattr(fm, "_flash_applies", lambda like, d_head=None: True)
+    monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
+
+
 @pytest.fixture(scope="session")
 def project_tokenizer():
     """The embedded models' tokenizer recipe: every vocabulary word is one token, no BOS."""

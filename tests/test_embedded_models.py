@@ -111,16 +111,11 @@ def test_fine_tune_stage_is_documented(embedded):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CPU run is the reference)")
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
-def test_cuda_experiment_equals_the_cpu_one(family, monkeypatch):
+def test_cuda_experiment_equals_the_cpu_one(family, row_attention_calls):
     """A researcher's run on a GPU: run_experiment end to end (five examples merged into the sweep's forwards; for
     llama in bf16 the fused modules and Triton's row_attention with each row's own example's prefix) gives the CPU's
     patched logit differences: to float rounding in float32, to bf16 rounding in bfloat16."""
-    from helpers import triton_kernels
     from helpers.experiment import run_experiment
-
-    calls = []
-    monkeypatch.setattr(triton_kernels, "row_attention",
-                        lambda *a, _f=triton_kernels.row_attention, **k: calls.append(a[6] is not None) or _f(*a, **k))
 
     def run(device, dtype):
         result = run_experiment("embedded", 1, "ENGTABLENAME", embedded_family=family, batch_size=5, seed=0,
@@ -139,4 +134,5 @@ def test_cuda_experiment_equals_the_cpu_one(family, monkeypatch):
             assert torch.corrcoef(flat)[0, 1] > 0.999
             assert gpu.stats["shared_prefix"] == (family == "llama")
             # llama: the sweep's attention went through row_attention, each row reading its own example's prefix
-            assert any(calls) if family == "llama" else not calls
+            per_example = [args[6] is not None for args, _ in row_attention_calls]  # (args[6]: row_example)
+            assert any(per_example) if family == "llama" else not per_example

@@ -386,8 +386,8 @@ def test_with_gradients_on_the_hf_forwards_run_and_gradients_match():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
 @pytest.mark.parametrize("per_example", [False, True])
-def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(triton_device, monkeypatch, family,
-                                                                            per_example):
+def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(triton_device, gpu_branches_on_cpu,
+                                                                            row_attention_calls, family, per_example):
     """What a sweep forward runs on a GPU: the fused attention hands un-rotated query and key, its rows' rotary
     tables and the shared prefix (one example's, or each row its own example's, end-aligned) to
     ``triton_kernels.row_attention``. Here on a CPU under Triton's interpreter, in float32 (on a GPU this branch is
@@ -396,9 +396,6 @@ def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(tri
         pytest.skip("on a GPU the branch runs in fp16/bf16: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
     from types import SimpleNamespace
 
-    from helpers import triton_kernels
-    monkeypatch.setattr(fm, "_flash_applies", lambda like, d_head=None: True)
-    monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(4)
     q = 4
@@ -420,14 +417,11 @@ def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(tri
             layers.append(SimpleNamespace(keys=keys, values=values))
         fed = torch.cat([examples[e][:, -q:] for e in rows])
         positions = torch.stack([torch.arange(examples[e].shape[1] - q, examples[e].shape[1]) for e in rows])
-        called = []
-        monkeypatch.setattr(triton_kernels, "row_attention",
-                            lambda *a, _f=triton_kernels.row_attention, **k: called.append(1) or _f(*a, **k))
         with fused_modules(model, compile=False, causal_flash=True) as swap:
             extra = (torch.tensor(rows), starts) if per_example else ()
             with swap.shared_prefix(SimpleNamespace(layers=layers), *extra):
                 got = model(fed, position_ids=positions).logits
-    assert len(called) == 2  # both layers' attention took the branch
+    assert len(row_attention_calls) == 2  # both layers' attention took the branch
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 

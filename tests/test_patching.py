@@ -464,7 +464,8 @@ def _cpu_flash(query, key, value, causal, scaling):
 
 
 @pytest.mark.parametrize("family, per_forward", [("llama", 3), ("qwen2", 1)])  # (~30 s each, interpreted)
-def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(triton_device, monkeypatch, family,
+def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(triton_device, gpu_branches_on_cpu,
+                                                                          row_attention_calls, monkeypatch, family,
                                                                           per_forward):
     """The sweep as a GPU runs it (fused modules with Triton's rotary, silu-mul and row_attention, the corrupt prefix
     shared inside attention; merged, each row reading its own example's prefix), here on a CPU in float32: Triton's
@@ -472,18 +473,13 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
     if triton_device == "cuda":
         pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
     import helpers.fused_modules as fm
-    from helpers import triton_kernels
-    monkeypatch.setattr(fm, "_flash_applies", lambda like, d_head=None: True)
-    monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
     monkeypatch.setattr(fm, "_flash", _cpu_flash)
-    calls = []
-    monkeypatch.setattr(triton_kernels, "row_attention",
-                        lambda *a, _f=triton_kernels.row_attention, **k: calls.append(k["rotary"]) or _f(*a, **k))
     fast, ref = _heads_and_reference(family, per_forward)
+    rotaries = [kwargs["rotary"] for _, kwargs in row_attention_calls]
     assert fast.stats["shared_prefix"] and fast.stats["max_examples_per_forward"] == per_forward
-    assert calls and all(rotary is not None for rotary in calls)  # every sweep forward's attention was the kernel
+    assert rotaries and all(r is not None for r in rotaries)  # every sweep forward's attention was the kernel
     if per_forward == 3:  # merged: per-row rotary tables
-        assert any(rotary[0].shape[0] > 1 for rotary in calls)
+        assert any(r[0].shape[0] > 1 for r in rotaries)
     assert_raw_close(fast, ref)
     assert_normalised_close(fast, ref)
 
