@@ -24,9 +24,10 @@ one, the two merged exactly by their log-sum-exps (``merge_attention``).
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
 family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attention and the longer rows' prefix
 merge run as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower,
-rotary and the merge ten times); matmuls stay cuBLAS calls. Without Triton, and with ``compile=True``, the plain
-formulas are ``torch.compile(dynamic=True)``'d for inputs of at least ``_COMPILE_MIN_NUMEL`` elements (below that a
-compiled call's host cost exceeds its saving); if compilation fails the plain function is used, with one warning.
+rotary and the merge ten times); matmuls stay cuBLAS calls. On CUDA without Triton (``compiles_by_default``),
+and with ``compile=True``, the plain formulas are ``torch.compile(dynamic=True)``'d (the MLP only for inputs of at
+least ``_COMPILE_MIN_NUMEL`` elements: below that a compiled call's host cost exceeds its saving); if compilation
+fails the plain function is used, with one warning.
 Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``
 (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on swapped modules still run:
 only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated, detached copies, held while
@@ -445,11 +446,20 @@ def _is_plain_block(block, attention, mlp) -> bool:
             and all(_is_rms_norm(getattr(block, n, None)) for n in ("input_layernorm", "post_attention_layernorm")))
 
 
+def compiles_by_default(device: torch.device) -> bool:
+    """``fused_modules``' ``compile=None``: only on CUDA without Triton, where rotary, the merge and the MLP's
+    ``silu(gate) * up`` have no Triton kernel. With Triton the compiled formulas would serve float32's plain
+    attention alone, and there they are no faster (H100, float32 sweeps: Llama-3.2-1B shape 12.4 s compiled, 12.2 s
+    plain; Qwen2.5-0.5B shape 3.53 s, 3.44 s) but cost a compile on the first sweep of every process (7 s and 34 s
+    on those shapes)."""
+    return device.type == "cuda" and triton_kernels.triton is None
+
+
 @contextmanager
 def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = False):
     """Swap the fused formulas into ``model`` (a HF ``*ForCausalLM``) while inside; restored on exit, even on error.
 
-    ``compile``: wrap them in ``torch.compile`` (None: only when the model is on CUDA). ``causal_flash``: the
+    ``compile``: wrap them in ``torch.compile`` (None: ``compiles_by_default``). ``causal_flash``: the
     caller promises every forward inside is causal with no padding (the patching sweep's forwards are), so
     fp16/bf16 attention on CUDA may use flash attention and ignore HF's mask, and forwards may share a prefix
     (``FusedSwap.shared_prefix``). Yields a ``FusedSwap``; its ``swapped`` is empty for families outside
@@ -460,7 +470,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         yield swap
         return
     if compile is None:
-        compile = next(model.parameters()).device.type == "cuda"
+        compile = compiles_by_default(next(model.parameters()).device)
     norm_fn = rms_norm  # F.rms_norm: already one kernel, and a compiled call costs more host time than it saves
     mlp_fn = _maybe_compiled(gated_mlp, compile)
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)

@@ -905,7 +905,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     ``examples_per_forward``: examples merged into the same forwards (None: see ``_example_groups``; 1: each
     example alone). ``fused``: run llama-like models with helpers.fused_modules' same-formula swap-ins (fewer
     kernels); ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA
-    only).
+    without Triton only, ``fused_modules.compiles_by_default``).
     """
     if examples_per_forward is not None and examples_per_forward < 1:
         raise ValueError(f"examples_per_forward must be None or >= 1, got {examples_per_forward}")

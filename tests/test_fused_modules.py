@@ -163,8 +163,17 @@ def test_grouped_query_attention_equals_repeat_kv_attention():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_compile_is_the_default_only_on_cuda_without_triton(monkeypatch):
+    """With Triton, a compiled plain formula would serve only float32's attention, no faster and ~50 s to compile."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(fm.triton_kernels, "triton", object())
+    assert not fm.compiles_by_default(cuda) and not fm.compiles_by_default(cpu)
+    monkeypatch.setattr(fm.triton_kernels, "triton", None)
+    assert fm.compiles_by_default(cuda) and not fm.compiles_by_default(cpu)
+
+
 def test_compiled_swaps_match_the_plain_ones():
-    """The CUDA default path (torch.compile) on CPU: same logits; no silent fallback to the plain functions."""
+    """The CUDA-without-Triton default (torch.compile) on CPU: same logits; no silent fallback to the plain ones."""
     pytest.importorskip("torch._inductor")
     model = tiny_model("llama")
     plain = _logits(model)
