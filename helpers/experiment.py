@@ -96,8 +96,9 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
             raise ValueError(f"{name} must be True, False or None (the feature's default), got {value!r}")
         flags[name] = value
     model_path = settings.model_path if settings.model_path not in ("",) else None
-    return (replace(settings, feature_name=feature.value, model_path=model_path, dtype=dtype, device=device, **flags),
-            feature, spec)
+    # cs_num as the registry read it ("2" from papermill -r or a quoted YAML value is 2)
+    return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num, model_path=model_path, dtype=dtype,
+                    device=device, **flags), feature, spec)
 
 
 @dataclass
@@ -280,7 +281,7 @@ class ExperimentResult:
     def summary(self) -> str:
         p = self.patching
         clean, corrupt = self.mean_logit_diffs()
-        text = (f"{self.spec.name} | CS{self.settings.cs_num} | {self.feature.value} | "
+        text = (f"{self.spec.display_name} | CS{self.settings.cs_num} | {self.feature.value} | "
                 f"novel={self.settings.use_novel_names} syn_table={self.settings.use_synonyms_table} "
                 f"syn_field={self.settings.use_synonyms_field} | {len(self.pairs)} examples, "
                 f"{sum(self.clean_correct)} clean-correct, {int(p.included.sum())} included | "

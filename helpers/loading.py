@@ -95,7 +95,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     elif device in (None, "", "auto"):
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use 'cpu'")
     return dev
@@ -307,7 +310,7 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
 
-    if spec.is_embedded and not local.is_dir():
+    if spec.is_embedded and not spec.overridden and not local.is_dir():
         raise ModelLoadError(
             f"embedded model {spec.name} not found at {local}; run `make train FAMILY={spec.family_hint} "
             f"CS={spec.cs_num}` to train it (it writes helpers/embedded_models/<family>-cs<N>/), or pass "

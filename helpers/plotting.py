@@ -65,14 +65,16 @@ def _title(what: str, meta: dict) -> str:
     flags = (f"novel={meta.get('use_novel_names')} syn_table={meta.get('use_synonyms_table')} "
              f"syn_field={meta.get('use_synonyms_field')}")
     n = meta.get("n_included", meta.get("batch_size"))
-    return (f"{what}: {meta.get('feature_name', '?')} | {meta.get('model_name', meta.get('model_num'))} "
-            f"CS{meta.get('commandset')} | {flags} | n={n}")
+    model = meta.get("model_name", meta.get("model_num"))
+    if meta.get("model_path_override"):  # the slot's name, and the folder or hub id that stood in for it
+        model = f"{model} (from {meta['model_path_override']})"
+    return f"{what}: {meta.get('feature_name', '?')} | {model} CS{meta.get('commandset')} | {flags} | n={n}"
 
 
 def _meta(exp) -> dict:
     s = exp.settings
-    return dict(feature_name=exp.feature.value, model_name=exp.spec.name, commandset=s.cs_num,
-                use_novel_names=s.use_novel_names, use_synonyms_table=s.use_synonyms_table,
+    return dict(feature_name=exp.feature.value, model_name=exp.spec.name, model_path_override=s.model_path,
+                commandset=s.cs_num, use_novel_names=s.use_novel_names, use_synonyms_table=s.use_synonyms_table,
                 use_synonyms_field=s.use_synonyms_field, n_included=int(exp.patching.included.sum()))
 
 

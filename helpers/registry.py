@@ -96,6 +96,12 @@ class ModelSpec:
     overridden: bool = False
 
     @property
+    def display_name(self) -> str:
+        """``name``, and where a ``model_path`` override came from (a title must not pass a folder off as the
+        registry slot's own checkpoint)."""
+        return f"{self.name} (from {self.model_id})" if self.overridden and self.model_num is not None else self.name
+
+    @property
     def is_local(self) -> bool:
         """True when ``model_id`` is an existing local folder (else it is treated as a hub id)."""
         return Path(self.model_id).expanduser().is_dir()
@@ -158,6 +164,11 @@ def resolve_model(model_num, cs_num: int | None = None, semantic: bool = True, m
         raise ValueError(f"model_path must be a folder or a hub id string, got {model_path!r}")
     if model_path is not None and str(model_path).strip() == "":
         model_path = None  # papermill/notebook default "" means "no override"
+    if cs_num is not None and (isinstance(cs_num, bool) or not isinstance(cs_num, int)):
+        if isinstance(cs_num, str) and cs_num.strip().isdigit():  # papermill -r / a quoted YAML value
+            cs_num = int(cs_num)
+        else:
+            raise _invalid(model_num, cs_num, semantic, embedded_family)
     if model_num is None:
         if model_path is None:
             raise ValueError(f"Pass model_num or model_path.\n{valid_combinations()}")
@@ -165,12 +176,12 @@ def resolve_model(model_num, cs_num: int | None = None, semantic: bool = True, m
                          family_hint=None, is_embedded=False, name=f"custom-{_slug(Path(str(model_path)).name)}",
                          overridden=True)
     model_num = _normalise_model_num(model_num)
-    if cs_num is not None and (isinstance(cs_num, bool) or not isinstance(cs_num, int)):
-        if isinstance(cs_num, str) and cs_num.strip().isdigit():
-            cs_num = int(cs_num)
-        else:
-            raise _invalid(model_num, cs_num, semantic, embedded_family)
-    semantic = bool(semantic)
+    if isinstance(semantic, str) and semantic.strip().lower() in ("true", "false"):  # papermill -r
+        semantic = semantic.strip().lower() == "true"
+    if isinstance(semantic, int) and semantic in (0, 1):
+        semantic = bool(semantic)
+    if not isinstance(semantic, bool):
+        raise ValueError(f"semantic must be True or False, got {semantic!r}")
 
     if model_num == EMBEDDED:
         if embedded_family not in EMBEDDED_FAMILIES or cs_num not in EMBEDDED_CS or not semantic:

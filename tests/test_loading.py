@@ -133,6 +133,8 @@ def test_resolve_dtype():
     assert resolve_dtype(torch.float64, "cpu") == torch.float64
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int8", "cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        loading.resolve_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             loading.resolve_device("cuda")
@@ -195,6 +197,10 @@ def test_missing_embedded_model_error(monkeypatch, tmp_path):
     msg = str(info.value)
     assert "embedded model embedded-gpt_neo-cs2 not found at" in msg and spec.model_id in msg
     assert "make train FAMILY=gpt_neo CS=2" in msg
+    # a model_path standing in for the embedded model is the user's folder: no advice to train the embedded one
+    with pytest.raises(ModelLoadError, match="does not exist") as info:
+        load_model(resolve_model("embedded", 2, model_path=str(tmp_path / "my_model")))
+    assert "make train" not in str(info.value)
 
 
 def test_missing_local_folder_and_incomplete_folder(tmp_path):

@@ -107,6 +107,23 @@ def test_model_path_override(tmp_path):
     assert emb.model_id == str(tmp_path) and emb.is_embedded and emb.overridden
 
 
+def test_an_override_is_named_as_its_slot_and_shown_with_its_source(tmp_path):
+    assert resolve_model(1, 2).display_name == "bm1-cs2-sem"
+    spec = resolve_model("embedded", 1, model_path=str(tmp_path))
+    assert spec.name == "embedded-llama-cs1" and spec.display_name == f"embedded-llama-cs1 (from {tmp_path})"
+
+
+def test_papermill_raw_strings_are_read_or_refused():
+    """``papermill -r`` and quoted YAML values arrive as strings: digits and true/false are read, not misread."""
+    assert resolve_model("embedded", "2").cs_num == 2
+    assert resolve_model(None, "3", model_path="x/y").cs_num == 3
+    assert resolve_model(1, 1, semantic="False").semantic is False and resolve_model(1, 1, semantic="true").semantic
+    with pytest.raises(ValueError, match="semantic"):
+        resolve_model(1, 1, semantic="no")
+    with pytest.raises(ValueError, match="Valid combinations"):
+        resolve_model("embedded", "two")
+
+
 def test_model_path_without_model_num(tmp_path):
     spec = resolve_model(None, 1, model_path=str(tmp_path / "my ckpt"))
     assert spec.model_num is None and spec.name == "custom-my_ckpt" and spec.overridden

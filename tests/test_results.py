@@ -170,10 +170,18 @@ def test_load_results_rejects_other_json(tmp_path):
                                           ({"cs_num": 9}, "No registered model"),
                                           ({"model_num": 42}, "No registered model"),
                                           ({"batch_size": 0}, "batch_size"),
-                                          ({"use_novel_names": "yes"}, "use_novel_names")])
+                                          ({"use_novel_names": "yes"}, "use_novel_names"),
+                                          ({"device": "gpu"}, "not a device"),
+                                          ({"semantic": "yes"}, "semantic")])
 def test_bad_settings_fail_before_loading(bad, message):
     with pytest.raises(ValueError, match=message):
         run_experiment(**{**model_settings(), "model_path": "/nonexistent", **bad})
+
+
+def test_settings_given_as_strings_are_recorded_as_read():
+    """``papermill -r cs_num 2`` passes "2": the command set used and recorded is the int 2."""
+    settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num="2"))
+    assert settings.cs_num == 2 == spec.cs_num
 
 
 def test_plot_saved_reads_an_original_notebook_file(tmp_path):
@@ -207,3 +215,12 @@ def test_columns_are_aligned_at_the_answer_position(exp, saved):
     for ex in data["examples"]:
         assert ex["column_offset"] + ex["n_positions"] == data["metadata"]["n_positions"]
     assert data["position_labels"][-1].endswith(f"_{exp.n_positions - 1}")
+
+
+def test_titles_show_where_an_overriding_model_came_from():
+    from helpers.plotting import _title
+
+    meta = {"feature_name": "DEFTABLENAME", "model_name": "embedded-llama-cs1", "commandset": 1}
+    assert "embedded-llama-cs1 CS1" in _title("Mean", meta)
+    overridden = _title("Mean", {**meta, "model_path_override": "/m/gpt_neo-cs2"})
+    assert "embedded-llama-cs1 (from /m/gpt_neo-cs2) CS1" in overridden
