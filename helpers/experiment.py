@@ -8,6 +8,7 @@ the valid choices.
 """
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import functools
 import html
@@ -51,14 +52,46 @@ class ExperimentSettings:
 FLAGS = ("use_novel_names", "use_synonyms_table", "use_synonyms_field")
 
 
-def notebook_parameters(namespace: dict) -> dict:
+NOTEBOOK_ONLY_PARAMETERS = ("output_dir",)  # notebook parameters that are not experiment settings
+
+
+def _papermill_parameters(namespace: dict) -> set[str]:
+    """The names papermill's injected cell assigned in this kernel ("# Parameters" then one assignment a name),
+    read from IPython's input history ``In``; empty outside IPython or without papermill."""
+    for source in reversed(namespace.get("In") or []):
+        if isinstance(source, str) and source.lstrip().startswith("# Parameters\n"):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                return set()
+            return {t.id for node in tree.body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+    return set()
+
+
+def notebook_parameters(namespace: dict, feature: str | None = None) -> dict:
     """The :class:`ExperimentSettings` fields found in ``namespace`` (a notebook's ``globals()``), by name.
 
-    The feature notebooks call ``run_experiment(**notebook_parameters(globals()))`` so that their parameters
-    cell (papermill's) is the single place the settings are written; other names (``output_dir``) are ignored.
+    The feature notebooks call ``run_experiment(**notebook_parameters(globals(), "DEFTABLENAME"))`` so that their
+    parameters cell (papermill's) is the single place the settings are written. Raises ValueError for a name
+    papermill passed that is no parameter (``-p cs_nmu 2`` would otherwise run command set 1 with only papermill's
+    warning), and, with ``feature``, for a ``feature_name`` other than the notebook's own (its prose and headings
+    are that feature's).
     """
     names = ExperimentSettings.__dataclass_fields__
-    return {k: namespace[k] for k in names if k in namespace}
+    unknown = sorted(_papermill_parameters(namespace) - set(names) - set(NOTEBOOK_ONLY_PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown notebook parameter(s) {', '.join(map(repr, unknown))}; the parameters are: "
+                         f"{', '.join(list(names) + list(NOTEBOOK_ONLY_PARAMETERS))}")
+    params = {k: namespace[k] for k in names if k in namespace}
+    if feature is not None:
+        own = P.parse_feature(feature)
+        given = P.parse_feature(params.get("feature_name", own.value))  # an unknown name: the valid ones listed
+        if given is not own:
+            raise ValueError(f"this notebook studies {own.value}; feature_name={params['feature_name']!r} was "
+                             f"passed: run notebooks/{given.value}.ipynb for that feature")
+        params["feature_name"] = own.value
+    return params
 
 
 def _feature_defaults(feature: P.Feature) -> dict:

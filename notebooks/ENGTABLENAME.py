@@ -54,20 +54,26 @@ Context table. It is on by default (`None` takes the feature's default from
 """
 
 # %% tags=["parameters"]
+# One setting a line: `papermill --help-notebook notebooks/ENGTABLENAME.ipynb` lists them, `-p NAME VALUE` sets one, and
+# a name that is not listed stops the run in its first cell below. The Hugging Face token is never a parameter:
+# it comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
 # model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
-#   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM. cs_num: 0=base model, 1..3=fine-tuned on
-#   command set 1..3; semantic: the synonym-trained checkpoints; embedded_family: "llama" or "gpt_neo".
-# feature_name is fixed for this notebook. A flag left as None takes the feature's default.
-# model_path: a local folder or a hub id that overrides the registry. dtype "auto": float32 on CPU, bfloat16 on
-#   CUDA. output_dir None: outputs/notebooks/ in this checkout. The Hugging Face token is never a parameter: it
-#   comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
-# papermill: -p NAME VALUE sets any of these; it warns "Passed unknown parameter" because the names share
-#   lines here, but the values are applied (its injected cell runs after this one).
-model_num, cs_num, semantic, embedded_family = "embedded", 1, True, "llama"
-feature_name, use_novel_names, use_synonyms_table, use_synonyms_field = "ENGTABLENAME", False, None, None
-batch_size, seed, keep_incorrect = 5, 0, False
-model_path, dtype, device = None, "auto", "cpu"
-output_dir = None
+#   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM.
+model_num = "embedded"
+cs_num = 1  # 0: base model; 1..3: fine-tuned on command set 1..3
+semantic = True  # the synonym-trained checkpoints (hub models)
+embedded_family = "llama"  # embedded models: "llama" or "gpt_neo"
+feature_name = "ENGTABLENAME"  # fixed for this notebook: each feature has its own
+use_novel_names = False  # corrupt with a word that is never a table or field name
+use_synonyms_table = None  # None: the feature's default (helpers.pairs.DEFAULT_PAIR_OPTIONS)
+use_synonyms_field = None  # None: the feature's default
+batch_size = 5  # examples averaged
+seed = 0  # picks the examples
+keep_incorrect = False  # keep examples the model gets wrong on the clean prompt
+model_path = None  # a local folder or hub id that overrides the registry's model
+dtype = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
+device = "cpu"  # "auto": CUDA when available
+output_dir = None  # None: outputs/notebooks/ in this checkout
 
 # %% [markdown]
 """
@@ -81,7 +87,7 @@ and patches every head at every position. Below, one example: the corrupted Inst
 
 # %%
 from helpers import experiment, plotting, results
-exp = experiment.run_experiment(**experiment.notebook_parameters(globals()))
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "ENGTABLENAME"))
 print(exp.summary())
 exp.show_example()
 

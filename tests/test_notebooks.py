@@ -100,6 +100,10 @@ def test_parameters_cell_and_colab_cell(name):
     assert len(tagged) == 1
     names = _assigned_names(tagged[0].source)
     assert REQUIRED_PARAMETERS <= names
+    # papermill reads them all (one a line), so it warns only about names that are not parameters
+    from helpers.experiment import NOTEBOOK_ONLY_PARAMETERS, ExperimentSettings
+    settings = set(ExperimentSettings.__dataclass_fields__) | set(NOTEBOOK_ONLY_PARAMETERS)
+    assert set(pm.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))) == settings == names
     assert not any("token" in n.lower() for n in names), "a token must never be a notebook parameter"
     namespace: dict = {}
     exec(tagged[0].source, namespace)  # the defaults: offline embedded model on CPU
@@ -141,7 +145,9 @@ def test_feature_notebook_executes(name, tmp_path, kernel_env):
 
 
 @pytest.mark.parametrize("bad, message", [({"cs_num": 7}, "No registered model"),
-                                          ({"feature_name": "TABLEISH"}, "Unknown feature")])
+                                          ({"feature_name": "TABLEISH"}, "Unknown feature"),
+                                          ({"feature_name": "ENGTABLENAME"}, "run notebooks/ENGTABLENAME.ipynb"),
+                                          ({"cs_nmu": 2}, "unknown notebook parameter(s) 'cs_nmu'")])
 def test_bad_input_fails_in_the_first_helper_call(bad, message, tmp_path, kernel_env):
     with pytest.raises(pm.PapermillExecutionError) as info:
         execute("DEFTABLENAME", tmp_path, output_dir=str(tmp_path / "out"), **{**model_settings(), **bad})

@@ -178,6 +178,22 @@ def test_bad_settings_fail_before_loading(bad, message):
         run_experiment(**{**model_settings(), "model_path": "/nonexistent", **bad})
 
 
+def test_notebook_parameters_refuse_unknown_names_and_another_feature():
+    from helpers.experiment import notebook_parameters
+
+    cell = {"model_num": "embedded", "feature_name": "DEFTABLENAME", "output_dir": None, "exp": object()}
+    assert notebook_parameters(cell, "DEFTABLENAME") == {"model_num": "embedded", "feature_name": "DEFTABLENAME"}
+    injected = {**cell, "cs_num": 2, "In": ["", "import x", "# Parameters\ncs_num = 2\noutput_dir = '/o'\n"]}
+    assert notebook_parameters(injected, "DEFTABLENAME")["cs_num"] == 2  # papermill's own names pass
+    typo = {**cell, "cs_nmu": 2, "In": ["", "# Parameters\ncs_nmu = 2\n", "print(1)"]}
+    with pytest.raises(ValueError, match="unknown notebook parameter.*'cs_nmu'"):
+        notebook_parameters(typo, "DEFTABLENAME")
+    with pytest.raises(ValueError, match="studies DEFTABLENAME.*notebooks/ENGTABLENAME.ipynb"):
+        notebook_parameters({**cell, "feature_name": "EngTableName"}, "DEFTABLENAME")
+    with pytest.raises(ValueError, match="Unknown feature"):
+        notebook_parameters({**cell, "feature_name": "TABLE"}, "DEFTABLENAME")
+
+
 def test_settings_given_as_strings_are_recorded_as_read():
     """``papermill -r cs_num 2`` passes "2": the command set used and recorded is the int 2."""
     settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num="2"))
