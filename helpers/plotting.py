@@ -147,6 +147,8 @@ def overview_figure(rows: list[dict], title: str = "Top heads across models × c
         labels = head_labels(*s.shape[:2])
         per_head.append(dict(zip(labels, best.ravel())))
         heads += [h for h in labels if h not in heads]
+    # layer-major across models of different sizes (first-seen order put L0_H4 after L1_H3)
+    heads.sort(key=lambda label: tuple(int(n) for n in label[1:].split("_H")))
     z = np.array([[d.get(h, np.nan) for h in heads] for d in per_head], dtype=np.float64)
     fig = go.Figure(go.Heatmap(z=z, x=heads, y=[r["label"] for r in rows], colorscale="RdBu", zmid=0.0,
                                colorbar=dict(title="mean at its<br>strongest position")))

@@ -240,3 +240,13 @@ def test_titles_show_where_an_overriding_model_came_from():
     assert "embedded-llama-cs1 CS1" in _title("Mean", meta)
     overridden = _title("Mean", {**meta, "model_path_override": "/m/gpt_neo-cs2"})
     assert "embedded-llama-cs1 (from /m/gpt_neo-cs2) CS1" in overridden
+
+
+def test_overview_columns_are_layer_major_across_models_of_different_sizes():
+    small = np.zeros((2, 2, 3))  # 2 layers x 2 heads
+    large = np.arange(2 * 4 * 3, dtype=float).reshape(2, 4, 3)  # 2 layers x 4 heads
+    fig = plotting.overview_figure([{"label": "small", "scores": small}, {"label": "large", "scores": large}])
+    heads = list(fig.data[0].x)
+    assert heads == [f"L{l}_H{h}" for l in range(2) for h in range(4)]
+    z = np.asarray(fig.data[0].z)
+    assert z[1, heads.index("L1_H2")] == large[1, 2].max() and np.isnan(z[0, heads.index("L0_H3")])
