@@ -311,6 +311,22 @@ class ExperimentResult:
             out.append(float(v.mean()) if v.numel() else None)
         return out[0], out[1]
 
+    def flips(self) -> tuple[int, int]:
+        """(included examples whose corrupt run prefers the corrupt word, included examples): where a corruption
+        does not flip the answer, patching shows what restores confidence, not what carries the name."""
+        p = self.patching
+        use = p.included & torch.isfinite(p.corrupt_logit_diff)
+        return int((p.corrupt_logit_diff[use] < 0).sum()), int(use.sum())
+
+    def flip_warning(self) -> str | None:
+        flipped, n = self.flips()
+        if n == 0 or 2 * flipped >= n:
+            return None
+        return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
+                "the corrupt run still prefers the clean word, so the heatmaps show what restores the model's "
+                "confidence rather than what carries the name into the answer (typical of use_novel_names with the "
+                "embedded models).")
+
     def summary(self) -> str:
         p = self.patching
         clean, corrupt = self.mean_logit_diffs()
@@ -324,6 +340,8 @@ class ExperimentResult:
         if usable == 0:
             text += ("\nNo example has a usable normalised score (none included, or |clean - corrupt| below "
                      f"{p.min_denominator} for all): the heatmaps will be blank.")
+        elif self.flip_warning():
+            text += "\n" + self.flip_warning()
         return text
 
 
@@ -417,4 +435,6 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         timings["generate_s"] = time.perf_counter() - t
     result.finished_at = _now()
     timings["total_s"] = time.perf_counter() - t0
+    if result.flip_warning():
+        warnings.warn(result.flip_warning(), stacklevel=2)
     return result

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import plotting, results
 from helpers.experiment import ExperimentSettings, run_experiment, validate
-from test_notebooks import model_settings
+from test_notebooks import EMBEDDED, model_settings
 
 ORIGINAL_METADATA = {"source", "timestamp", "model_num", "model_hf", "commandset", "use_novel_names",
                      "use_synonyms_table", "use_synonyms_field", "num_sql_fields", "batch_size", "n_positions",
@@ -250,3 +250,14 @@ def test_overview_columns_are_layer_major_across_models_of_different_sizes():
     assert heads == [f"L{l}_H{h}" for l in range(2) for h in range(4)]
     z = np.asarray(fig.data[0].z)
     assert z[1, heads.index("L1_H2")] == large[1, 2].max() and np.isnan(z[0, heads.index("L0_H3")])
+
+
+def test_a_corruption_that_does_not_flip_the_answer_is_flagged(exp):
+    p = exp.patching
+    flipped, n = exp.flips()
+    assert n == int(p.included.sum()) and flipped == int((p.corrupt_logit_diff[p.included] < 0).sum())
+    unflipped = dataclasses.replace(p, corrupt_logit_diff=p.clean_logit_diff.abs() / 2)  # still prefers clean
+    weak = dataclasses.replace(exp, patching=unflipped)
+    assert weak.flips() == (0, n) and "flips the model's answer in only 0 of" in weak.summary()
+    if EMBEDDED:  # the embedded model's DEFFIELDNAME corruption flips it (a random stand-in model may not)
+        assert 2 * flipped >= n and exp.flip_warning() is None and "flips" not in exp.summary()
