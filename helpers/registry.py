@@ -99,7 +99,7 @@ class ModelSpec:
     def display_name(self) -> str:
         """``name``, and where a ``model_path`` override came from (a title must not pass a folder off as the
         registry slot's own checkpoint)."""
-        return f"{self.name} (from {self.model_id})" if self.overridden and self.model_num is not None else self.name
+        return f"{self.name} (from {self.model_id})" if self.overridden else self.name
 
     @property
     def is_local(self) -> bool:

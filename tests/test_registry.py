@@ -127,6 +127,7 @@ def test_papermill_raw_strings_are_read_or_refused():
 def test_model_path_without_model_num(tmp_path):
     spec = resolve_model(None, 1, model_path=str(tmp_path / "my ckpt"))
     assert spec.model_num is None and spec.name == "custom-my_ckpt" and spec.overridden
+    assert spec.display_name == f"custom-my_ckpt (from {tmp_path / 'my ckpt'})"
     assert not spec.needs_bm1_pad
     with pytest.raises(ValueError):
         resolve_model(None, 1)
