@@ -36,8 +36,10 @@ cell's (a marker of an older version without the hash is compared through its re
 skips finished cells and never touches them unless ``force``, which reruns them in place after deleting the
 marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* settings (say ``parameters:``
 changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
-so both results survive. A failure is recorded and the sweep goes on: papermill still writes the executed
-notebook, with the traceback in it. Every file is written atomically (temporary file + ``os.replace``).
+so both results survive. Cells whose settings ``helpers.experiment.validate`` refuses (a typo in the grid) are
+recorded as failed before anything runs. A failure is recorded and the sweep goes on: papermill still writes
+the executed notebook, with the traceback in it. Every file is written atomically (temporary file +
+``os.replace``).
 
 With ``jobs > 1`` runs go in parallel, each in its own papermill process; when GPUs are visible each worker
 gets one (``CUDA_VISIBLE_DEVICES``), round robin.
@@ -540,6 +542,20 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def settings_error(cell: Cell) -> str | None:
+    """Why ``helpers.experiment.validate`` refuses this cell's settings (an unknown feature, a model or command
+    set outside the registry, a bad value), or None. Nothing is loaded; run_sweep asks it of every cell first, so
+    a typo in the grid is reported at once instead of when its cell's turn comes."""
+    from .experiment import ExperimentSettings, validate
+
+    fields = setting_defaults()
+    try:
+        validate(ExperimentSettings(**{k: v for k, v in cell.resolved.items() if k in fields}))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress: bool = True,
               only: str | None = None) -> list[Outcome]:
     """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select."""
@@ -559,6 +575,10 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
             outcomes[i] = Outcome(cell, "not run", dirs[i])  # still listed in the index
         else:
             todo.append(i)
+    refused = {i: why for i in todo if (why := settings_error(cells[i])) is not None}
+    for i, why in refused.items():  # recorded like any failed run, without starting a kernel
+        outcomes[i] = record_failure(cells[i], dirs[i], f"settings refused before running: {why}", config=config)
+    todo = [i for i in todo if i not in refused]
 
     jobs = max(1, int(jobs))
     gpus = visible_gpus() if jobs > 1 else []
@@ -590,7 +610,9 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
 
     bar = tqdm(total=len(cells), desc=f"sweep {config.name}", disable=not progress, unit="cell")
     bar.update(len(outcomes))
-    counts = {"ok": 0, "failed": 0, "skipped": sum(o.status == "skipped" for o in outcomes.values())}
+    counts = {"ok": 0, "failed": len(refused), "skipped": sum(o.status == "skipped" for o in outcomes.values())}
+    for i in refused:
+        bar.write(f"FAILED {cells[i].label}: {outcomes[i].error}")
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(work, i): i for i in todo}
         for fut in cf.as_completed(futures):

@@ -379,3 +379,20 @@ def test_config_refuses_keys_that_are_not_settings(tmp_path, block, key):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match=rf"{key}.*HF_TOKEN"):
         S.load_config(path)
+
+
+def test_cells_with_refused_settings_fail_before_any_run(tmp_path, fake_papermill):
+    """A typo in the grid (a command set the embedded models lack, a misspelt feature) is recorded at once,
+    without starting a kernel for it; the valid cells still run."""
+    config = S.SweepConfig(name="b", grids=[{"model_num": ["embedded"], "cs_num": [1, 7],
+                                             "feature_name": ["DEFTABLENAME", "DEFTABLE"]}], output_root=tmp_path)
+    outcomes = S.run_sweep(config, progress=False)
+    by_label = {(o.cell.params["cs_num"], o.cell.params["feature_name"]): o for o in outcomes}
+    assert by_label[(1, "DEFTABLENAME")].status == "ok"
+    for key in [(1, "DEFTABLE"), (7, "DEFTABLENAME"), (7, "DEFTABLE")]:
+        out = by_label[key]
+        assert out.status == "failed" and out.error.startswith("settings refused before running")
+        assert json.loads((out.dir / S.FAILED).read_text())["error"] == out.error
+    assert "Unknown feature" in by_label[(1, "DEFTABLE")].error
+    assert "No registered model" in by_label[(7, "DEFTABLENAME")].error
+    assert [run["params"]["cs_num"] for run in FakePapermill.runs] == [1]  # only the valid cell started
