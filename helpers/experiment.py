@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from . import pairs as P
+from .parameter_values import as_bool, as_int
 from .registry import ModelSpec, resolve_model
 
 
@@ -79,7 +80,8 @@ def notebook_parameters(namespace: dict, feature: str | None = None) -> dict:
     are that feature's).
     """
     names = ExperimentSettings.__dataclass_fields__
-    unknown = sorted(_papermill_parameters(namespace) - set(names) - set(NOTEBOOK_ONLY_PARAMETERS))
+    unknown = sorted(n for n in _papermill_parameters(namespace) - set(names) - set(NOTEBOOK_ONLY_PARAMETERS)
+                     if not n.startswith("PAPERMILL_"))  # (papermill's own --inject-paths names)
     if unknown:
         raise ValueError(f"unknown notebook parameter(s) {', '.join(map(repr, unknown))}; the parameters are: "
                          f"{', '.join(list(names) + list(NOTEBOOK_ONLY_PARAMETERS))}")
@@ -112,10 +114,9 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     feature = P.parse_feature(settings.feature_name)
     spec = resolve_model(settings.model_num, settings.cs_num, settings.semantic, settings.model_path,
                          embedded_family=settings.embedded_family)
-    if isinstance(settings.batch_size, bool) or not isinstance(settings.batch_size, int) or settings.batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {settings.batch_size!r}")
-    if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
-        raise ValueError(f"seed must be an int, got {settings.seed!r}")
+    batch_size = as_int("batch_size", settings.batch_size, minimum=1)
+    seed = as_int("seed", settings.seed)
+    keep_incorrect = as_bool("keep_incorrect", settings.keep_incorrect)
     from .loading import resolve_device, resolve_dtype
 
     device = str(resolve_device(settings.device))  # "auto" -> cuda if available; cuda without a GPU raises
@@ -123,15 +124,14 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     defaults = _feature_defaults(feature)
     flags = {}
     for name in FLAGS:
-        value = getattr(settings, name)
-        value = defaults.get(name, False) if value is None else value
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True, False or None (the feature's default), got {value!r}")
-        flags[name] = value
-    model_path = settings.model_path if settings.model_path not in ("",) else None
-    # cs_num as the registry read it ("2" from papermill -r or a quoted YAML value is 2)
-    return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num, model_path=model_path, dtype=dtype,
-                    device=device, **flags), feature, spec)
+        value = as_bool(name, getattr(settings, name), allow_none=True)
+        flags[name] = defaults.get(name, False) if value is None else value
+    model_path = spec.model_id if spec.overridden else None  # ("" and blanks mean no override)
+    # every value as read ("2" from papermill -r or a quoted YAML value is 2, "False" is False), so recorded so
+    return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num, semantic=spec.semantic if
+                    spec.semantic is not None else as_bool("semantic", settings.semantic), batch_size=batch_size,
+                    seed=seed, keep_incorrect=keep_incorrect, model_path=model_path, dtype=dtype, device=device,
+                    **flags), feature, spec)
 
 
 @dataclass
@@ -312,18 +312,20 @@ class ExperimentResult:
         return out[0], out[1]
 
     def flips(self) -> tuple[int, int]:
-        """(included examples whose corrupt run prefers the corrupt word, included examples): where a corruption
-        does not flip the answer, patching shows what restores confidence, not what carries the name."""
+        """(flipped, counted): of the included examples with finite logit differences (``counted``), those whose
+        clean run prefers the clean word and whose corrupt run the corrupt one. Where a corruption does not flip
+        the answer, patching shows what restores confidence, not what carries the name."""
         p = self.patching
-        use = p.included & torch.isfinite(p.corrupt_logit_diff)
-        return int((p.corrupt_logit_diff[use] < 0).sum()), int(use.sum())
+        clean, corrupt = p.clean_logit_diff, p.corrupt_logit_diff
+        use = p.included & torch.isfinite(clean) & torch.isfinite(corrupt)
+        return int(((clean > 0) & (corrupt < 0) & use).sum()), int(use.sum())
 
     def flip_warning(self) -> str | None:
         flipped, n = self.flips()
         if n == 0 or 2 * flipped >= n:
             return None
         return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
-                "the corrupt run still prefers the clean word, so the heatmaps show what restores the model's "
+                "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what restores the model's "
                 "confidence rather than what carries the name into the answer (typical of use_novel_names with the "
                 "embedded models).")
 

@@ -74,7 +74,7 @@ class Explorer:
         key = (spec.model_id, checked.dtype, checked.device)
         if key not in self._models:
             self._models.clear()  # keep one model in memory: the hub models are large
-            self.status.value = f"loading {spec.name} ..."
+            self.status.value = f"loading {spec.display_name} ..."
             self._models[key] = load_model(spec, dtype=checked.dtype, device=checked.device)
         return self._models[key]
 

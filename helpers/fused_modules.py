@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import triton_kernels
-from helpers.architectures import blocks, family_spec, get_submodule
+from helpers.architectures import blocks, family_spec, get_submodule, head_geometry
 
 FUSABLE_FAMILIES = frozenset({"llama", "qwen2", "granite", "granitemoe"})
 _SILU = frozenset({"silu", "swish"})
@@ -446,13 +446,15 @@ def _is_plain_block(block, attention, mlp) -> bool:
             and all(_is_rms_norm(getattr(block, n, None)) for n in ("input_layernorm", "post_attention_layernorm")))
 
 
-def compiles_by_default(device: torch.device) -> bool:
-    """``fused_modules``' ``compile=None``: only on CUDA without Triton, where rotary, the merge and the MLP's
-    ``silu(gate) * up`` have no Triton kernel. With Triton the compiled formulas would serve float32's plain
-    attention alone, and there they are no faster (H100, float32 sweeps: Llama-3.2-1B shape 12.4 s compiled, 12.2 s
-    plain; Qwen2.5-0.5B shape 3.53 s, 3.44 s) but cost a compile on the first sweep of every process (7 s and 34 s
-    on those shapes)."""
-    return device.type == "cuda" and triton_kernels.triton is None
+def compiles_by_default(device: torch.device, d_head: int | None = None) -> bool:
+    """``fused_modules``' ``compile=None``: only on CUDA where the Triton attention kernels do not apply (no Triton,
+    or a head size ``triton_kernels.head_size_ok`` refuses), so rotary, attention and the merge run as plain
+    formulas. Where they apply, the compiled formulas would serve float32's plain attention alone, and
+    there they are no faster (H100, float32 sweeps: Llama-3.2-1B shape 12.4 s compiled, 12.2 s plain; Qwen2.5-0.5B
+    shape 3.53 s, 3.44 s) but cost a compile on the first sweep of every process (7 s and 34 s on those shapes)."""
+    if device.type != "cuda" or triton_kernels.triton is None:
+        return device.type == "cuda"
+    return d_head is not None and not triton_kernels.head_size_ok(d_head)
 
 
 @contextmanager
@@ -470,7 +472,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         yield swap
         return
     if compile is None:
-        compile = compiles_by_default(next(model.parameters()).device)
+        compile = compiles_by_default(next(model.parameters()).device, head_geometry(model.config).d_head)
     norm_fn = rms_norm  # F.rms_norm: already one kernel, and a compiled call costs more host time than it saves
     mlp_fn = _maybe_compiled(gated_mlp, compile)
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)

@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .parameter_values import as_bool
+
 EMBEDDED = "embedded"
 EMBEDDED_FAMILIES = ("llama", "gpt_neo")
 EMBEDDED_CS = (1, 2, 3)
@@ -164,8 +166,11 @@ def resolve_model(model_num, cs_num: int | None = None, semantic: bool = True, m
         raise ValueError(f"model_path must be a folder or a hub id string, got {model_path!r}")
     if model_path is not None and str(model_path).strip() == "":
         model_path = None  # papermill/notebook default "" means "no override"
+    semantic = as_bool("semantic", semantic)  # papermill -r / a quoted YAML value: "False" is False
+    if model_num is not None:
+        model_num = _normalise_model_num(model_num)
     if cs_num is not None and (isinstance(cs_num, bool) or not isinstance(cs_num, int)):
-        if isinstance(cs_num, str) and cs_num.strip().isdigit():  # papermill -r / a quoted YAML value
+        if isinstance(cs_num, str) and cs_num.strip().isdigit():  # "2" is 2
             cs_num = int(cs_num)
         else:
             raise _invalid(model_num, cs_num, semantic, embedded_family)
@@ -175,13 +180,6 @@ def resolve_model(model_num, cs_num: int | None = None, semantic: bool = True, m
         return ModelSpec(model_id=str(model_path), model_num=None, cs_num=cs_num, semantic=semantic,
                          family_hint=None, is_embedded=False, name=f"custom-{_slug(Path(str(model_path)).name)}",
                          overridden=True)
-    model_num = _normalise_model_num(model_num)
-    if isinstance(semantic, str) and semantic.strip().lower() in ("true", "false"):  # papermill -r
-        semantic = semantic.strip().lower() == "true"
-    if isinstance(semantic, int) and semantic in (0, 1):
-        semantic = bool(semantic)
-    if not isinstance(semantic, bool):
-        raise ValueError(f"semantic must be True or False, got {semantic!r}")
 
     if model_num == EMBEDDED:
         if embedded_family not in EMBEDDED_FAMILIES or cs_num not in EMBEDDED_CS or not semantic:

@@ -202,7 +202,9 @@ def experiment_to_dict(exp) -> dict:
         "n_examples": len(exp.pairs),
         "n_clean_correct": sum(exp.clean_correct),
         "n_included": int(p.included.sum()),
-        "n_flipped": exp.flips()[0],  # included examples whose corrupt run prefers the corrupt word
+        # of n_flip_counted included examples (finite logit differences), those the corruption flips
+        "n_flipped": exp.flips()[0],
+        "n_flip_counted": exp.flips()[1],
         "clean_accuracy": exp.clean_accuracy,
         "reference_example": ref,
         "alignment": "examples aligned at their last token (the answer position); clean_tokens and position_labels "

@@ -27,10 +27,14 @@ except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
 
+def head_size_ok(d_head: int) -> bool:
+    """The attention kernels' tile width is the head size: a power of two, at least tl.dot's 16."""
+    return d_head >= 16 and d_head & (d_head - 1) == 0
+
+
 def usable(*tensors: torch.Tensor, d_head: int | None = None) -> bool:
-    """Triton present, every tensor on CUDA, and (attention kernels) a power-of-two head size, their tile width."""
-    return (triton is not None and all(t.is_cuda for t in tensors)
-            and (d_head is None or (d_head >= 16 and d_head & (d_head - 1) == 0)))
+    """Triton present, every tensor on CUDA, and (attention kernels) ``head_size_ok(d_head)``."""
+    return triton is not None and all(t.is_cuda for t in tensors) and (d_head is None or head_size_ok(d_head))
 
 
 if triton is not None:

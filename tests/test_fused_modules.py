@@ -167,9 +167,17 @@ def test_compile_is_the_default_only_on_cuda_without_triton(monkeypatch):
     """With Triton, a compiled plain formula would serve only float32's attention, no faster and ~50 s to compile."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(fm.triton_kernels, "triton", object())
-    assert not fm.compiles_by_default(cuda) and not fm.compiles_by_default(cpu)
+    assert not fm.compiles_by_default(cuda, 64) and not fm.compiles_by_default(cpu, 64)
+    assert fm.compiles_by_default(cuda, 80) and not fm.compiles_by_default(cpu, 80)  # no Triton attention there
     monkeypatch.setattr(fm.triton_kernels, "triton", None)
-    assert fm.compiles_by_default(cuda) and not fm.compiles_by_default(cpu)
+    assert fm.compiles_by_default(cuda, 64) and not fm.compiles_by_default(cpu, 64)
+    # fused_modules asks it with the model's head size
+    asked = []
+    monkeypatch.setattr(fm, "compiles_by_default", lambda device, d_head: asked.append((device.type, d_head)))
+    model = tiny_model("llama")
+    with fused_modules(model):
+        pass
+    assert asked == [("cpu", model.model.layers[0].self_attn.head_dim)]
 
 
 def test_compiled_swaps_match_the_plain_ones():

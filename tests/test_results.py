@@ -12,6 +12,7 @@ import stat
 import numpy as np
 import plotly.express as px
 import pytest
+import torch
 
 from helpers import plotting, results
 from helpers.experiment import ExperimentSettings, run_experiment, validate
@@ -172,7 +173,9 @@ def test_load_results_rejects_other_json(tmp_path):
                                           ({"batch_size": 0}, "batch_size"),
                                           ({"use_novel_names": "yes"}, "use_novel_names"),
                                           ({"device": "gpu"}, "not a device"),
-                                          ({"semantic": "yes"}, "semantic")])
+                                          ({"semantic": "yes"}, "semantic"),
+                                          ({"keep_incorrect": "maybe"}, "keep_incorrect"),
+                                          ({"seed": "x"}, "seed")])
 def test_bad_settings_fail_before_loading(bad, message):
     with pytest.raises(ValueError, match=message):
         run_experiment(**{**model_settings(), "model_path": "/nonexistent", **bad})
@@ -185,6 +188,8 @@ def test_notebook_parameters_refuse_unknown_names_and_another_feature():
     assert notebook_parameters(cell, "DEFTABLENAME") == {"model_num": "embedded", "feature_name": "DEFTABLENAME"}
     injected = {**cell, "cs_num": 2, "In": ["", "import x", "# Parameters\ncs_num = 2\noutput_dir = '/o'\n"]}
     assert notebook_parameters(injected, "DEFTABLENAME")["cs_num"] == 2  # papermill's own names pass
+    paths = {**cell, "In": ["# Parameters\nPAPERMILL_INPUT_PATH = 'a'\nPAPERMILL_OUTPUT_PATH = 'b'\n"]}
+    assert notebook_parameters(paths, "DEFTABLENAME")["feature_name"] == "DEFTABLENAME"  # papermill --inject-paths
     typo = {**cell, "cs_nmu": 2, "In": ["", "# Parameters\ncs_nmu = 2\n", "print(1)"]}
     with pytest.raises(ValueError, match="unknown notebook parameter.*'cs_nmu'"):
         notebook_parameters(typo, "DEFTABLENAME")
@@ -196,8 +201,14 @@ def test_notebook_parameters_refuse_unknown_names_and_another_feature():
 
 def test_settings_given_as_strings_are_recorded_as_read():
     """``papermill -r cs_num 2`` passes "2": the command set used and recorded is the int 2."""
-    settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num="2"))
-    assert settings.cs_num == 2 == spec.cs_num
+    settings, _, spec = validate(ExperimentSettings(model_num="embedded", cs_num="2", batch_size="3", seed="7",
+                                                    keep_incorrect="False", use_novel_names="true",
+                                                    use_synonyms_table="0", model_path="  "))
+    assert settings.cs_num == 2 == spec.cs_num and settings.batch_size == 3 and settings.seed == 7
+    assert settings.keep_incorrect is False and settings.use_novel_names is True  # bool("False") would be True
+    assert settings.use_synonyms_table is False and settings.model_path is None and not spec.overridden
+    hub, _, _ = validate(ExperimentSettings(model_num=1, cs_num=1, semantic="False"))
+    assert hub.semantic is False
 
 
 def test_plot_saved_reads_an_original_notebook_file(tmp_path):
@@ -255,9 +266,25 @@ def test_overview_columns_are_layer_major_across_models_of_different_sizes():
 def test_a_corruption_that_does_not_flip_the_answer_is_flagged(exp):
     p = exp.patching
     flipped, n = exp.flips()
-    assert n == int(p.included.sum()) and flipped == int((p.corrupt_logit_diff[p.included] < 0).sum())
+    assert n == int(p.included.sum())
     unflipped = dataclasses.replace(p, corrupt_logit_diff=p.clean_logit_diff.abs() / 2)  # still prefers clean
     weak = dataclasses.replace(exp, patching=unflipped)
     assert weak.flips() == (0, n) and "flips the model's answer in only 0 of" in weak.summary()
+    data = results.experiment_to_dict(weak)["metadata"]
+    assert (data["n_flipped"], data["n_flip_counted"]) == (0, n)
+    # an example the clean run already gets backwards is not "flipped"; an infinite difference is not counted
+    clean, corrupt = p.clean_logit_diff.clone(), -p.clean_logit_diff.abs()
+    clean[0], corrupt[1] = -1.0, float("-inf")
+    odd = dataclasses.replace(exp, patching=dataclasses.replace(p, clean_logit_diff=clean, corrupt_logit_diff=corrupt,
+                                                               included=torch.ones_like(p.included)))
+    assert odd.flips() == (len(clean) - 2, len(clean) - 1)
     if EMBEDDED:  # the embedded model's DEFFIELDNAME corruption flips it (a random stand-in model may not)
         assert 2 * flipped >= n and exp.flip_warning() is None and "flips" not in exp.summary()
+
+
+@pytest.mark.skipif(not EMBEDDED, reason="a random stand-in model's flips are arbitrary")
+def test_run_experiment_warns_when_the_corruption_does_not_flip_the_answer():
+    """Novel names barely move the embedded models (flip rates 0.00-0.03 in helpers/embedded_models/README.md)."""
+    with pytest.warns(UserWarning, match="flips the model's answer in only 0 of"):
+        run_experiment(feature_name="DEFTABLENAME", use_novel_names=True, progress=False, generate=False,
+                       **model_settings())
