@@ -32,10 +32,14 @@ answer position: the share of the clean answer that one head at one position res
 """
 
 # %%
+import importlib.util
 import subprocess
 import sys
-REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # placeholder: this suite's repo
-if "google.colab" in sys.modules:  # installs the suite only inside Colab; does nothing elsewhere
+REPO_URL = "https://github.com/REPLACE-WITH-YOUR-ORG/tinysql-patching.git"  # set this: the suite's git repository
+# Colab only, and only where the suite is not importable yet (a clone opened as the working folder needs nothing)
+if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None:
+    if "REPLACE-WITH-YOUR-ORG" in REPO_URL:
+        raise RuntimeError("Set REPO_URL in this cell to the git URL of this suite's repository, then run it again.")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
 
 # %% [markdown]

@@ -114,6 +114,21 @@ def test_parameters_cell_and_colab_cell(name):
     exec(first, {})  # outside Colab it installs nothing and does not fail
 
 
+@pytest.mark.parametrize("name", ALL_NOTEBOOKS)
+def test_colab_cell_installs_only_what_is_missing_and_asks_for_the_repository(name, monkeypatch):
+    first = next(c for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code")
+    ran = []
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    monkeypatch.setattr("subprocess.run", lambda cmd, **kw: ran.append(cmd))
+    exec(first.source, {})  # helpers importable (a clone as the working folder): nothing to install
+    assert ran == []
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match="Set REPO_URL"):  # the shipped placeholder: a clear request
+        exec(first.source, {})
+    exec(first.source.replace("github.com/REPLACE-WITH-YOUR-ORG/", "github.com/someone/"), {})  # REPO_URL set
+    assert ran and ran[0][-1] == "git+https://github.com/someone/tinysql-patching.git"
+
+
 def test_kernel_is_the_venv_python(kernel_env, tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
     path = tmp_path / "probe.ipynb"
