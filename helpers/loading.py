@@ -281,12 +281,16 @@ def wrap_nnsight(hf_model, tokenizer):
     nnsight sets ``tokenizer.padding_side = "left"`` and, when there is no pad token, ``pad_token = eos_token``,
     in place. LanguageModel is deprecated in nnsight 0.8 in favour of ``TransformersModel(...,
     task="text-generation")``; its deprecation warning is silenced here.
+
+    The model stays where it is: nnsight 0.8 builds a transformers pipeline around it, and a pipeline given no
+    ``device`` moves its model to ``cuda:0`` whenever a GPU exists (seen on an H100: a model loaded with
+    ``device="cpu"`` ran on the GPU while the result recorded the CPU).
     """
     from nnsight import LanguageModel
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LanguageModel is deprecated.*")
-        return LanguageModel(hf_model, tokenizer=tokenizer)
+        return LanguageModel(hf_model, tokenizer=tokenizer, device=next(hf_model.parameters()).device)
 
 
 def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",

@@ -109,6 +109,19 @@ def test_nnsight_trace_reads_out_proj_input(family, saved):
     torch.testing.assert_close(z, seen["z"])
 
 
+def test_the_nnsight_wrapper_leaves_the_model_on_its_device(saved, monkeypatch):
+    """nnsight wraps the model in a transformers pipeline, which moves a model given no device to cuda:0 whenever
+    a GPU exists: device="cpu" on a GPU machine ran on the GPU. Here a GPU is made to seem present."""
+    import transformers.pipelines.base as pipeline_base
+
+    monkeypatch.setattr(pipeline_base, "is_torch_cuda_available", lambda: True)
+    folder, _ = saved["llama"]
+    loaded = load_model(folder, dtype="float32", device="cpu")
+    assert next(loaded.hf_model.parameters()).device.type == "cpu" and loaded.device.type == "cpu"
+    with torch.no_grad():
+        loaded.hf_model(torch.tensor([loaded.tokenizer(PROMPT).input_ids]))  # inputs on the CPU still fit
+
+
 def test_spec_from_registry_with_model_path(saved):
     folder, _ = saved["llama"]
     spec = resolve_model(3, 2, semantic=False, model_path=str(folder))
