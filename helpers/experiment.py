@@ -427,7 +427,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         tokens=tokens, generations={},
         model_info=dict(model_id=spec.model_id, model_name=spec.name, revision=_revision(loaded),
                         family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
-                        device=str(loaded.device)),
+                        device=str(next(hf_model.parameters()).device)),  # where it ran, not where it was asked
         tokenizer=tok, started_at=started, finished_at="", timings=timings)
     if generate:
         t = time.perf_counter()

@@ -120,6 +120,7 @@ def test_cuda_experiment_equals_the_cpu_one(family, row_attention_calls):
     def run(device, dtype):
         result = run_experiment("embedded", 1, "ENGTABLENAME", embedded_family=family, batch_size=5, seed=0,
                                 device=device, dtype=dtype, progress=False, generate=False)
+        assert result.model_info["device"].startswith(device)  # (nnsight's pipeline once moved "cpu" to the GPU)
         return result.patching
 
     cpu = run("cpu", "float32")
