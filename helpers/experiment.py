@@ -127,11 +127,11 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
         value = as_bool(name, getattr(settings, name), allow_none=True)
         flags[name] = defaults.get(name, False) if value is None else value
     model_path = spec.model_id if spec.overridden else None  # ("" and blanks mean no override)
-    # every value as read ("2" from papermill -r or a quoted YAML value is 2, "False" is False), so recorded so
-    return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num, semantic=spec.semantic if
-                    spec.semantic is not None else as_bool("semantic", settings.semantic), batch_size=batch_size,
-                    seed=seed, keep_incorrect=keep_incorrect, model_path=model_path, dtype=dtype, device=device,
-                    **flags), feature, spec)
+    # recorded as read: "2" from papermill -r or a quoted YAML value is 2, "False" is False
+    return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num,
+                    semantic=as_bool("semantic", settings.semantic), batch_size=batch_size, seed=seed,
+                    keep_incorrect=keep_incorrect, model_path=model_path, dtype=dtype, device=device, **flags),
+            feature, spec)
 
 
 @dataclass
@@ -325,9 +325,9 @@ class ExperimentResult:
         if n == 0 or 2 * flipped >= n:
             return None
         return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
-                "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what restores the model's "
-                "confidence rather than what carries the name into the answer (typical of use_novel_names with the "
-                "embedded models).")
+                "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what "
+                "restores the model's confidence rather than what carries the name into the answer (typical of "
+                "use_novel_names with the embedded models).")
 
     def summary(self) -> str:
         p = self.patching

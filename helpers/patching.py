@@ -46,10 +46,11 @@ example, first difference at 10, full layer x head x position sweep, default set
 loop, extrapolated, in the README table's run: 9.6, 791, 593 s; its own time varies 3x or more between runs); fp32
 in that run 0.078, 3.48, 12.2 s. Llama's matrix products take ~73 % of its GPU time at ~720 TFLOP/s; Qwen's ~55 %,
 then ``silu(gate) * up`` 15 % and attention 12 %, and its GPU waits for the host ~16 % of the wall time. 10 examples
-(T 55-65, bf16): TinyStories 2.2x one example (merged), Qwen 9.5-9.6x (merged), Llama 9.8-9.9x (one at a time): patches of
-different examples share no arithmetic, so where one example keeps the GPU busy the cost is linear in examples. fp32
-agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full corrupt run by as
-much: rounding); bf16 by up to ~0.6 logits, about one bf16 ulp at those logit sizes (the unpatched row, likewise).
+(T 55-65, bf16): TinyStories 2.2x one example (merged), Qwen 9.5-9.6x (merged), Llama 9.8-9.9x (one at a time):
+patches of different examples share no arithmetic, so where one example keeps the GPU busy the cost is linear in
+examples. fp32 agrees with the loop to ~1e-4 logits on these shapes (the unpatched row deviates from the full
+corrupt run by as much: rounding); bf16 by up to ~0.6 logits, about one bf16 ulp at those logit sizes (the
+unpatched row, likewise).
 
 Module paths come only from helpers.architectures, so one code path serves gpt_neo, gpt2, llama, qwen2, granite,
 granitemoe. ``model`` is a HF ``*ForCausalLM`` or an nnsight wrapper of one (unwrapped via ``._module``).
