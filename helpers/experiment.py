@@ -342,8 +342,8 @@ class ExperimentResult:
         if usable == 0:
             text += ("\nNo example has a usable normalised score (none included, or |clean - corrupt| below "
                      f"{p.min_denominator} for all): the heatmaps will be blank.")
-        elif self.flip_warning():
-            text += "\n" + self.flip_warning()
+        elif (warning := self.flip_warning()) is not None:
+            text += "\n" + warning
         return text
 
 
@@ -437,6 +437,6 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         timings["generate_s"] = time.perf_counter() - t
     result.finished_at = _now()
     timings["total_s"] = time.perf_counter() - t0
-    if result.flip_warning():
-        warnings.warn(result.flip_warning(), stacklevel=2)
+    if (warning := result.flip_warning()) is not None:
+        warnings.warn(warning, stacklevel=2)
     return result

@@ -452,9 +452,9 @@ def compiles_by_default(device: torch.device, d_head: int | None = None) -> bool
     formulas. Where they apply, the compiled formulas would serve float32's plain attention alone, and
     there they are no faster (H100, float32 sweeps: Llama-3.2-1B shape 12.4 s compiled, 12.2 s plain; Qwen2.5-0.5B
     shape 3.53 s, 3.44 s) but cost a compile on the first sweep of every process (7 s and 34 s on those shapes)."""
-    if device.type != "cuda" or triton_kernels.triton is None:
-        return device.type == "cuda"
-    return d_head is not None and not triton_kernels.head_size_ok(d_head)
+    if device.type != "cuda":
+        return False
+    return triton_kernels.triton is None or (d_head is not None and not triton_kernels.head_size_ok(d_head))
 
 
 @contextmanager

@@ -166,6 +166,7 @@ def experiment_to_dict(exp) -> dict:
     mean = exp.mean()
     ref = exp.reference
     clean_diff, corrupt_diff = exp.mean_logit_diffs()
+    n_flipped, n_flip_counted = exp.flips()
     finished = _dt.datetime.fromisoformat(exp.finished_at) if exp.finished_at else _dt.datetime.now(_dt.timezone.utc)
 
     metadata = {
@@ -203,8 +204,8 @@ def experiment_to_dict(exp) -> dict:
         "n_clean_correct": sum(exp.clean_correct),
         "n_included": int(p.included.sum()),
         # of n_flip_counted included examples (finite logit differences), those the corruption flips
-        "n_flipped": exp.flips()[0],
-        "n_flip_counted": exp.flips()[1],
+        "n_flipped": n_flipped,
+        "n_flip_counted": n_flip_counted,
         "clean_accuracy": exp.clean_accuracy,
         "reference_example": ref,
         "alignment": "examples aligned at their last token (the answer position); clean_tokens and position_labels "
