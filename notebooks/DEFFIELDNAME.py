@@ -48,14 +48,14 @@ if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None
 
 Defaults: embedded model for command set 1, CPU, no network. `use_novel_names` renames the column to a word
 that is never a column ("hammer", "wolf"); `use_synonyms_field` lets the Instruction name fields by synonyms,
-and is on by default (`None`: `helpers.pairs.DEFAULT_PAIR_OPTIONS`), so the schema is the one source of the name.
+and is on by default (`None`: `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`), so the schema is the one source of the name.
 """
 
 # %% tags=["parameters"]
 # One setting a line: `papermill --help-notebook notebooks/DEFFIELDNAME.ipynb` lists them, `-p NAME VALUE` sets one, and
 # a name that is not listed stops the run in its first cell below. The Hugging Face token is never a parameter:
 # it comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
-# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+# model_num: "embedded" (the small offline models in helpers/models/embedded) or the original numbering on the
 #   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM.
 model_num = "embedded"
 cs_num = 1  # 0: base model; 1..3: fine-tuned on command set 1..3
@@ -63,7 +63,7 @@ semantic = True  # the synonym-trained checkpoints (hub models)
 embedded_family = "llama"  # embedded models: "llama" or "gpt_neo"
 feature_name = "DEFFIELDNAME"  # fixed for this notebook: each feature has its own
 use_novel_names = False  # corrupt with a word that is never a table or field name
-use_synonyms_table = None  # None: the feature's default (helpers.pairs.DEFAULT_PAIR_OPTIONS)
+use_synonyms_table = None  # None: the feature's default (helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS)
 use_synonyms_field = None  # None: the feature's default
 batch_size = 5  # examples averaged
 seed = 0  # picks the examples
@@ -84,7 +84,7 @@ Examples the model already gets wrong on the clean prompt are dropped from the m
 """
 
 # %%
-from helpers import experiment, plotting, results
+from helpers.experiments import experiment, plotting, results
 exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "DEFFIELDNAME"))
 print(exp.summary())
 exp.show_example()

@@ -49,14 +49,14 @@ if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None
 By default: the embedded CS1 model, on CPU, offline. `use_novel_names` renames the table to a word that is no
 table in the vocabulary ("apple", "orange"); `use_synonyms_table` / `use_synonyms_field` change only how the
 Instruction words things, never the schema. Table synonyms are on unless set to `False` (`None` = the
-default of `helpers.pairs.DEFAULT_PAIR_OPTIONS`): a model may otherwise copy the name from the Instruction.
+default of `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`): a model may otherwise copy the name from the Instruction.
 """
 
 # %% tags=["parameters"]
 # One setting a line: `papermill --help-notebook notebooks/DEFTABLENAME.ipynb` lists them, `-p NAME VALUE` sets one, and
 # a name that is not listed stops the run in its first cell below. The Hugging Face token is never a parameter:
 # it comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
-# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+# model_num: "embedded" (the small offline models in helpers/models/embedded) or the original numbering on the
 #   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM.
 model_num = "embedded"
 cs_num = 1  # 0: base model; 1..3: fine-tuned on command set 1..3
@@ -64,7 +64,7 @@ semantic = True  # the synonym-trained checkpoints (hub models)
 embedded_family = "llama"  # embedded models: "llama" or "gpt_neo"
 feature_name = "DEFTABLENAME"  # fixed for this notebook: each feature has its own
 use_novel_names = False  # corrupt with a word that is never a table or field name
-use_synonyms_table = None  # None: the feature's default (helpers.pairs.DEFAULT_PAIR_OPTIONS)
+use_synonyms_table = None  # None: the feature's default (helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS)
 use_synonyms_field = None  # None: the feature's default
 batch_size = 5  # examples averaged
 seed = 0  # picks the examples
@@ -85,7 +85,7 @@ Examples predicted wrongly on the clean prompt are excluded from the averages (s
 """
 
 # %%
-from helpers import experiment, plotting, results
+from helpers.experiments import experiment, plotting, results
 exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "DEFTABLENAME"))
 print(exp.summary())
 exp.show_example()
@@ -137,7 +137,7 @@ exp.role_table(10)
 
 The JSON keeps the original notebook's layout (its `load_and_plot_results` still opens it) and adds the
 per-example scores, prompts, positions, seed and versions; the heatmaps are saved as HTML (and PNG where
-kaleido has Chrome). Reload with `results.load_results` and redraw with `plotting.plot_saved`.
+kaleido has Chrome). Reload with `result_json.load_results` and redraw with `plotting.plot_saved`.
 """
 
 # %%

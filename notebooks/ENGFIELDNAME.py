@@ -50,14 +50,14 @@ if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None
 Offline on CPU with the embedded command-set-1 model by default. `use_synonyms_field` says the fields by
 synonyms in the Instruction (the model must then translate "cost" to `price` through the schema);
 `use_novel_names` swaps in a word that is no column at all, such as "hammer". Left as `None`, the field
-synonyms are on: this feature's default in `helpers.pairs.DEFAULT_PAIR_OPTIONS`.
+synonyms are on: this feature's default in `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`.
 """
 
 # %% tags=["parameters"]
 # One setting a line: `papermill --help-notebook notebooks/ENGFIELDNAME.ipynb` lists them, `-p NAME VALUE` sets one, and
 # a name that is not listed stops the run in its first cell below. The Hugging Face token is never a parameter:
 # it comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
-# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+# model_num: "embedded" (the small offline models in helpers/models/embedded) or the original numbering on the
 #   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM.
 model_num = "embedded"
 cs_num = 1  # 0: base model; 1..3: fine-tuned on command set 1..3
@@ -65,7 +65,7 @@ semantic = True  # the synonym-trained checkpoints (hub models)
 embedded_family = "llama"  # embedded models: "llama" or "gpt_neo"
 feature_name = "ENGFIELDNAME"  # fixed for this notebook: each feature has its own
 use_novel_names = False  # corrupt with a word that is never a table or field name
-use_synonyms_table = None  # None: the feature's default (helpers.pairs.DEFAULT_PAIR_OPTIONS)
+use_synonyms_table = None  # None: the feature's default (helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS)
 use_synonyms_field = None  # None: the feature's default
 batch_size = 5  # examples averaged
 seed = 0  # picks the examples
@@ -86,7 +86,7 @@ clean-wrong examples do not enter the averages unless `keep_incorrect` is set.
 """
 
 # %%
-from helpers import experiment, plotting, results
+from helpers.experiments import experiment, plotting, results
 exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "ENGFIELDNAME"))
 print(exp.summary())
 exp.show_example()

@@ -54,14 +54,14 @@ if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None
 The defaults run offline on CPU with the embedded model for command set 1. `use_synonyms_table` matters most
 here: with it, the clean Instruction never spells the SQL table name, so the model has to map a synonym to a
 Context table. It is on by default (`None` takes the feature's default from
-`helpers.pairs.DEFAULT_PAIR_OPTIONS`). `use_novel_names` corrupts with a word that was never a table name.
+`helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`). `use_novel_names` corrupts with a word that was never a table name.
 """
 
 # %% tags=["parameters"]
 # One setting a line: `papermill --help-notebook notebooks/ENGTABLENAME.ipynb` lists them, `-p NAME VALUE` sets one, and
 # a name that is not listed stops the run in its first cell below. The Hugging Face token is never a parameter:
 # it comes from the HF_TOKEN environment variable or the Colab secret HF_TOKEN.
-# model_num: "embedded" (the small offline models in helpers/embedded_models) or the original numbering on the
+# model_num: "embedded" (the small offline models in helpers/models/embedded) or the original numbering on the
 #   hub: 0=GPT-2, 1=TinyStories, 2=Qwen, 3=Llama, 4=Granite, 5=SmolLM.
 model_num = "embedded"
 cs_num = 1  # 0: base model; 1..3: fine-tuned on command set 1..3
@@ -69,7 +69,7 @@ semantic = True  # the synonym-trained checkpoints (hub models)
 embedded_family = "llama"  # embedded models: "llama" or "gpt_neo"
 feature_name = "ENGTABLENAME"  # fixed for this notebook: each feature has its own
 use_novel_names = False  # corrupt with a word that is never a table or field name
-use_synonyms_table = None  # None: the feature's default (helpers.pairs.DEFAULT_PAIR_OPTIONS)
+use_synonyms_table = None  # None: the feature's default (helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS)
 use_synonyms_field = None  # None: the feature's default
 batch_size = 5  # examples averaged
 seed = 0  # picks the examples
@@ -90,7 +90,7 @@ and patches every head at every position. Below, one example: the corrupted Inst
 """
 
 # %%
-from helpers import experiment, plotting, results
+from helpers.experiments import experiment, plotting, results
 exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "ENGTABLENAME"))
 print(exp.summary())
 exp.show_example()

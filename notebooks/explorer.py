@@ -50,7 +50,7 @@ full traceback is printed below it.
 """
 
 # %%
-from helpers.explorer import Explorer
+from helpers.experiments.explorer import Explorer
 
 explorer = Explorer()
 explorer.widget

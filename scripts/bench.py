@@ -1,6 +1,6 @@
 """Benchmark: fast exact head patching (helpers.patching.patch_heads) against the original loop.
 
-Random-initialised models of the real shapes (helpers.tiny_models.build_random_model), one ~60-token example whose
+Random-initialised models of the real shapes (helpers.models.tiny_models.build_random_model), one ~60-token example whose
 first clean/corrupt difference is at position 10. For each shape and dtype (fp32, bf16) in the same run:
 
 - the reference (``patch_heads_reference``: one nnsight trace per layer x head x position) is timed on a random
@@ -30,12 +30,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from transformers import GPTNeoConfig, LlamaConfig, Qwen2Config  # noqa: E402
 
-from helpers.architectures import blocks, head_geometry  # noqa: E402
-from helpers.attribution import attribution_error, attribution_patching_heads  # noqa: E402
+from helpers.models.architectures import blocks, head_geometry  # noqa: E402
+from helpers.patching.attribution import attribution_error, attribution_patching_heads  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
-from helpers.patching_reference import patch_heads_reference  # noqa: E402
-from helpers.patching_results import TokenPair  # noqa: E402
-from helpers.tiny_models import build_random_model, tiny_config  # noqa: E402
+from helpers.patching.reference import patch_heads_reference  # noqa: E402
+from helpers.patching.result_types import TokenPair  # noqa: E402
+from helpers.models.tiny_models import build_random_model, tiny_config  # noqa: E402
 
 
 def real_configs():

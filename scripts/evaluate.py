@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate embedded TinySQL models; print markdown tables and write JSON.
 
-``python scripts/evaluate.py`` evaluates every helpers/embedded_models/<family>-cs<N>/ folder found
+``python scripts/evaluate.py`` evaluates every helpers/models/embedded/<family>-cs<N>/ folder found
 (1,000 held-out items per CS, 200 pairs per feature and flag setting, CS1 models also on CS2 prompts).
 """
 from __future__ import annotations
@@ -15,16 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.evaluation import evaluate_folder, markdown_tables  # noqa: E402
-from helpers.training import EMBEDDED_DIR  # noqa: E402
+from helpers.models.evaluation import evaluate_folder, markdown_tables  # noqa: E402
+from helpers.models.checkpoints import EMBEDDED_DIR  # noqa: E402
 
 
 def default_pair_settings() -> dict:
     try:
-        from helpers.pairs import DEFAULT_PAIR_OPTIONS
+        from helpers.tinysql.pairs import DEFAULT_PAIR_OPTIONS
     except ImportError:
         return {}
-    from helpers.evaluation import FLAG_SETTINGS, flag_kwargs
+    from helpers.models.evaluation import FLAG_SETTINGS, flag_kwargs
 
     out = {}
     for feat, opts in DEFAULT_PAIR_OPTIONS.items():

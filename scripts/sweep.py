@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.sweep import FAILED, _dir_label, expand, folder_for, is_finished, load_config, run_sweep  # noqa: E402,E501
+from helpers.experiments.sweep import run_sweep  # noqa: E402
+from helpers.experiments.sweep_cells import FAILED, dir_label, expand, folder_for, is_finished, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         for cell in expand(config):
             folder = folder_for(config, cell)
             state = "done" if is_finished(folder, cell) else "failed" if (folder / FAILED).is_file() else "to run"
-            print(f"{_dir_label(config, folder)}  [{state}]")
+            print(f"{dir_label(config, folder)}  [{state}]")
         return 0
     outcomes = run_sweep(config, jobs=args.jobs, force=args.force, progress=not args.no_progress, only=args.only)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}

@@ -2,7 +2,7 @@
 """Train one embedded TinySQL model: ``python scripts/train.py --family llama --cs 1 [--steps ...]``.
 
 Writes safetensors + config + tokenizer + training_meta.json to ``--out`` (default
-helpers/embedded_models/<family>-cs<cs>/). Seeded; the same code runs on CPU and GPU.
+helpers/models/embedded/<family>-cs<cs>/). Seeded; the same code runs on CPU and GPU.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.training import FAMILIES, config_from_args, train  # noqa: E402
+from helpers.models.training import FAMILIES, config_from_args, train  # noqa: E402
 
 
 def main(argv=None):
@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--init-from", dest="init_from", help="fine-tune this saved model folder")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--generator", type=json.loads, default=None,
-                    help='GeneratorConfig overrides as JSON (replaces helpers.training.recipe_generator), e.g. '
+                    help='GeneratorConfig overrides as JSON (replaces helpers.models.training.recipe_generator), e.g. '
                          '\'{"context_spelling_p": 0.5, "table_rename_p": 0.2, "field_rename_p": 0.4}\'')
     ap.add_argument("--model", type=json.loads, default=None, dest="model_overrides",
                     help='architecture overrides as JSON, e.g. \'{"num_layers": 4}\'')

@@ -3,20 +3,20 @@ import os
 import torch
 
 # Without a GPU, Triton's kernels run in its interpreter (numpy), so the kernel tests (``triton_device``) check their
-# arithmetic on a CPU too. Read when helpers.triton_kernels is imported, hence here, before any test module.
+# arithmetic on a CPU too. Read when helpers.patching.triton_kernels is imported, hence here, before any test module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from helpers import vocabulary as V  # noqa: E402
-from helpers.tokenizer_training import train_tokenizer  # noqa: E402
+from helpers.tinysql import vocabulary as V  # noqa: E402
+from helpers.models.tokenizer_training import train_tokenizer  # noqa: E402
 
 
 @pytest.fixture
 def triton_device() -> str:
     """Where the Triton kernel tests run: the GPU, else the CPU under Triton's interpreter; skipped without Triton."""
-    from helpers import triton_kernels
+    from helpers.patching import triton_kernels
     if triton_kernels.triton is None:
         pytest.skip("Triton is not installed (CUDA builds of torch ship it; `make test` adds it to CPU ones)")
     if torch.cuda.is_available():
@@ -29,7 +29,7 @@ def triton_device() -> str:
 @pytest.fixture
 def row_attention_calls(monkeypatch) -> list:
     """Every call of ``triton_kernels.row_attention`` while the test runs, as (args, kwargs); the kernel still runs."""
-    from helpers import triton_kernels
+    from helpers.patching import triton_kernels
     calls = []
     real = triton_kernels.row_attention
 
@@ -44,8 +44,8 @@ def row_attention_calls(monkeypatch) -> list:
 def gpu_branches_on_cpu(monkeypatch) -> None:
     """The fused attention takes its CUDA fp16/bf16 branches (flash, Triton kernels) on a CPU, in float32: for tests
     that run those branches with Triton interpreted (aten's flash itself still needs CUDA)."""
-    import helpers.fused_modules as fm
-    from helpers import triton_kernels
+    import helpers.patching.fused_modules as fm
+    from helpers.patching import triton_kernels
     monkeypatch.setattr(fm, "_flash_applies", lambda like, d_head=None: True)
     monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 
-from helpers.explorer import Explorer
+from helpers.experiments.explorer import Explorer
 from test_notebooks import model_settings
 
 

@@ -1,4 +1,4 @@
-"""helpers.fused_modules: the swap-ins compute what the HF modules compute, and the model is left as found."""
+"""helpers.patching.fused_modules: the swap-ins compute what the HF modules compute, and the model is left as found."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import helpers.fused_modules as fm
-from helpers.fused_modules import FUSABLE_FAMILIES, causal_additive_mask, fused_modules
-from helpers.tiny_models import TINY_FAMILIES, tiny_model
+import helpers.patching.fused_modules as fm
+from helpers.patching.fused_modules import FUSABLE_FAMILIES, causal_additive_mask, fused_modules
+from helpers.models.tiny_models import TINY_FAMILIES, tiny_model
 
 torch.set_num_threads(1)
 
@@ -58,7 +58,7 @@ def test_fused_forward_equals_hf_modules_and_is_undone(family):
 def test_fused_attention_reads_eager_and_sdpa_masks_and_continues_a_cache(attn):
     """Real checkpoints load with sdpa (bool or no mask), tiny test models with eager (additive mask)."""
     from transformers import AutoModelForCausalLM
-    from helpers.tiny_models import tiny_config
+    from helpers.models.tiny_models import tiny_config
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2"), attn_implementation=attn).eval()
     plain = _logits(model)
@@ -229,7 +229,7 @@ def test_shared_prefix_flash_attention_equals_attention_over_the_concatenated_ke
 @pytest.mark.parametrize("cos_batch", [1, 3])
 def test_triton_rotary_equals_the_torch_formula(triton_device, dtype, cos_batch):
     skip_rounding_checks_of_the_interpreter(triton_device, dtype)
-    from helpers import triton_kernels
+    from helpers.patching import triton_kernels
     gen = torch.Generator(device=triton_device).manual_seed(0)
     b, q, heads, kv_heads, d = 3, 37, 14, 2, 64
     x = torch.randn(b, q, 16, device=triton_device, dtype=dtype, generator=gen)
@@ -248,7 +248,7 @@ def test_triton_rotary_equals_the_torch_formula(triton_device, dtype, cos_batch)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_merge_equals_the_torch_merge(triton_device, dtype):
     skip_rounding_checks_of_the_interpreter(triton_device, dtype)
-    from helpers import triton_kernels
+    from helpers.patching import triton_kernels
     gen = torch.Generator(device=triton_device).manual_seed(0)
     b, q, h, d = 5, 23, 14, 64
     out_a = torch.randn(1, b * q, h, d, device=triton_device, generator=gen).to(dtype).reshape(b, q, h, d)
@@ -321,7 +321,7 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
     program, so tiles straddle heads). Group sizes and row lengths with and without a common factor: a wrong
     (head, position) mapping can still visit every pair once when they share none."""
     skip_rounding_checks_of_the_interpreter(triton_device, dtype)
-    from helpers import triton_kernels
+    from helpers.patching import triton_kernels
     gen = torch.Generator(device=triton_device).manual_seed(0)
     qkv = torch.randn(11, q, heads + 2 * kv_heads, d_head, generator=gen, device=triton_device).to(dtype)
     query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)  # strided views, as in the sweep
@@ -357,7 +357,7 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_silu_mul_equals_the_torch_formula(triton_device, dtype):
-    from helpers import triton_kernels
+    from helpers.patching import triton_kernels
     gen = torch.Generator(device=triton_device).manual_seed(0)
     gate_up = torch.randn(3, 37, 2 * 1500, generator=gen, device=triton_device).to(dtype)
     gate, up = gate_up.float().chunk(2, dim=-1)
@@ -445,7 +445,7 @@ def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(tri
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_fused_attention_honours_a_padding_mask(attn):
     from transformers import AutoModelForCausalLM
-    from helpers.tiny_models import tiny_config
+    from helpers.models.tiny_models import tiny_config
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation=attn).eval()
     ids = IDS[:, :8].repeat(2, 1)

@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-from helpers import loading
-from helpers.architectures import FAMILIES, get_submodule
-from helpers.loading import ModelLoadError, hf_token, load_model, resolve_dtype
-from helpers.registry import resolve_model
-from helpers.tiny_models import TINY_FAMILIES, build_random_model, build_tiny_tokenizer, tiny_config
+from helpers.models import loading
+from helpers.models.architectures import FAMILIES, get_submodule
+from helpers.models.loading import ModelLoadError, hf_token, load_model, resolve_dtype
+from helpers.models.registry import resolve_model
+from helpers.models.tiny_models import TINY_FAMILIES, build_random_model, build_tiny_tokenizer, tiny_config
 
 PROMPT = "### Instruction: show me the price from the orders table ### Response: SELECT price FROM orders"
 PLANTED = "hf_plantedSECRETtoken1234567890"
@@ -203,7 +203,7 @@ def test_no_pad_handling_for_base_or_other_models(tmp_path):
 
 # ------------------------------------------------------------------ errors: embedded, folders, hub
 def test_missing_embedded_model_error(monkeypatch, tmp_path):
-    monkeypatch.setattr("helpers.registry.EMBEDDED_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("helpers.models.registry.EMBEDDED_DIR", tmp_path / "nowhere")
     spec = resolve_model("embedded", 2, embedded_family="gpt_neo")
     with pytest.raises(ModelLoadError) as info:
         load_model(spec)

@@ -25,7 +25,7 @@ ALL_NOTEBOOKS = FEATURE_NOTEBOOKS + ("explorer",)
 KERNEL = "python3"
 REQUIRED_PARAMETERS = {"model_num", "cs_num", "feature_name", "use_novel_names", "use_synonyms_table",
                        "use_synonyms_field", "batch_size", "seed", "model_path", "dtype", "device", "output_dir"}
-EMBEDDED = (REPO / "helpers" / "embedded_models" / "llama-cs1" / "config.json").is_file()
+EMBEDDED = (REPO / "helpers" / "models" / "embedded" / "llama-cs1" / "config.json").is_file()
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,13 +36,13 @@ def model_settings() -> dict:
         return {**base, "model_num": "embedded", "cs_num": 1}
     from transformers import AutoTokenizer
 
-    from helpers.tiny_models import tiny_model
+    from helpers.models.tiny_models import tiny_model
 
-    shared = REPO / "helpers" / "embedded_models" / "tokenizer"
+    shared = REPO / "helpers" / "models" / "embedded" / "tokenizer"
     if (shared / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(shared)
     else:
-        from helpers.tokenizer_training import train_tokenizer
+        from helpers.models.tokenizer_training import train_tokenizer
 
         tok = train_tokenizer()
     folder = Path(tempfile.mkdtemp(prefix="tinysql-test-model-"))
@@ -101,7 +101,7 @@ def test_parameters_cell_and_colab_cell(name):
     names = _assigned_names(tagged[0].source)
     assert REQUIRED_PARAMETERS <= names
     # papermill reads them all (one a line), so it warns only about names that are not parameters
-    from helpers.experiment import NOTEBOOK_ONLY_PARAMETERS, ExperimentSettings
+    from helpers.experiments.experiment import NOTEBOOK_ONLY_PARAMETERS, ExperimentSettings
     settings = set(ExperimentSettings.__dataclass_fields__) | set(NOTEBOOK_ONLY_PARAMETERS)
     assert set(pm.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))) == settings == names
     assert not any("token" in n.lower() for n in names), "a token must never be a notebook parameter"

@@ -4,10 +4,10 @@ from dataclasses import replace
 
 import pytest
 
-from helpers import vocabulary as V
-from helpers.pairs import (FEATURES, Feature, NotSingleTokenError, PairConstructionError, build_pair, make_pairs,
+from helpers.tinysql import vocabulary as V
+from helpers.tinysql.pairs import (FEATURES, Feature, NotSingleTokenError, PairConstructionError, build_pair, make_pairs,
                            parse_feature)
-from helpers.tokenization import encode_prompt_and_answer, single_token_id
+from helpers.tinysql.tokenization import encode_prompt_and_answer, single_token_id
 
 FLAGS = list(itertools.product([False, True], repeat=3))  # novel names, table synonyms, field synonyms
 
@@ -112,7 +112,7 @@ def test_a_word_that_is_not_one_token_names_word_and_tokenizer(splitting_bos_tok
 
 
 def project_tokenizer_like_without_novel_words():
-    from helpers.tokenizer_training import train_tokenizer
+    from helpers.models.tokenizer_training import train_tokenizer
     return train_tokenizer(vocab_size=1300, n_items_per_cs=500, word_repeats=0, require_single_tokens=False)
 
 

@@ -7,21 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers.architectures import family_spec, get_submodule, out_proj_modules
-from helpers.attribution import attribution_error, attribution_patching_heads
-from helpers.fused_modules import FUSABLE_FAMILIES
-from helpers.patching import (
-    OutOfMemoryError,
-    patch_attention_output,
-    patch_heads,
-    patch_mlp_output,
-    patch_residual,
-    run_chunked,
-    unwrap_model,
-)
-from helpers.patching_reference import patch_heads_reference, patch_sites_reference
-from helpers.patching_results import TokenPair
-from helpers.tiny_models import TINY_FAMILIES, build_random_model, tiny_config, tiny_model
+from helpers.models.architectures import family_spec, get_submodule, out_proj_modules
+from helpers.patching.attribution import attribution_error, attribution_patching_heads
+from helpers.patching.fused_modules import FUSABLE_FAMILIES
+from helpers.patching import patch_attention_output, patch_heads, patch_mlp_output, patch_residual
+from helpers.patching.chunking import OutOfMemoryError, run_chunked
+from helpers.patching.model_calls import unwrap_model
+from helpers.patching.reference import patch_heads_reference, patch_sites_reference
+from helpers.patching.result_types import TokenPair
+from helpers.models.tiny_models import TINY_FAMILIES, build_random_model, tiny_config, tiny_model
 
 torch.set_num_threads(1)  # tiny ops: thread wake-ups cost more than the arithmetic (and CI shares cores)
 
@@ -395,8 +389,8 @@ def test_model_is_left_as_found_even_after_an_error():
 
 def test_attribution_switches_dropout_off_for_every_forward():
     """A model handed over in train mode must give the same (deterministic) metrics twice."""
-    from helpers.attribution import attribution_patching_heads
-    from helpers.tiny_models import build_random_model, tiny_config
+    from helpers.patching.attribution import attribution_patching_heads
+    from helpers.models.tiny_models import build_random_model, tiny_config
 
     config = tiny_config("gpt_neo")
     config.attention_dropout = config.resid_dropout = config.embed_dropout = 0.5
@@ -472,7 +466,7 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
     kernels interpreted, aten's CUDA-only flash attention replaced by the same arithmetic in torch (_cpu_flash)."""
     if triton_device == "cuda":
         pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
-    import helpers.fused_modules as fm
+    import helpers.patching.fused_modules as fm
     monkeypatch.setattr(fm, "_flash", _cpu_flash)
     fast, ref = _heads_and_reference(family, per_forward)
     rotaries = [kwargs["rotary"] for _, kwargs in row_attention_calls]
@@ -487,15 +481,15 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_an_end_aligned_batch_gives_each_examples_own_logits(family):
     """The padding mask reaches every layer as given: each row of a padded batch equals its example run alone."""
-    from helpers.aligned_batch import AlignedBatch
-    from helpers.patching import _Calls
+    from helpers.patching.aligned_batch import AlignedBatch
+    from helpers.patching.model_calls import ModelCalls
 
     model = model_of(family)
     gen = torch.Generator().manual_seed(12)
     lists = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 12, 3)]
     batch = AlignedBatch(lists, "cpu")
     assert batch.pads == [5, 0, 9] and batch.padded
-    calls = _Calls.of(model)
+    calls = ModelCalls.of(model)
     with torch.no_grad():
         merged, _ = calls.forward(model, batch.ids, positions=batch.positions,
                                   mask=batch.additive_mask(12, 12, torch.float32))

@@ -1,8 +1,8 @@
 """Registry: every documented combination resolves to the id in upstream-tinysql.md §4, others raise."""
 import pytest
 
-from helpers import registry
-from helpers.registry import EMBEDDED_DIR, ModelSpec, list_models, resolve_model
+from helpers.models import registry
+from helpers.models.registry import EMBEDDED_DIR, ModelSpec, list_models, resolve_model
 
 W = "withmartian/"
 # Written out by hand from ../shared/docs/upstream-tinysql.md §4 (and upstream load_constants.py for cs4/cs5),
@@ -93,7 +93,7 @@ def test_embedded_resolves_without_folder(family, cs):
     assert spec.is_embedded and spec.model_num == "embedded" and spec.cs_num == cs and spec.semantic is True
     assert spec.model_id == str(EMBEDDED_DIR / f"{family}-cs{cs}")
     assert spec.name == f"embedded-{family}-cs{cs}" and spec.family_hint == family
-    assert EMBEDDED_DIR.parent.name == "helpers"  # shipped inside the package (package-data)
+    assert EMBEDDED_DIR.parent.name == "models" and EMBEDDED_DIR.parent.parent.name == "helpers"  # shipped inside the package (package-data)
 
 
 def test_model_path_override(tmp_path):

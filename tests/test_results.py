@@ -14,8 +14,8 @@ import plotly.express as px
 import pytest
 import torch
 
-from helpers import plotting, results
-from helpers.experiment import ExperimentSettings, run_experiment, validate
+from helpers.experiments import atomic_files, plotting, result_json, results
+from helpers.experiments.experiment import ExperimentSettings, run_experiment, validate
 from test_notebooks import EMBEDDED, model_settings
 
 ORIGINAL_METADATA = {"source", "timestamp", "model_num", "model_hf", "commandset", "use_novel_names",
@@ -80,7 +80,7 @@ def test_nan_is_written_as_null(saved, exp):
     stored = np.array(_strict_load(saved["json"])["patching_results"], dtype=float)
     assert np.array_equal(np.isnan(mean), np.isnan(stored))
     assert np.allclose(mean[~np.isnan(mean)], stored[~np.isnan(stored)])
-    assert results.to_jsonable([1.0, float("nan"), float("inf")]) == [1.0, None, None]
+    assert result_json.to_jsonable([1.0, float("nan"), float("inf")]) == [1.0, None, None]
 
 
 def test_added_fields(saved, exp):
@@ -149,22 +149,22 @@ def test_file_names_differ_by_setting():
 
 
 def test_atomic_write_leaves_no_temporary_and_normal_mode(tmp_path):
-    path = results.atomic_write_json(tmp_path / "a.json", {"x": [1, None]})
-    results.atomic_write_json(path, {"x": 2})
+    path = atomic_files.atomic_write_json(tmp_path / "a.json", {"x": [1, None]})
+    atomic_files.atomic_write_json(path, {"x": 2})
     assert json.loads(path.read_text()) == {"x": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     with pytest.raises(ValueError):
-        results.atomic_write_json(tmp_path / "b.json", {"x": math.nan})
+        atomic_files.atomic_write_json(tmp_path / "b.json", {"x": math.nan})
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
 def test_load_results_rejects_other_json(tmp_path):
     (tmp_path / "x.json").write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not a patching result"):
-        results.load_results(tmp_path / "x.json")
+        result_json.load_results(tmp_path / "x.json")
 
 
 @pytest.mark.parametrize("bad, message", [({"feature_name": "TABLE"}, "Unknown feature"),
@@ -182,7 +182,7 @@ def test_bad_settings_fail_before_loading(bad, message):
 
 
 def test_notebook_parameters_refuse_unknown_names_and_another_feature():
-    from helpers.experiment import notebook_parameters
+    from helpers.experiments.experiment import notebook_parameters
 
     cell = {"model_num": "embedded", "feature_name": "DEFTABLENAME", "output_dir": None, "exp": object()}
     assert notebook_parameters(cell, "DEFTABLENAME") == {"model_num": "embedded", "feature_name": "DEFTABLENAME"}
@@ -225,7 +225,7 @@ def test_plot_saved_reads_an_original_notebook_file(tmp_path):
     path.write_text(json.dumps(original))
     fig = plotting.plot_saved(path)
     assert list(fig.data[0].x) == ["pos_0", "pos_1", "pos_2"] and len(fig.data[0].y) == 4
-    assert results.top_heads_from_json(results.load_results(path), 1)[0]["head"] == "L0_H0"
+    assert result_json.top_heads_from_json(result_json.load_results(path), 1)[0]["head"] == "L0_H0"
 
 
 def test_columns_are_aligned_at_the_answer_position(exp, saved):
@@ -245,7 +245,7 @@ def test_columns_are_aligned_at_the_answer_position(exp, saved):
 
 
 def test_titles_show_where_an_overriding_model_came_from():
-    from helpers.plotting import _title
+    from helpers.experiments.plotting import _title
 
     meta = {"feature_name": "DEFTABLENAME", "model_name": "embedded-llama-cs1", "commandset": 1}
     assert "embedded-llama-cs1 CS1" in _title("Mean", meta)
@@ -270,7 +270,7 @@ def test_a_corruption_that_does_not_flip_the_answer_is_flagged(exp):
     unflipped = dataclasses.replace(p, corrupt_logit_diff=p.clean_logit_diff.abs() / 2)  # still prefers clean
     weak = dataclasses.replace(exp, patching=unflipped)
     assert weak.flips() == (0, n) and "flips the model's answer in only 0 of" in weak.summary()
-    data = results.experiment_to_dict(weak)["metadata"]
+    data = result_json.experiment_to_dict(weak)["metadata"]
     assert (data["n_flipped"], data["n_flip_counted"]) == (0, n)
     # an example the clean run already gets backwards is not "flipped"; an infinite difference is not counted
     clean, corrupt = p.clean_logit_diff.clone(), -p.clean_logit_diff.abs()
@@ -284,7 +284,7 @@ def test_a_corruption_that_does_not_flip_the_answer_is_flagged(exp):
 
 @pytest.mark.skipif(not EMBEDDED, reason="a random stand-in model's flips are arbitrary")
 def test_run_experiment_warns_when_the_corruption_does_not_flip_the_answer():
-    """Novel names barely move the embedded models (flip rates 0.00-0.03 in helpers/embedded_models/README.md)."""
+    """Novel names barely move the embedded models (flip rates 0.00-0.03 in helpers/models/embedded/README.md)."""
     with pytest.warns(UserWarning, match="flips the model's answer in only 0 of"):
         run_experiment(feature_name="DEFTABLENAME", use_novel_names=True, progress=False, generate=False,
                        **model_settings())

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from helpers.scoring import (
+from helpers.tinysql.scoring import (
     WEIGHTS,
     OrderItem,
     ParsedSql,

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from helpers import vocabulary as V
-from helpers.sql_items import GeneratorConfig, format_prompt, generate_item, generate_items
+from helpers.tinysql import vocabulary as V
+from helpers.tinysql.sql_items import GeneratorConfig, format_prompt, generate_item, generate_items
 
 
 def test_prompt_format_is_the_training_format():

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import sweep as S
+from helpers.experiments import sweep as S
+from helpers.experiments import sweep_cells as C
 from test_notebooks import REPO, model_settings
 
 FAKE_TOKEN = "hf_FAKE-planted-sweep-token-0123456789"  # not token-shaped: repo scans stay quiet
@@ -36,7 +37,7 @@ def sweep_run(tmp_path_factory):
     path.write_text(yaml.safe_dump(spec))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", FAKE_TOKEN)
-        config = S.load_config(path)
+        config = C.load_config(path)
         first = S.run_sweep(config, jobs=2, progress=False)
         good_dir = first[0].dir
         before = {p.name: p.stat().st_mtime_ns for p in good_dir.iterdir()}
@@ -48,17 +49,17 @@ def test_failures_are_recorded_and_the_good_cell_succeeds(sweep_run):
     statuses = [o.status for o in sweep_run["first"]]
     assert statuses == ["ok", "failed", "failed"], [(o.cell.label, o.status, o.error) for o in sweep_run["first"]]
     good, bad_model, bad_feature = sweep_run["first"]
-    assert S.is_finished(good.dir) and (good.dir / S.DONE).is_file()
-    assert list(good.dir.glob("*.heatmap.html")) and list(good.dir.glob(f"*{S.EXECUTED_SUFFIX}"))
+    assert C.is_finished(good.dir) and (good.dir / C.DONE).is_file()
+    assert list(good.dir.glob("*.heatmap.html")) and list(good.dir.glob(f"*{C.EXECUTED_SUFFIX}"))
     # The failing notebook was still written, with the traceback in it.
-    executed = next(bad_model.dir.glob(f"*{S.EXECUTED_SUFFIX}"))
+    executed = next(bad_model.dir.glob(f"*{C.EXECUTED_SUFFIX}"))
     errors = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert errors and "ModelLoadError" in errors[0]["ename"]
-    assert "no-such-model" in json.loads((bad_model.dir / S.FAILED).read_text())["error"]
-    assert not S.is_finished(bad_model.dir)
+    assert "no-such-model" in json.loads((bad_model.dir / C.FAILED).read_text())["error"]
+    assert not C.is_finished(bad_model.dir)
     assert "Unknown feature 'NOTAFEATURE'" in bad_feature.error
-    assert (bad_feature.dir / S.FAILED).is_file()
+    assert (bad_feature.dir / C.FAILED).is_file()
     assert not any(p.name.endswith(".tmp") for p in sweep_run["root"].rglob("*"))
 
 
@@ -92,20 +93,20 @@ def test_planted_hf_token_is_written_nowhere(sweep_run):
 
 
 def test_finished_needs_json_and_marker(tmp_path):
-    assert not S.is_finished(tmp_path)
+    assert not C.is_finished(tmp_path)
     (tmp_path / "activation_patching_x.json").write_text("{}")
-    assert not S.is_finished(tmp_path)  # a result without the marker: an interrupted cell, rerun it
-    (tmp_path / S.DONE).write_text("{}")
-    assert S.is_finished(tmp_path)
+    assert not C.is_finished(tmp_path)  # a result without the marker: an interrupted cell, rerun it
+    (tmp_path / C.DONE).write_text("{}")
+    assert C.is_finished(tmp_path)
 
 
 def test_shipped_grids_expand():
-    default = S.expand(S.load_config(REPO / "params" / "default.yaml"))
+    default = C.expand(C.load_config(REPO / "params" / "default.yaml"))
     assert len(default) == 24 and {c.params["model_num"] for c in default} == {"embedded"}
     assert {str(c.relpath.parts[0]) for c in default} == {"embedded-llama", "embedded-gpt_neo"}
     assert {c.feature for c in default} == {"ENGTABLENAME", "ENGFIELDNAME", "DEFTABLENAME", "DEFFIELDNAME"}
     assert str(default[0].relpath) == str(Path("embedded-llama") / "cs1" / "ENGTABLENAME")
-    full = S.expand(S.load_config(REPO / "params" / "full.yaml"))
+    full = C.expand(C.load_config(REPO / "params" / "full.yaml"))
     assert {c.params["model_num"] for c in full} == {1, 2, 3}
     assert len({c.relpath for c in full}) == len(full)
 
@@ -124,7 +125,7 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
     import threading
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    config = S.SweepConfig(name="gpus", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME", "ENGTABLENAME"]}],
+    config = C.SweepConfig(name="gpus", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME", "ENGTABLENAME"]}],
                            output_root=tmp_path)
     barrier, lock, seen = threading.Barrier(2, timeout=20), threading.Lock(), []
 
@@ -134,7 +135,7 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
             seen.append(env_extra["CUDA_VISIBLE_DEVICES"])
         if first_two:
             barrier.wait()  # the first two cells run at the same time
-        return S.Outcome(cell, "ok", config.root / cell.relpath)
+        return C.Outcome(cell, "ok", config.root / cell.relpath)
 
     monkeypatch.setattr(S, "run_cell", fake_run_cell)
     S.run_sweep(config, jobs=2, progress=False)
@@ -146,18 +147,18 @@ def _finish(config, cell, d=None, **marker):
     d = d or config.root / cell.relpath
     d.mkdir(parents=True, exist_ok=True)
     (d / "activation_patching_x.json").write_text("{}")
-    (d / S.DONE).write_text(json.dumps({"params_hash": cell.params_hash, **marker}))
+    (d / C.DONE).write_text(json.dumps({"params_hash": cell.params_hash, **marker}))
     return d
 
 
 def test_force_reruns_finished_cells_and_only_selects(tmp_path, monkeypatch):
-    config = S.SweepConfig(name="f", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME"]}], output_root=tmp_path)
-    cells = S.expand(config)
+    config = C.SweepConfig(name="f", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME"]}], output_root=tmp_path)
+    cells = C.expand(config)
     for cell in cells:  # both cells finished earlier
         _finish(config, cell)
     ran = []
     monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None: ran.append(cell.label) or
-                        S.Outcome(cell, "ok", cell_dir))
+                        C.Outcome(cell, "ok", cell_dir))
     monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
     assert [o.status for o in S.run_sweep(config, progress=False)] == ["skipped", "skipped"] and ran == []
     S.run_sweep(config, force=True, progress=False, only="cs2")
@@ -209,7 +210,7 @@ def fake_papermill(monkeypatch):
 
 
 def _one_cell(tmp_path, **parameters):
-    return S.SweepConfig(name="b", grids=[{"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}],
+    return C.SweepConfig(name="b", grids=[{"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}],
                          parameters=parameters, output_root=tmp_path)
 
 
@@ -224,9 +225,9 @@ def test_changed_parameters_are_not_served_from_a_finished_cell(tmp_path, fake_p
     kept = _snapshot(first.dir)
     second = S.run_sweep(_one_cell(tmp_path, batch_size=64), progress=False)[0]
     assert second.status == "ok", "a cell finished with other settings was served as finished"
-    done = json.loads((first.dir / S.DONE).read_text())
+    done = json.loads((first.dir / C.DONE).read_text())
     assert done["params_hash"] == first.cell.params_hash and done["resolved"]["batch_size"] == 4
-    assert second.dir != first.dir and second.dir.name.startswith("DEFTABLENAME" + S.ALT_PREFIX)
+    assert second.dir != first.dir and second.dir.name.startswith("DEFTABLENAME" + C.ALT_PREFIX)
     assert FakePapermill.runs[-1]["params"]["batch_size"] == 64
     assert _snapshot(first.dir) == kept  # the batch_size=4 result survives untouched
     # Both are resumable: each settings' run is found again and skipped.
@@ -239,55 +240,55 @@ def test_marker_without_hash_is_compared_by_its_params(tmp_path, fake_papermill)
     """A ``_DONE.json`` written before the hash (params only, as in outputs/default) still resumes when its
     settings match, and is not taken for a run of other settings."""
     config = _one_cell(tmp_path, batch_size=4, seed=0)
-    cell = S.expand(config)[0]
+    cell = C.expand(config)[0]
     d = config.root / cell.relpath
     d.mkdir(parents=True)
     (d / "activation_patching_x.json").write_text("{}")
-    (d / S.DONE).write_text(json.dumps({"params": dict(cell.params), "status": "ok"}))
+    (d / C.DONE).write_text(json.dumps({"params": dict(cell.params), "status": "ok"}))
     assert S.run_sweep(config, progress=False)[0].status == "skipped"
     changed = _one_cell(tmp_path, batch_size=64, seed=7)
-    assert not S.is_finished(d, S.expand(changed)[0])
+    assert not C.is_finished(d, C.expand(changed)[0])
     out = S.run_sweep(changed, progress=False)[0]
     assert out.status == "ok" and out.dir != d and (d / "activation_patching_x.json").read_text() == "{}"
     # A marker that records no settings at all proves nothing: not finished for any cell.
-    (d / S.DONE).write_text("{}")
-    assert S.is_finished(d) and not S.is_finished(d, cell)
+    (d / C.DONE).write_text("{}")
+    assert C.is_finished(d) and not C.is_finished(d, cell)
 
 
 def test_grids_differing_in_a_single_value_are_all_run(tmp_path):
     """Bug 2: two grids that differ only by ``seed: [0]`` / ``seed: [1]`` used to collapse into one cell."""
     base = {"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}
-    config = S.SweepConfig(name="t", grids=[{**base, "seed": [0]}, {**base, "seed": [1]}], output_root=tmp_path)
-    cells = S.expand(config)
+    config = C.SweepConfig(name="t", grids=[{**base, "seed": [0]}, {**base, "seed": [1]}], output_root=tmp_path)
+    cells = C.expand(config)
     assert [c.params["seed"] for c in cells] == [0, 1]
     assert [str(c.relpath) for c in cells] == [str(Path("embedded-llama", "cs1", "DEFTABLENAME")),
                                                str(Path("embedded-llama", "cs1", "DEFTABLENAME_seed=1"))]
-    batch = S.SweepConfig(name="t", grids=[{**base, "batch_size": [4]}, {**base, "batch_size": [8]}],
+    batch = C.SweepConfig(name="t", grids=[{**base, "batch_size": [4]}, {**base, "batch_size": [8]}],
                           output_root=tmp_path)
-    assert len({c.relpath for c in S.expand(batch)}) == 2
+    assert len({c.relpath for c in C.expand(batch)}) == 2
 
 
 def test_exact_duplicates_run_once_with_a_warning(tmp_path):
     base = {"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}
-    config = S.SweepConfig(name="t", grids=[base], output_root=tmp_path,
+    config = C.SweepConfig(name="t", grids=[base], output_root=tmp_path,
                            cells=[{"cs_num": 1, "feature_name": "DefTableName", "seed": 0}])  # seed 0: the default
     with pytest.warns(UserWarning, match="more than once"):
-        cells = S.expand(config)
+        cells = C.expand(config)
     assert len(cells) == 1
 
 
 def test_folder_names_do_not_depend_on_other_cells():
     """Bug 3: one ``cells:`` entry with a seed used to rename every grid folder (``..._seed=0``)."""
-    config = S.load_config(REPO / "params" / "default.yaml")
-    before = [c.relpath for c in S.expand(config)]
+    config = C.load_config(REPO / "params" / "default.yaml")
+    before = [c.relpath for c in C.expand(config)]
     config.cells = [dict(model_num="embedded", cs_num=1, feature_name="DEFTABLENAME", seed=1)]
-    after = [c.relpath for c in S.expand(config)]
+    after = [c.relpath for c in C.expand(config)]
     assert after[:-1] == before
     assert after[-1] == Path("embedded-llama", "cs1", "DEFTABLENAME_seed=1")
     # A grid over a setting: the value of ``parameters`` keeps the plain name, the others get a suffix.
     config.cells = []
     config.grids = [{"cs_num": [1], "feature_name": ["DEFTABLENAME"], "dtype": ["float32", "bfloat16"]}]
-    assert [c.relpath.name for c in S.expand(config)] == ["DEFTABLENAME", "DEFTABLENAME_dtype=bfloat16"]
+    assert [c.relpath.name for c in C.expand(config)] == ["DEFTABLENAME", "DEFTABLENAME_dtype=bfloat16"]
 
 
 def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, monkeypatch):
@@ -296,8 +297,8 @@ def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, mon
     first = S.run_sweep(config, progress=False)[0]
     S.run_sweep(config, force=True, progress=False)
     assert "_DONE.json" not in FakePapermill.runs[-1]["markers"]  # gone while the rerun runs
-    assert FakePapermill.runs[-1]["markers"] == [S.RUNNING]
-    assert sorted(p.name for p in first.dir.glob("_*.json")) == [S.DONE]
+    assert FakePapermill.runs[-1]["markers"] == [C.RUNNING]
+    assert sorted(p.name for p in first.dir.glob("_*.json")) == [C.DONE]
 
     class Kill(BaseException):  # a signal that stops the sweep half way (as KeyboardInterrupt would)
         pass
@@ -310,11 +311,11 @@ def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, mon
     monkeypatch.setattr(S, "_kill_tree", lambda proc: None)
     with pytest.raises(Kill):
         S.run_cell(first.cell, config, cell_dir=first.dir)
-    assert not S.is_finished(first.dir, first.cell) and (first.dir / S.RUNNING).is_file()
+    assert not C.is_finished(first.dir, first.cell) and (first.dir / C.RUNNING).is_file()
     assert not any(p.name.endswith(".tmp") for p in first.dir.iterdir() if p.name.startswith("_"))
     monkeypatch.setattr(S.subprocess, "Popen", FakePapermill)
     assert S.run_sweep(config, progress=False)[0].status == "ok"  # so the next sweep runs it again
-    assert not (first.dir / S.RUNNING).exists()
+    assert not (first.dir / C.RUNNING).exists()
 
 
 def test_runner_crash_is_recorded(tmp_path, fake_papermill, monkeypatch):
@@ -325,9 +326,9 @@ def test_runner_crash_is_recorded(tmp_path, fake_papermill, monkeypatch):
     monkeypatch.setattr(S.subprocess, "Popen", broken)
     out = S.run_sweep(_one_cell(tmp_path), progress=False)[0]
     assert out.status == "failed" and "cannot start papermill" in out.error
-    failed = json.loads((out.dir / S.FAILED).read_text())
+    failed = json.loads((out.dir / C.FAILED).read_text())
     assert "cannot start papermill" in failed["error"] and failed["params_hash"] == out.cell.params_hash
-    assert sorted(p.name for p in out.dir.glob("_*.json")) == [S.FAILED]
+    assert sorted(p.name for p in out.dir.glob("_*.json")) == [C.FAILED]
 
 
 def _notebook(path: Path, code: str) -> None:
@@ -347,21 +348,21 @@ def test_run_timeout_stops_the_run_and_records_a_failure(tmp_path):
     """Bug 5: a hung run is stopped after ``run_timeout`` seconds and recorded as failed (a real papermill
     run of a notebook that sleeps)."""
     _notebook(tmp_path / "nb" / "DEFTABLENAME.ipynb", "import time\ntime.sleep(120)")
-    config = S.SweepConfig(name="slow", grids=[{"cs_num": [1], "feature_name": ["DEFTABLENAME"]}],
+    config = C.SweepConfig(name="slow", grids=[{"cs_num": [1], "feature_name": ["DEFTABLENAME"]}],
                            output_root=tmp_path, notebooks=tmp_path / "nb", run_timeout=6)
     t0 = __import__("time").monotonic()
     out = S.run_sweep(config, progress=False)[0]
     assert __import__("time").monotonic() - t0 < 60
     assert out.status == "failed" and "timed out" in out.error
-    assert "timed out" in json.loads((out.dir / S.FAILED).read_text())["error"]
-    assert not (out.dir / S.RUNNING).exists() and not S.is_finished(out.dir, out.cell)
+    assert "timed out" in json.loads((out.dir / C.FAILED).read_text())["error"]
+    assert not (out.dir / C.RUNNING).exists() and not C.is_finished(out.dir, out.cell)
 
 
 def test_notebook_defaults_come_from_the_parameters_cell(tmp_path):
     _notebook(tmp_path / "DEFTABLENAME.ipynb", "pass")
-    d = S.notebook_defaults(tmp_path, "DefTableName")
+    d = C.notebook_defaults(tmp_path, "DefTableName")
     assert d["batch_size"] == 5 and d["feature_name"] == "DEFTABLENAME" and "output_dir" not in d
-    assert set(d) == set(S.setting_defaults())
+    assert set(d) == set(C.setting_defaults())
 
 
 @pytest.mark.parametrize("block", ["parameters", "grid", "cells"])
@@ -378,13 +379,13 @@ def test_config_refuses_keys_that_are_not_settings(tmp_path, block, key):
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match=rf"{key}.*HF_TOKEN"):
-        S.load_config(path)
+        C.load_config(path)
 
 
 def test_cells_with_refused_settings_fail_before_any_run(tmp_path, fake_papermill):
     """A typo in the grid (a command set the embedded models lack, a misspelt feature) is recorded at once,
     without starting a kernel for it; the valid cells still run."""
-    config = S.SweepConfig(name="b", grids=[{"model_num": ["embedded"], "cs_num": [1, 7],
+    config = C.SweepConfig(name="b", grids=[{"model_num": ["embedded"], "cs_num": [1, 7],
                                              "feature_name": ["DEFTABLENAME", "DEFTABLE"]}], output_root=tmp_path)
     outcomes = S.run_sweep(config, progress=False)
     by_label = {(o.cell.params["cs_num"], o.cell.params["feature_name"]): o for o in outcomes}
@@ -392,7 +393,7 @@ def test_cells_with_refused_settings_fail_before_any_run(tmp_path, fake_papermil
     for key in [(1, "DEFTABLE"), (7, "DEFTABLENAME"), (7, "DEFTABLE")]:
         out = by_label[key]
         assert out.status == "failed" and out.error.startswith("settings refused before running")
-        assert json.loads((out.dir / S.FAILED).read_text())["error"] == out.error
+        assert json.loads((out.dir / C.FAILED).read_text())["error"] == out.error
     assert "Unknown feature" in by_label[(1, "DEFTABLE")].error
     assert "No registered model" in by_label[(7, "DEFTABLENAME")].error
     assert [run["params"]["cs_num"] for run in FakePapermill.runs] == [1]  # only the valid cell started

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from helpers.evaluation import greedy_generate, last_logits
-from helpers.sql_items import generate_items
-from helpers.training import TrainConfig, load_project_tokenizer, load_trained, train
+from helpers.models.evaluation import greedy_generate, last_logits
+from helpers.tinysql.sql_items import generate_items
+from helpers.models.checkpoints import load_project_tokenizer, load_trained
+from helpers.models.training import TrainConfig, train
 
 TINY = {
     "llama": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -75,8 +76,8 @@ def test_left_padded_logits_and_greedy_match_unpadded(trained, tokenizer):
 
 def test_schema_reading_generator_options():
     """The recipe's data: SQL names are always spelled as in the Context; with the options at 0 nothing changes."""
-    from helpers import vocabulary as V
-    from helpers.sql_items import GeneratorConfig
+    from helpers.tinysql import vocabulary as V
+    from helpers.tinysql.sql_items import GeneratorConfig
 
     assert [i.prompt for i in generate_items(3, 50, 1)] == \
         [i.prompt for i in generate_items(3, 50, 1, GeneratorConfig(context_spelling_p=0, field_rename_p=0))]

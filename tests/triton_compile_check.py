@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of helpers.triton_kernels for an H100 (sm_90), no GPU needed.
+"""Compile every Triton kernel of helpers.patching.triton_kernels for an H100 (sm_90), no GPU needed.
 
 Triton's interpreter (the CPU kernel tests) skips what its compiler checks: types, tile shapes, ``tl.dot``'s minimum
 sizes, names that change shape inside a loop. Run as a script, without TRITON_INTERPRET (the test suite sets it on a
@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from helpers import triton_kernels as tk  # noqa: E402
+from helpers.patching import triton_kernels as tk  # noqa: E402
 
 _FLOAT32_POINTERS = {"la_ptr", "lb_ptr"}  # the merge's log-sum-exps
 _INT64_POINTERS = {"ex_ptr", "start_ptr"}  # row_attention's row -> example and example -> first slot

@@ -2,7 +2,7 @@
 model's clean prediction, patch every head at every position, and return an :class:`ExperimentResult`.
 
 The four feature notebooks, the sweep and the explorer all call :func:`run_experiment`; saving
-(:mod:`helpers.results`) and drawing (:mod:`helpers.plotting`) take its result. Settings are checked before
+(:mod:`helpers.experiments.results`) and drawing (:mod:`helpers.experiments.plotting`) take its result. Settings are checked before
 anything is loaded, so an unknown feature, model or command set fails at once with a message that lists
 the valid choices.
 """
@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from . import pairs as P
-from .parameter_values import as_bool, as_int
-from .registry import ModelSpec, resolve_model
+from helpers.tinysql import pairs as P
+from helpers.parameter_values import as_bool, as_int
+from helpers.models.registry import ModelSpec, resolve_model
 
 
 @dataclass(frozen=True)
 class ExperimentSettings:
     """The notebook parameters that decide a result (``output_dir`` is where, not what).
 
-    A flag left as None takes the feature's default (``helpers.pairs.DEFAULT_PAIR_OPTIONS`` where the project
+    A flag left as None takes the feature's default (``helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`` where the project
     defines it, else False); :func:`validate` resolves it, so a result always records the value used.
     """
 
@@ -97,7 +97,7 @@ def notebook_parameters(namespace: dict, feature: str | None = None) -> dict:
 
 
 def _feature_defaults(feature: P.Feature) -> dict:
-    """Per-feature default flags from ``helpers.pairs.DEFAULT_PAIR_OPTIONS`` (a PairOptions or a dict)."""
+    """Per-feature default flags from ``helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`` (a PairOptions or a dict)."""
     table = getattr(P, "DEFAULT_PAIR_OPTIONS", None) or {}
     opts = table.get(feature, table.get(feature.value)) if hasattr(table, "get") else None
     if opts is None:
@@ -117,7 +117,7 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     batch_size = as_int("batch_size", settings.batch_size, minimum=1)
     seed = as_int("seed", settings.seed)
     keep_incorrect = as_bool("keep_incorrect", settings.keep_incorrect)
-    from .loading import resolve_device, resolve_dtype
+    from helpers.models.loading import resolve_device, resolve_dtype
 
     device = str(resolve_device(settings.device))  # "auto" -> cuda if available; cuda without a GPU raises
     dtype = str(resolve_dtype(settings.dtype, device)).replace("torch.", "")  # "auto" -> bf16 on cuda, else fp32
@@ -353,7 +353,7 @@ def _now() -> str:
 
 def _revision(loaded) -> str | None:
     """The hub commit of the checkpoint, else a short content hash of a local folder's config and weights."""
-    from .results import folder_fingerprint
+    from helpers.experiments.result_json import folder_fingerprint
 
     return loaded.revision or folder_fingerprint(loaded.spec.model_id)
 
@@ -388,7 +388,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
                    loaded=None, progress: bool = True, generate: bool = True) -> ExperimentResult:
     """Run one feature experiment end to end.
 
-    ``loaded`` reuses an already loaded ``helpers.loading.LoadedModel`` (the explorer caches them); it must
+    ``loaded`` reuses an already loaded ``helpers.models.loading.LoadedModel`` (the explorer caches them); it must
     match the settings' model. The settings are validated before the model is loaded.
     """
     settings, feature, spec = validate(ExperimentSettings(
@@ -396,8 +396,8 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, batch_size=batch_size,
         seed=seed, model_path=model_path, dtype=dtype, device=device, semantic=semantic,
         embedded_family=embedded_family, keep_incorrect=keep_incorrect))
-    from .loading import load_model
-    from .patching import patch_heads
+    from helpers.models.loading import load_model
+    from helpers.patching import patch_heads
 
     started, t0 = _now(), time.perf_counter()
     timings = {}

@@ -1,7 +1,7 @@
-"""An ipywidgets front end to :func:`helpers.experiment.run_experiment`: pick a model, command set, feature,
+"""An ipywidgets front end to :func:`helpers.experiments.experiment.run_experiment`: pick a model, command set, feature,
 flags and batch size, press Run, get the mean heatmap and the top heads.
 
-    from helpers.explorer import Explorer
+    from helpers.experiments.explorer import Explorer
     ex = Explorer()
     ex.widget          # display it in a notebook
 
@@ -17,8 +17,8 @@ import traceback
 import ipywidgets as W
 from IPython.display import display
 
-from . import experiment as E
-from .pairs import FEATURES
+from helpers.experiments import experiment as E
+from helpers.tinysql.pairs import FEATURES
 
 MODEL_CHOICES = [("embedded (offline)", "embedded"), ("0: GPT-2", 0), ("1: TinyStories", 1), ("2: Qwen", 2),
                  ("3: Llama", 3), ("4: Granite", 4), ("5: SmolLM", 5)]
@@ -68,7 +68,7 @@ class Explorer:
 
     def _loaded(self, settings: dict):
         """The cached model for these settings (validated first, so a bad choice fails before loading)."""
-        from .loading import load_model
+        from helpers.models.loading import load_model
 
         checked, _, spec = E.validate(E.ExperimentSettings(**settings))
         key = (spec.model_id, checked.dtype, checked.device)
@@ -80,7 +80,8 @@ class Explorer:
 
     def run(self, _button=None):
         """Run one experiment with the current settings and show its heatmap and top heads in ``out``."""
-        from . import plotting, results
+        from helpers.experiments import plotting
+        from helpers.experiments import results
 
         self.run_button.disabled = True
         self.result = self.error = None

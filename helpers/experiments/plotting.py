@@ -2,7 +2,7 @@
 ``RdBu`` with the colour midpoint at 0 (red: patching the clean head output moves the corrupt run *away*
 from the clean answer; blue: towards it; 1 = fully restored).
 
-Every figure can be drawn from an :class:`helpers.experiment.ExperimentResult` or re-drawn from any saved
+Every figure can be drawn from an :class:`helpers.experiments.experiment.ExperimentResult` or re-drawn from any saved
 JSON (:func:`plot_saved`). :func:`save_figure` writes HTML that works offline (it links a ``plotly.min.js`` written
 once per folder tree, see :func:`_plotlyjs_src`) and a PNG when kaleido can run (it needs Chrome); otherwise it
 says so once and goes on.
@@ -17,6 +17,9 @@ import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from helpers.experiments.atomic_files import atomic_write_bytes, atomic_write_text
+from helpers.experiments.result_json import load_results
 
 COLOR_LABEL = "Norm. Logit Diff"
 PLOTLY_JS = "plotly.min.js"
@@ -116,8 +119,6 @@ def example_heatmaps(exp, max_examples: int = 6, cols: int = 2) -> go.Figure:
 
 def plot_saved(path_or_data, what: str = "mean") -> go.Figure:
     """Re-draw a saved result JSON (this suite's or the original notebook's): ``what`` = "mean" or "std"."""
-    from .results import load_results
-
     data = load_results(path_or_data) if isinstance(path_or_data, (str, os.PathLike)) else path_or_data
     meta = data["metadata"]
     scores = np.array(data["patching_results"] if what == "mean" else data["patching_std"], dtype=np.float64)
@@ -166,8 +167,6 @@ def write_plotlyjs(folder: str | Path) -> Path:
     """``folder/plotly.min.js`` (written once) for the offline HTML figures in and below ``folder``."""
     from plotly.offline import get_plotlyjs
 
-    from .results import atomic_write_text
-
     target = Path(folder) / PLOTLY_JS
     return target if target.is_file() else atomic_write_text(target, get_plotlyjs())
 
@@ -188,8 +187,6 @@ def save_figure(fig: go.Figure, base: str | Path, png: bool = True) -> dict[str,
     PNG export needs kaleido *and* a Chrome/Chromium; when that fails the reason is printed once per process.
     """
     global _png_unavailable
-    from .results import atomic_write_bytes, atomic_write_text
-
     base = Path(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     html_path = base.with_name(base.name + ".html")

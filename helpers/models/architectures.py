@@ -56,7 +56,7 @@ def family_spec(config) -> FamilySpec:
     if model_type not in FAMILIES:
         raise ValueError(
             f"Unsupported architecture family {model_type!r}: the suite knows {sorted(FAMILIES)}. "
-            "Add a row to helpers.architectures.FAMILIES (blocks, out_proj, attention, mlp paths)."
+            "Add a row to helpers.models.architectures.FAMILIES (blocks, out_proj, attention, mlp paths)."
         )
     return FAMILIES[model_type]
 

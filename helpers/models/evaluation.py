@@ -2,8 +2,8 @@
 
 - Generation: batched greedy decoding with a KV cache, left padding and explicit ``position_ids`` (so a
   padded prompt sees the same positions as an unpadded one), stopping at EOS. Exact match and the mean
-  partial score (``helpers.scoring``) on held-out items of a seed never used in training.
-- Features: for each feature of ``helpers.pairs.FEATURES`` and each flag setting of :data:`FLAG_SETTINGS`,
+  partial score (``helpers.tinysql.scoring``) on held-out items of a seed never used in training.
+- Features: for each feature of ``helpers.tinysql.pairs.FEATURES`` and each flag setting of :data:`FLAG_SETTINGS`,
   the clean run's top-1 accuracy at the answer position, the clean logit difference
   ``logit[clean_token_id] - logit[corrupt_token_id]`` (median, min, quantiles) and the flip rate: the share
   of pairs whose *corrupt* run has a negative logit difference.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .pairs import FEATURES, Feature, make_pairs
-from .sql_items import generate_items
+from helpers.tinysql.pairs import FEATURES, Feature, make_pairs
+from helpers.tinysql.sql_items import generate_items
 
-EVAL_SEED = 424_242  # the final held-out set; training streams use other seeds (see helpers.training)
+EVAL_SEED = 424_242  # the final held-out set; training streams use other seeds (see helpers.models.training)
 PAIR_SEED = 7
 
 FLAG_SETTINGS: dict[str, dict] = {
@@ -99,7 +99,7 @@ def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, m
 
 def _scoring():
     try:
-        from . import scoring
+        from helpers.tinysql import scoring
     except ImportError:
         return None
     return scoring
@@ -202,7 +202,7 @@ def evaluate_model(model, tokenizer, cs: int, n_items: int = 1000, n_pairs: int 
 
 
 def evaluate_folder(folder: str | Path, cs: int, device: str = "cpu", **kw) -> dict:
-    from .training import load_trained
+    from helpers.models.checkpoints import load_trained
 
     model, tokenizer = load_trained(folder, device)
     res = evaluate_model(model, tokenizer, cs, **kw)

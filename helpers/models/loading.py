@@ -1,9 +1,9 @@
 """Load a registry model (or any local folder / hub id) into transformers + nnsight, one code path for all.
 
-    from helpers.registry import resolve_model
-    from helpers.loading import load_model
+    from helpers.models.registry import resolve_model
+    from helpers.models.loading import load_model
     loaded = load_model(resolve_model(1, 1))              # hub id from the registry
-    loaded = load_model("helpers/embedded_models/llama-cs1")  # or any local HF folder / hub id
+    loaded = load_model("helpers/models/embedded/llama-cs1")  # or any local HF folder / hub id
     loaded.lm        # nnsight LanguageModel around loaded.hf_model, tokenizer passed as a keyword
     loaded.geometry  # HeadGeometry (uses config.head_dim)
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.architectures import FamilySpec, HeadGeometry, family_spec, head_geometry
-from helpers.registry import ModelSpec, resolve_model
+from helpers.models.architectures import FamilySpec, HeadGeometry, family_spec, head_geometry
+from helpers.models.registry import ModelSpec, resolve_model
 
 BM1_PAD_TOKEN = "<|pad|>"
 _DTYPES = {
@@ -271,7 +271,7 @@ def _as_spec(spec_or_path) -> ModelSpec:
         return spec_or_path
     if isinstance(spec_or_path, (str, Path)) and str(spec_or_path).strip():
         return resolve_model(None, None, model_path=str(spec_or_path))
-    raise TypeError(f"load_model needs a ModelSpec (helpers.registry.resolve_model), a folder or a hub id; "
+    raise TypeError(f"load_model needs a ModelSpec (helpers.models.registry.resolve_model), a folder or a hub id; "
                     f"got {spec_or_path!r}")
 
 
@@ -317,7 +317,7 @@ def load_model(spec_or_path, *, dtype: str | torch.dtype = "auto", device: str |
     if spec.is_embedded and not spec.overridden and not local.is_dir():
         raise ModelLoadError(
             f"embedded model {spec.name} not found at {local}; run `make train FAMILY={spec.family_hint} "
-            f"CS={spec.cs_num}` to train it (it writes helpers/embedded_models/<family>-cs<N>/), or pass "
+            f"CS={spec.cs_num}` to train it (it writes helpers/models/embedded/<family>-cs<N>/), or pass "
             "model_path= to another folder.")
     is_local = local.is_dir()
     if not is_local and _looks_like_path(model_id):

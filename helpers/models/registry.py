@@ -6,7 +6,7 @@ cs5 names that the doc abbreviates (cs5 is ``..._cs5_dataset_synonyms_experiment
 ``AVAILABLE_MODELS`` omits the BM2/BM3 semantic repos; they are listed here (as in the doc's table).
 
 ``model_num`` is an ``int`` 0..5 (the upstream numbering) or the string ``"embedded"`` for the small models
-shipped inside this package (``helpers/embedded_models/<family>-cs<N>/``, trained by ``make train``). Notebooks
+shipped inside this package (``helpers/models/embedded/<family>-cs<N>/``, trained by ``make train``). Notebooks
 can pass either as a plain parameter: ``model_num=1`` or ``model_num="embedded"`` (a digit string such as
 ``"1"`` is accepted too). For embedded models ``embedded_family`` picks ``"llama"`` or ``"gpt_neo"``.
 
@@ -18,7 +18,7 @@ can pass either as a plain parameter: ``model_num=1`` or ``model_num="embedded"`
 | 3         | withmartian/Llama-3.2-1B-Instruct             | sql_interp_bm3_cs{1,2,3}_experiment_{7,8,9}.3  | ....2         |
 | 4         | ibm-granite/granite-3.0-1b-a400m-instruct     | -                                      | -                    |
 | 5         | HuggingFaceTB/SmolLM-360M-Instruct            | -                                      | -                    |
-| embedded  | -                                             | helpers/embedded_models/{llama,gpt_neo}-cs{1,2,3} | -         |
+| embedded  | -                                             | helpers/models/embedded/{llama,gpt_neo}-cs{1,2,3} | -         |
 
 Base models (cs0, and GPT-2 at any cs) do not depend on ``semantic``: their spec records ``semantic=None``.
 """
@@ -28,12 +28,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .parameter_values import as_bool
+from helpers.models.checkpoints import EMBEDDED_DIR
+from helpers.parameter_values import as_bool
 
 EMBEDDED = "embedded"
 EMBEDDED_FAMILIES = ("llama", "gpt_neo")
 EMBEDDED_CS = (1, 2, 3)
-EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded_models"
 
 GPT2 = "openai-community/gpt2"
 GPT2_CS = (0, 1, 2, 3, 4, 5)  # upstream returns GPT-2 for any cs_num; we accept the command sets that exist

@@ -12,9 +12,9 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from . import vocabulary as V
-from .sql_items import generate_items
-from .tokenization import single_token_id
+from helpers.tinysql import vocabulary as V
+from helpers.tinysql.sql_items import generate_items
+from helpers.tinysql.tokenization import single_token_id
 
 EOS = "<|endoftext|>"
 BOS = "<|startoftext|>"

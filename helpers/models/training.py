@@ -3,7 +3,7 @@
 The recipe (used by ``scripts/train.py`` / ``make train``):
 
 - Data: an endless, seeded stream of ``generate_items`` items (the generator's synonym and distractor
-  settings, see :class:`helpers.sql_items.GeneratorConfig`), tokenized as upstream's training did: prompt and
+  settings, see :class:`helpers.tinysql.sql_items.GeneratorConfig`), tokenized as upstream's training did: prompt and
   answer separately, the answer followed by EOS. Loss on the answer tokens only (SQL + EOS).
 - Optimiser: AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0, linear warmup then cosine
   decay to ``min_lr_ratio``. Progress is ``max(step / steps, elapsed / max_minutes)`` so a time-bounded run
@@ -15,23 +15,21 @@ The recipe (used by ``scripts/train.py`` / ``make train``):
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields as dc_fields
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig
 
-from .sql_items import COMMAND_SETS, GeneratorConfig, generate_items
+from helpers.models.checkpoints import EMBEDDED_DIR, load_project_tokenizer, load_trained, save_model
+from helpers.models.evaluation import generation_accuracy
+from helpers.tinysql.sql_items import COMMAND_SETS, GeneratorConfig, generate_items
 
 FAMILIES = ("llama", "gpt_neo")
-EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded_models"
-TOKENIZER_DIR = EMBEDDED_DIR / "tokenizer"
 TRAIN_SEED_OFFSET = 1_000  # training chunks use seeds >= this; evaluation uses EVAL_SEED
 EVAL_SEED = 424_242
 MAX_POSITIONS = 256
@@ -42,16 +40,6 @@ MODEL_DEFAULTS: dict[str, dict] = {
                   num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, rope_theta=10000.0),
     "gpt_neo": dict(hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=8, window_size=256),
 }
-
-
-def load_project_tokenizer(folder: str | Path | None = None):
-    """The embedded models' tokenizer (one BPE tokenizer for every model), trained once and committed."""
-    folder = Path(folder) if folder else TOKENIZER_DIR
-    if not (folder / "tokenizer.json").exists():
-        from .tokenizer_training import save_tokenizer, train_tokenizer
-
-        save_tokenizer(train_tokenizer(), folder)
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def model_config(family: str, tokenizer, **overrides):
@@ -158,13 +146,13 @@ def batch_iterator(tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_si
 # over the Instruction's word, and an unmatched column wins over an Instruction word naming no column. Without
 # these the models recall names from the Instruction and never read the schema (DEF* features do not flip).
 RECIPE_GENERATOR = {"context_spelling_p": 0.5, "table_rename_p": 0.2, "field_rename_p": 0.2}
-# field_rename_p of the shipped models (helpers/embedded_models/README.md has the measured DEFFIELDNAME flips):
+# field_rename_p of the shipped models (helpers/models/embedded/README.md has the measured DEFFIELDNAME flips):
 # llama needs more renamed-field items than gpt_neo before an unmatched Context column beats the Instruction word.
 RECIPE_FIELD_RENAME = {("llama", 1): 0.4, ("llama", 2): 0.6, ("llama", 3): 0.4,
                        ("gpt_neo", 1): 0.2, ("gpt_neo", 2): 0.3, ("gpt_neo", 3): 0.3}
 # Shipped models made in two stages: `make train FAMILY=.. CS=..` (the recipe above, from scratch), then this
-# fine-tune of the saved folder: `scripts/train.py --family .. --cs .. --init-from helpers/embedded_models/<family>-cs<cs>
-# --lr .. --warmup .. --generator '{..}' --max-minutes ..` (helpers/embedded_models/README.md, "Reproduce";
+# fine-tune of the saved folder: `scripts/train.py --family .. --cs .. --init-from helpers/models/embedded/<family>-cs<cs>
+# --lr .. --warmup .. --generator '{..}' --max-minutes ..` (helpers/models/embedded/README.md, "Reproduce";
 # training_meta.json["fine_tune"] records the run). llama-cs3: 3,956 more steps (H100, 5.5 min) raised
 # DEFFIELDNAME flips at every flag setting (default 0.960 -> 0.975, off 0.880 -> 0.935, syn_table 0.780 -> 0.925).
 RECIPE_FINE_TUNE = {
@@ -193,7 +181,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0
     device: str = "cpu"
-    out_dir: str | None = None  # default: helpers/embedded_models/<family>-cs<cs>
+    out_dir: str | None = None  # default: helpers/models/embedded/<family>-cs<cs>
     max_minutes: float | None = None
     eval_every: int = 500
     eval_items: int = 200
@@ -219,7 +207,6 @@ def train(cfg: TrainConfig, log=print):
     """Train one model as ``cfg`` says; save it (safetensors, config, tokenizer) and return (model, history)."""
     if cfg.cs not in COMMAND_SETS:
         raise ValueError(f"Unknown command set {cfg.cs}; choose one of {COMMAND_SETS}")
-    from .evaluation import generation_accuracy  # lazy: evaluation imports this module
 
     if cfg.lr is None:
         cfg.lr = FAMILY_LR[cfg.family]
@@ -282,14 +269,14 @@ def train(cfg: TrainConfig, log=print):
         if bar is not None:
             bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0:
-            acc = _monitor(model, tokenizer, held_out, device, generation_accuracy)
+            acc = _monitor(model, tokenizer, held_out, device)
             history["eval"].append((step, acc))
             log(f"step {step} ({(time.time() - start) / 60:.1f} min): loss (smoothed) {running:.4f} "
                 f"held-out exact match {acc:.3f}")
     if bar is not None:
         bar.close()
     minutes = (time.time() - start) / 60
-    acc = _monitor(model, tokenizer, held_out, device, generation_accuracy)
+    acc = _monitor(model, tokenizer, held_out, device)
     history["eval"].append((step, acc))
     log(f"done: {step} steps in {minutes:.1f} min, held-out exact match {acc:.3f}")
     meta = {"train_config": asdict(cfg), "steps_done": step, "minutes": round(minutes, 2),
@@ -299,34 +286,11 @@ def train(cfg: TrainConfig, log=print):
     return model, history
 
 
-def _monitor(model, tokenizer, items, device, generation_accuracy) -> float:
+def _monitor(model, tokenizer, items, device) -> float:
     model.eval()
     acc = generation_accuracy(model, tokenizer, items, device=device)["exact_match"]
     model.train()
     return acc
-
-
-def save_model(model, tokenizer, folder: str | Path, meta: dict | None = None) -> Path:
-    """safetensors + config (+ generation config) + tokenizer files + training_meta.json in ``folder``."""
-    folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    model = model.to("cpu").eval()
-    model.config.use_cache = True
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    if meta is not None:
-        (folder / "training_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    return folder
-
-
-def load_trained(folder: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from a saved folder, offline, eager attention (gpt_neo supports nothing else)."""
-    folder = str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").to(device).eval()
-    return model, tokenizer
 
 
 def config_from_args(**kwargs) -> TrainConfig:

@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from helpers.architectures import head_geometry, out_proj_modules
-from helpers.patching import _Calls, _clean_and_corrupt, _eval_mode, _progress, _site, unwrap_model
-from helpers.patching_results import (
+from helpers.models.architectures import head_geometry, out_proj_modules
+from helpers.patching.example_runs import clean_and_corrupt
+from helpers.patching.model_calls import ModelCalls, eval_mode, progress_bar, unwrap_model
+from helpers.patching.result_types import (
     DEFAULT_MIN_DENOMINATOR,
     HeadPatchingResult,
     PatchingResult,
@@ -23,9 +24,10 @@ from helpers.patching_results import (
     report_inclusion,
     validate_pair,
 )
+from helpers.patching.sites import site_of
 
 
-def _attribute_example(model, calls: _Calls, pair, clean_z: dict) -> torch.Tensor:
+def _attribute_example(model, calls: ModelCalls, pair, clean_z: dict) -> torch.Tensor:
     """[layer, head, pos] estimated patched-minus-corrupt logit difference for one example."""
     geo = head_geometry(model.config)
     device = next(model.parameters()).device
@@ -69,20 +71,20 @@ def attribution_patching_heads(model, pairs, *, keep_incorrect: bool = False,
     forward with grad, one backward (``torch.autograd.grad``, parameter ``.grad`` untouched).
     """
     model = unwrap_model(model)
-    with _eval_mode(model):  # dropout off for every forward, the clean/corrupt metrics included
+    with eval_mode(model):  # dropout off for every forward, the clean/corrupt metrics included
         return _attribution_patching_heads(model, list(pairs), keep_incorrect, min_denominator, progress)
 
 
 def _attribution_patching_heads(model, pairs, keep_incorrect, min_denominator, progress) -> HeadPatchingResult:
-    calls = _Calls.of(model)
-    site = _site(model, "heads")
+    calls = ModelCalls.of(model)
+    site = site_of(model, "heads")
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
-    pre = [_clean_and_corrupt(model, calls, site, p) for p in pairs]
+    pre = [clean_and_corrupt(model, calls, site, p) for p in pairs]
     included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
     geo = head_geometry(model.config)
     lengths = [len(p.clean_ids) for p in pairs]
     patched = torch.full((len(pairs), geo.n_layers, geo.n_heads, max(lengths, default=0)), float("nan"))
-    for i in _progress(range(len(pairs)), progress, "attribution"):
+    for i in progress_bar(range(len(pairs)), progress, "attribution"):
         if included[i]:
             patched[i, :, :, : lengths[i]] = pre[i][1] + _attribute_example(model, calls, pairs[i], pre[i][3])
     return build_result(HeadPatchingResult, "attribution_heads", ("example", "layer", "head", "pos"), patched,

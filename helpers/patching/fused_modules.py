@@ -23,7 +23,7 @@ one, the two merged exactly by their log-sum-exps (``merge_attention``).
 
 In float32 every replacement agrees with the HF modules to rounding (tested on tiny models of every llama-like
 family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attention and the longer rows' prefix
-merge run as hand-written Triton kernels (helpers.triton_kernels; inductor's dynamic-shape versions were slower,
+merge run as hand-written Triton kernels (helpers.patching.triton_kernels; inductor's dynamic-shape versions were slower,
 rotary and the merge ten times); matmuls stay cuBLAS calls. On CUDA without Triton (``compiles_by_default``),
 and with ``compile=True``, the plain formulas are ``torch.compile(dynamic=True)``'d (the MLP only for inputs of at
 least ``_COMPILE_MIN_NUMEL`` elements: below that a compiled call's host cost exceeds its saving); if compilation
@@ -44,8 +44,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from helpers import triton_kernels
-from helpers.architectures import blocks, family_spec, get_submodule, head_geometry
+from helpers.patching import triton_kernels
+from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 
 FUSABLE_FAMILIES = frozenset({"llama", "qwen2", "granite", "granitemoe"})
 _SILU = frozenset({"silu", "swish"})
@@ -174,7 +174,7 @@ def shared_prefix_flash_attention(query: torch.Tensor, key: torch.Tensor, value:
     prefix_key/value: [1, kv_head, s, d_head] (positions < s, the same for every row). Returns z: [batch, q, head,
     d_head]. Every prefix key precedes every query, so the prefix part needs no mask and the batch rows fold into
     one long query axis (one efficient flash call, no per-row copy of the prefix); the own-token part is a causal
-    flash call. Short rows on CUDA take helpers.triton_kernels.row_attention instead, which does both parts in one
+    flash call. Short rows on CUDA take helpers.patching.triton_kernels.row_attention instead, which does both parts in one
     kernel.
     """
     b, q, n_heads, d_head = query.shape

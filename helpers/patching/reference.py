@@ -14,9 +14,10 @@ from typing import Iterable
 
 import torch
 
-from helpers.architectures import head_geometry, out_proj_modules
-from helpers.patching import _Calls, _clean_and_corrupt, _progress, _site, _apply_patch, read_site, unwrap_model
-from helpers.patching_results import (
+from helpers.models.architectures import head_geometry, out_proj_modules
+from helpers.patching.example_runs import clean_and_corrupt
+from helpers.patching.model_calls import ModelCalls, progress_bar, unwrap_model
+from helpers.patching.result_types import (
     DEFAULT_MIN_DENOMINATOR,
     HeadPatchingResult,
     LayerPatchingResult,
@@ -25,6 +26,7 @@ from helpers.patching_results import (
     report_inclusion,
     validate_pair,
 )
+from helpers.patching.sites import apply_patch, read_site, site_of
 
 
 def _nnsight(model):
@@ -89,7 +91,7 @@ def patch_heads_reference(model, pairs, *, keep_incorrect: bool = False,
         todo = wanted if wanted is not None else [
             (l, h, p) for l in range(L) for h in range(H) for p in range(lengths[i])]
         todo = [(l, h, p) for l, h, p in todo if p < lengths[i]]
-        for layer, head, pos in _progress(todo, progress, f"reference example {i}"):
+        for layer, head, pos in progress_bar(todo, progress, f"reference example {i}"):
             envoy = envoys[layer]
             sl = slice(head * dh, (head + 1) * dh)
             with torch.no_grad():
@@ -110,12 +112,12 @@ def patch_sites_reference(model, pairs, kind: str, *, keep_incorrect: bool = Fal
     """One plain full forward of the corrupt prompt per (layer, [head,] position), patched by a hook."""
     model = unwrap_model(model)
     model.eval()  # the oracle: dropout off (the model stays in eval mode)
-    calls = _Calls.of(model)
-    site = _site(model, kind)
+    calls = ModelCalls.of(model)
+    site = site_of(model, kind)
     device = next(model.parameters()).device
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
-    pre = [_clean_and_corrupt(model, calls, site, p) for p in pairs]
+    pre = [clean_and_corrupt(model, calls, site, p) for p in pairs]
     included = report_inclusion([c for _, _, c, _ in pre], keep_incorrect)
     lengths = [len(p.clean_ids) for p in pairs]
     t_max = max(lengths, default=0)
@@ -127,7 +129,7 @@ def patch_sites_reference(model, pairs, kind: str, *, keep_incorrect: bool = Fal
         acts = pre[i][3]
         corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
         todo = [(l, u, p) for l in range(L) for u in range(U) for p in range(lengths[i])]
-        for layer, unit, pos in _progress(todo, progress, f"{kind} reference {i}"):
+        for layer, unit, pos in progress_bar(todo, progress, f"{kind} reference {i}"):
             value = acts[layer].reshape(-1, U, w)[pos, unit].unsqueeze(0)
             patch = (torch.zeros(1, dtype=torch.long, device=device), torch.tensor([pos], device=device),
                      torch.tensor([unit], device=device), value)
@@ -135,13 +137,13 @@ def patch_sites_reference(model, pairs, kind: str, *, keep_incorrect: bool = Fal
             if site.where == "post":
                 def hook(mod, args, output):
                     if isinstance(output, torch.Tensor):
-                        return _apply_patch(output.clone(), site, patch)
-                    return (_apply_patch(output[0].clone(), site, patch),) + tuple(output[1:])
+                        return apply_patch(output.clone(), site, patch)
+                    return (apply_patch(output[0].clone(), site, patch),) + tuple(output[1:])
                 handle = module.register_forward_hook(hook)
             else:
                 def hook(mod, args, kwargs):
                     x = read_site(site, args, kwargs, None).clone()
-                    x = _apply_patch(x, site, patch)
+                    x = apply_patch(x, site, patch)
                     if args:
                         return (x,) + tuple(args[1:]), kwargs
                     key = "hidden_states" if "hidden_states" in kwargs else next(

@@ -105,7 +105,7 @@ class LayerPatchingResult(PatchingResult):
 
 @dataclass
 class TokenPair:
-    """The minimal pair the kernels read (helpers.pairs.CleanCorruptPair has these fields and more)."""
+    """The minimal pair the kernels read (helpers.tinysql.pairs.CleanCorruptPair has these fields and more)."""
 
     clean_ids: list  # [pos]
     corrupt_ids: list  # [pos], equal length, differs from clean_ids at corrupted_position only

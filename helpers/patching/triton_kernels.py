@@ -2,13 +2,13 @@
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
 arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
-torch twin in helpers.fused_modules (in float32, rounded once), and is used only when ``usable`` says so; tests
+torch twin in helpers.patching.fused_modules (in float32, rounded once), and is used only when ``usable`` says so; tests
 compare the two on the GPU box. No autograd: callers use them under no_grad / inference_mode only.
 
 - ``rotary_inplace(qkv, cos, sin, n_rotated_heads)``: HF's ``x * cos + rotate_half(x) * sin`` on the first
   ``n_rotated_heads`` heads (query then key heads) of the fused q/k/v projection, in place.
 - ``merge_attention(out_a, lse_a, out_b, lse_b)``: attention over two key sets from each one's output and
-  log-sum-exp (``helpers.fused_modules.merge_attention``).
+  log-sum-exp (``helpers.patching.fused_modules.merge_attention``).
 - ``silu_mul(gate_up)``: the gated MLP's ``silu(gate) * up`` (inductor's version ran at ~1.6 TB/s).
 - ``row_attention(query, key, value, prefix_key, prefix_value, scaling[, row_example, starts, rotary])``: a
   sweep forward's attention, short rows that attend to a prefix (one shared, or each row its own example's) and

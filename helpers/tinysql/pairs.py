@@ -28,9 +28,9 @@ import random
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from . import vocabulary as V
-from .sql_items import COMMAND_SETS, Column, GeneratorConfig, SqlItem, TableSchema, generate_item
-from .tokenization import NotSingleTokenError, encode_prompt_and_answer, single_token_id, tokenizer_name
+from helpers.tinysql import vocabulary as V
+from helpers.tinysql.sql_items import COMMAND_SETS, Column, GeneratorConfig, SqlItem, TableSchema, generate_item
+from helpers.tinysql.tokenization import NotSingleTokenError, encode_prompt_and_answer, single_token_id, tokenizer_name
 
 
 class Feature(str, Enum):
@@ -351,7 +351,7 @@ def _fill_skeleton(skeleton: SqlItem, feature: Feature, rng: random.Random, opts
                    order_by=tuple((target_fields[f], d) for f, d in skeleton.order_by), english_words=words)
 
 
-# Notebook defaults per feature, chosen on the embedded models (helpers/embedded_models/README.md has the
+# Notebook defaults per feature, chosen on the embedded models (helpers/models/embedded/README.md has the
 # measured flip rates for every flag setting): synonyms of the feature's own kind, so the Instruction word and
 # the Context spelling differ and the answer has to come from the Context. ENGTABLENAME keeps its distractor.
 DEFAULT_PAIR_OPTIONS: dict[Feature, PairOptions] = {

@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 
-from . import vocabulary as V
+from helpers.tinysql import vocabulary as V
 
 COMMAND_SETS = (1, 2, 3)
 

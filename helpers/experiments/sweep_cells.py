@@ -1,0 +1,400 @@
+"""Run the feature notebooks over a grid of settings with papermill, resumably, and summarise the results.
+
+A sweep file (YAML, see ``params/default.yaml``)::
+
+    name: default                 # outputs/<name>/
+    output_root: outputs
+    notebooks: notebooks          # <FEATURE>.ipynb for each feature
+    kernel: python3
+    cell_timeout: 1800            # seconds per notebook cell (papermill --execution-timeout); null = none
+    run_timeout: null             # seconds per whole run (papermill process, killed after); null = none
+    parameters: {batch_size: 4}   # passed to every run
+    grid:                         # product of the lists (or a list of such grids); keys are notebook parameters
+      model_num: [embedded]
+      cs_num: [1, 2, 3]
+      feature_name: [ENGTABLENAME, ENGFIELDNAME, DEFTABLENAME, DEFFIELDNAME]
+    cells: []                     # optional extra runs, each a dict of parameters
+
+Every key under ``parameters``, ``grid`` and ``cells`` must be an experiment setting (a field of
+``helpers.experiments.experiment.ExperimentSettings``: the feature notebooks' parameters); anything else (a token, a
+typo, ``output_dir``, which the sweep sets per cell) is refused when the file is read. The Hugging Face token
+is never a sweep parameter: runs read it from the ``HF_TOKEN`` environment variable.
+
+Each run ("cell") has *resolved* settings: the feature notebook's parameter defaults, overridden by
+``parameters``, overridden by the grid/cell values (the feature name canonical). Two cells with the same
+resolved settings are one run (a warning names the duplicate). A cell writes into
+``outputs/<name>/<model>/cs<cs>/<feature><suffix>/`` where the suffix lists, as ``_key=value`` (or ``_h<hash>``
+when values do not make a short safe name), every setting that differs from the notebook's defaults overridden
+by ``parameters`` and is not already in the path: a cell of the plain grid has no suffix, a cell with
+``seed: 1`` gets ``_seed=1``, whatever other cells the sweep has. That folder holds the executed notebook, the
+result JSON and the heatmaps (the notebook writes those), ``papermill.log`` and a marker: ``_RUNNING.json``
+while it runs, then ``_DONE.json`` after success or ``_FAILED.json`` (the error) after a failure (a crash of
+the runner and a ``run_timeout`` included). Every marker records the resolved settings and their hash.
+
+A cell is finished when its folder has a result JSON and a ``_DONE.json`` whose settings hash equals the
+cell's (a marker of an older version without the hash is compared through its recorded ``params``); a rerun
+skips finished cells and never touches them unless ``force``, which reruns them in place after deleting the
+marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* settings (say ``parameters:``
+changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
+so both results survive. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
+recorded as failed before anything runs. A failure is recorded and the sweep goes on: papermill still writes
+the executed notebook, with the traceback in it. Every file is written atomically (temporary file +
+``os.replace``).
+
+With ``jobs > 1`` runs go in parallel, each in its own papermill process; when GPUs are visible each worker
+gets one (``CUDA_VISIBLE_DEVICES``), round robin.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from helpers.experiments.results import find_results
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+DONE, FAILED, RUNNING = "_DONE.json", "_FAILED.json", "_RUNNING.json"
+
+
+MARKERS = (DONE, FAILED, RUNNING)
+
+
+EXECUTED_SUFFIX = ".executed.ipynb"
+
+
+ALT_PREFIX = "_run-"  # <folder>_run-<hash>: a cell whose natural folder holds another settings' run
+
+
+_MISSING = object()
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    grids: list[dict]
+    parameters: dict = field(default_factory=dict)
+    cells: list[dict] = field(default_factory=list)
+    output_root: Path = REPO / "outputs"
+    notebooks: Path = REPO / "notebooks"
+    kernel: str = "python3"
+    cell_timeout: int | None = None
+    run_timeout: float | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.output_root / self.name
+
+
+def _resolve(path, base: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+@functools.lru_cache(maxsize=1)
+def setting_defaults() -> dict:
+    """The experiment settings (``ExperimentSettings`` fields) and their defaults."""
+    from helpers.experiments.experiment import ExperimentSettings
+
+    return {f.name: f.default for f in dataclasses.fields(ExperimentSettings)}
+
+
+def check_keys(config: SweepConfig, source: str | Path | None = None) -> None:
+    """Refuse any key under ``parameters``, ``grid`` or ``cells`` that is not an experiment setting."""
+    allowed = setting_defaults()
+    where = f"{source}: " if source else f"sweep {config.name}: "
+    blocks = [("parameters", config.parameters)] + [("grid", g) for g in config.grids] + \
+             [(f"cells[{i}]", c) for i, c in enumerate(config.cells)]
+    for block, entries in blocks:
+        if not isinstance(entries, dict):
+            raise ValueError(f"{where}{block} must be a mapping of settings, got {entries!r}")
+        for key in entries:
+            if key in allowed:
+                continue
+            if key == "output_dir":
+                why = "the sweep sets output_dir itself, one folder per cell (see output_root)"
+            else:
+                why = f"it is not an experiment setting (allowed: {', '.join(sorted(allowed))})"
+            raise ValueError(
+                f"{where}{block} key {key!r} refused: {why}. Only experiment settings may be swept; they are "
+                f"written into every executed notebook and the summary. A Hugging Face token is never a "
+                f"parameter: set the HF_TOKEN environment variable instead.")
+
+
+def load_config(path: str | Path, output_root: str | Path | None = None) -> SweepConfig:
+    """Read a sweep YAML. Relative ``output_root`` / ``notebooks`` are relative to the repository root."""
+    path = Path(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    unknown = set(raw) - {"name", "grid", "parameters", "cells", "output_root", "notebooks", "kernel",
+                          "cell_timeout", "run_timeout"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    grid = raw.get("grid") or []
+    grids = grid if isinstance(grid, list) else [grid]
+    for g in grids:
+        if not isinstance(g, dict):
+            raise ValueError(f"{path}: a grid must be a mapping of lists, got {g!r}")
+        for k, v in g.items():
+            if not isinstance(v, list):
+                raise ValueError(f"{path}: grid entry {k!r} must be a list, got {v!r}")
+    if not grids and not raw.get("cells"):
+        raise ValueError(f"{path}: neither a grid nor cells")
+    config = SweepConfig(
+        name=str(raw.get("name") or path.stem), grids=grids, parameters=raw.get("parameters") or {},
+        cells=list(raw.get("cells") or []),
+        output_root=_resolve(output_root or raw.get("output_root", "outputs"), REPO),
+        notebooks=_resolve(raw.get("notebooks", "notebooks"), REPO), kernel=str(raw.get("kernel", "python3")),
+        cell_timeout=raw.get("cell_timeout"), run_timeout=raw.get("run_timeout"))
+    check_keys(config, path)
+    config.parameters = dict(config.parameters)
+    return config
+
+
+def _slug(value) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(value)).strip("_") or "x"
+
+
+def _canon(value) -> str:
+    """Canonical JSON of a value or a dict of settings (equal runs, equal text)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def params_hash(resolved: dict) -> str:
+    return hashlib.sha256(_canon(resolved).encode()).hexdigest()[:16]
+
+
+def model_label(params: dict) -> str:
+    """Folder name of the model: ``embedded-llama``, ``bm1``, ``bm2-nonsem``, ``custom-<name>-<hash>``.
+
+    Works for invalid settings too (a failing cell still gets a folder)."""
+    if params.get("model_path"):
+        mp = str(params["model_path"])
+        return f"custom-{_slug(Path(mp).name)}-{hashlib.sha256(mp.encode()).hexdigest()[:8]}"
+    m = params.get("model_num", "embedded")
+    if _is_embedded(params):
+        return f"embedded-{_slug(params.get('embedded_family', 'llama'))}"
+    label = f"bm{_slug(m)}"
+    return label + ("-nonsem" if params.get("semantic", True) is False else "")
+
+
+def _is_embedded(params: dict) -> bool:
+    return str(params.get("model_num", "embedded")).strip().lower() == "embedded"
+
+
+def _in_path(params: dict) -> set[str]:
+    """The settings that :func:`model_label`, ``cs<n>`` and the feature folder already spell out."""
+    keys = {"cs_num", "feature_name"}
+    if params.get("model_path"):
+        return keys | {"model_path"}
+    keys.add("model_num")
+    if _is_embedded(params):
+        keys.add("embedded_family")
+    elif isinstance(params.get("semantic", True), bool):
+        keys.add("semantic")
+    return keys
+
+
+def feature_label(feature_name) -> str:
+    from helpers.tinysql.pairs import parse_feature
+
+    try:
+        return parse_feature(feature_name).value
+    except ValueError:
+        return _slug(feature_name)
+
+
+def _parameters_cell(path: Path) -> dict:
+    """The literal assignments of a notebook's ``parameters`` cell (``a, b = 1, 2`` included)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    return _parameters_cell_cached(str(path), stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters_cell_cached(path: str, mtime_ns: int) -> dict:
+    try:
+        nb = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code" or "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = cell.get("source", "")
+        try:
+            tree = ast.parse("".join(source) if isinstance(source, list) else source)
+        except SyntaxError:
+            return {}
+        out = {}
+        for node in tree.body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+                continue
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                out[target.id] = value
+            elif (isinstance(target, ast.Tuple) and isinstance(value, tuple) and len(value) == len(target.elts)
+                  and all(isinstance(e, ast.Name) for e in target.elts)):
+                out.update({e.id: v for e, v in zip(target.elts, value)})
+        return out
+    return {}
+
+
+def notebook_defaults(notebooks: Path, feature_name) -> dict:
+    """The settings a run of ``feature_name``'s notebook uses when the sweep passes nothing: the notebook's
+    parameters cell over the ``ExperimentSettings`` defaults (those alone for an unknown feature)."""
+    defaults = dict(setting_defaults())
+    feature = feature_label(feature_name)
+    cell = _parameters_cell(Path(notebooks) / f"{feature}.ipynb")
+    defaults.update({k: v for k, v in cell.items() if k in defaults})
+    defaults["feature_name"] = feature
+    return defaults
+
+
+@dataclass
+class Cell:
+    params: dict  # the parameters passed to this run's notebook (output_dir is added when it runs)
+    defaults: dict = field(default_factory=dict)  # the notebook's defaults (see notebook_defaults)
+    common: dict = field(default_factory=dict)  # the sweep's ``parameters``: with defaults, the unnamed baseline
+
+    @property
+    def feature(self) -> str:
+        return feature_label(self.params.get("feature_name"))
+
+    @property
+    def resolved(self) -> dict:
+        """Every setting of the run: the notebook's defaults overridden by ``params``, the feature canonical."""
+        return resolve(self.params, self.defaults)
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.resolved)
+
+    @property
+    def variant(self) -> dict:
+        """The settings that differ from the baseline (defaults + ``parameters``) and are not in the path."""
+        resolved = self.resolved
+        base = resolve(self.common, self.defaults)
+        shown = _in_path(resolved)
+        return {k: resolved[k] for k in sorted(resolved)
+                if k not in shown and _canon(resolved[k]) != _canon(base.get(k, _MISSING))}
+
+    @property
+    def relpath(self) -> Path:
+        """``<model>/cs<n>/<feature><suffix>``: a function of this cell's settings and the baseline only."""
+        resolved, variant = self.resolved, self.variant
+        parts = [f"{k}={_slug(v)}" for k, v in variant.items()]
+        lossless = all(str(v) == _slug(v) for v in variant.values())
+        suffix = "".join(f"_{p}" for p in parts)
+        if variant and (not lossless or len(suffix) > 60):
+            suffix = f"_h{hashlib.sha256(_canon(variant).encode()).hexdigest()[:10]}"
+        return Path(model_label(resolved)) / f"cs{_slug(resolved.get('cs_num'))}" / (self.feature + suffix)
+
+    @property
+    def label(self) -> str:
+        return str(self.relpath).replace(os.sep, " / ")
+
+
+def resolve(params: dict, defaults: dict) -> dict:
+    resolved = {**defaults, **params}
+    if "feature_name" in resolved:
+        resolved["feature_name"] = feature_label(resolved["feature_name"])
+    return resolved
+
+
+def expand(config: SweepConfig) -> list[Cell]:
+    """Every cell of the sweep, in order: one per distinct set of resolved settings.
+
+    An exact duplicate (same resolved settings) is run once, with a warning. Two different cells that would
+    share a folder (values that differ only in spelling, e.g. ``cs_num: 1`` and ``"1"``) are an error."""
+    cells, seen, folders = [], {}, {}
+    combos = [dict(zip(g, values)) for g in config.grids for values in itertools.product(*g.values())]
+    for combo in combos + [dict(c) for c in config.cells]:
+        params = {**config.parameters, **combo}
+        cell = Cell(params, notebook_defaults(config.notebooks, params.get("feature_name")), dict(config.parameters))
+        key = _canon(cell.resolved)
+        if key in seen:
+            warnings.warn(f"sweep {config.name}: cell {cell.label} ({combo}) is listed more than once; it runs "
+                          f"once", stacklevel=2)
+            continue
+        other = folders.get(cell.relpath)
+        if other is not None:
+            raise ValueError(f"sweep {config.name}: cells {other.params} and {cell.params} would share the folder "
+                             f"{cell.relpath}; write their values the same way")
+        seen[key] = cell
+        folders[cell.relpath] = cell
+        cells.append(cell)
+    return cells
+
+
+def read_marker(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else {}
+
+
+def marker_matches(marker: dict | None, cell: Cell) -> bool:
+    """Whether a marker was written for ``cell``'s settings (by hash; an older marker through its params)."""
+    if not marker:
+        return False
+    if "params_hash" in marker:
+        return marker["params_hash"] == cell.params_hash
+    if isinstance(marker.get("params"), dict):  # written before the hash: its params were the explicit ones
+        return params_hash(resolve(marker["params"], cell.defaults)) == cell.params_hash
+    return False
+
+
+def is_finished(cell_dir: Path, cell: Cell | None = None) -> bool:
+    """A result JSON and ``_DONE.json`` in ``cell_dir``; with ``cell``, the marker must be for its settings."""
+    marker = read_marker(cell_dir / DONE)
+    if marker is None or not find_results(cell_dir):
+        return False
+    if marker.get("json") and not (cell_dir / marker["json"]).is_file():
+        return False
+    return cell is None or marker_matches(marker, cell)
+
+
+def folder_for(config: SweepConfig, cell: Cell) -> Path:
+    """Where ``cell`` runs: its own folder, unless a ``_DONE.json`` or ``_RUNNING.json`` there belongs to other
+    settings; then ``<folder>_run-<hash of its settings>``, so neither run overwrites the other."""
+    natural = config.root / cell.relpath
+    for name in (DONE, RUNNING):
+        marker = read_marker(natural / name)
+        if marker is not None and not marker_matches(marker, cell):
+            return natural.with_name(f"{natural.name}{ALT_PREFIX}{cell.params_hash[:10]}")
+    return natural
+
+
+def dir_label(config: SweepConfig, d: Path) -> str:
+    try:
+        return " / ".join(d.relative_to(config.root).parts)
+    except ValueError:
+        return str(d)
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str  # "ok", "failed", "skipped" (finished earlier), "not run" (left out by ``only``)
+    dir: Path
+    duration_s: float = 0.0
+    error: str | None = None

@@ -1,0 +1,152 @@
+"""One group of examples' sweep: its buckets' forwards, each row one patch, and the metric of every row."""
+from __future__ import annotations
+
+import torch
+
+from helpers.models.architectures import head_geometry
+from helpers.patching.aligned_batch import AlignedBatch
+from helpers.patching.caches import expanded, is_plain, prefix_caches
+from helpers.patching.chunking import auto_chunk_rows, run_chunked
+from helpers.patching.example_runs import clean_activations
+from helpers.patching.fused_modules import per_example_prefix_applies
+from helpers.patching.grouping import SweepExample, bucket_count, bucket_rows, bucket_sizes
+from helpers.patching.hooks import ANSWER_ONLY_LAST_LAYER, sweep_hooks
+from helpers.patching.model_calls import ModelCalls, model_device, model_dtype, padded, two_row_output_layer
+from helpers.patching.plan import RowPlan
+from helpers.patching.sites import Site
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host bookkeeping to the device without waiting for the queued forwards (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def row_metric(logits: torch.Tensor, two_rows: bool, clean_tok: torch.Tensor, corrupt_tok: torch.Tensor,
+            row_example: torch.Tensor) -> torch.Tensor:
+    """logit[clean] - logit[corrupt] of every row [batch], each with its example's tokens. ``two_rows``: the logits
+    have two columns per example (clean, corrupt), else the full vocabulary (``*_tok``: [examples] token ids)."""
+    logits = logits.float()
+    if two_rows:
+        clean_col, corrupt_col = 2 * row_example, 2 * row_example + 1
+    else:
+        clean_col, corrupt_col = clean_tok[row_example], corrupt_tok[row_example]
+    return (logits.gather(1, clean_col.unsqueeze(1)) - logits.gather(1, corrupt_col.unsqueeze(1))).squeeze(1)
+
+
+def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample], *, chunk_size, bucket_size, stats,
+                 bar=None, swap=None) -> list[torch.Tensor]:
+    """patched_logit_diff [L, U, T] of each example of ``group`` (prefix positions = corrupt, the rest computed).
+
+    The examples run end-aligned in the same forwards (helpers.patching.aligned_batch): rows 0 .. E-1 are their unpatched
+    corrupt runs, every patch row a copy of its example's. Fused attention reads the corrupt prefix itself where it
+    can (helpers.patching.triton_kernels' ``row_attention``; one example's rows over 128 tokens: flash); elsewhere every
+    row gets its example's prefix as a cache, and several examples a padding mask. Raises NotMergeable (before any
+    result) where several examples cannot share forwards.
+    """
+    device = model_device(model)
+    L, U, E = len(site.modules), site.n_units, len(group)
+    outs = [torch.full((L, U, ex.length), float(ex.corrupt_diff)) for ex in group]
+    spans = [ex.span for ex in group]
+    size, qs = bucket_sizes(max(spans), bucket_size, bucket_count(model, site, spans))
+    if not qs:
+        return outs
+    corrupt = AlignedBatch([ex.pair.corrupt_ids for ex in group], device)
+    T = corrupt.length
+    clean_toks = torch.tensor([ex.pair.clean_token_id for ex in group], device=device)
+    corrupt_toks = torch.tensor([ex.pair.corrupt_token_id for ex in group], device=device)
+    tokens = [t for ex in group for t in (ex.pair.clean_token_id, ex.pair.corrupt_token_id)]
+    state: dict = {"plan": None}
+    results: list = []
+    with torch.inference_mode(), two_row_output_layer(model, tokens) as two_rows, sweep_hooks(model, site, state):
+        acts = clean_activations(model, calls, site, [ex.pair for ex in group], swap)  # [E, L, T, U, w]
+        snaps = prefix_caches(model, calls, corrupt, [T - q for q in qs], stats, swap)
+        # fused attention reads the corrupt prefix itself (no per-row cache copies; several examples: each row its
+        # own example's, through Triton's row_attention)
+        shares_prefix = (swap is not None and swap.shares_prefix and all(is_plain(c) for c in snaps if c is not None)
+                         and (E == 1 or per_example_prefix_applies(next(model.parameters()), max(spans),
+                                                               head_geometry(model.config).d_head)))
+        starts = torch.tensor(corrupt.pads, device=device) if shares_prefix and E > 1 else None
+        stats["shared_prefix"] = shares_prefix
+        stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
+        for q, snap in zip(qs, snaps):
+            s = T - q
+            grid = bucket_rows(L, U, spans, q, size)  # (layer, example, unit, r)
+            n_rows = grid.shape[0]
+            # (every forward also carries the E base rows)
+            rows_size = chunk_size or min(n_rows, max(1, auto_chunk_rows(model, q, T, device) - E))
+            ids, positions = corrupt.ids[:, s:], corrupt.positions[:, s:]
+            mask = corrupt.additive_mask(q, T, model_dtype(model)) if E > 1 and not shares_prefix else None
+
+            def run(a: int, b: int):
+                rows = grid[a:b]
+                rows_dev = to_device(rows, device)
+                by_layer = torch.bincount(rows[:, 0], minlength=L).tolist()
+                # A head patch of layer l < L-1 changes block l's output at its position only: that one vector is
+                # computed aside (block_tail) and the row joins at block l + 1, skipping layer l's full width.
+                joins_late = site.kind == "heads"
+                n_new = [0] * L
+                patches, computed, start = {}, {}, 0
+                for layer in range(L):
+                    n = by_layer[layer]
+                    if not n:
+                        continue
+                    join = layer + 1 if joins_late and layer < L - 1 else layer
+                    seg = rows_dev[start:start + n]
+                    example, unit, r = seg[:, 1], seg[:, 2], seg[:, 3]
+                    first_row = E + sum(n_new[:join + 1])  # after the base rows and the rows joining earlier
+                    batch_idx = torch.arange(first_row, first_row + n, device=device)
+                    clean = acts[example, layer, T - r, unit]
+                    if join == layer:
+                        patches[layer] = (batch_idx, q - r, unit, clean)
+                    else:
+                        computed[join] = (batch_idx, q - r, unit, clean, example)
+                    n_new[join] += n
+                    start += n
+                # each row's example, in batch order (rows join layer-major, as the grid lists them)
+                row_example = torch.cat([torch.arange(E, device=device), rows_dev[:, 1]])
+                state["plan"] = plan = RowPlan(n_new, patches, computed, n_base=E, row_example=row_example, mask=mask)
+                per_layer_batch = plan.batch
+                if swap is not None and swap.blocks:  # fused blocks make room for the next block's rows
+                    swap.extra_rows = {j - 1: plan.joining(j) for j, n in enumerate(n_new)
+                                       if j > 0 and n and j - 1 in swap.blocks}
+                try:
+                    if shares_prefix:  # every row's fed tokens are real: a causal mask, broadcast over rows
+                        with swap.shared_prefix(snap, row_example if E > 1 else None, starts):
+                            logits, _ = calls.forward(model, ids, positions=positions, ready_mask=True)
+                    else:
+                        with padded(swap, corrupt.padded):
+                            logits, _ = calls.forward(model, ids, positions=positions, mask=mask,
+                                                      cache=expanded(snap, per_layer_batch, row_example))
+                finally:
+                    state["plan"] = None
+                    if swap is not None:
+                        swap.extra_rows = None
+                # stays on the device until the group is done: no host sync between forwards
+                results.append((rows, row_metric(logits, two_rows, clean_toks, corrupt_toks, row_example)))
+                stats["forwards"] = stats.get("forwards", 0) + 1
+                # token-layers through full blocks (the last layer counts one token a row: only its answer
+                # position goes through the output projection and MLP)
+                stats["row_token_layers"] = stats.get("row_token_layers", 0) + (
+                    q * sum(per_layer_batch[:-1])
+                    + per_layer_batch[-1] * (1 if site.kind in ANSWER_ONLY_LAST_LAYER else q))
+                stats["rows"] = stats.get("rows", 0) + (b - a)
+                stats["max_rows_per_forward"] = max(stats.get("max_rows_per_forward", 0), b - a)
+                if bar is not None:
+                    bar.update(b - a)
+
+            _, halvings = run_chunked(n_rows, rows_size, run)
+            stats["oom_halvings"] = stats.get("oom_halvings", 0) + halvings
+    for rows, diffs in results:
+        diffs = diffs.cpu()
+        for e, ex in enumerate(group):
+            mine = rows[:, 1] == e
+            if not mine.any():
+                continue
+            # the unpatched row: a self-check of the machinery
+            base = abs(float(diffs[e]) - float(ex.corrupt_diff))
+            stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), base)
+            r = rows[mine]
+            outs[e][r[:, 0], r[:, 2], ex.length - r[:, 3]] = diffs[E:][mine]
+    return outs

@@ -1,0 +1,90 @@
+"""The corrupt run's key/value caches: snapshots no later update can change, per-layer expansion to a forward's
+rows, and the prefix cache of every bucket start."""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+
+from helpers.patching.aligned_batch import AlignedBatch
+from helpers.patching.grouping import NotMergeable
+from helpers.patching.model_calls import ModelCalls, aligned_forward
+
+
+def snapshot(cache):
+    """A copy of a (layered) transformers cache whose layers no later update can change."""
+    if cache is None:
+        return None
+    if not hasattr(cache, "layers"):
+        raise TypeError(f"patching needs a layered transformers Cache (transformers >= 4.56), got {type(cache)!r}")
+    snap = copy.copy(cache)
+    snap.layers = [copy.copy(layer) for layer in cache.layers]
+    return snap
+
+
+def expanded(snap, batch_per_layer: Sequence[int], row_example: torch.Tensor | None = None):
+    """A fresh copy of a snapshot whose layer j holds keys/values for the ``batch_per_layer[j]`` rows of that layer:
+    a batch-1 snapshot's expanded (views), a batch-n one's gathered by ``row_example`` ([rows], each row's example).
+    """
+    if snap is None:
+        return None
+    out = copy.copy(snap)
+    out.layers = []
+    for layer, b in zip(snap.layers, batch_per_layer):
+        layer = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            if layer.keys.shape[0] == 1:
+                layer.keys = layer.keys.expand(b, *layer.keys.shape[1:])
+                layer.values = layer.values.expand(b, *layer.values.shape[1:])
+            else:
+                layer.keys = layer.keys.index_select(0, row_example[:b])
+                layer.values = layer.values.index_select(0, row_example[:b])
+        out.layers.append(layer)
+    return out
+
+
+def is_plain(cache) -> bool:
+    """Every layer a plain full-attention DynamicLayer (keys of all positions, nothing else to track)?"""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def truncated(cache, s: int):
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        layer = copy.copy(layer)
+        layer.keys, layer.values = layer.keys[..., :s, :], layer.values[..., :s, :]
+        out.layers.append(layer)
+    return out
+
+
+def prefix_caches(model, calls: ModelCalls, batch: AlignedBatch, starts: list[int], stats: dict, swap) -> list:
+    """The corrupt runs' cache of slots < s for every bucket start s (None for s = 0). Raises NotMergeable for
+    several examples whose cache layers are not all full attention.
+
+    Full-attention caches: one pass up to the last start, then views truncated to each start. Other cache layers
+    (sliding windows keep only their window), one example: one incremental pass, snapshotted at each start.
+    """
+    last = max(starts, default=0)
+    if last == 0:
+        return [None for _ in starts]
+    _, cache = aligned_forward(model, calls, batch, last, swap, use_cache=True)
+    stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
+    if is_plain(cache):
+        return [truncated(cache, s) if s > 0 else None for s in starts]
+    if len(batch) > 1:
+        raise NotMergeable("cache layers other than full attention")
+    snaps, cache, done = [], None, 0
+    for s in starts:
+        if s > done:
+            _, cache = calls.forward(model, batch.ids[:, done:s], start=done, cache=cache, use_cache=True)
+            cache = snapshot(cache)
+            done = s
+            stats["prefix_forwards"] += 1
+        snaps.append(snapshot(cache))
+    return snaps

@@ -1,0 +1,54 @@
+"""The unpatched runs of each example: clean and corrupt logit differences (each pair in its own forward, so
+that an example's metrics never depend on the others) and the clean activations a sweep patches in."""
+from __future__ import annotations
+
+import torch
+
+from helpers.patching.aligned_batch import AlignedBatch
+from helpers.patching.model_calls import ModelCalls, aligned_forward, model_device
+from helpers.patching.sites import Site, capture_site
+
+
+def clean_and_corrupt(model, calls: ModelCalls, site: Site | None, pair):
+    """(clean_diff, corrupt_diff, clean_correct, clean activations at site) for one example."""
+    device = model_device(model)
+    clean = torch.as_tensor(list(pair.clean_ids), device=device).unsqueeze(0)
+    corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+    store: dict = {}
+    with torch.no_grad():
+        if site is not None:
+            with capture_site(site, store):
+                clean_logits, _ = calls.forward(model, clean)
+        else:
+            clean_logits, _ = calls.forward(model, clean)
+        corrupt_logits, _ = calls.forward(model, corrupt)
+    return (*logit_diffs(clean_logits[0], corrupt_logits[0], pair), {l: a[0] for l, a in store.items()})
+
+
+def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) -> tuple[float, float, bool]:
+    """(clean_diff, corrupt_diff, clean_correct) from the answer position's logits [vocab] of both runs."""
+    logits = torch.stack([clean_logits, corrupt_logits]).float()
+    diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).tolist()
+    return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
+
+
+def example_metrics(model, calls: ModelCalls, pairs, swap=None) -> list[tuple[float, float, bool]]:
+    """(clean_diff, corrupt_diff, clean_correct) of every pair, each from its own batch-2 forward (clean and corrupt
+    have one length), so an example's metrics, and whether it is included, never depend on the other examples."""
+    out = []
+    with torch.inference_mode():
+        for pair in pairs:
+            batch = AlignedBatch([list(pair.clean_ids), list(pair.corrupt_ids)], model_device(model))
+            logits, _ = aligned_forward(model, calls, batch, batch.length, swap)
+            out.append(logit_diffs(logits[0], logits[1], pair))
+    return out
+
+
+def clean_activations(model, calls: ModelCalls, site: Site, pairs, swap=None) -> torch.Tensor:
+    """The clean runs' activations at ``site``, end-aligned: [example, layer, T, unit, width] (one forward)."""
+    store: dict = {}
+    batch = AlignedBatch([list(p.clean_ids) for p in pairs], model_device(model))
+    with torch.inference_mode(), capture_site(site, store):
+        aligned_forward(model, calls, batch, batch.length, swap)
+    acts = torch.stack([store[l] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
+    return acts.view(*acts.shape[:3], site.n_units, site.unit_width)

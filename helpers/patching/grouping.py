@@ -1,0 +1,130 @@
+"""Which examples share a sweep's forwards, and how a sweep is cut into buckets of patch positions."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from helpers.models.architectures import blocks
+from helpers.patching.model_calls import model_device
+from helpers.patching.sites import Site
+
+
+class NotMergeable(RuntimeError):
+    """These examples cannot share forwards (raised before any of their results): run them one at a time."""
+
+
+class MaskNotPassedOn(NotMergeable):
+    """A block got another mask than the one handed to the model: merged examples cannot be told apart there."""
+
+
+def pads_examples(model) -> bool:
+    """May examples of different lengths share a forward under one ready 4D padding mask? transformers hands such a
+    mask to every layer as is, so only for eager and sdpa attention, and not where some layers need another mask:
+    sliding windows (``layer_types`` other than full attention, or a model-wide ``sliding_window``). (gpt_neo's
+    local layers apply their window themselves, on top of the mask.)"""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        return False  # flash-attention-2 reads a mask as 2D padding, flex wants a BlockMask
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+
+
+# Default bucketing. A bucket recomputes positions s..p-1 for its rows at p (waste ~ bucket size), and each forward
+# costs the host ~2 ms per layer to launch. So: at least 9 buckets, and up to 24 where the sweep's arithmetic is
+# large enough to keep the GPU busy meanwhile (~20 TFLOP a forward, ~35 ms of an H100 in bf16).
+# Measured on an H100, bf16, 60 tokens (scripts/bench.py, before the Triton MLP and own-token kernels): Qwen2.5-0.5B
+# 0.53 s at 9 forwards, 0.57 at 13, 0.60 at 8; Llama-3.2-1B 1.30-1.34 s at 13-25 forwards, 1.36 at 9.
+_MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 9, 24, 20e12
+
+
+def sweep_flop(model, site: Site, spans: Sequence[int]) -> float:
+    """A sweep's arithmetic over examples with these spans: 2 x block params x row-token-layers."""
+    L = len(site.modules)
+    per_layer = sum(p.numel() for p in blocks(model)[0].parameters())
+    row_token_layers = site.n_units * (L * (L - 1) / 2) * sum(n * (n + 1) / 2 for n in spans)
+    return 2 * per_layer * row_token_layers
+
+
+def bucket_count(model, site: Site, spans: Sequence[int]) -> int:
+    """Buckets (forwards) for one group of examples: its sweep's arithmetic / _FLOP_PER_FORWARD, within bounds."""
+    return int(min(_MAX_BUCKETS, max(_MIN_BUCKETS, math.ceil(sweep_flop(model, site, spans) / _FLOP_PER_FORWARD))))
+
+
+def bucket_sizes(span: int, bucket_size: int | None, n_buckets: int) -> tuple[int, list[int]]:
+    """(bucket size, fed tokens q of each bucket): bucket k patches positions r in (q_k - size, q_k] from the end."""
+    if span <= 0:
+        return 1, []
+    size = bucket_size if bucket_size is not None else max(1, math.ceil(span / n_buckets))
+    return size, list(range(span, 0, -size))
+
+
+@dataclass
+class SweepExample:
+    """One included example of a sweep: its index among the pairs, the pair, its first difference and its corrupt
+    logit difference."""
+
+    index: int
+    pair: object
+    first: int
+    corrupt_diff: float
+
+    @property
+    def length(self) -> int:
+        return len(self.pair.clean_ids)
+
+    @property
+    def span(self) -> int:
+        """Positions from the first difference to the end: the ones a sweep computes."""
+        return self.length - self.first
+
+
+# examples merged into one group at most (its forwards' base rows, masks and clean activations grow with it), and
+# the largest sweep arithmetic of an example that is merged at all: a 60-token example is ~0.5 TFLOP for
+# TinyStories-2L, ~150 for Qwen2.5-0.5B (merging paid on an H100) and ~600 for Llama-3.2-1B (merging lost)
+_MAX_EXAMPLES_PER_FORWARD, _MERGE_MAX_FLOP = 32, 250e12
+
+
+def example_groups(model, site: Site, examples: list[SweepExample], per_forward: int | None) -> list[list[SweepExample]]:
+    """Consecutive examples merged into one sweep's forwards. A group's forwards feed every example's last q tokens,
+    so its longest span must fit in its shortest example. ``per_forward``: at most that many examples a group.
+
+    None: on a GPU up to ``_MAX_EXAMPLES_PER_FORWARD``, but only examples whose own sweep leaves the GPU waiting
+    for the host (arithmetic below ``_MERGE_MAX_FLOP``). Measured on an H100 in bf16, 10 examples of ~60 tokens:
+    TinyStories-2L merged 0.08-0.13 s against 0.46-0.62 s one at a time; Qwen2.5-0.5B 4.85-5.04 s against
+    5.14-5.68 s; Llama-3.2-1B, which one example keeps busy, 19.6 s merged against 13.8 s. On a CPU one at a time:
+    there the arithmetic is the cost, and merged batches outgrow the caches (the embedded gpt_neo model, 16
+    examples, 2 cores: 10.0 s merged against 5.7 s).
+    Models whose layers need masks other than causal ones (sliding windows) run one example at a time."""
+    groups: list[list[SweepExample]] = []
+    limit = per_forward or _MAX_EXAMPLES_PER_FORWARD
+    if not pads_examples(model) or (per_forward is None and model_device(model).type != "cuda"):
+        limit = 1
+    # (by default an example whose own sweep keeps the GPU busy runs alone)
+    alone = {ex.index for ex in examples if per_forward is None and limit > 1
+             and sweep_flop(model, site, [ex.span]) > _MERGE_MAX_FLOP}
+    for ex in examples:
+        group = groups[-1] + [ex] if groups else None
+        if group is not None and any(e.index in alone for e in group):
+            group = None
+        if group is not None and len(group) <= limit and max(e.span for e in group) <= min(e.length for e in group):
+            groups[-1] = group
+        else:
+            groups.append([ex])
+    return groups
+
+
+def bucket_rows(L: int, U: int, spans: Sequence[int], q: int, size: int) -> torch.Tensor:
+    """Rows (layer, example, unit, r) of one bucket, layer-major (rows join the forward in this order).
+
+    ``r`` counts positions from the end (the answer position is r = 1): the bucket feeds every example's last ``q``
+    tokens and patches its positions r in (q - size, q], as far as its span (positions from its first difference).
+    """
+    r = torch.arange(max(1, q - size + 1), q + 1)
+    grid = torch.stack(torch.meshgrid(torch.arange(L), torch.arange(len(spans)), torch.arange(U), r, indexing="ij"),
+                       -1).reshape(-1, 4)
+    return grid[grid[:, 3] <= torch.tensor(list(spans))[grid[:, 1]]]

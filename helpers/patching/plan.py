@@ -1,0 +1,65 @@
+"""The plan of one sweep forward: which rows join at which layer, and the patch each layer applies."""
+from __future__ import annotations
+
+import torch
+
+from helpers.patching.grouping import MaskNotPassedOn
+
+
+class RowPlan:
+    """What the hooks do in one forward: rows joining per layer and the patch of each layer.
+
+    Rows ``0 .. n_base - 1`` are the unpatched corrupt runs of the forward's examples (one example unless several
+    are merged); every other row is a copy of its example's one, joined at its layer. ``row_example`` [batch]:
+    each row's example (= the batch index of its base row), in batch order.
+    """
+
+    def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None, *, n_base: int = 1,
+                 row_example: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        self.n_new = n_new  # rows appended at the input of block l
+        self.n_base = n_base
+        self.batch = (n_base + torch.tensor(n_new).cumsum(0)).tolist()  # batch of block l once its rows have joined
+        self.patches = patches  # layer -> (batch_idx, rel_pos, unit, values [n, width])
+        # join layer j -> (batch_idx, rel_pos, head, clean z [n, d_head], example): head patches of layer j - 1 whose
+        # one changed position is computed from their base row's layer j - 1 and written into block j's input
+        self.computed = computed or {}
+        self.stash: dict = {}  # ("x" | "z", layer) -> the base rows' block input / out_proj input
+        self.row_example = row_example
+        self.mask = mask  # the batch-n_base 4D mask handed to the model (several examples), gathered per block
+        self._gathered: dict = {}
+
+    def joining(self, layer: int) -> torch.Tensor | int:
+        """Where the rows joining at ``layer`` copy from: base row indices [n], or n copies of row 0."""
+        n = self.n_new[layer]
+        if self.n_base == 1:
+            return n
+        return self.row_example[self.batch[layer] - n: self.batch[layer]]
+
+    def per_row(self, args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict]:
+        """A block's batch-``n_base`` arguments (the 4D mask, rotary tables, position ids) gathered to its rows."""
+        b = self.batch[layer]
+        index = self.row_example[:b]
+
+        if self._gathered.get("batch") != b:  # blocks run in order: keep only the current batch's copies
+            self._gathered = {"batch": b}
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in self._gathered:
+                self._gathered[id(t)] = t.index_select(0, index)
+            return self._gathered[id(t)]
+
+        if self.mask is not None and not (any(a is self.mask for a in args)
+                                          or any(v is self.mask for v in kwargs.values())):
+            raise MaskNotPassedOn(f"block {layer} did not receive the sweep's 4D attention mask as given")
+        mask = self.mask if self.mask is not None and self.mask.shape[0] == self.n_base else None
+        args = tuple(rows(a) if mask is not None and a is mask else a for a in args)
+        kwargs = dict(kwargs)
+        for key, value in kwargs.items():
+            if mask is not None and value is mask:
+                kwargs[key] = rows(value)
+            elif key == "position_embeddings" and isinstance(value, tuple) and value[0].shape[0] == self.n_base:
+                kwargs[key] = tuple(rows(t) for t in value)
+            elif key == "position_ids" and isinstance(value, torch.Tensor) and value.dim() == 2 \
+                    and value.shape[0] == self.n_base > 1:
+                kwargs[key] = rows(value)
+        return args, kwargs

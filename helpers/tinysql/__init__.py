@@ -1,0 +1,16 @@
+"""The task: TinySQL's vocabulary, the item generator and prompt format, tokenization, clean/corrupt pairs for each
+feature, and SQL scoring.
+
+    from helpers.tinysql import make_pairs
+    pairs = make_pairs("DEFTABLENAME", tokenizer, cs_num=1, batch_size=10, seed=0)
+
+Modules: ``vocabulary`` (tables, fields, synonyms, novel words), ``sql_items`` (items, ``format_prompt``,
+``generate_items``), ``tokenization``, ``pairs`` (features, ``make_pairs``), ``scoring`` (exact match, partial score).
+"""
+from helpers.tinysql.pairs import FEATURES, CleanCorruptPair, Feature, PairConstructionError, make_pairs, parse_feature
+from helpers.tinysql.scoring import exact_match, partial_score
+from helpers.tinysql.sql_items import COMMAND_SETS, format_prompt, generate_items
+from helpers.tinysql.tokenization import NotSingleTokenError
+
+__all__ = ["make_pairs", "FEATURES", "Feature", "parse_feature", "CleanCorruptPair", "PairConstructionError",
+           "NotSingleTokenError", "COMMAND_SETS", "format_prompt", "generate_items", "exact_match", "partial_score"]
