@@ -5,7 +5,7 @@ from pathlib import Path
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 MAX_LINES = 600
-PACKAGES = ("tinysql", "models", "patching", "experiments")
+PACKAGES = ("tinysql", "models", "patching", "circuits", "experiments")
 
 
 def _module_name(path: Path) -> str:

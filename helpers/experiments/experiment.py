@@ -45,6 +45,7 @@ class ExperimentSettings:
     semantic: bool = True
     embedded_family: str = "llama"
     keep_incorrect: bool = False
+    circuit: bool = True  # the "From heads to a circuit" section (helpers.circuits): faithfulness, attention
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +118,7 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     batch_size = as_int("batch_size", settings.batch_size, minimum=1)
     seed = as_int("seed", settings.seed)
     keep_incorrect = as_bool("keep_incorrect", settings.keep_incorrect)
+    circuit = as_bool("circuit", settings.circuit)
     from helpers.models.loading import resolve_device, resolve_dtype
 
     device = str(resolve_device(settings.device))  # "auto" -> cuda if available; cuda without a GPU raises
@@ -130,7 +132,8 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     # recorded as read: "2" from papermill -r or a quoted YAML value is 2, "False" is False
     return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num,
                     semantic=as_bool("semantic", settings.semantic), batch_size=batch_size, seed=seed,
-                    keep_incorrect=keep_incorrect, model_path=model_path, dtype=dtype, device=device, **flags),
+                    keep_incorrect=keep_incorrect, circuit=circuit, model_path=model_path, dtype=dtype, device=device,
+                    **flags),
             feature, spec)
 
 
@@ -151,6 +154,7 @@ class ExperimentResult:
     started_at: str
     finished_at: str
     timings: dict = field(default_factory=dict)
+    circuit: object = None  # a helpers.circuits.analysis.CircuitResult when settings.circuit
 
     # ------------------------------------------------------------------------------------------- derived
     def decode(self, token_id: int) -> str:
@@ -385,7 +389,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
                    use_synonyms_field: bool | None = None, batch_size: int = 5, seed: int = 0,
                    model_path: str | None = None, dtype: str = "auto", device: str = "cpu",
                    semantic: bool = True, embedded_family: str = "llama", keep_incorrect: bool = False,
-                   loaded=None, progress: bool = True, generate: bool = True) -> ExperimentResult:
+                   circuit: bool = True, loaded=None, progress: bool = True, generate: bool = True) -> ExperimentResult:
     """Run one feature experiment end to end.
 
     ``loaded`` reuses an already loaded ``helpers.models.loading.LoadedModel`` (the explorer caches them); it must
@@ -395,7 +399,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         model_num=model_num, cs_num=cs_num, feature_name=feature_name, use_novel_names=use_novel_names,
         use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, batch_size=batch_size,
         seed=seed, model_path=model_path, dtype=dtype, device=device, semantic=semantic,
-        embedded_family=embedded_family, keep_incorrect=keep_incorrect))
+        embedded_family=embedded_family, keep_incorrect=keep_incorrect, circuit=circuit))
     from helpers.models.loading import load_model
     from helpers.patching import patch_heads
 
@@ -429,6 +433,12 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
                         family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
                         device=str(next(hf_model.parameters()).device)),  # where it ran, not where it was asked
         tokenizer=tok, started_at=started, finished_at="", timings=timings)
+    if settings.circuit and result.patching.n_included:
+        from helpers.circuits.analysis import analyse_circuit
+
+        t = time.perf_counter()
+        result.circuit = analyse_circuit(result, hf_model, progress=progress)
+        timings["circuit_s"] = time.perf_counter() - t
     if generate:
         t = time.perf_counter()
         ref = result.pairs[result.shown]

@@ -45,6 +45,7 @@ class Explorer:
                                  placeholder="local folder or hub id (overrides the registry)", style=style)
         self.device = W.Dropdown(options=["cpu", "auto", "cuda"], value=d["device"], description="device", style=style)
         self.keep_incorrect = W.Checkbox(value=d["keep_incorrect"], description="keep clean-incorrect examples")
+        self.circuit = W.Checkbox(value=d["circuit"], description="circuit: faithfulness, attention")
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
         self.out = W.Output()
@@ -54,7 +55,8 @@ class Explorer:
         self._models: dict = {}
         self.dtype = d["dtype"]
         left = [self.model, self.family, self.cs, self.semantic, self.model_path, self.device]
-        right = [self.feature, *self.flags.values(), self.batch_size, self.seed, self.keep_incorrect]
+        right = [self.feature, *self.flags.values(), self.batch_size, self.seed, self.keep_incorrect,
+                 self.circuit]
         self.widget = W.VBox([W.HBox([W.VBox(left), W.VBox(right)]), W.HBox([self.run_button, self.status]),
                               self.out])
 
@@ -64,7 +66,7 @@ class Explorer:
                     **{k: w.value for k, w in self.flags.items()}, batch_size=self.batch_size.value,
                     seed=self.seed.value, model_path=self.model_path.value.strip() or None, dtype=self.dtype,
                     device=self.device.value, semantic=self.semantic.value, embedded_family=self.family.value,
-                    keep_incorrect=self.keep_incorrect.value)
+                    keep_incorrect=self.keep_incorrect.value, circuit=self.circuit.value)
 
     def _loaded(self, settings: dict):
         """The cached model for these settings (validated first, so a bad choice fails before loading)."""
@@ -97,6 +99,11 @@ class Explorer:
                 display(plotting.mean_heatmap(self.result))
                 display(self.result.top_heads(10))
                 display(self.result.role_table(10))
+                if self.result.circuit is not None:
+                    from helpers.circuits import figures as circuit_figures
+
+                    print(self.result.circuit.summary(self.result.token_labels()))
+                    display(circuit_figures.faithfulness_figure(self.result.circuit.to_dict()))
                 if self.save:
                     display(results.save_experiment(self.result, self.output_dir))
             except Exception as err:  # shown in the widget; the explorer stays usable

@@ -154,6 +154,8 @@ def experiment_to_dict(exp) -> dict:
         "patching_std": to_jsonable(exp.std()),
         "patching_count": np.asarray(exp.aligned.count()).tolist(),
         "generations": exp.generations,
+        # the circuit section (helpers.circuits): receivers, faithfulness curves, attention; null when not run
+        "circuit": exp.circuit.to_dict() if getattr(exp, "circuit", None) is not None else None,
         "examples": [_example_record(exp, i) for i in range(len(exp.pairs))],
     }
 

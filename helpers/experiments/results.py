@@ -7,6 +7,7 @@ import hashlib
 import re
 from pathlib import Path
 
+from helpers.circuits import figures as circuit_figures
 from helpers.experiments import plotting
 from helpers.experiments.atomic_files import atomic_write_json
 from helpers.experiments.result_json import experiment_to_dict
@@ -59,13 +60,21 @@ def default_output_dir() -> Path:
 
 def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = True,
                     png: bool = True) -> dict[str, Path]:
-    """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible)
-    into ``output_dir`` (None: :func:`default_output_dir`); returns the paths written."""
+    """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible, and
+    where the circuit section ran its faithfulness and attention figures) into ``output_dir`` (None:
+    :func:`default_output_dir`); returns the paths written."""
     out = Path(output_dir) if output_dir not in (None, "") else default_output_dir()
     json_path = out / f"{file_stem(exp.settings, exp.spec)}.json"
     paths = {"json": atomic_write_json(json_path, experiment_to_dict(exp))}
     if figures:
-        for kind, fig in (("heatmap", plotting.mean_heatmap(exp)), ("spread", plotting.spread_heatmap(exp))):
+        drawn = [("heatmap", plotting.mean_heatmap(exp)), ("spread", plotting.spread_heatmap(exp))]
+        if getattr(exp, "circuit", None) is not None:
+            circuit = exp.circuit.to_dict()
+            drawn += [("faithfulness", circuit_figures.faithfulness_figure(circuit)),
+                      ("attention", circuit_figures.attention_roles_figure(circuit))]
+        for kind, fig in drawn:
+            if fig is None:
+                continue
             written = plotting.save_figure(fig, figure_base(json_path, kind), png=png)
             paths.update({(k if kind == "heatmap" else f"{kind}_{k}"): v for k, v in written.items()})
     return paths

@@ -40,7 +40,7 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         done = read_marker(d / DONE) or {}
         named = d / done["json"] if isinstance(done.get("json"), str) else None
         found = [named] if named is not None and named.is_file() else find_results(d)
-    row["json"] = row["heatmap"] = row["accuracy"] = None
+    row["json"] = row["heatmap"] = row["accuracy"] = row["faithfulness"] = row["k80"] = None
     row["top_heads"], row["scores"] = [], None
     if found:
         data = load_results(found[0])
@@ -49,6 +49,11 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         heat = Path(f"{figure_base(found[0])}.html")
         row["heatmap"] = str(heat.relative_to(config.root)) if heat.is_file() else None
         row["accuracy"] = meta.get("clean_accuracy")
+        faith = (data.get("circuit") or {}).get("faithfulness") or {}
+        if faith:  # the circuit section ran: smallest k reaching 80 %, and its figure
+            row["k80"] = {"sufficiency": faith.get("k80_sufficiency"), "necessity": faith.get("k80_necessity")}
+            curve = Path(f"{figure_base(found[0], 'faithfulness')}.html")
+            row["faithfulness"] = str(curve.relative_to(config.root)) if curve.is_file() else None
         row["n_clean_correct"], row["n_examples"] = meta.get("n_clean_correct"), meta.get("n_examples")
         row["top_heads"] = top_heads_from_json(data, 3)
         row["scores"] = data["scores"]
@@ -67,6 +72,10 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
     def heads_text(r) -> str:
         return ", ".join(f"{h['head']}@{h['label']} ({h['mean']:+.2f}, n={h['n']})" for h in r["top_heads"]) or "-"
 
+    def k80_text(r) -> str:
+        k = r.get("k80")
+        return "-" if not k else f"{k['sufficiency'] or '>max'} / {k['necessity'] or '>max'}"
+
     def acc_text(r) -> str:
         return f"{r['n_clean_correct']}/{r['n_examples']}" if r["accuracy"] is not None else "-"
 
@@ -82,12 +91,14 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
           f"{len(rows) - n_ok - n_failed} not run. Updated {stamp}.", ""]
     if fig is not None:
         md += ["Overview (per cell, each head's mean score at its strongest position): [overview.html](overview.html)", ""]
-    md += ["| cell | status | clean accuracy | top heads (head@token: mean, examples) | notebook | heatmap | error |",
-           "|---|---|---|---|---|---|---|"]
+    md += ["| cell | status | clean accuracy | top heads (head@token: mean, examples) | k for 80 % (sufficiency / "
+           "necessity) | notebook | heatmap | faithfulness | error |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
-        md.append(f"| {r['cell']} | {r['status']} | {acc_text(r)} | {heads_text(r)} | "
-                  f"{_link(r['notebook'], 'notebook')} | {_link(r['heatmap'], 'heatmap')} | {err} |")
+        md.append(f"| {r['cell']} | {r['status']} | {acc_text(r)} | {heads_text(r)} | {k80_text(r)} | "
+                  f"{_link(r['notebook'], 'notebook')} | {_link(r['heatmap'], 'heatmap')} | "
+                  f"{_link(r['faithfulness'], 'faithfulness')} | {err} |")
     paths["md"] = atomic_write_text(root / "index.md", "\n".join(md) + "\n")
 
     def a(path, text):
@@ -95,16 +106,17 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
 
     trs = "\n".join(
         f"<tr class='{html.escape(r['status'].split()[0])}'><td>{html.escape(r['cell'])}</td><td>{html.escape(r['status'])}</td>"
-        f"<td>{acc_text(r)}</td><td>{html.escape(heads_text(r))}</td><td>{a(r['notebook'], 'notebook')}</td>"
-        f"<td>{a(r['heatmap'], 'heatmap')}</td><td>{a(r['json'], 'json')}</td>"
+        f"<td>{acc_text(r)}</td><td>{html.escape(heads_text(r))}</td><td>{html.escape(k80_text(r))}</td>"
+        f"<td>{a(r['notebook'], 'notebook')}</td><td>{a(r['heatmap'], 'heatmap')}</td>"
+        f"<td>{a(r['faithfulness'], 'faithfulness')}</td><td>{a(r['json'], 'json')}</td>"
         f"<td>{html.escape((r['error'] or '')[:500])}</td></tr>" for r in rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Sweep {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;
 font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}} tr.interrupted{{background:#ffe8c0}}</style></head><body>
 <h1>Sweep {html.escape(config.name)}</h1><p>{len(rows)} cells: {n_ok} done, {n_failed} failed. Updated {stamp}.</p>
 {'<p><a href="overview.html">Overview figure</a>: per cell, each head&#39;s mean score at its strongest position.</p>' if fig is not None else ''}
-<table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token: mean, examples)</th><th>notebook</th>
-<th>heatmap</th><th>JSON</th><th>error</th></tr>
+<table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token: mean, examples)</th>
+<th>k for 80 % (sufficiency / necessity)</th><th>notebook</th><th>heatmap</th><th>faithfulness</th><th>JSON</th><th>error</th></tr>
 {trs}
 </table></body></html>
 """

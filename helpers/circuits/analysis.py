@@ -1,0 +1,84 @@
+"""From the head sweep to a circuit, for one experiment: the receivers (top heads at the answer position), the
+faithfulness curves of the top cells with their random baseline, and the attention of the top heads.
+
+Path patching and edge attribution (the ``edges`` of the result) are not computed yet: ``edges`` is an empty list
+and ``edges_computed`` is False, so a reader of the JSON cannot mistake "not computed" for "no edges".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from helpers.circuits.attention import HeadAttention, head_attention
+from helpers.circuits.faithfulness import (
+    DEFAULT_K_MAX,
+    DEFAULT_N_RANDOM,
+    DEFAULT_THRESHOLD,
+    FaithfulnessCurves,
+    faithfulness_curves,
+)
+
+DEFAULT_N_RECEIVERS = 3
+DEFAULT_N_ATTENTION_HEADS = 3
+
+
+@dataclass
+class CircuitResult:
+    receivers: list[dict]  # [{layer, head}]: the top heads of the head sweep at the answer position
+    faithfulness: FaithfulnessCurves
+    attention: list[HeadAttention]
+    settings: dict
+    edges: list = field(default_factory=list)
+    edges_computed: bool = False
+
+    def summary(self, position_labels=None) -> str:
+        f = self.faithfulness
+        top = ", ".join(c.label(position_labels) for c in f.cells[:5])
+
+        def at(values, k):
+            return f"{values[f.k.index(k)]:.2f}" if k in f.k else "-"
+        k5 = 5 if 5 in f.k else (f.k[-1] if f.k else None)
+        return (f"Top cells: {top}\n"
+                f"Smallest k reaching 80 %: sufficiency {f.k80_sufficiency}, necessity {f.k80_necessity} "
+                f"(of k up to {f.k[-1] if f.k else 0}). At k = {k5}: sufficiency {at(f.sufficiency, k5)}, necessity "
+                f"{at(f.necessity, k5)}, {k5} random cells {at(f.random_sufficiency_mean, k5)} "
+                f"(mean of {f.n_random} draws).\n"
+                "Edges (path patching, how the heads connect): not computed yet.")
+
+    def to_dict(self) -> dict:
+        return {"receivers": self.receivers, "edges": self.edges, "edges_computed": self.edges_computed,
+                "faithfulness": self.faithfulness.to_dict(), "attention": [a.to_dict() for a in self.attention],
+                "settings": self.settings}
+
+
+def top_heads_at(mean: torch.Tensor, column: int, n: int) -> list[dict]:
+    """The ``n`` heads of largest mean score at ``column`` ([layer, head, column] scores), as {layer, head}."""
+    scores = torch.nan_to_num(torch.as_tensor(mean, dtype=torch.float64)[:, :, column], nan=-float("inf"))
+    H = scores.shape[1]
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores.flatten()[i]), i))[:n]
+    return [{"layer": i // H, "head": i % H} for i in order if float(scores.flatten()[i]) > -float("inf")]
+
+
+def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,
+                    n_random: int = DEFAULT_N_RANDOM, n_receivers: int = DEFAULT_N_RECEIVERS,
+                    n_attention_heads: int = DEFAULT_N_ATTENTION_HEADS, progress: bool = False) -> CircuitResult:
+    """The circuit section of one experiment (``exp``: an ExperimentResult; ``model``: the model it ran on).
+
+    The random baseline is seeded with the experiment's seed. Attention is read from the answer position, and for
+    the Def* features (the corruption sits in the CREATE TABLE) also from the corrupted token."""
+    aligned = exp.aligned
+    mean, count = aligned.mean(), aligned.count()
+    included = [i for i, ok in enumerate(exp.patching.included.tolist()) if ok]
+    pairs = [exp.pairs[i] for i in included]
+    curves = faithfulness_curves(model, pairs, mean, count=count, k_max=k_max, threshold=threshold,
+                                 n_random=n_random, seed=exp.settings.seed, keep_incorrect=True, progress=progress)
+    heads: list[tuple[int, int]] = []
+    for c in curves.cells:
+        if (c.layer, c.head) not in heads:
+            heads.append((c.layer, c.head))
+    queries = ("answer", "corrupted") if exp.feature.value.startswith("DEF") else ("answer",)
+    attention = head_attention(model, pairs, [exp.tokens[i] for i in included], heads[:n_attention_heads], queries)
+    settings = dict(k_max=k_max, threshold=threshold, n_random=n_random, seed=exp.settings.seed,
+                    n_receivers=n_receivers, n_attention_heads=n_attention_heads, examples=included)
+    return CircuitResult(top_heads_at(mean, mean.shape[-1] - 1, n_receivers), curves, attention, settings)

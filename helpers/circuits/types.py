@@ -1,0 +1,44 @@
+"""The circuits package's vocabulary: cells, sets of cells, and the direction of a multi-cell patch.
+
+Positions are *end-aligned columns*, as in the heatmaps: with examples of different lengths aligned at their last
+token (the answer position), column ``c`` of a frame ``n_columns`` wide is token ``c - (n_columns - length)`` of an
+example of ``length`` tokens; a column before an example's first token does not exist for that example and a patch
+there does nothing to it. ``n_columns`` is the longest example's length unless given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+#: sufficiency: the corrupt run with the clean z of the set's cells; necessity: the clean run with their corrupt z
+Direction = Literal["sufficiency", "necessity"]
+DIRECTIONS: tuple[str, ...] = ("sufficiency", "necessity")
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One head at one position: its activation is z, the head's slice of the attention output projection's input
+    (as in the head sweep). ``position``: an end-aligned column (module docstring)."""
+
+    layer: int
+    head: int
+    position: int
+
+    def label(self, position_labels: Sequence[str] | None = None) -> str:
+        where = position_labels[self.position] if position_labels is not None else f"pos {self.position}"
+        return f"L{self.layer}H{self.head}@{where}"
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "position": self.position}
+
+
+def token_index(column: int, length: int, n_columns: int) -> int | None:
+    """Token index of an end-aligned ``column`` in an example of ``length`` tokens; None where it has no such token."""
+    index = column - (n_columns - length)
+    return index if 0 <= index < length else None
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; known: {DIRECTIONS}")
+    return direction

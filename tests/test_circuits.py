@@ -1,0 +1,205 @@
+"""helpers.circuits: multi-cell patching against its plain reference for every family, the faithfulness curves, the
+attention probabilities, and the circuit object of a result."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from helpers.circuits import Cell, faithfulness_curves, patch_cell_sets, patch_cell_sets_reference
+from helpers.circuits.attention import attention_probabilities, eager_attention, head_attention, token_roles
+from helpers.circuits.faithfulness import random_pool, ranked_cells
+from helpers.models.architectures import head_geometry
+from helpers.models.tiny_models import TINY_FAMILIES, tiny_model
+from helpers.tinysql import make_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(project_tokenizer):
+    return make_pairs("DEFFIELDNAME", project_tokenizer, cs_num=1, batch_size=3, seed=2)
+
+
+def _first(pair) -> int:
+    return next(i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupt_ids)) if a != b)
+
+
+def _sets(geo, pairs, seed=0):
+    """Random sets of cells at or after the corruption (end-aligned columns), of several sizes, and the empty set."""
+    T = max(len(p.clean_ids) for p in pairs)
+    start = min(T - len(p.clean_ids) + _first(p) for p in pairs)
+    rng = random.Random(seed)
+    cells = [Cell(l, h, c) for l in range(geo.n_layers) for h in range(geo.n_heads) for c in range(start, T)]
+    return [[]] + [rng.sample(cells, k) for k in (1, 2, 5, 17)]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("direction", ["sufficiency", "necessity"])
+def test_cell_sets_match_the_reference(family, direction, project_tokenizer, pairs):
+    model = tiny_model(family, vocab_size=len(project_tokenizer))
+    sets = _sets(head_geometry(model.config), pairs)
+    fast = patch_cell_sets(model, pairs, sets, direction, keep_incorrect=True, min_denominator=0.0)
+    ref = patch_cell_sets_reference(model, pairs, sets, direction, keep_incorrect=True, min_denominator=0.0)
+    assert torch.isfinite(fast.patched_logit_diff).all()
+    assert torch.allclose(fast.patched_logit_diff, ref.patched_logit_diff, atol=1e-5, rtol=0)
+    # the empty set changes nothing: the corrupt run (sufficiency) or the clean run (necessity)
+    base = fast.corrupt_logit_diff if direction == "sufficiency" else fast.clean_logit_diff
+    assert torch.allclose(fast.patched_logit_diff[0], base, atol=1e-5)
+    # the sets do something (the test would pass on a no-op otherwise)
+    assert (fast.patched_logit_diff[1:] - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_every_cell_at_once_is_the_joint_patch_of_every_head(family, project_tokenizer, pairs):
+    """Sufficiency of all cells = the corrupt run with every head's clean z at every position (the reference);
+    necessity of all cells likewise from the clean run."""
+    model = tiny_model(family, vocab_size=len(project_tokenizer))
+    geo = head_geometry(model.config)
+    T = max(len(p.clean_ids) for p in pairs)
+    every = [[Cell(l, h, c) for l in range(geo.n_layers) for h in range(geo.n_heads) for c in range(T)]]
+    for direction in ("sufficiency", "necessity"):
+        fast = patch_cell_sets(model, pairs, every, direction, keep_incorrect=True, min_denominator=0.0)
+        ref = patch_cell_sets_reference(model, pairs, every, direction, keep_incorrect=True, min_denominator=0.0)
+        assert torch.allclose(fast.patched_logit_diff, ref.patched_logit_diff, atol=1e-5, rtol=0)
+
+
+def test_cells_before_the_corruption_change_nothing(project_tokenizer, pairs):
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    T = max(len(p.clean_ids) for p in pairs)
+    early = [[Cell(l, h, c) for l in range(2) for h in range(4) for c in range(T - len(p.clean_ids) + _first(p))]
+             for p in pairs[:1]]
+    res = patch_cell_sets(model, pairs[:1], early, "sufficiency", keep_incorrect=True, min_denominator=0.0)
+    assert torch.allclose(res.patched_logit_diff[0], res.corrupt_logit_diff, atol=1e-5)
+
+
+def test_scores_are_normalised_by_direction(project_tokenizer, pairs):
+    model = tiny_model("gpt2", vocab_size=len(project_tokenizer))
+    sets = _sets(head_geometry(model.config), pairs)
+    for direction in ("sufficiency", "necessity"):
+        r = patch_cell_sets(model, pairs, sets, direction, keep_incorrect=True, min_denominator=0.0)
+        gap = r.clean_logit_diff - r.corrupt_logit_diff
+        want = ((r.patched_logit_diff - r.corrupt_logit_diff) / gap if direction == "sufficiency"
+                else (r.clean_logit_diff - r.patched_logit_diff) / gap)
+        assert torch.allclose(r.scores, want, atol=1e-6)
+        assert torch.allclose(r.mean(), want.mean(1), atol=1e-6)
+
+
+def test_bad_input_is_refused(project_tokenizer, pairs):
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    with pytest.raises(ValueError, match="unknown direction"):
+        patch_cell_sets(model, pairs, [[Cell(0, 0, 5)]], "sideways")
+    with pytest.raises(ValueError, match="outside the model"):
+        patch_cell_sets(model, pairs, [[Cell(7, 0, 5)]])
+    with pytest.raises(ValueError, match="outside the model"):
+        patch_cell_sets(model, pairs, [[Cell(0, 0, 10_000)]])
+
+
+def test_ranked_cells_and_the_random_pool():
+    mean = torch.tensor([[[0.1, float("nan"), 0.5], [0.9, 0.2, -0.3]]])  # [layer 1, head 2, column 3]
+    count = torch.tensor([[[4, 0, 4], [4, 1, 4]]])
+    assert ranked_cells(mean) == [Cell(0, 1, 0), Cell(0, 0, 2), Cell(0, 1, 1), Cell(0, 0, 0), Cell(0, 1, 2)]
+    assert Cell(0, 1, 1) not in ranked_cells(mean, count)  # a column only 1 of 4 examples reach
+    pool = random_pool(2, 3, first_columns=[5, 6, 9], n_columns=10)
+    assert {c.position for c in pool} == {6, 7, 8, 9} and len(pool) == 2 * 3 * 4
+
+
+def test_faithfulness_curves(project_tokenizer, pairs):
+    model = tiny_model("qwen2", vocab_size=len(project_tokenizer))
+    from helpers.patching import patch_heads
+    sweep = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.0)
+    # end-align the per-example sweep as the experiment does
+    T = max(len(p.clean_ids) for p in pairs)
+    aligned = torch.full_like(sweep.normalised, float("nan"))
+    for i, p in enumerate(pairs):
+        aligned[i, ..., T - len(p.clean_ids):] = sweep.normalised[i, ..., :len(p.clean_ids)]
+    mean = torch.nanmean(aligned, 0)
+    kw = dict(k_max=6, n_random=3, seed=5, keep_incorrect=True, min_denominator=0.0)
+    a = faithfulness_curves(model, pairs, mean, **kw)
+    b = faithfulness_curves(model, pairs, mean, **kw)
+    assert a.k[:6] == [1, 2, 3, 4, 5, 6] and len(a.sufficiency) == len(a.necessity) == len(a.k)
+    assert a.cells[:6] == ranked_cells(mean)[:6]
+    assert all(math.isfinite(x) for x in a.sufficiency + a.necessity + a.random_sufficiency_mean)
+    assert a.random_sufficiency_mean == b.random_sufficiency_mean  # seeded
+    # S_1's sufficiency is the single-cell patch of the head sweep (same cell, same examples)
+    top = a.cells[0]
+    assert math.isclose(a.sufficiency[0], float(mean[top.layer, top.head, top.position]), abs_tol=1e-4)
+    reached = [k for k, v in zip(a.k, a.sufficiency) if v >= 0.8]
+    assert a.k80_sufficiency == (reached[0] if reached else None)
+    json.dumps(a.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_attention_probabilities_are_causal_distributions(family, project_tokenizer, pairs):
+    model = tiny_model(family, vocab_size=len(project_tokenizer))
+    p = attention_probabilities(model, pairs[0].clean_ids)
+    geo = head_geometry(model.config)
+    T = len(pairs[0].clean_ids)
+    assert p.shape == (geo.n_layers, geo.n_heads, T, T)
+    assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5)
+    assert p.triu(1).abs().max() == 0
+
+
+def test_attention_probabilities_from_queries_and_keys_gpt2(project_tokenizer, pairs):
+    """Recomputed independently for GPT-2 (no rotary): softmax(q k^T / sqrt(d)) under a causal mask."""
+    model = tiny_model("gpt2", vocab_size=len(project_tokenizer)).eval()
+    geo = head_geometry(model.config)
+    ids = torch.tensor([pairs[0].clean_ids])
+    store = {}
+    h = model.transformer.h[1].attn.c_attn.register_forward_hook(lambda m, a, o: store.setdefault("qkv", o))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    q, k, _ = store["qkv"][0].split(geo.d_model, dim=-1)
+    q = q.view(-1, geo.n_heads, geo.d_head).transpose(0, 1)
+    k = k.view(-1, geo.n_heads, geo.d_head).transpose(0, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(geo.d_head)
+    T = ids.shape[1]
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    assert torch.allclose(attention_probabilities(model, pairs[0].clean_ids)[1], scores.softmax(-1), atol=1e-5)
+
+
+def test_an_sdpa_model_is_read_through_eager_and_left_as_found(project_tokenizer, pairs):
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    eager = attention_probabilities(model, pairs[0].clean_ids)
+    model.config._attn_implementation = "sdpa"
+    with eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.allclose(attention_probabilities(model, pairs[0].clean_ids), eager, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_head_attention_by_role(project_tokenizer, pairs):
+    model = tiny_model("gpt_neo", vocab_size=len(project_tokenizer))
+    tokens = [[project_tokenizer.decode([i]) for i in p.clean_ids] for p in pairs]
+    roles = token_roles(tokens[0], pairs[0].corrupted_position)
+    assert roles[pairs[0].corrupted_position] == "corrupted name" and "SELECT" in roles and "Context text" in roles
+    (out,) = head_attention(model, pairs, tokens, [(1, 2)], ("corrupted",))
+    for side in ("clean", "corrupt"):
+        assert math.isclose(sum(out.by_role[side].values()), 1.0, abs_tol=1e-5)
+        assert [len(row) for row in getattr(out, side)] == [p.corrupted_position + 1 for p in pairs]
+
+
+def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
+    from test_notebooks import model_settings
+
+    from helpers.circuits import figures
+    from helpers.experiments import run_experiment, save_experiment
+    from helpers.experiments.result_json import experiment_to_dict, load_results
+
+    exp = run_experiment(feature_name="DEFTABLENAME", progress=False, generate=False, **model_settings())
+    saved = save_experiment(exp, tmp_path, png=False)
+    data = load_results(saved["json"])
+    circuit = data["circuit"]
+    assert data["metadata"]["settings"]["circuit"] is True
+    assert circuit["edges"] == [] and circuit["edges_computed"] is False  # path patching: not computed yet
+    assert circuit["receivers"] and {"layer", "head"} == set(circuit["receivers"][0])
+    f = circuit["faithfulness"]
+    assert f["k"][0] == 1 and len(f["sufficiency"]) == len(f["necessity"]) == len(f["random_sufficiency_mean"])
+    assert [a["query"] for a in circuit["attention"]][:2] == ["answer", "corrupted"]  # a Def* feature
+    assert figures.faithfulness_figure(circuit).data and figures.attention_roles_figure(circuit).data
+    assert saved["faithfulness_html"].is_file() and saved["attention_html"].is_file()
+    assert "Smallest k reaching 80 %" in exp.circuit.summary(exp.token_labels())
+    off = run_experiment(feature_name="DEFTABLENAME", progress=False, generate=False, circuit="False",
+                         **model_settings())
+    assert off.circuit is None and experiment_to_dict(off)["circuit"] is None and "circuit_s" not in off.timings
