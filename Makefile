@@ -40,7 +40,7 @@ sweep: venv
 run: PARAMS = params/default.yaml
 run: sweep
 
-# Embedded TinySQL models (helpers/training.py). `make train FAMILY=llama CS=1 [STEPS= BATCH= LR= DEVICE= OUT= SEED= MAX_MINUTES=]`
+# Embedded TinySQL models (helpers/models/training.py). `make train FAMILY=llama CS=1 [STEPS= BATCH= LR= DEVICE= OUT= SEED= MAX_MINUTES=]`
 FAMILY ?= llama
 CS     ?= 1
 TRAIN_ARGS = --family $(FAMILY) --cs $(CS) $(if $(STEPS),--steps $(STEPS)) $(if $(BATCH),--batch-size $(BATCH)) \

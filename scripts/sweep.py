@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a sweep of the feature notebooks (papermill) over a parameter grid; see helpers/sweep.py.
+"""Run a sweep of the feature notebooks (papermill) over a parameter grid; see helpers/experiments/sweep_cells.py.
 
     python scripts/sweep.py                         # params/default.yaml: embedded models, CPU, offline
     python scripts/sweep.py --params params/full.yaml --jobs 4

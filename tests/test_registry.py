@@ -6,7 +6,7 @@ from helpers.models.registry import EMBEDDED_DIR, ModelSpec, list_models, resolv
 
 W = "withmartian/"
 # Written out by hand from ../shared/docs/upstream-tinysql.md §4 (and upstream load_constants.py for cs4/cs5),
-# independently of the tables in helpers/registry.py, so a typo there fails here.
+# independently of the tables in helpers/models/registry.py, so a typo there fails here.
 EXPECTED = {
     (1, 0, True): "roneneldan/TinyStories-Instruct-2Layers-33M",
     (1, 1, True): W + "sql_interp_bm1_cs1_experiment_1.10",

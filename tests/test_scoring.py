@@ -1,4 +1,4 @@
-"""Tests for helpers/scoring.py (pure Python, runs in well under a second)."""
+"""Tests for helpers/tinysql/scoring.py (pure Python, runs in well under a second)."""
 
 import random
 
