@@ -166,15 +166,8 @@ corrupt): a copying head. GPT-Neo instead reads the name at `FROM` in layer 0: L
 """
 
 # %%
-from helpers.circuits import figures as circuit_figures
-if exp.circuit is None:
-    print("The circuit section is off (circuit = False) or no example was included.")
-else:
-    print(exp.circuit.summary(exp.token_labels()))
-    circuit_data = exp.circuit.to_dict()
-    circuit_figures.faithfulness_figure(circuit_data).show()
-    circuit_figures.attention_roles_figure(circuit_data).show()
-    circuit_figures.attention_example_figure(circuit_data, exp.tokens[circuit_data["settings"]["examples"][0]]).show()
+from helpers.circuits.figures import show_circuit_section
+show_circuit_section(exp)
 
 # %% [markdown]
 """

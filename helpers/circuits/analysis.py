@@ -17,6 +17,7 @@ from helpers.circuits.faithfulness import (
     DEFAULT_THRESHOLD,
     FaithfulnessCurves,
     faithfulness_curves,
+    ranked_cells,
 )
 
 DEFAULT_N_RECEIVERS = 3
@@ -54,10 +55,8 @@ class CircuitResult:
 
 def top_heads_at(mean: torch.Tensor, column: int, n: int) -> list[dict]:
     """The ``n`` heads of largest mean score at ``column`` ([layer, head, column] scores), as {layer, head}."""
-    scores = torch.nan_to_num(torch.as_tensor(mean, dtype=torch.float64)[:, :, column], nan=-float("inf"))
-    H = scores.shape[1]
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores.flatten()[i]), i))[:n]
-    return [{"layer": i // H, "head": i % H} for i in order if float(scores.flatten()[i]) > -float("inf")]
+    column_only = torch.as_tensor(mean)[:, :, column:column + 1]
+    return [{"layer": c.layer, "head": c.head} for c in ranked_cells(column_only)[:n]]
 
 
 def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,

@@ -22,10 +22,10 @@ import torch
 from helpers.circuits.types import Cell, check_direction, token_index
 from helpers.models.architectures import head_geometry
 from helpers.patching.chunking import run_chunked
-from helpers.patching.example_runs import logit_diffs
+from helpers.patching.example_runs import captured_forward, logit_diffs
 from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, progress_bar, unwrap_model
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
-from helpers.patching.sites import capture_site, site_of
+from helpers.patching.sites import site_of
 
 #: rows (sets) per forward; the embedded models' and tests' sets fit at once, larger models chunk (halving on OOM)
 DEFAULT_SETS_PER_FORWARD = 64
@@ -57,32 +57,21 @@ class CellSetResult:
 
     def mean(self) -> torch.Tensor:
         """[set]: the mean score over the usable examples (NaN if none)."""
-        usable = torch.isfinite(self.scores)
-        n = usable.sum(1)
-        total = torch.where(usable, self.scores, torch.zeros_like(self.scores)).sum(1)
-        return torch.where(n > 0, total / n.clamp(min=1), torch.full_like(total, float("nan")))
+        return torch.nanmean(self.scores, dim=1)
 
     def std(self) -> torch.Tensor:
         """[set]: the sample standard deviation over the usable examples (NaN where fewer than 2)."""
-        usable = torch.isfinite(self.scores)
-        n = usable.sum(1)
-        dev = torch.where(usable, self.scores - self.mean()[:, None], torch.zeros_like(self.scores))
-        out = torch.sqrt((dev ** 2).sum(1) / (n - 1).clamp(min=1))
-        out[n < 2] = float("nan")
-        return out
+        n = torch.isfinite(self.scores).sum(1)
+        var = torch.nansum((self.scores - self.mean()[:, None]) ** 2, dim=1) / (n - 1).clamp(min=1)
+        return torch.where(n >= 2, var.sqrt(), torch.full_like(var, float("nan")))
 
 
 def _runs(model, calls: ModelCalls, site, pair) -> tuple[float, float, bool, torch.Tensor, torch.Tensor]:
     """(clean_diff, corrupt_diff, clean_correct, clean z, corrupt z); z: [layer, pos, head * d_head]."""
-    device = model_device(model)
-    outs, zs = [], []
-    for ids in (pair.clean_ids, pair.corrupt_ids):
-        store: dict = {}
-        with capture_site(site, store):
-            logits, _ = calls.forward(model, torch.as_tensor(list(ids), device=device).unsqueeze(0))
-        outs.append(logits[0])
-        zs.append(torch.stack([store[l][0] for l in range(len(site.modules))]))
-    return (*logit_diffs(outs[0], outs[1], pair), zs[0], zs[1])
+    (clean, z_clean), (corrupt, z_corrupt) = (captured_forward(model, calls, site, ids)
+                                              for ids in (pair.clean_ids, pair.corrupt_ids))
+    z_clean, z_corrupt = (torch.stack([z[l] for l in range(len(site.modules))]) for z in (z_clean, z_corrupt))
+    return (*logit_diffs(clean, corrupt, pair), z_clean, z_corrupt)
 
 
 def _token_cells(cells: Sequence[Cell], length: int, n_columns: int) -> list[tuple[int, int, int]]:

@@ -24,7 +24,7 @@ import torch
 
 from helpers.circuits.cell_patching import patch_cell_sets
 from helpers.circuits.types import Cell
-from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR
+from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, validate_pair
 
 DEFAULT_K_MAX = 20
 DEFAULT_THRESHOLD = 0.05
@@ -69,13 +69,12 @@ def ranked_cells(mean: torch.Tensor, count: torch.Tensor | None = None) -> list[
     of the examples reach are left out. Ties keep layer, head, column order."""
     mean = torch.as_tensor(mean, dtype=torch.float64)
     ok = torch.isfinite(mean)
-    if count is not None:
+    if count is not None and torch.as_tensor(count).numel():
         count = torch.as_tensor(count)
-        ok &= count >= math.ceil(int(count.max()) / 2) if count.numel() else ok
-    flat = torch.where(ok, mean, torch.full_like(mean, -math.inf)).flatten()
-    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
-    L, H, C = mean.shape
-    return [Cell(i // (H * C), (i // C) % H, i % C) for i in order if math.isfinite(float(flat[i]))]
+        ok &= count >= math.ceil(int(count.max()) / 2)
+    _, order = torch.sort(torch.where(ok, -mean, torch.full_like(mean, math.inf)).flatten(), stable=True)
+    _, H, C = mean.shape
+    return [Cell(i // (H * C), (i // C) % H, i % C) for i in order[:int(ok.sum())].tolist()]
 
 
 def random_pool(n_layers: int, n_heads: int, first_columns: Sequence[int], n_columns: int) -> list[Cell]:
@@ -113,7 +112,7 @@ def faithfulness_curves(model, pairs, mean: torch.Tensor, *, count: torch.Tensor
     mean = torch.as_tensor(mean, dtype=torch.float64)
     L, H, C = mean.shape
     if first_columns is None:
-        first_columns = [C - len(p.clean_ids) + _first_difference(p) for p in pairs]
+        first_columns = [C - len(p.clean_ids) + validate_pair(p, i) for i, p in enumerate(pairs)]
     ranked = ranked_cells(mean, count)
     ks = k_values(ranked, mean, k_max, threshold)
     top_sets = [ranked[:k] for k in ks]
@@ -136,6 +135,3 @@ def faithfulness_curves(model, pairs, mean: torch.Tensor, *, count: torch.Tensor
     curves.k80_necessity = _k80(ks, curves.necessity)
     return curves
 
-
-def _first_difference(pair) -> int:
-    return next((i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupt_ids)) if a != b), len(pair.clean_ids))

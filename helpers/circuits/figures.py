@@ -71,3 +71,18 @@ def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0)
     fig.update_layout(title="Attention of the top heads over one example", height=140 + 28 * len(labels),
                       width=1200, yaxis=dict(autorange="reversed"), xaxis_tickangle=-60)
     return fig
+
+
+def show_circuit_section(exp) -> None:
+    """The notebooks' and the explorer's circuit section for an ExperimentResult: the summary, the faithfulness
+    curves, the attention of the top heads by role and over the first included example's tokens."""
+    if exp.circuit is None:
+        print("The circuit section is off (circuit = False) or no example was included.")
+        return
+    print(exp.circuit.summary(exp.token_labels()))
+    circuit = exp.circuit.to_dict()
+    first = circuit["settings"]["examples"][0]  # the attention lists hold the included examples, in order
+    for fig in (faithfulness_figure(circuit), attention_roles_figure(circuit),
+                attention_example_figure(circuit, exp.tokens[first])):
+        if fig is not None:
+            fig.show()

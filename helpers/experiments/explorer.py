@@ -82,8 +82,8 @@ class Explorer:
 
     def run(self, _button=None):
         """Run one experiment with the current settings and show its heatmap and top heads in ``out``."""
-        from helpers.experiments import plotting
-        from helpers.experiments import results
+        from helpers.circuits.figures import show_circuit_section
+        from helpers.experiments import plotting, results
 
         self.run_button.disabled = True
         self.result = self.error = None
@@ -100,10 +100,7 @@ class Explorer:
                 display(self.result.top_heads(10))
                 display(self.result.role_table(10))
                 if self.result.circuit is not None:
-                    from helpers.circuits import figures as circuit_figures
-
-                    print(self.result.circuit.summary(self.result.token_labels()))
-                    display(circuit_figures.faithfulness_figure(self.result.circuit.to_dict()))
+                    show_circuit_section(self.result)
                 if self.save:
                     display(results.save_experiment(self.result, self.output_dir))
             except Exception as err:  # shown in the widget; the explorer stays usable

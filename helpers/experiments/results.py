@@ -65,13 +65,13 @@ def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = T
     :func:`default_output_dir`); returns the paths written."""
     out = Path(output_dir) if output_dir not in (None, "") else default_output_dir()
     json_path = out / f"{file_stem(exp.settings, exp.spec)}.json"
-    paths = {"json": atomic_write_json(json_path, experiment_to_dict(exp))}
+    data = experiment_to_dict(exp)
+    paths = {"json": atomic_write_json(json_path, data)}
     if figures:
         drawn = [("heatmap", plotting.mean_heatmap(exp)), ("spread", plotting.spread_heatmap(exp))]
-        if getattr(exp, "circuit", None) is not None:
-            circuit = exp.circuit.to_dict()
-            drawn += [("faithfulness", circuit_figures.faithfulness_figure(circuit)),
-                      ("attention", circuit_figures.attention_roles_figure(circuit))]
+        if data["circuit"] is not None:
+            drawn += [("faithfulness", circuit_figures.faithfulness_figure(data["circuit"])),
+                      ("attention", circuit_figures.attention_roles_figure(data["circuit"]))]
         for kind, fig in drawn:
             if fig is None:
                 continue

@@ -9,20 +9,24 @@ from helpers.patching.model_calls import ModelCalls, aligned_forward, model_devi
 from helpers.patching.sites import Site, capture_site
 
 
-def clean_and_corrupt(model, calls: ModelCalls, site: Site | None, pair):
-    """(clean_diff, corrupt_diff, clean_correct, clean activations at site) for one example."""
-    device = model_device(model)
-    clean = torch.as_tensor(list(pair.clean_ids), device=device).unsqueeze(0)
-    corrupt = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+def captured_forward(model, calls: ModelCalls, site: Site | None, ids) -> tuple[torch.Tensor, dict]:
+    """One prompt's forward (``ids``: token ids): (last logits [vocab], {layer: activation at site [pos, width]})."""
     store: dict = {}
+    ids = torch.as_tensor(list(ids), device=model_device(model)).unsqueeze(0)
     with torch.no_grad():
         if site is not None:
             with capture_site(site, store):
-                clean_logits, _ = calls.forward(model, clean)
+                logits, _ = calls.forward(model, ids)
         else:
-            clean_logits, _ = calls.forward(model, clean)
-        corrupt_logits, _ = calls.forward(model, corrupt)
-    return (*logit_diffs(clean_logits[0], corrupt_logits[0], pair), {l: a[0] for l, a in store.items()})
+            logits, _ = calls.forward(model, ids)
+    return logits[0], {l: a[0] for l, a in store.items()}
+
+
+def clean_and_corrupt(model, calls: ModelCalls, site: Site | None, pair):
+    """(clean_diff, corrupt_diff, clean_correct, clean activations at site) for one example."""
+    clean_logits, store = captured_forward(model, calls, site, pair.clean_ids)
+    corrupt_logits, _ = captured_forward(model, calls, None, pair.corrupt_ids)
+    return (*logit_diffs(clean_logits, corrupt_logits, pair), store)
 
 
 def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) -> tuple[float, float, bool]:
