@@ -152,8 +152,14 @@ Below it, where the top heads look: the attention probabilities of the three hea
 answer position (and from the renamed CREATE TABLE token), summed by role (the corrupted name, prompt keywords, the Instruction / Context / Response
 text) and averaged over examples, clean (blue) against corrupt (orange); then the same heads over one example's
 tokens. A head whose attention sits on the name token and does not move between clean and corrupt *moves* the
-name; one whose attention moves with the corruption *selects* by it. How the heads connect (path patching) is not
-computed yet.
+name; one whose attention moves with the corruption *selects* by it.
+
+Then how the heads connect: exact path patching of every edge from a cell of an earlier layer (at or after the
+corruption) into one of the receivers (the three top heads at the answer position), through the receiver's query,
+key or value, and of each answer-position cell straight into the logits. An edge's score is the share of the
+clean-corrupt gap that comes back when the sender's change reaches *only* that input, everything else staying
+corrupt. The graph draws the 15 strongest (colour: the input; width: |score|; dotted: negative), the table lists the
+10 strongest. A receiver in layer 0 has no senders.
 
 On the embedded models (command set 1, seed 0, 5 examples) two routes show. Llama: L0H2 and L0H0 at the
 renamed CREATE TABLE token restore 0.83 at k = 2 (necessity 0.82; 5 random cells 0.00): at the name itself,
@@ -161,6 +167,11 @@ both attend to it; from `FROM`, L1H3 then attends only to that schema token (all
 corrupt): a copying head. GPT-Neo instead reads the name at `FROM` in layer 0: L0H7, L0H6, L0H0 each put
 0.92-1.00 of their attention from `FROM` on the renamed token; three of them reach 0.83, and necessity lags
 (0.66 at k = 3, 0.87 at k = 5): more heads share the copying there.
+
+Path patching: in Llama, L0H2 and L0H0 at the renamed CREATE TABLE token feed the *values* of the layer-1 heads
+(L1H0 +0.13, L1H2 +0.11, L1H3 +0.11), which write the name into the logits from `FROM` (+0.17 to +0.23): the
+schema's spelling is carried in values, as a copy. GPT-Neo's three receivers are in layer 0, so only their direct
+logit edges exist (at most +0.05).
 
 `circuit = False` turns this section off.
 """

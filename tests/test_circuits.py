@@ -192,7 +192,10 @@ def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     data = load_results(saved["json"])
     circuit = data["circuit"]
     assert data["metadata"]["settings"]["circuit"] is True
-    assert circuit["edges"] == [] and circuit["edges_computed"] is False  # path patching: not computed yet
+    assert circuit["edges_computed"] is True and circuit["edges"]
+    scores = [abs(e["score"]) for e in circuit["edges"] if e["score"] is not None]
+    assert scores == sorted(scores, reverse=True)  # strongest first
+    assert {"sender", "receiver", "input", "score", "std", "n"} == set(circuit["edges"][0])
     assert circuit["receivers"] and {"layer", "head"} == set(circuit["receivers"][0])
     f = circuit["faithfulness"]
     assert f["k"][0] == 1 and len(f["sufficiency"]) == len(f["necessity"]) == len(f["random_sufficiency_mean"])
@@ -203,3 +206,75 @@ def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     off = run_experiment(feature_name="DEFTABLENAME", progress=False, generate=False, circuit="False",
                          **model_settings())
     assert off.circuit is None and experiment_to_dict(off)["circuit"] is None and "circuit_s" not in off.timings
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_path_patching_matches_the_reference(family, project_tokenizer, pairs):
+    """Every input (q, k, v, logits), receivers in a middle and in the last layer, senders before and after the
+    corruption; GQA (llama, qwen2, granite) and GPT-Neo's local layers included (4 layers: two local ones)."""
+    from helpers.circuits.path_patching import all_edges, path_patching, path_patching_reference
+
+    model = tiny_model(family, vocab_size=len(project_tokenizer), n_layers=4)
+    geo = head_geometry(model.config)
+    T = max(len(p.clean_ids) for p in pairs)
+    rng = random.Random(1)
+    cells = [Cell(l, h, c) for l in range(3) for h in range(geo.n_heads) for c in (2, T - 8, T - 3, T - 1)]
+    senders = rng.sample(cells, 8) + [Cell(0, 1, T - 1), Cell(2, 0, T - 1), Cell(1, 1, T - 2)]
+    edges = all_edges(senders, [(1, 2), (3, 1)], answer_column=T - 1)
+    assert {e.input for e in edges} == {"q", "k", "v", "logits"}
+    fast = path_patching(model, pairs, edges, keep_incorrect=True, min_denominator=0.0, rows_per_forward=7)
+    ref = path_patching_reference(model, pairs, edges, keep_incorrect=True, min_denominator=0.0)
+    assert torch.equal(fast.patched_logit_diff.isnan(), ref.patched_logit_diff.isnan())
+    assert torch.allclose(fast.patched_logit_diff.nan_to_num(), ref.patched_logit_diff.nan_to_num(), atol=1e-5,
+                          rtol=0)
+    corrupt = fast.patched_logit_diff[[i for i, e in enumerate(edges) if e.sender.position == 2]]
+    assert (corrupt.nan_to_num() - corrupt.nan_to_num()[:1]).abs().max() < 1e-5  # before the corruption: nothing
+    assert (fast.patched_logit_diff - fast.patched_logit_diff.nanmedian()).abs().nan_to_num().max() > 1e-3
+
+
+def test_a_receiver_in_layer_0_has_no_senders():
+    from helpers.circuits.path_patching import all_edges
+
+    assert all_edges([Cell(0, 1, 5), Cell(1, 0, 7)], [(0, 2)]) == []
+    assert [e.input for e in all_edges([Cell(0, 1, 9)], [(0, 2)], answer_column=9)] == ["logits"]
+
+
+def test_the_receiver_norm_is_recomputed_from_the_modified_input():
+    """RMSNorm(x + a x) = RMSNorm(x): a recomputed scale sees only the direction; a frozen one would not."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from helpers.circuits.path_patching import receiver_input
+
+    norm = LlamaRMSNorm(16)
+    x = torch.randn(3, 16)
+    assert torch.allclose(receiver_input(norm, x, 2 * x), norm(x), atol=1e-6)
+    delta = torch.randn(3, 16)
+    assert torch.allclose(receiver_input(norm, x, delta), norm(x + delta))
+    frozen = (x + delta) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+    assert not torch.allclose(receiver_input(norm, x, delta), frozen, atol=1e-3)
+
+
+def test_path_patching_refuses_bad_edges(project_tokenizer, pairs):
+    from helpers.circuits.path_patching import Edge, path_patching
+
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    with pytest.raises(ValueError, match="later layer"):
+        path_patching(model, pairs, [Edge(Cell(1, 0, 5), (1, 2), "q")])
+    with pytest.raises(ValueError, match="unknown input"):
+        path_patching(model, pairs, [Edge(Cell(0, 0, 5), (1, 2), "o")])
+
+
+def test_the_edges_graph_and_table_redraw_from_a_circuit_dict():
+    from helpers.circuits import figures
+
+    cell = {"layer": 0, "head": 1, "position": 3}
+    circuit = {"edges_computed": True, "edges": [
+        {"sender": cell, "receiver": {"layer": 1, "head": 0}, "input": "q", "score": 0.5, "std": 0.1, "n": 3},
+        {"sender": cell, "receiver": None, "input": "logits", "score": -0.2, "std": None, "n": 1},
+        {"sender": cell, "receiver": {"layer": 1, "head": 2}, "input": "v", "score": None, "std": None, "n": 0}]}
+    table = figures.edges_table(circuit, [f"t{i}" for i in range(5)])
+    assert table["receiver"].tolist() == ["L1H0", "logits"] and table["at"].tolist() == ["t3", "t3"]
+    fig = figures.circuit_graph_figure(circuit, n_layers=2)
+    lines = [t for t in fig.data if t.mode == "lines" and t.x[0] is not None]
+    assert len(lines) == 2 and lines[1].line.dash == "dot" and lines[0].line.width > lines[1].line.width
+    assert figures.circuit_graph_figure({"edges": []}, n_layers=2) is None

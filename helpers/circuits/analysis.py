@@ -1,8 +1,10 @@
 """From the head sweep to a circuit, for one experiment: the receivers (top heads at the answer position), the
-faithfulness curves of the top cells with their random baseline, and the attention of the top heads.
+faithfulness curves of the top cells with their random baseline, the attention of the top heads, and exact path
+patching of every edge from an earlier-layer cell into the receivers (q, k, v) and into the logits.
 
-Path patching and edge attribution (the ``edges`` of the result) are not computed yet: ``edges`` is an empty list
-and ``edges_computed`` is False, so a reader of the JSON cannot mistake "not computed" for "no edges".
+Senders are every cell of an earlier layer at or after the first difference (columns that at least half of the
+examples have at or after their corrupted token), or the ``n_senders`` top cells of the head sweep. ``edges``
+lists every edge computed, strongest first. Edge attribution (the gradient approximation) is not computed yet.
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers.circuits.attention import HeadAttention, head_attention
+from helpers.circuits.path_patching import all_edges, path_patching
 from helpers.circuits.faithfulness import (
     DEFAULT_K_MAX,
     DEFAULT_N_RANDOM,
     DEFAULT_THRESHOLD,
     FaithfulnessCurves,
     faithfulness_curves,
+    random_pool,
     ranked_cells,
 )
 
@@ -30,7 +34,7 @@ class CircuitResult:
     faithfulness: FaithfulnessCurves
     attention: list[HeadAttention]
     settings: dict
-    edges: list = field(default_factory=list)
+    edges: list = field(default_factory=list)  # path patching: dicts, strongest |score| first
     edges_computed: bool = False
 
     def summary(self, position_labels=None) -> str:
@@ -44,13 +48,27 @@ class CircuitResult:
                 f"Smallest k reaching 80 %: sufficiency {f.k80_sufficiency}, necessity {f.k80_necessity} "
                 f"(of k up to {f.k[-1] if f.k else 0}). At k = {k5}: sufficiency {at(f.sufficiency, k5)}, necessity "
                 f"{at(f.necessity, k5)}, {k5} random cells {at(f.random_sufficiency_mean, k5)} "
-                f"(mean of {f.n_random} draws).\n"
-                "Edges (path patching, how the heads connect): not computed yet.")
+                f"(mean of {f.n_random} draws).\n" + self.edges_summary())
+
+    def edges_summary(self, n: int = 5) -> str:
+        if not self.edges_computed:
+            return "Edges (path patching): not computed."
+        top = [e for e in self.edges if e["score"] is not None][:n]
+        if not top:
+            return "Edges (path patching): none (the receivers are in layer 0 and no sender sits at the answer)."
+        return "Strongest edges (path patching): " + ", ".join(edge_label(e) for e in top)
 
     def to_dict(self) -> dict:
         return {"receivers": self.receivers, "edges": self.edges, "edges_computed": self.edges_computed,
                 "faithfulness": self.faithfulness.to_dict(), "attention": [a.to_dict() for a in self.attention],
                 "settings": self.settings}
+
+
+def edge_label(e: dict, position_labels=None) -> str:
+    s = e["sender"]
+    where = position_labels[s["position"]] if position_labels is not None else f"pos {s['position']}"
+    to = "logits" if e["receiver"] is None else f"L{e['receiver']['layer']}H{e['receiver']['head']}.{e['input']}"
+    return f"L{s['layer']}H{s['head']}@{where} -> {to} ({e['score']:+.2f})"
 
 
 def top_heads_at(mean: torch.Tensor, column: int, n: int) -> list[dict]:
@@ -61,7 +79,8 @@ def top_heads_at(mean: torch.Tensor, column: int, n: int) -> list[dict]:
 
 def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,
                     n_random: int = DEFAULT_N_RANDOM, n_receivers: int = DEFAULT_N_RECEIVERS,
-                    n_attention_heads: int = DEFAULT_N_ATTENTION_HEADS, progress: bool = False) -> CircuitResult:
+                    n_attention_heads: int = DEFAULT_N_ATTENTION_HEADS, n_senders: int | None = None,
+                    edges: bool = True, progress: bool = False) -> CircuitResult:
     """The circuit section of one experiment (``exp``: an ExperimentResult; ``model``: the model it ran on).
 
     The random baseline is seeded with the experiment's seed. Attention is read from the answer position, and for
@@ -78,6 +97,18 @@ def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float 
             heads.append((c.layer, c.head))
     queries = ("answer", "corrupted") if exp.feature.value.startswith("DEF") else ("answer",)
     attention = head_attention(model, pairs, [exp.tokens[i] for i in included], heads[:n_attention_heads], queries)
+    receivers = top_heads_at(mean, mean.shape[-1] - 1, n_receivers)
     settings = dict(k_max=k_max, threshold=threshold, n_random=n_random, seed=exp.settings.seed,
-                    n_receivers=n_receivers, n_attention_heads=n_attention_heads, examples=included)
-    return CircuitResult(top_heads_at(mean, mean.shape[-1] - 1, n_receivers), curves, attention, settings)
+                    n_receivers=n_receivers, n_attention_heads=n_attention_heads, n_senders=n_senders,
+                    examples=included)
+    result = CircuitResult(receivers, curves, attention, settings)
+    if edges:
+        L, H, C = mean.shape
+        senders = (ranked_cells(mean, count)[:n_senders] if n_senders is not None else
+                   random_pool(L, H, [C - len(p.clean_ids) + p.corrupted_position for p in pairs], C))
+        found = path_patching(model, pairs, all_edges(senders, [(r["layer"], r["head"]) for r in receivers],
+                                                      answer_column=C - 1),
+                              n_columns=C, keep_incorrect=True, progress=progress).to_dicts()
+        result.edges = sorted(found, key=lambda e: -abs(e["score"]) if e["score"] is not None else 0.0)
+        result.edges_computed = True
+    return result

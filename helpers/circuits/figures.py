@@ -2,8 +2,13 @@
 saved JSON's ``data["circuit"]``: one code path for a fresh run and a re-draw)."""
 from __future__ import annotations
 
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from helpers.circuits.analysis import edge_label
+
+INPUT_COLORS = {"q": "royalblue", "k": "seagreen", "v": "darkorange", "logits": "purple"}
 
 
 def _band(fig, x, mean, std, name, color, row=None, col=None):
@@ -73,6 +78,64 @@ def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0)
     return fig
 
 
+def _strongest(circuit: dict, n: int) -> list[dict]:
+    return [e for e in circuit.get("edges") or [] if e["score"] is not None][:n]
+
+
+def edges_table(circuit: dict, position_labels=None, n: int = 10) -> pd.DataFrame:
+    """The ``n`` strongest edges (path patching): sender cell, receiver and its input, mean score, std, examples."""
+    rows = []
+    for e in _strongest(circuit, n):
+        s = e["sender"]
+        rows.append({"sender": f"L{s['layer']}H{s['head']}",
+                     "at": position_labels[s["position"]] if position_labels is not None else s["position"],
+                     "receiver": "logits" if e["receiver"] is None else f"L{e['receiver']['layer']}H{e['receiver']['head']}",
+                     "input": e["input"], "score": e["score"], "std": e["std"], "n": e["n"]})
+    return pd.DataFrame(rows, columns=["sender", "at", "receiver", "input", "score", "std", "n"])
+
+
+def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: int = 15,
+                         title: str = "How the heads connect (path patching)") -> go.Figure | None:
+    """Heads as nodes by layer (x) and head (y), the logits at the right; the ``n`` strongest edges as lines coloured
+    by the receiver's input, width by |score| (hover: the sender's position and the score)."""
+    edges = _strongest(circuit, n)
+    if not edges:
+        return None
+    top = max(abs(e["score"]) for e in edges) or 1.0
+    nodes: dict = {}
+    fig = go.Figure()
+    offset = {"q": -0.15, "k": 0.0, "v": 0.15, "logits": 0.0}
+    heads = [e["sender"]["head"] for e in edges] + [e["receiver"]["head"] for e in edges if e["receiver"]]
+    logits_y, has_logits = max(heads) / 2, False  # the logits node between the heads, off any head's row
+    for e in edges:
+        s = (e["sender"]["layer"], e["sender"]["head"])
+        nodes[s] = f"L{s[0]}H{s[1]}"
+        if e["receiver"] is None:
+            end, has_logits = (n_layers, logits_y), True
+        else:
+            r = (e["receiver"]["layer"], e["receiver"]["head"])
+            nodes[r] = f"L{r[0]}H{r[1]}"
+            end = (r[0], r[1] + offset[e["input"]])
+        fig.add_trace(go.Scatter(x=[s[0], end[0]], y=[s[1], end[1]], mode="lines", hoverinfo="text",
+                                 text=edge_label(e, position_labels), showlegend=False,
+                                 line=dict(color=INPUT_COLORS[e["input"]], width=1 + 9 * abs(e["score"]) / top,
+                                           dash="solid" if e["score"] > 0 else "dot")))
+    fig.add_trace(go.Scatter(x=[k[0] for k in nodes], y=[k[1] for k in nodes], mode="markers+text",
+                             text=list(nodes.values()), textposition="top center", showlegend=False,
+                             marker=dict(size=14, color="white", line=dict(color="black", width=1))))
+    if has_logits:
+        fig.add_trace(go.Scatter(x=[n_layers], y=[logits_y], mode="markers+text", text=["logits"], showlegend=False,
+                                 textposition="top center", marker=dict(size=16, color="purple")))
+    for name, color in INPUT_COLORS.items():  # legend entries for the inputs
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=color, width=4),
+                                 name=f"into {name}" if name != "logits" else "direct to the logits"))
+    fig.update_layout(title=f"{title}<br><sup>{len(edges)} strongest edges; width: |score|; dotted: negative</sup>",
+                      xaxis=dict(title="layer", tickvals=list(range(n_layers + 1)),
+                                 ticktext=[str(l) for l in range(n_layers)] + ["logits"]),
+                      yaxis=dict(title="head"), height=500, width=900)
+    return fig
+
+
 def show_circuit_section(exp) -> None:
     """The notebooks' and the explorer's circuit section for an ExperimentResult: the summary, the faithfulness
     curves, the attention of the top heads by role and over the first included example's tokens."""
@@ -82,7 +145,13 @@ def show_circuit_section(exp) -> None:
     print(exp.circuit.summary(exp.token_labels()))
     circuit = exp.circuit.to_dict()
     first = circuit["settings"]["examples"][0]  # the attention lists hold the included examples, in order
+    labels = exp.token_labels()
     for fig in (faithfulness_figure(circuit), attention_roles_figure(circuit),
-                attention_example_figure(circuit, exp.tokens[first])):
+                attention_example_figure(circuit, exp.tokens[first]),
+                circuit_graph_figure(circuit, exp.geometry.n_layers, labels)):
         if fig is not None:
             fig.show()
+    if circuit["edges_computed"]:
+        from IPython.display import display
+
+        display(edges_table(circuit, labels))

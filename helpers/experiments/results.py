@@ -71,7 +71,9 @@ def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = T
         drawn = [("heatmap", plotting.mean_heatmap(exp)), ("spread", plotting.spread_heatmap(exp))]
         if data["circuit"] is not None:
             drawn += [("faithfulness", circuit_figures.faithfulness_figure(data["circuit"])),
-                      ("attention", circuit_figures.attention_roles_figure(data["circuit"]))]
+                      ("attention", circuit_figures.attention_roles_figure(data["circuit"])),
+                      ("circuit", circuit_figures.circuit_graph_figure(
+                          data["circuit"], data["metadata"]["n_layers"], data.get("position_labels")))]
         for kind, fig in drawn:
             if fig is None:
                 continue

@@ -25,14 +25,21 @@ class FamilySpec:
     attention: str  # attention module; its first output is the attention output added to the residual
     mlp: str  # MLP (or mixture-of-experts) module; its output is added to the residual
     post_attention_norm: str  # the norm between the attention's residual addition and the MLP
+    input_norm: str  # the norm before the attention (its output feeds the query, key and value projections)
+    qkv: tuple[str, str, str]  # query, key, value projections; one path thrice: a fused projection, sliced q|k|v
+    final_norm: str  # relative to the *ForCausalLM: the norm before the unembedding
 
 
 _LLAMA_LIKE = dict(blocks="model.layers", out_proj="self_attn.o_proj", attention="self_attn", mlp="mlp",
-                   post_attention_norm="post_attention_layernorm")
+                   post_attention_norm="post_attention_layernorm", input_norm="input_layernorm",
+                   qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), final_norm="model.norm")
 
 FAMILIES: dict[str, FamilySpec] = {
-    "gpt_neo": FamilySpec("gpt_neo", "transformer.h", "attn.attention.out_proj", "attn", "mlp", "ln_2"),
-    "gpt2": FamilySpec("gpt2", "transformer.h", "attn.c_proj", "attn", "mlp", "ln_2"),
+    "gpt_neo": FamilySpec("gpt_neo", "transformer.h", "attn.attention.out_proj", "attn", "mlp", "ln_2", "ln_1",
+                          ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+                          "transformer.ln_f"),
+    "gpt2": FamilySpec("gpt2", "transformer.h", "attn.c_proj", "attn", "mlp", "ln_2", "ln_1", ("attn.c_attn",) * 3,
+                       "transformer.ln_f"),
     "llama": FamilySpec("llama", **_LLAMA_LIKE),  # Llama-3.2, SmolLM, the embedded Llama-family models
     "qwen2": FamilySpec("qwen2", **_LLAMA_LIKE),
     "granite": FamilySpec("granite", **_LLAMA_LIKE),

@@ -1,0 +1,363 @@
+"""Exact path patching: how much of the answer flows from one sender cell into one receiver head through one input.
+
+An *edge* runs from a sender cell s = (l_s, h_s, p_s) to a receiver head r = (l_r, h_r), l_s < l_r, through the
+receiver's query, key or value input (``"q"``, ``"k"``, ``"v"``), or from s straight to the logits (``"logits"``).
+
+- The sender's *direct contribution* is its output projection applied to ``z_clean - z_corrupt`` of head h_s at
+  p_s (no bias; times the block's residual multiplier where the family has one, granite): what s alone adds to the
+  residual stream, nothing routed through later components.
+- q/k/v edge: the corrupt prompt runs; at layer l_r the receiver's channel-c input at position p_s is computed from
+  the corrupt residual stream there plus that contribution, through the layer's input norm, with the norm's scale
+  **recomputed from the modified input** (the norm module applied to ``x + delta``; RMSNorm and LayerNorm statistics
+  are not frozen at their corrupt values). Only head h_r uses it: every other head of layer l_r keeps its corrupt
+  output, and the MLP of layer l_r and every later layer see the corrupt stream plus what flows out of the
+  receiver's changed output; the model runs on normally from there.
+- logits edge: the corrupt run's final residual at the answer position plus the contribution, through the model's
+  final norm and unembedding (so only senders at the answer position have one).
+
+The metric is the head sweep's, normalised ``(patched - corrupt) / (clean - corrupt)``, averaged over examples.
+Positions are end-aligned columns (helpers.circuits.types). A sender before an example's first difference has no
+contribution there (its clean and corrupt z are equal): its edges score 0 for that example without a forward.
+
+``path_patching`` batches: per example and receiver layer, one forward starts with the corrupt prompt alone and
+becomes one row per edge at block l_r (the layers before are the same for every edge); rows are chunked, halving
+on out-of-memory. ``path_patching_reference`` is its oracle: per edge and example, one forward computes the receiver
+head's output with the modified input (all heads, plain hooks) and a second forward writes that head's output into
+the corrupt run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from helpers.circuits.cell_patching import _runs
+from helpers.circuits.types import Cell, token_index
+from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
+from helpers.patching.chunking import run_chunked
+from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, progress_bar, unwrap_model
+from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
+from helpers.patching.sites import site_of
+
+INPUTS = ("q", "k", "v")
+DEFAULT_ROWS_PER_FORWARD = 256
+
+
+@dataclass(frozen=True)
+class Edge:
+    sender: Cell
+    receiver: tuple[int, int] | None  # (layer, head); None for the logits
+    input: str  # "q" | "k" | "v" | "logits"
+
+
+@dataclass
+class EdgeScores:
+    """``scores``: [edge, example] normalised, NaN where an example is excluded, guarded or lacks the sender's
+    column."""
+
+    edges: list[Edge]
+    patched_logit_diff: torch.Tensor  # [edge, example]
+    scores: torch.Tensor  # [edge, example]
+
+    def to_dicts(self) -> list[dict]:
+        mean = torch.nanmean(self.scores, dim=1)
+        n = torch.isfinite(self.scores).sum(1)
+        var = torch.nansum((self.scores - mean[:, None]) ** 2, dim=1) / (n - 1).clamp(min=1)
+        std = torch.where(n >= 2, var.sqrt(), torch.full_like(var, float("nan")))
+        out = []
+        for e, m, s, k in zip(self.edges, mean.tolist(), std.tolist(), n.tolist()):
+            out.append({"sender": e.sender.to_dict(),
+                        "receiver": None if e.receiver is None else {"layer": e.receiver[0], "head": e.receiver[1]},
+                        "input": e.input, "score": m if k else None, "std": s if k >= 2 else None, "n": k})
+        return out
+
+
+def receiver_input(norm: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The normed input a receiver's projection sees: ``norm(x + delta)``, the scale recomputed (module docstring)."""
+    return norm.forward(x + delta)
+
+
+def all_edges(senders: Sequence[Cell], receivers: Sequence[tuple[int, int]], inputs=INPUTS,
+              logits: bool = True, answer_column: int | None = None) -> list[Edge]:
+    """Every (sender, receiver, input) with the sender in an earlier layer, plus the logits edges of the senders at
+    ``answer_column``. A receiver in layer 0 has no senders."""
+    edges = [Edge(s, tuple(r), c) for r in receivers for c in inputs for s in senders if s.layer < r[0]]
+    if logits and answer_column is not None:
+        edges += [Edge(s, None, "logits") for s in senders if s.position == answer_column]
+    return edges
+
+
+def _direct_contributions(model, senders: Sequence[tuple[int, int, int]], dz_all: torch.Tensor, geo) -> torch.Tensor:
+    """What each sender (layer, head, token) adds to the residual stream: [n, d_model]. ``dz_all``: z_clean - z_corrupt
+    [layer, pos, head * d_head]. One output projection per sender layer, bias cancelled, times the block's residual
+    multiplier where the family has one (granite)."""
+    spec = family_spec(model.config)
+    H, dh = geo.n_heads, geo.d_head
+    out = dz_all.new_zeros(len(senders), geo.d_model)
+    for layer in sorted({l for l, _, _ in senders}):
+        rows = [i for i, (l, _, _) in enumerate(senders) if l == layer]
+        heads = torch.tensor([senders[i][1] for i in rows], device=dz_all.device)
+        tokens = torch.tensor([senders[i][2] for i in rows], device=dz_all.device)
+        z = dz_all.new_zeros(len(rows), H, dh)
+        z[torch.arange(len(rows), device=z.device), heads] = dz_all[layer, tokens].view(len(rows), H, dh)[
+            torch.arange(len(rows), device=z.device), heads]
+        block = blocks(model)[layer]
+        out_proj = get_submodule(block, spec.out_proj)
+        z = z.view(len(rows), H * dh)
+        delta = out_proj.forward(z) - out_proj.forward(torch.zeros_like(z))
+        m = getattr(block, "residual_multiplier", None)
+        out[rows] = delta if m is None else delta * m
+    return out
+
+
+def _channel_slices(model, geo) -> dict[str, tuple[str, slice]]:
+    """input -> (its projection's path in a block, the columns of that projection's output that are the input).
+    Separate projections: all of their output; a fused one (GPT-2's c_attn): its q | k | v thirds."""
+    spec = family_spec(model.config)
+    if len(set(spec.qkv)) > 1:
+        return {c: (path, slice(None)) for c, path in zip(INPUTS, spec.qkv)}
+    width = geo.n_heads * geo.d_head
+    return {c: (spec.qkv[0], slice(i * width, (i + 1) * width)) for i, c in enumerate(INPUTS)}
+
+
+def _prepare(model, pairs, edges):
+    model = unwrap_model(model)
+    pairs = list(pairs)
+    firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
+    geo = head_geometry(model.config)
+    for e in edges:
+        if e.input not in INPUTS + ("logits",):
+            raise ValueError(f"unknown input {e.input!r}; known: {INPUTS + ('logits',)}")
+        if e.receiver is not None and not (e.sender.layer < e.receiver[0] < geo.n_layers
+                                           and 0 <= e.receiver[1] < geo.n_heads):
+            raise ValueError(f"edge {e}: the receiver must be a head of a later layer than the sender")
+    return model, pairs, firsts, geo
+
+
+def _scores(patched, pre, keep_incorrect, min_denominator) -> torch.Tensor:
+    included = report_inclusion([c for _, _, c in pre], keep_incorrect)
+    clean = torch.tensor([p[0] for p in pre])
+    corrupt = torch.tensor([p[1] for p in pre])
+    denom = clean - corrupt
+    usable = included & (denom.abs() >= min_denominator)
+    scores = (patched - corrupt) / torch.where(usable, denom, torch.ones_like(denom))
+    scores[:, ~usable] = float("nan")
+    return scores
+
+
+def _example_rows(edges, pair, first, n_columns):
+    """(edge index, sender token, delta needed) of the edges this example has; the others stay NaN (no column) or
+    are the corrupt run (a sender before the first difference)."""
+    T = len(pair.clean_ids)
+    rows, unchanged = [], []
+    for i, e in enumerate(edges):
+        t = token_index(e.sender.position, T, n_columns)
+        if t is None:
+            continue
+        (rows if t >= first else unchanged).append((i, t))
+    return rows, unchanged
+
+
+def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None = None, keep_incorrect: bool = False,
+                  min_denominator: float = DEFAULT_MIN_DENOMINATOR, rows_per_forward: int | None = None,
+                  progress: bool = False) -> EdgeScores:
+    """Exact path patching of every edge on every example, batched (module docstring)."""
+    edges = list(edges)
+    model, pairs, firsts, geo = _prepare(model, pairs, edges)
+    n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
+    calls, site = ModelCalls.of(model), site_of(model, "heads")
+    spec = family_spec(model.config)
+    slices = _channel_slices(model, geo)
+    H, dh = geo.n_heads, geo.d_head
+    device = model_device(model)
+    patched = torch.full((len(edges), len(pairs)), float("nan"))
+    pre = []
+    state: dict = {}
+
+    def grow(mod, args, kwargs):  # block l_r: the corrupt prefix of layers < l_r, then one row per edge
+        if state.get("join") is not mod:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        state["x"] = x[0]
+        x = x.expand(state["n"], *x.shape[1:]).contiguous()
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def channel(mod, args, output):  # the receiver layer's q/k/v projection: the edge's input at p_s
+        todo = state.get("channel", {}).get(id(mod))
+        if not todo:
+            return None
+        output = output.clone()
+        for rows, t, delta, cols in todo:
+            normed = receiver_input(state["norm"], state["x"][t], delta)
+            output[rows, t, cols] = mod.forward(normed)[:, cols].to(output.dtype)
+        return output
+
+    def keep_receiver(mod, args):  # out_proj of layer l_r: only the receiver head's output changes
+        if state.get("out_proj") is not mod:
+            return None
+        z = args[0]
+        n, T = z.shape[:2]
+        new = state["z_corrupt"].view(1, T, H, dh).expand(n, T, H, dh).clone()
+        idx = torch.arange(n, device=z.device)
+        new[idx, :, state["heads"]] = z.view(n, T, H, dh)[idx, :, state["heads"]]
+        new = new.view(n, T, H * dh)
+        # in the last layer only the answer position reaches the metric: out_proj and MLP see it alone (the
+        # block's residual additions broadcast; the other positions are wrong from here and never read)
+        return (new[:, -1:].contiguous() if state["last_layer"] else new,) + tuple(args[1:])
+
+    def answer_only(mod, args):  # the last layer's MLP, as above
+        if not state.get("last_layer"):
+            return None
+        return (args[0][:, -1:].contiguous(),) + tuple(args[1:])
+
+    def final(mod, args, kwargs):  # the final norm: logits edges add the contribution at the answer position
+        if "logit_delta" not in state:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        x = x.expand(state["n"], *x.shape[1:]).clone()
+        x[:, -1] += state["logit_delta"].to(x.dtype)
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    bl = blocks(model)
+    handles = [b.register_forward_pre_hook(grow, with_kwargs=True) for b in bl]
+    handles += [m.register_forward_pre_hook(keep_receiver) for m in site.modules]
+    handles.append(get_submodule(bl[-1], spec.mlp).register_forward_pre_hook(answer_only))
+    for b in bl:
+        for path in set(spec.qkv):
+            handles.append(get_submodule(b, path).register_forward_hook(channel))
+    handles.append(get_submodule(model, spec.final_norm).register_forward_pre_hook(final, with_kwargs=True))
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for i in progress_bar(range(len(pairs)), progress, f"path patching {len(edges)} edges"):
+                pair = pairs[i]
+                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+                pre.append((clean_diff, corrupt_diff, correct))
+                rows, unchanged = _example_rows(edges, pair, firsts[i], n_columns)
+                for e, _ in unchanged:
+                    patched[e, i] = corrupt_diff
+                ids = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+                dz = z_clean - z_corrupt
+                by_layer: dict = {}
+                for e, t in rows:
+                    key = edges[e].receiver[0] if edges[e].receiver is not None else None
+                    by_layer.setdefault(key, []).append((e, t))
+                for layer, group in by_layer.items():
+                    def run(a: int, b: int, _group=group, _layer=layer, _i=i):
+                        part = _group[a:b]
+                        deltas = _direct_contributions(
+                            model, [(edges[e].sender.layer, edges[e].sender.head, t) for e, t in part], dz, geo)
+                        state.clear()
+                        state["n"] = len(part)
+                        if _layer is None:
+                            state["logit_delta"] = deltas
+                        else:
+                            block = bl[_layer]
+                            state.update(join=block, norm=get_submodule(block, spec.input_norm),
+                                         last_layer=_layer == geo.n_layers - 1,
+                                         out_proj=site.modules[_layer], z_corrupt=z_corrupt[_layer],
+                                         heads=torch.tensor([edges[e].receiver[1] for e, _ in part], device=device))
+                            todo: dict = {}
+                            for c in INPUTS:
+                                mine = [j for j, (e, _) in enumerate(part) if edges[e].input == c]
+                                for t in sorted({part[j][1] for j in mine}):
+                                    js = [j for j in mine if part[j][1] == t]
+                                    path, cols = slices[c]
+                                    module = get_submodule(block, path)
+                                    todo.setdefault(id(module), []).append(
+                                        (torch.tensor(js, device=device), t, deltas[js], cols))
+                            state["channel"] = todo
+                        try:
+                            logits, _ = calls.forward(model, ids)
+                        finally:
+                            state.clear()
+                        logits = logits.float()
+                        diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).cpu()
+                        patched[[e for e, _ in part], _i] = diffs
+                    run_chunked(len(group), rows_per_forward or DEFAULT_ROWS_PER_FORWARD, run)
+    finally:
+        for h in handles:
+            h.remove()
+    return EdgeScores(edges, patched, _scores(patched, pre, keep_incorrect, min_denominator))
+
+
+def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: int | None = None,
+                            keep_incorrect: bool = False,
+                            min_denominator: float = DEFAULT_MIN_DENOMINATOR) -> EdgeScores:
+    """The oracle of :func:`path_patching`: per edge and example, batch-1 forwards with plain hooks. A q/k/v edge:
+    forward 1 replaces the receiver layer's channel input at p_s (every head sees it) and records that layer's z;
+    forward 2 writes the receiver head's recorded z (all positions) into the corrupt run. A logits edge: one forward
+    with the contribution added before the final norm."""
+    edges = list(edges)
+    model, pairs, firsts, geo = _prepare(model, pairs, edges)
+    n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
+    calls, site = ModelCalls.of(model), site_of(model, "heads")
+    spec = family_spec(model.config)
+    slices = _channel_slices(model, geo)
+    dh = geo.d_head
+    device = model_device(model)
+    patched = torch.full((len(edges), len(pairs)), float("nan"))
+    pre = []
+
+    def forward(ids, hooks):
+        handles = [register(hook) for register, hook in hooks]
+        try:
+            logits, _ = calls.forward(model, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits[0].float()
+
+    with eval_mode(model), torch.no_grad():
+        for i, pair in enumerate(pairs):
+            clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+            pre.append((clean_diff, corrupt_diff, correct))
+            ids = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+            T = len(pair.clean_ids)
+            for k, e in enumerate(edges):
+                t = token_index(e.sender.position, T, n_columns)
+                if t is None:
+                    continue
+                # the sender's contribution, from its own z slice alone (the fast path gathers them per layer)
+                block = blocks(model)[e.sender.layer]
+                z = torch.zeros_like(z_clean[e.sender.layer, t])
+                cols = slice(e.sender.head * dh, (e.sender.head + 1) * dh)
+                z[cols] = z_clean[e.sender.layer, t, cols] - z_corrupt[e.sender.layer, t, cols]
+                out_proj = get_submodule(block, spec.out_proj)
+                delta = out_proj(z[None])[0] - out_proj(torch.zeros_like(z)[None])[0]
+                if getattr(block, "residual_multiplier", None) is not None:
+                    delta = delta * block.residual_multiplier
+                if e.receiver is None:
+                    def add(mod, args, _d=delta):
+                        x = args[0].clone()
+                        x[0, -1] += _d
+                        return (x,) + tuple(args[1:])
+                    logits = forward(ids, [(get_submodule(model, spec.final_norm).register_forward_pre_hook, add)])
+                else:
+                    layer, head = e.receiver
+                    block = bl = blocks(model)[layer]
+                    seen: dict = {}
+                    path, cols = slices[e.input]
+
+                    def save_x(mod, args, kwargs):
+                        seen["x"] = (args[0] if args else kwargs["hidden_states"])[0]
+
+                    def replace(mod, args, output, _t=t, _d=delta, _cols=cols, _block=block):
+                        out = output.clone()
+                        normed = receiver_input(get_submodule(_block, spec.input_norm), seen["x"][_t], _d)
+                        out[0, _t, _cols] = mod.forward(normed[None])[0, _cols]
+                        return out
+
+                    def record(mod, args):
+                        seen["z"] = args[0][0].clone()
+                    forward(ids, [(lambda h: bl.register_forward_pre_hook(h, with_kwargs=True), save_x),
+                                  (get_submodule(block, path).register_forward_hook, replace),
+                                  (site.modules[layer].register_forward_pre_hook, record)])
+
+                    def write(mod, args, _head=head, _z=seen["z"]):
+                        z = args[0].clone()
+                        z[0, :, _head * dh:(_head + 1) * dh] = _z[:, _head * dh:(_head + 1) * dh]
+                        return (z,) + tuple(args[1:])
+                    logits = forward(ids, [(site.modules[layer].register_forward_pre_hook, write)])
+                patched[k, i] = float(logits[pair.clean_token_id] - logits[pair.corrupt_token_id])
+    return EdgeScores(edges, patched, _scores(patched, pre, keep_incorrect, min_denominator))
