@@ -166,7 +166,9 @@ corruption) into one of the receivers (the three top heads at the answer positio
 key or value, and of each answer-position cell straight into the logits. An edge's score is the share of the
 clean-corrupt gap that comes back when the sender's change reaches *only* that input, everything else staying
 corrupt. The graph draws the 15 strongest (colour: the input; width: |score|; dotted: negative), the table lists the
-10 strongest. A receiver in layer 0 has no senders.
+10 strongest, each beside its edge attribution (EAP) estimate, the gradient approximation of the same score from
+one forward and one backward; the summary gives how far EAP is from the exact edges (correlation, top-10 overlap).
+A receiver in layer 0 has no senders.
 
 On the embedded models (command set 1, seed 0, 5 examples) the circuit is small and sits at the final `FROM`
 column. Llama: the top two cells, L0H0 and L0H1 at `FROM`, restore all of the gap on their own (sufficiency 1.00

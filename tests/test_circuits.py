@@ -195,7 +195,8 @@ def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     assert circuit["edges_computed"] is True and circuit["edges"]
     scores = [abs(e["score"]) for e in circuit["edges"] if e["score"] is not None]
     assert scores == sorted(scores, reverse=True)  # strongest first
-    assert {"sender", "receiver", "input", "score", "std", "n"} == set(circuit["edges"][0])
+    assert {"sender", "receiver", "input", "score", "std", "n", "attribution"} == set(circuit["edges"][0])
+    assert -1 <= circuit["edge_attribution_error"]["correlation"] <= 1
     assert circuit["receivers"] and {"layer", "head"} == set(circuit["receivers"][0])
     f = circuit["faithfulness"]
     assert f["k"][0] == 1 and len(f["sufficiency"]) == len(f["necessity"]) == len(f["random_sufficiency_mean"])
@@ -227,8 +228,8 @@ def test_path_patching_matches_the_reference(family, project_tokenizer, pairs):
     assert torch.equal(fast.patched_logit_diff.isnan(), ref.patched_logit_diff.isnan())
     assert torch.allclose(fast.patched_logit_diff.nan_to_num(), ref.patched_logit_diff.nan_to_num(), atol=1e-5,
                           rtol=0)
-    corrupt = fast.patched_logit_diff[[i for i, e in enumerate(edges) if e.sender.position == 2]]
-    assert (corrupt.nan_to_num() - corrupt.nan_to_num()[:1]).abs().max() < 1e-5  # before the corruption: nothing
+    early = fast.patched_logit_diff[:, [i for i, e in enumerate(edges) if e.sender.position == 2]]
+    assert (early.nan_to_num() - fast.corrupt_logit_diff[:, None]).abs().max() < 1e-5  # before the corruption: nothing
     assert (fast.patched_logit_diff - fast.patched_logit_diff.nanmedian()).abs().nan_to_num().max() > 1e-3
 
 
@@ -278,3 +279,22 @@ def test_the_edges_graph_and_table_redraw_from_a_circuit_dict():
     lines = [t for t in fig.data if t.mode == "lines" and t.x[0] is not None]
     assert len(lines) == 2 and lines[1].line.dash == "dot" and lines[0].line.width > lines[1].line.width
     assert figures.circuit_graph_figure({"edges": []}, n_layers=2) is None
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_edge_attribution_estimates_path_patching(family, project_tokenizer, pairs):
+    """EAP is the first-order estimate of path patching: on a random model, whose effects are small, it must agree
+    closely (a wrong gradient route, e.g. through the layer's other heads or the wrong position, does not)."""
+    from helpers.circuits.edge_attribution import edge_attribution
+    from helpers.circuits.path_patching import all_edges, path_patching
+    from helpers.patching.attribution import attribution_error
+
+    model = tiny_model(family, vocab_size=len(project_tokenizer), n_layers=4)
+    geo = head_geometry(model.config)
+    T = max(len(p.clean_ids) for p in pairs)
+    senders = [Cell(l, h, c) for l in range(3) for h in range(geo.n_heads) for c in (T - 8, T - 3, T - 1)]
+    edges = all_edges(senders, [(1, 2), (3, 1)], answer_column=T - 1)
+    exact = path_patching(model, pairs, edges, keep_incorrect=True, min_denominator=0.0)
+    estimate = edge_attribution(model, pairs, edges, keep_incorrect=True, min_denominator=0.0)
+    error = attribution_error(estimate, exact)
+    assert error["correlation"] > 0.99 and error["top_k_overlap"] == 1.0 and error["relative_max_error"] < 0.02

@@ -4,7 +4,9 @@ patching of every edge from an earlier-layer cell into the receivers (q, k, v) a
 
 Senders are every cell of an earlier layer at or after the first difference (columns that at least half of the
 examples have at or after their corrupted token), or the ``n_senders`` top cells of the head sweep. ``edges``
-lists every edge computed, strongest first. Edge attribution (the gradient approximation) is not computed yet.
+lists every edge computed, strongest first, each with its edge attribution estimate beside the exact score
+(``attribution``; helpers.circuits.edge_attribution), and ``edge_attribution_error`` says how far the estimate is
+(correlation, top-10 overlap, ... of the per-example effects; helpers.patching.attribution.attribution_error).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers.circuits.attention import HeadAttention, head_attention
+from helpers.circuits.edge_attribution import edge_attribution
 from helpers.circuits.path_patching import all_edges, path_patching
+from helpers.patching.attribution import attribution_error
 from helpers.circuits.faithfulness import (
     DEFAULT_K_MAX,
     DEFAULT_N_RANDOM,
@@ -36,6 +40,7 @@ class CircuitResult:
     settings: dict
     edges: list = field(default_factory=list)  # path patching: dicts, strongest |score| first
     edges_computed: bool = False
+    edge_attribution_error: dict | None = None  # EAP against the exact edges
 
     def summary(self, position_labels=None) -> str:
         f = self.faithfulness
@@ -56,10 +61,17 @@ class CircuitResult:
         top = [e for e in self.edges if e["score"] is not None][:n]
         if not top:
             return "Edges (path patching): none (the receivers are in layer 0 and no sender sits at the answer)."
-        return "Strongest edges (path patching): " + ", ".join(edge_label(e) for e in top)
+        text = "Strongest edges (path patching): " + ", ".join(edge_label(e) for e in top)
+        err = self.edge_attribution_error or {}
+        if err.get("correlation") is not None:
+            text += (f"\nEdge attribution (EAP) against these exact edges: correlation {err['correlation']:.3f}, "
+                     f"top-10 overlap {err['top_k_overlap']:.1f}, largest error {err['relative_max_error']:.0%} "
+                     "of the largest effect.")
+        return text
 
     def to_dict(self) -> dict:
         return {"receivers": self.receivers, "edges": self.edges, "edges_computed": self.edges_computed,
+                "edge_attribution_error": self.edge_attribution_error,
                 "faithfulness": self.faithfulness.to_dict(), "attention": [a.to_dict() for a in self.attention],
                 "settings": self.settings}
 
@@ -106,9 +118,16 @@ def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float 
         L, H, C = mean.shape
         senders = (ranked_cells(mean, count)[:n_senders] if n_senders is not None else
                    random_pool(L, H, [C - len(p.clean_ids) + p.corrupted_position for p in pairs], C))
-        found = path_patching(model, pairs, all_edges(senders, [(r["layer"], r["head"]) for r in receivers],
-                                                      answer_column=C - 1),
-                              n_columns=C, keep_incorrect=True, progress=progress).to_dicts()
+        edge_list = all_edges(senders, [(r["layer"], r["head"]) for r in receivers], answer_column=C - 1)
+        kw = dict(n_columns=C, keep_incorrect=True)
+        exact = path_patching(model, pairs, edge_list, progress=progress, **kw)
+        estimate = edge_attribution(model, pairs, edge_list, **kw)
+        found = exact.to_dicts()
+        for d, a in zip(found, estimate.to_dicts()):
+            d["attribution"] = a["score"]
         result.edges = sorted(found, key=lambda e: -abs(e["score"]) if e["score"] is not None else 0.0)
         result.edges_computed = True
+        if edge_list:
+            error = attribution_error(estimate, exact)
+            result.edge_attribution_error = {k: (v if v == v else None) for k, v in error.items()}  # NaN -> None
     return result

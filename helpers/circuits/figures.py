@@ -83,15 +83,17 @@ def _strongest(circuit: dict, n: int) -> list[dict]:
 
 
 def edges_table(circuit: dict, position_labels=None, n: int = 10) -> pd.DataFrame:
-    """The ``n`` strongest edges (path patching): sender cell, receiver and its input, mean score, std, examples."""
+    """The ``n`` strongest edges (path patching): sender cell, receiver and its input, mean score, std, examples, and
+    the edge attribution estimate of the same score."""
     rows = []
     for e in _strongest(circuit, n):
         s = e["sender"]
         rows.append({"sender": f"L{s['layer']}H{s['head']}",
                      "at": position_labels[s["position"]] if position_labels is not None else s["position"],
                      "receiver": "logits" if e["receiver"] is None else f"L{e['receiver']['layer']}H{e['receiver']['head']}",
-                     "input": e["input"], "score": e["score"], "std": e["std"], "n": e["n"]})
-    return pd.DataFrame(rows, columns=["sender", "at", "receiver", "input", "score", "std", "n"])
+                     "input": e["input"], "score": e["score"], "std": e["std"], "n": e["n"],
+                     "attribution (EAP)": e.get("attribution")})
+    return pd.DataFrame(rows, columns=["sender", "at", "receiver", "input", "score", "std", "n", "attribution (EAP)"])
 
 
 def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: int = 15,

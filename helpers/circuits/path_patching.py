@@ -53,17 +53,21 @@ class Edge:
 
 @dataclass
 class EdgeScores:
-    """``scores``: [edge, example] normalised, NaN where an example is excluded, guarded or lacks the sender's
-    column."""
+    """Per-example edge effects, shaped like a patching result (so helpers.patching.attribution.attribution_error
+    compares two of them): ``patched_logit_diff`` / ``scores`` [example, edge], ``scores`` normalised, NaN where an
+    example is excluded, guarded or lacks the sender's column."""
 
     edges: list[Edge]
-    patched_logit_diff: torch.Tensor  # [edge, example]
-    scores: torch.Tensor  # [edge, example]
+    patched_logit_diff: torch.Tensor  # [example, edge]
+    clean_logit_diff: torch.Tensor  # [example]
+    corrupt_logit_diff: torch.Tensor  # [example]
+    included: torch.Tensor  # [example] bool
+    scores: torch.Tensor  # [example, edge]
 
     def to_dicts(self) -> list[dict]:
-        mean = torch.nanmean(self.scores, dim=1)
-        n = torch.isfinite(self.scores).sum(1)
-        var = torch.nansum((self.scores - mean[:, None]) ** 2, dim=1) / (n - 1).clamp(min=1)
+        mean = torch.nanmean(self.scores, dim=0)
+        n = torch.isfinite(self.scores).sum(0)
+        var = torch.nansum((self.scores - mean) ** 2, dim=0) / (n - 1).clamp(min=1)
         std = torch.where(n >= 2, var.sqrt(), torch.full_like(var, float("nan")))
         out = []
         for e, m, s, k in zip(self.edges, mean.tolist(), std.tolist(), n.tolist()):
@@ -135,7 +139,8 @@ def _prepare(model, pairs, edges):
     return model, pairs, firsts, geo
 
 
-def _scores(patched, pre, keep_incorrect, min_denominator) -> torch.Tensor:
+def edge_scores(edges, patched: torch.Tensor, pre, keep_incorrect: bool, min_denominator: float) -> EdgeScores:
+    """``patched``: [edge, example] logit differences; ``pre``: each example's (clean, corrupt, clean correct)."""
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     clean = torch.tensor([p[0] for p in pre])
     corrupt = torch.tensor([p[1] for p in pre])
@@ -143,7 +148,7 @@ def _scores(patched, pre, keep_incorrect, min_denominator) -> torch.Tensor:
     usable = included & (denom.abs() >= min_denominator)
     scores = (patched - corrupt) / torch.where(usable, denom, torch.ones_like(denom))
     scores[:, ~usable] = float("nan")
-    return scores
+    return EdgeScores(list(edges), patched.T.contiguous(), clean, corrupt, included, scores.T.contiguous())
 
 
 def _example_rows(edges, pair, first, n_columns):
@@ -278,7 +283,7 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
     finally:
         for h in handles:
             h.remove()
-    return EdgeScores(edges, patched, _scores(patched, pre, keep_incorrect, min_denominator))
+    return edge_scores(edges, patched, pre, keep_incorrect, min_denominator)
 
 
 def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: int | None = None,
@@ -360,4 +365,4 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
                         return (z,) + tuple(args[1:])
                     logits = forward(ids, [(site.modules[layer].register_forward_pre_hook, write)])
                 patched[k, i] = float(logits[pair.clean_token_id] - logits[pair.corrupt_token_id])
-    return EdgeScores(edges, patched, _scores(patched, pre, keep_incorrect, min_denominator))
+    return edge_scores(edges, patched, pre, keep_incorrect, min_denominator)
