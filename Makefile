@@ -60,3 +60,10 @@ eval: venv
 BENCH_ARGS ?=
 bench: venv
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Circuit kernels (path patching, edge attribution) against the head sweep and their references (GPU if present):
+# make bench-circuits CIRCUIT_ARGS="--shape llama --receiver-layer -1"
+.PHONY: bench-circuits
+CIRCUIT_ARGS ?=
+bench-circuits: venv
+	$(PY) scripts/bench_circuits.py $(CIRCUIT_ARGS)

@@ -131,10 +131,13 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
                 grads = [torch.zeros_like(leaves[0]) if g is None else g for g in grads]
                 deltas = _direct_contributions(model, [(edges[e].sender.layer, edges[e].sender.head, t)
                                                        for e, t in rows], (z_clean - z_corrupt).detach(), geo)
-                for (e, t), delta in zip(rows, deltas):
-                    edge = edges[e]
-                    g = grads[-1][-1] if edge.receiver is None else grads[row_of[(*edge.receiver, edge.input)]][t]
-                    patched[e, i] = corrupt_diff + float((delta.float() * g.float()).sum())
+                # each edge's gradient: its receiver input's at the sender's position, or the final norm's at the answer
+                g = torch.stack(grads)  # [n inputs + 1, T, d_model]
+                which = torch.tensor([n if edges[e].receiver is None else row_of[(*edges[e].receiver, edges[e].input)]
+                                      for e, _ in rows], device=device)
+                where = torch.tensor([T - 1 if edges[e].receiver is None else t for e, t in rows], device=device)
+                effect = (deltas.float() * g[which, where].float()).sum(-1).cpu()
+                patched[[e for e, _ in rows], i] = corrupt_diff + effect
     finally:
         state.clear()
         for h in handles:
