@@ -22,7 +22,7 @@ import torch
 from helpers.circuits.types import Cell, check_direction, token_index
 from helpers.models.architectures import head_geometry
 from helpers.patching.chunking import run_chunked
-from helpers.patching.example_runs import captured_forward, logit_diffs
+from helpers.patching.example_runs import clean_and_corrupt_z
 from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, progress_bar, unwrap_model
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
 from helpers.patching.sites import site_of
@@ -64,14 +64,6 @@ class CellSetResult:
         n = torch.isfinite(self.scores).sum(1)
         var = torch.nansum((self.scores - self.mean()[:, None]) ** 2, dim=1) / (n - 1).clamp(min=1)
         return torch.where(n >= 2, var.sqrt(), torch.full_like(var, float("nan")))
-
-
-def _runs(model, calls: ModelCalls, site, pair) -> tuple[float, float, bool, torch.Tensor, torch.Tensor]:
-    """(clean_diff, corrupt_diff, clean_correct, clean z, corrupt z); z: [layer, pos, head * d_head]."""
-    (clean, z_clean), (corrupt, z_corrupt) = (captured_forward(model, calls, site, ids)
-                                              for ids in (pair.clean_ids, pair.corrupt_ids))
-    z_clean, z_corrupt = (torch.stack([z[l] for l in range(len(site.modules))]) for z in (z_clean, z_corrupt))
-    return (*logit_diffs(clean, corrupt, pair), z_clean, z_corrupt)
 
 
 def _token_cells(cells: Sequence[Cell], length: int, n_columns: int) -> list[tuple[int, int, int]]:
@@ -148,7 +140,7 @@ def patch_cell_sets(model, pairs, cell_sets: Sequence[Sequence[Cell]], direction
         with eval_mode(model), torch.inference_mode():
             for i in progress_bar(range(len(pairs)), progress, f"{direction} of {len(sets)} sets"):
                 pair = pairs[i]
-                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = clean_and_corrupt_z(model, calls, site, pair)
                 pre.append((clean_diff, corrupt_diff, correct))
                 T = len(pair.clean_ids)
                 masks = torch.zeros(len(sets), L, T, H, dtype=torch.bool)
@@ -188,7 +180,7 @@ def patch_cell_sets_reference(model, pairs, cell_sets: Sequence[Sequence[Cell]],
     pre = []
     with eval_mode(model), torch.no_grad():
         for i, pair in enumerate(pairs):
-            clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+            clean_diff, corrupt_diff, correct, z_clean, z_corrupt = clean_and_corrupt_z(model, calls, site, pair)
             pre.append((clean_diff, corrupt_diff, correct))
             source = z_clean if direction == "sufficiency" else z_corrupt
             base = pair.corrupt_ids if direction == "sufficiency" else pair.clean_ids

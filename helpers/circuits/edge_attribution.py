@@ -17,18 +17,18 @@ from typing import Sequence
 
 import torch
 
-from helpers.circuits.cell_patching import _runs
 from helpers.circuits.path_patching import (
     Edge,
     EdgeScores,
-    _channel_slices,
-    _direct_contributions,
-    _example_rows,
-    _prepare,
+    channel_slices,
+    direct_contributions,
     edge_scores,
+    example_edge_rows,
+    prepare_edges,
     receiver_input,
 )
 from helpers.models.architectures import blocks, family_spec, get_submodule
+from helpers.patching.example_runs import clean_and_corrupt_z
 from helpers.patching.model_calls import ModelCalls, eval_mode, model_device
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR
 from helpers.patching.sites import site_of
@@ -39,11 +39,11 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
                      min_denominator: float = DEFAULT_MIN_DENOMINATOR) -> EdgeScores:
     """EAP estimates of ``edges`` on every example, as an EdgeScores (``patched_logit_diff`` = corrupt + estimate)."""
     edges = list(edges)
-    model, pairs, firsts, geo = _prepare(model, pairs, edges)
+    model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
     n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
-    slices = _channel_slices(model, geo)
+    slices = channel_slices(model, geo)
     H, dh = geo.n_heads, geo.d_head
     device = model_device(model)
     bl = blocks(model)
@@ -106,9 +106,9 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
     try:
         with eval_mode(model):
             for i, pair in enumerate(pairs):
-                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = clean_and_corrupt_z(model, calls, site, pair)
                 pre.append((clean_diff, corrupt_diff, correct))
-                rows, unchanged = _example_rows(edges, pair, firsts[i], n_columns)
+                rows, unchanged = example_edge_rows(edges, pair, firsts[i], n_columns)
                 for e, _ in unchanged:
                     patched[e, i] = corrupt_diff
                 if not rows:
@@ -129,7 +129,7 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
                     metric = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).float().sum()
                     grads = torch.autograd.grad(metric, leaves + [final_leaf], allow_unused=True)
                 grads = [torch.zeros_like(leaves[0]) if g is None else g for g in grads]
-                deltas = _direct_contributions(model, [(edges[e].sender.layer, edges[e].sender.head, t)
+                deltas = direct_contributions(model, [(edges[e].sender.layer, edges[e].sender.head, t)
                                                        for e, t in rows], (z_clean - z_corrupt).detach(), geo)
                 # each edge's gradient: its receiver input's at the sender's position, or the final norm's at the answer
                 g = torch.stack(grads)  # [n inputs + 1, T, d_model]

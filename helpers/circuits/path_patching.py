@@ -32,10 +32,10 @@ from typing import Sequence
 
 import torch
 
-from helpers.circuits.cell_patching import _runs
 from helpers.circuits.types import Cell, token_index
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 from helpers.patching.chunking import run_chunked
+from helpers.patching.example_runs import clean_and_corrupt_z
 from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, progress_bar, unwrap_model
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
 from helpers.patching.sites import site_of
@@ -92,7 +92,7 @@ def all_edges(senders: Sequence[Cell], receivers: Sequence[tuple[int, int]], inp
     return edges
 
 
-def _direct_contributions(model, senders: Sequence[tuple[int, int, int]], dz_all: torch.Tensor, geo) -> torch.Tensor:
+def direct_contributions(model, senders: Sequence[tuple[int, int, int]], dz_all: torch.Tensor, geo) -> torch.Tensor:
     """What each sender (layer, head, token) adds to the residual stream: [n, d_model]. ``dz_all``: z_clean - z_corrupt
     [layer, pos, head * d_head]. One output projection per sender layer, bias cancelled, times the block's residual
     multiplier where the family has one (granite)."""
@@ -115,7 +115,7 @@ def _direct_contributions(model, senders: Sequence[tuple[int, int, int]], dz_all
     return out
 
 
-def _channel_slices(model, geo) -> dict[str, tuple[str, slice]]:
+def channel_slices(model, geo) -> dict[str, tuple[str, slice]]:
     """input -> (its projection's path in a block, the columns of that projection's output that are the input).
     Separate projections: all of their output; a fused one (GPT-2's c_attn): its q | k | v thirds."""
     spec = family_spec(model.config)
@@ -125,7 +125,7 @@ def _channel_slices(model, geo) -> dict[str, tuple[str, slice]]:
     return {c: (spec.qkv[0], slice(i * width, (i + 1) * width)) for i, c in enumerate(INPUTS)}
 
 
-def _prepare(model, pairs, edges):
+def prepare_edges(model, pairs, edges):
     model = unwrap_model(model)
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
@@ -151,7 +151,7 @@ def edge_scores(edges, patched: torch.Tensor, pre, keep_incorrect: bool, min_den
     return EdgeScores(list(edges), patched.T.contiguous(), clean, corrupt, included, scores.T.contiguous())
 
 
-def _example_rows(edges, pair, first, n_columns):
+def example_edge_rows(edges, pair, first, n_columns):
     """(edge index, sender token, delta needed) of the edges this example has; the others stay NaN (no column) or
     are the corrupt run (a sender before the first difference)."""
     T = len(pair.clean_ids)
@@ -169,11 +169,11 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
                   progress: bool = False) -> EdgeScores:
     """Exact path patching of every edge on every example, batched (module docstring)."""
     edges = list(edges)
-    model, pairs, firsts, geo = _prepare(model, pairs, edges)
+    model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
     n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
-    slices = _channel_slices(model, geo)
+    slices = channel_slices(model, geo)
     H, dh = geo.n_heads, geo.d_head
     device = model_device(model)
     patched = torch.full((len(edges), len(pairs)), float("nan"))
@@ -236,9 +236,9 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
         with eval_mode(model), torch.inference_mode():
             for i in progress_bar(range(len(pairs)), progress, f"path patching {len(edges)} edges"):
                 pair = pairs[i]
-                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+                clean_diff, corrupt_diff, correct, z_clean, z_corrupt = clean_and_corrupt_z(model, calls, site, pair)
                 pre.append((clean_diff, corrupt_diff, correct))
-                rows, unchanged = _example_rows(edges, pair, firsts[i], n_columns)
+                rows, unchanged = example_edge_rows(edges, pair, firsts[i], n_columns)
                 for e, _ in unchanged:
                     patched[e, i] = corrupt_diff
                 ids = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
@@ -250,7 +250,7 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
                 for layer, group in by_layer.items():
                     def run(a: int, b: int, _group=group, _layer=layer, _i=i):
                         part = _group[a:b]
-                        deltas = _direct_contributions(
+                        deltas = direct_contributions(
                             model, [(edges[e].sender.layer, edges[e].sender.head, t) for e, t in part], dz, geo)
                         state.clear()
                         state["n"] = len(part)
@@ -294,11 +294,11 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
     forward 2 writes the receiver head's recorded z (all positions) into the corrupt run. A logits edge: one forward
     with the contribution added before the final norm."""
     edges = list(edges)
-    model, pairs, firsts, geo = _prepare(model, pairs, edges)
+    model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
     n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
-    slices = _channel_slices(model, geo)
+    slices = channel_slices(model, geo)
     dh = geo.d_head
     device = model_device(model)
     patched = torch.full((len(edges), len(pairs)), float("nan"))
@@ -315,7 +315,7 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
 
     with eval_mode(model), torch.no_grad():
         for i, pair in enumerate(pairs):
-            clean_diff, corrupt_diff, correct, z_clean, z_corrupt = _runs(model, calls, site, pair)
+            clean_diff, corrupt_diff, correct, z_clean, z_corrupt = clean_and_corrupt_z(model, calls, site, pair)
             pre.append((clean_diff, corrupt_diff, correct))
             ids = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
             T = len(pair.clean_ids)
@@ -340,7 +340,7 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
                     logits = forward(ids, [(get_submodule(model, spec.final_norm).register_forward_pre_hook, add)])
                 else:
                     layer, head = e.receiver
-                    block = bl = blocks(model)[layer]
+                    block = blocks(model)[layer]
                     seen: dict = {}
                     path, cols = slices[e.input]
 
@@ -355,7 +355,7 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
 
                     def record(mod, args):
                         seen["z"] = args[0][0].clone()
-                    forward(ids, [(lambda h: bl.register_forward_pre_hook(h, with_kwargs=True), save_x),
+                    forward(ids, [(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), save_x),
                                   (get_submodule(block, path).register_forward_hook, replace),
                                   (site.modules[layer].register_forward_pre_hook, record)])
 

@@ -29,6 +29,14 @@ def clean_and_corrupt(model, calls: ModelCalls, site: Site | None, pair):
     return (*logit_diffs(clean_logits, corrupt_logits, pair), store)
 
 
+def clean_and_corrupt_z(model, calls: ModelCalls, site: Site, pair):
+    """(clean_diff, corrupt_diff, clean_correct, clean and corrupt activations at ``site``, each [layer, pos, width])."""
+    (clean, z_clean), (corrupt, z_corrupt) = (captured_forward(model, calls, site, ids)
+                                              for ids in (pair.clean_ids, pair.corrupt_ids))
+    z_clean, z_corrupt = (torch.stack([z[l] for l in range(len(site.modules))]) for z in (z_clean, z_corrupt))
+    return (*logit_diffs(clean, corrupt, pair), z_clean, z_corrupt)
+
+
 def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) -> tuple[float, float, bool]:
     """(clean_diff, corrupt_diff, clean_correct) from the answer position's logits [vocab] of both runs."""
     logits = torch.stack([clean_logits, corrupt_logits]).float()
