@@ -61,7 +61,7 @@ def default_output_dir() -> Path:
 def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = True,
                     png: bool = True) -> dict[str, Path]:
     """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible, and
-    where the circuit section ran its faithfulness and attention figures) into ``output_dir`` (None:
+    where the circuit section ran its faithfulness, attention and edge figures as HTML) into ``output_dir`` (None:
     :func:`default_output_dir`); returns the paths written."""
     out = Path(output_dir) if output_dir not in (None, "") else default_output_dir()
     json_path = out / f"{file_stem(exp.settings, exp.spec)}.json"
@@ -77,6 +77,7 @@ def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = T
         for kind, fig in drawn:
             if fig is None:
                 continue
-            written = plotting.save_figure(fig, figure_base(json_path, kind), png=png)
+            # PNG (a Chrome start per figure, ~1 s) for the heatmaps only; the circuit figures are HTML
+            written = plotting.save_figure(fig, figure_base(json_path, kind), png=png and kind in ("heatmap", "spread"))
             paths.update({(k if kind == "heatmap" else f"{kind}_{k}"): v for k, v in written.items()})
     return paths
