@@ -67,3 +67,8 @@ bench: venv
 CIRCUIT_ARGS ?=
 bench-circuits: venv
 	$(PY) scripts/bench_circuits.py $(CIRCUIT_ARGS)
+
+# Head and edge attribution against the exact sweep and path patching on the embedded models, fp32 and bf16
+.PHONY: bench-attribution
+bench-attribution: venv
+	$(PY) scripts/attribution_quality.py $(ATTRIBUTION_ARGS)

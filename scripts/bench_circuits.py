@@ -6,7 +6,7 @@ at position 10, in one run:
 - the head sweep (``patch_heads``), the baseline;
 - exact path patching of the top-3 receivers (the sweep's strongest heads at the answer position) x every sender
   cell of an earlier layer at or after the first difference x q/k/v, plus the logits edges (``path_patching``);
-- the reference (``path_patching_reference``: two forwards per edge) timed on a random subset of edges and
+- the reference (``path_patching_reference``: one whole-prompt forward per edge) timed on a random subset of edges and
   extrapolated to all of them; the largest difference between the two on that subset;
 - edge attribution (``edge_attribution``) on the same edges.
 

@@ -79,6 +79,10 @@ def test_index_pages(sweep_run):
     assert good["notebook"] and (root / good["notebook"]).is_file()
     assert good["heatmap"] and (root / good["heatmap"]).is_file()
     assert good["accuracy"] is not None
+    # the circuit section ran: its smallest k and a link to each of its figures
+    assert good["k80"] is not None and set(good["circuit_figures"]) == {"faithfulness", "attention", "circuit"}
+    for name, path in good["circuit_figures"].items():
+        assert (root / path).is_file() and f"[{name}]({path})" in md and f'href="{path}"' in page
     for row in summary["cells"]:
         assert row["cell"] in md and row["cell"] in page
     assert "NOTAFEATURE" in md and "ModelLoadError" in md

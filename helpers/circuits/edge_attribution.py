@@ -50,7 +50,7 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
     inputs = sorted({(e.receiver[0], e.receiver[1], e.input) for e in edges if e.receiver is not None})
     row_of = {key: b for b, key in enumerate(inputs)}
     n = max(1, len(inputs))
-    patched = torch.full((len(edges), len(pairs)), float("nan"))
+    patched = torch.full((len(edges), len(pairs)), float("nan"), dtype=torch.float64)
     pre = []
     state: dict = {}
 
@@ -136,7 +136,7 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
                 which = torch.tensor([n if edges[e].receiver is None else row_of[(*edges[e].receiver, edges[e].input)]
                                       for e, _ in rows], device=device)
                 where = torch.tensor([T - 1 if edges[e].receiver is None else t for e, t in rows], device=device)
-                effect = (deltas.float() * g[which, where].float()).sum(-1).cpu()
+                effect = (deltas.float() * g[which, where].float()).sum(-1).double().cpu()
                 patched[[e for e, _ in rows], i] = corrupt_diff + effect
     finally:
         state.clear()

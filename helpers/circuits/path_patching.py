@@ -19,29 +19,31 @@ The metric is the head sweep's, normalised ``(patched - corrupt) / (clean - corr
 Positions are end-aligned columns (helpers.circuits.types). A sender before an example's first difference has no
 contribution there (its clean and corrupt z are equal): its edges score 0 for that example without a forward.
 
-``path_patching`` batches: per example and receiver layer, one forward starts with the corrupt prompt alone and
+``path_patching`` batches: per example, receiver layer and bucket of sender positions, forwards feed the corrupt
+tokens from the bucket's start on (the slots before come from the corrupt run's cache) as one corrupt row, which
 becomes one row per edge at block l_r (the layers before are the same for every edge); rows are chunked, halving
-on out-of-memory. ``path_patching_reference`` is its oracle: per edge and example, one forward computes the receiver
-head's output with the modified input (all heads, plain hooks) and a second forward writes that head's output into
-the corrupt run.
+on out-of-memory. ``path_patching_reference`` is its oracle: one plain forward per edge and example.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Sequence
 
 import torch
 
 from helpers.circuits.types import Cell, token_index
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
-from helpers.patching.chunking import run_chunked
+from helpers.patching.aligned_batch import AlignedBatch
+from helpers.patching.caches import expanded, prefix_caches
+from helpers.patching.chunking import auto_chunk_rows, run_chunked
 from helpers.patching.example_runs import clean_and_corrupt_z
-from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, progress_bar, unwrap_model
+from helpers.patching.model_calls import (ModelCalls, eval_mode, first_tensor, model_device, progress_bar,
+                                         replace_first, two_row_output_layer, unwrap_model)
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
 from helpers.patching.sites import site_of
 
 INPUTS = ("q", "k", "v")
-DEFAULT_ROWS_PER_FORWARD = 256
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,8 @@ def prepare_edges(model, pairs, edges):
 def edge_scores(edges, patched: torch.Tensor, pre, keep_incorrect: bool, min_denominator: float) -> EdgeScores:
     """``patched``: [edge, example] logit differences; ``pre``: each example's (clean, corrupt, clean correct)."""
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
-    clean = torch.tensor([p[0] for p in pre])
-    corrupt = torch.tensor([p[1] for p in pre])
+    clean = torch.tensor([p[0] for p in pre], dtype=torch.float64)
+    corrupt = torch.tensor([p[1] for p in pre], dtype=torch.float64)
     denom = clean - corrupt
     usable = included & (denom.abs() >= min_denominator)
     scores = (patched - corrupt) / torch.where(usable, denom, torch.ones_like(denom))
@@ -164,49 +166,75 @@ def example_edge_rows(edges, pair, first, n_columns):
     return rows, unchanged
 
 
+def edge_buckets(ts: Sequence[int], bucket_size: int | None) -> list[tuple[int, list[int]]]:
+    """Sender tokens grouped into buckets (start s, tokens): a bucket's rows feed tokens s.. and read the corrupt
+    cache of the slots before s. Default: about 8 buckets over the tokens present (fewer forwards against fewer
+    recomputed positions; a bucket recomputes up to its width - 1 positions per row)."""
+    ts = sorted(set(ts))
+    if not ts:
+        return []
+    size = bucket_size or max(1, math.ceil((ts[-1] - ts[0] + 1) / 8))
+    out: list[tuple[int, list[int]]] = []
+    for t in ts:
+        if out and t - out[-1][0] < size:
+            out[-1][1].append(t)
+        else:
+            out.append((t, [t]))
+    return out
+
+
 def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None = None, keep_incorrect: bool = False,
                   min_denominator: float = DEFAULT_MIN_DENOMINATOR, rows_per_forward: int | None = None,
-                  progress: bool = False) -> EdgeScores:
-    """Exact path patching of every edge on every example, batched (module docstring)."""
+                  bucket_size: int | None = None, progress: bool = False) -> EdgeScores:
+    """Exact path patching of every edge on every example, batched (module docstring).
+
+    Per example, the edges are grouped by receiver layer and by sender token into buckets (:func:`edge_buckets`).
+    A bucket's forwards feed the corrupt tokens from its start s on, over the corrupt run's cache of the slots
+    before s (a sender at p_s >= s changes nothing before p_s, in any layer); each forward is one corrupt row up to
+    the receiver's layer, where it becomes one row per edge. In the last layer only the answer position reaches
+    the metric: a query edge from another position changes nothing there, so it is the corrupt run without a
+    forward (exact), and the receiver layer's output projection and MLP see the answer position alone. Rows per
+    forward: ``rows_per_forward`` or a memory estimate; chunks halve on out-of-memory.
+    """
     edges = list(edges)
     model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
     n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
     slices = channel_slices(model, geo)
-    H, dh = geo.n_heads, geo.d_head
+    H, dh, L = geo.n_heads, geo.d_head, geo.n_layers
     device = model_device(model)
-    patched = torch.full((len(edges), len(pairs)), float("nan"))
+    patched = torch.full((len(edges), len(pairs)), float("nan"), dtype=torch.float64)
     pre = []
     state: dict = {}
 
-    def grow(mod, args, kwargs):  # block l_r: the corrupt prefix of layers < l_r, then one row per edge
+    def grow(mod, args, kwargs):  # block l_r: the corrupt row of layers < l_r becomes one row per edge
         if state.get("join") is not mod:
             return None
-        x = args[0] if args else kwargs["hidden_states"]
-        state["x"] = x[0]
-        x = x.expand(state["n"], *x.shape[1:]).contiguous()
-        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        x = first_tensor(args, kwargs, "hidden_states")
+        state["x"] = x[0]  # [q, d_model]: the corrupt residual stream entering l_r, slots s ..
+        return replace_first(args, kwargs, x.expand(state["n"], *x.shape[1:]).contiguous(), "hidden_states")
 
-    def channel(mod, args, output):  # the receiver layer's q/k/v projection: the edge's input at p_s
+    def channel(mod, args, output):  # the receiver layer's q/k/v projection: each edge's input at its p_s
         todo = state.get("channel", {}).get(id(mod))
         if not todo:
             return None
         output = output.clone()
-        for rows, t, delta, cols in todo:
-            normed = receiver_input(state["norm"], state["x"][t], delta)
-            output[rows, t, cols] = mod.forward(normed)[:, cols].to(output.dtype)
+        for rows, cols in todo:
+            rel = state["rel"][rows]
+            normed = receiver_input(state["norm"], state["x"][rel], state["delta"][rows])
+            output[rows, rel, cols] = mod.forward(normed)[:, cols].to(output.dtype)
         return output
 
     def keep_receiver(mod, args):  # out_proj of layer l_r: only the receiver head's output changes
         if state.get("out_proj") is not mod:
             return None
         z = args[0]
-        n, T = z.shape[:2]
-        new = state["z_corrupt"].view(1, T, H, dh).expand(n, T, H, dh).clone()
+        n, q = z.shape[:2]
+        new = state["z_corrupt"].view(1, q, H, dh).expand(n, q, H, dh).clone()
         idx = torch.arange(n, device=z.device)
-        new[idx, :, state["heads"]] = z.view(n, T, H, dh)[idx, :, state["heads"]]
-        new = new.view(n, T, H * dh)
+        new[idx, :, state["heads"]] = z.view(n, q, H, dh)[idx, :, state["heads"]]
+        new = new.view(n, q, H * dh)
         # in the last layer only the answer position reaches the metric: out_proj and MLP see it alone (the
         # block's residual additions broadcast; the other positions are wrong from here and never read)
         return (new[:, -1:].contiguous() if state["last_layer"] else new,) + tuple(args[1:])
@@ -219,10 +247,10 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
     def final(mod, args, kwargs):  # the final norm: logits edges add the contribution at the answer position
         if "logit_delta" not in state:
             return None
-        x = args[0] if args else kwargs["hidden_states"]
+        x = first_tensor(args, kwargs, "hidden_states")
         x = x.expand(state["n"], *x.shape[1:]).clone()
         x[:, -1] += state["logit_delta"].to(x.dtype)
-        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        return replace_first(args, kwargs, x, "hidden_states")
 
     bl = blocks(model)
     handles = [b.register_forward_pre_hook(grow, with_kwargs=True) for b in bl]
@@ -232,67 +260,95 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
         for path in set(spec.qkv):
             handles.append(get_submodule(b, path).register_forward_hook(channel))
     handles.append(get_submodule(model, spec.final_norm).register_forward_pre_hook(final, with_kwargs=True))
+    stats: dict = {}
+    results = []  # (edge indices, example, their logit differences on the device)
     try:
         with eval_mode(model), torch.inference_mode():
             for i in progress_bar(range(len(pairs)), progress, f"path patching {len(edges)} edges"):
                 pair = pairs[i]
+                T = len(pair.clean_ids)
                 clean_diff, corrupt_diff, correct, z_clean, z_corrupt = clean_and_corrupt_z(model, calls, site, pair)
                 pre.append((clean_diff, corrupt_diff, correct))
                 rows, unchanged = example_edge_rows(edges, pair, firsts[i], n_columns)
-                for e, _ in unchanged:
+                # (last layer, a query from another position than the answer: nothing reaches the metric)
+                moot = [(e, t) for e, t in rows if edges[e].input == "q" and edges[e].receiver[0] == L - 1
+                        and t != T - 1]
+                for e, _ in unchanged + moot:
                     patched[e, i] = corrupt_diff
-                ids = torch.as_tensor(list(pair.corrupt_ids), device=device).unsqueeze(0)
+                moot_set = {e for e, _ in moot}
+                rows = [(e, t) for e, t in rows if e not in moot_set]
+                if not rows:
+                    continue
+                corrupt = AlignedBatch([pair.corrupt_ids], device)
                 dz = z_clean - z_corrupt
                 by_layer: dict = {}
-                for e, t in rows:
-                    key = edges[e].receiver[0] if edges[e].receiver is not None else None
-                    by_layer.setdefault(key, []).append((e, t))
-                for layer, group in by_layer.items():
-                    def run(a: int, b: int, _group=group, _layer=layer, _i=i):
-                        part = _group[a:b]
-                        deltas = direct_contributions(
-                            model, [(edges[e].sender.layer, edges[e].sender.head, t) for e, t in part], dz, geo)
-                        state.clear()
-                        state["n"] = len(part)
-                        if _layer is None:
-                            state["logit_delta"] = deltas
-                        else:
-                            block = bl[_layer]
-                            state.update(join=block, norm=get_submodule(block, spec.input_norm),
-                                         last_layer=_layer == geo.n_layers - 1,
-                                         out_proj=site.modules[_layer], z_corrupt=z_corrupt[_layer],
-                                         heads=torch.tensor([edges[e].receiver[1] for e, _ in part], device=device))
-                            todo: dict = {}
-                            for c in INPUTS:
-                                mine = [j for j, (e, _) in enumerate(part) if edges[e].input == c]
-                                for t in sorted({part[j][1] for j in mine}):
-                                    js = [j for j in mine if part[j][1] == t]
-                                    path, cols = slices[c]
-                                    module = get_submodule(block, path)
-                                    todo.setdefault(id(module), []).append(
-                                        (torch.tensor(js, device=device), t, deltas[js], cols))
-                            state["channel"] = todo
-                        try:
-                            logits, _ = calls.forward(model, ids)
-                        finally:
-                            state.clear()
-                        logits = logits.float()
-                        diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).cpu()
-                        patched[[e for e, _ in part], _i] = diffs
-                    run_chunked(len(group), rows_per_forward or DEFAULT_ROWS_PER_FORWARD, run)
+                for e, t in rows:  # the logits edges (all at the answer position) as the last group
+                    by_layer.setdefault(L if edges[e].receiver is None else edges[e].receiver[0], []).append((e, t))
+                buckets = {layer: edge_buckets([t for _, t in group], bucket_size)
+                           for layer, group in by_layer.items()}
+                starts = sorted({s for bs in buckets.values() for s, _ in bs})
+                caches = dict(zip(starts, prefix_caches(model, calls, corrupt, starts, stats, None)))
+                with two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows:
+                    for layer, group in sorted(by_layer.items()):
+                        for s, ts in buckets[layer]:
+                            mine = [(e, t) for e, t in group if t in set(ts)]
+                            q = T - s
+                            size = rows_per_forward or auto_chunk_rows(model, q, T, device)
+
+                            def run(a: int, b: int, _part=mine, _layer=layer, _s=s):
+                                part = _part[a:b]
+                                n = len(part)
+                                deltas = direct_contributions(
+                                    model, [(edges[e].sender.layer, edges[e].sender.head, t) for e, t in part], dz,
+                                    geo)
+                                state.clear()
+                                state["n"] = n
+                                if _layer == L:
+                                    state["logit_delta"] = deltas
+                                    batch = [1] * L
+                                else:
+                                    block = bl[_layer]
+                                    state.update(join=block, norm=get_submodule(block, spec.input_norm),
+                                                 last_layer=_layer == L - 1, out_proj=site.modules[_layer],
+                                                 z_corrupt=z_corrupt[_layer, _s:], delta=deltas,
+                                                 rel=torch.tensor([t - _s for _, t in part], device=device),
+                                                 heads=torch.tensor([edges[e].receiver[1] for e, _ in part],
+                                                                    device=device))
+                                    todo: dict = {}
+                                    for c in INPUTS:
+                                        js = [j for j, (e, _) in enumerate(part) if edges[e].input == c]
+                                        if js:
+                                            path, cols = slices[c]
+                                            todo.setdefault(id(get_submodule(block, path)), []).append(
+                                                (torch.tensor(js, device=device), cols))
+                                    state["channel"] = todo
+                                    batch = [1] * _layer + [n] * (L - _layer)
+                                try:
+                                    logits, _ = calls.forward(model, corrupt.ids[:, _s:], start=_s,
+                                                              cache=expanded(caches[_s], batch))
+                                finally:
+                                    state.clear()
+                                logits = logits.double()
+                                diffs = (logits[:, 0] - logits[:, 1] if two_rows
+                                         else logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id])
+                                results.append(([e for e, _ in part], i, diffs.expand(n)))
+                            run_chunked(len(mine), size, run)
     finally:
+        state.clear()
         for h in handles:
             h.remove()
+    for index, i, diffs in results:  # one host sync at the end
+        patched[index, i] = diffs.cpu()
     return edge_scores(edges, patched, pre, keep_incorrect, min_denominator)
 
 
 def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: int | None = None,
                             keep_incorrect: bool = False,
                             min_denominator: float = DEFAULT_MIN_DENOMINATOR) -> EdgeScores:
-    """The oracle of :func:`path_patching`: per edge and example, batch-1 forwards with plain hooks. A q/k/v edge:
-    forward 1 replaces the receiver layer's channel input at p_s (every head sees it) and records that layer's z;
-    forward 2 writes the receiver head's recorded z (all positions) into the corrupt run. A logits edge: one forward
-    with the contribution added before the final norm."""
+    """The oracle of :func:`path_patching`: one batch-1 forward per edge and example, plain hooks, the whole prompt.
+    A q/k/v edge: the receiver layer's channel input at p_s is replaced (every head of the layer sees it), then the
+    layer's out_proj input is the corrupt run's z except the receiver head's. A logits edge: the contribution added
+    before the final norm."""
     edges = list(edges)
     model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
     n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
@@ -301,7 +357,7 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
     slices = channel_slices(model, geo)
     dh = geo.d_head
     device = model_device(model)
-    patched = torch.full((len(edges), len(pairs)), float("nan"))
+    patched = torch.full((len(edges), len(pairs)), float("nan"), dtype=torch.float64)
     pre = []
 
     def forward(ids, hooks):
@@ -311,7 +367,7 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
         finally:
             for h in handles:
                 h.remove()
-        return logits[0].float()
+        return logits[0].double()
 
     with eval_mode(model), torch.no_grad():
         for i, pair in enumerate(pairs):
@@ -353,16 +409,12 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
                         out[0, _t, _cols] = mod.forward(normed[None])[0, _cols]
                         return out
 
-                    def record(mod, args):
-                        seen["z"] = args[0][0].clone()
-                    forward(ids, [(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), save_x),
-                                  (get_submodule(block, path).register_forward_hook, replace),
-                                  (site.modules[layer].register_forward_pre_hook, record)])
-
-                    def write(mod, args, _head=head, _z=seen["z"]):
-                        z = args[0].clone()
-                        z[0, :, _head * dh:(_head + 1) * dh] = _z[:, _head * dh:(_head + 1) * dh]
+                    def others_corrupt(mod, args, _head=head, _layer=layer):
+                        z = z_corrupt[_layer][None].clone()
+                        z[0, :, _head * dh:(_head + 1) * dh] = args[0][0, :, _head * dh:(_head + 1) * dh]
                         return (z,) + tuple(args[1:])
-                    logits = forward(ids, [(site.modules[layer].register_forward_pre_hook, write)])
+                    logits = forward(ids, [(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), save_x),
+                                           (get_submodule(block, path).register_forward_hook, replace),
+                                           (site.modules[layer].register_forward_pre_hook, others_corrupt)])
                 patched[k, i] = float(logits[pair.clean_token_id] - logits[pair.corrupt_token_id])
     return edge_scores(edges, patched, pre, keep_incorrect, min_denominator)

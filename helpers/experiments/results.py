@@ -58,6 +58,10 @@ def default_output_dir() -> Path:
     return Path("outputs")
 
 
+#: the circuit section's figures, each saved as ``<stem>_<name>.html`` (helpers.circuits.figures)
+CIRCUIT_FIGURES = ("faithfulness", "attention", "circuit")
+
+
 def save_experiment(exp, output_dir: str | Path | None = None, figures: bool = True,
                     png: bool = True) -> dict[str, Path]:
     """Write the JSON (and, with ``figures``, the mean and spread heatmaps as HTML, plus PNG when possible, and

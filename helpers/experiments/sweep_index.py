@@ -8,7 +8,7 @@ from pathlib import Path
 from helpers.experiments import plotting
 from helpers.experiments.atomic_files import atomic_write_json, atomic_write_text
 from helpers.experiments.result_json import load_results, top_heads_from_json
-from helpers.experiments.results import figure_base, find_results
+from helpers.experiments.results import CIRCUIT_FIGURES, figure_base, find_results
 from helpers.experiments.sweep_cells import (
     DONE, EXECUTED_SUFFIX, FAILED, RUNNING, Outcome, SweepConfig, dir_label, is_finished, marker_matches, model_label,
     read_marker,
@@ -40,8 +40,8 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         done = read_marker(d / DONE) or {}
         named = d / done["json"] if isinstance(done.get("json"), str) else None
         found = [named] if named is not None and named.is_file() else find_results(d)
-    row["json"] = row["heatmap"] = row["accuracy"] = row["faithfulness"] = row["k80"] = None
-    row["top_heads"], row["scores"] = [], None
+    row["json"] = row["heatmap"] = row["accuracy"] = row["k80"] = None
+    row["top_heads"], row["scores"], row["circuit_figures"] = [], None, {}
     if found:
         data = load_results(found[0])
         meta = data["metadata"]
@@ -50,10 +50,12 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         row["heatmap"] = str(heat.relative_to(config.root)) if heat.is_file() else None
         row["accuracy"] = meta.get("clean_accuracy")
         faith = (data.get("circuit") or {}).get("faithfulness") or {}
-        if faith:  # the circuit section ran: smallest k reaching 80 %, and its figure
+        if faith:  # the circuit section ran: smallest k reaching 80 %, and its figures
             row["k80"] = {"sufficiency": faith.get("k80_sufficiency"), "necessity": faith.get("k80_necessity")}
-            curve = Path(f"{figure_base(found[0], 'faithfulness')}.html")
-            row["faithfulness"] = str(curve.relative_to(config.root)) if curve.is_file() else None
+            for name in CIRCUIT_FIGURES:
+                page = Path(f"{figure_base(found[0], name)}.html")
+                if page.is_file():
+                    row["circuit_figures"][name] = str(page.relative_to(config.root))
         row["n_clean_correct"], row["n_examples"] = meta.get("n_clean_correct"), meta.get("n_examples")
         row["top_heads"] = top_heads_from_json(data, 3)
         row["scores"] = data["scores"]
@@ -62,6 +64,11 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
 
 def _link(path: str | None, text: str) -> str:
     return f"[{text}]({path})" if path else "-"
+
+
+def _figure_links(figures: dict, link) -> str:
+    """The circuit figures a cell has, as links (``link(path, text)``), or "-"."""
+    return ", ".join(link(figures[n], n) for n in CIRCUIT_FIGURES if n in figures) or "-"
 
 
 def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Path]:
@@ -92,13 +99,13 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
     if fig is not None:
         md += ["Overview (per cell, each head's mean score at its strongest position): [overview.html](overview.html)", ""]
     md += ["| cell | status | clean accuracy | top heads (head@token: mean, examples) | k for 80 % (sufficiency / "
-           "necessity) | notebook | heatmap | faithfulness | error |",
+           "necessity) | notebook | heatmap | circuit figures | error |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
         md.append(f"| {r['cell']} | {r['status']} | {acc_text(r)} | {heads_text(r)} | {k80_text(r)} | "
                   f"{_link(r['notebook'], 'notebook')} | {_link(r['heatmap'], 'heatmap')} | "
-                  f"{_link(r['faithfulness'], 'faithfulness')} | {err} |")
+                  f"{_figure_links(r['circuit_figures'], _link)} | {err} |")
     paths["md"] = atomic_write_text(root / "index.md", "\n".join(md) + "\n")
 
     def a(path, text):
@@ -108,7 +115,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
         f"<tr class='{html.escape(r['status'].split()[0])}'><td>{html.escape(r['cell'])}</td><td>{html.escape(r['status'])}</td>"
         f"<td>{acc_text(r)}</td><td>{html.escape(heads_text(r))}</td><td>{html.escape(k80_text(r))}</td>"
         f"<td>{a(r['notebook'], 'notebook')}</td><td>{a(r['heatmap'], 'heatmap')}</td>"
-        f"<td>{a(r['faithfulness'], 'faithfulness')}</td><td>{a(r['json'], 'json')}</td>"
+        f"<td>{_figure_links(r['circuit_figures'], a)}</td><td>{a(r['json'], 'json')}</td>"
         f"<td>{html.escape((r['error'] or '')[:500])}</td></tr>" for r in rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Sweep {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;
@@ -116,7 +123,7 @@ font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}} tr.inter
 <h1>Sweep {html.escape(config.name)}</h1><p>{len(rows)} cells: {n_ok} done, {n_failed} failed. Updated {stamp}.</p>
 {'<p><a href="overview.html">Overview figure</a>: per cell, each head&#39;s mean score at its strongest position.</p>' if fig is not None else ''}
 <table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token: mean, examples)</th>
-<th>k for 80 % (sufficiency / necessity)</th><th>notebook</th><th>heatmap</th><th>faithfulness</th><th>JSON</th><th>error</th></tr>
+<th>k for 80 % (sufficiency / necessity)</th><th>notebook</th><th>heatmap</th><th>circuit figures</th><th>JSON</th><th>error</th></tr>
 {trs}
 </table></body></html>
 """

@@ -39,7 +39,7 @@ def clean_and_corrupt_z(model, calls: ModelCalls, site: Site, pair):
 
 def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) -> tuple[float, float, bool]:
     """(clean_diff, corrupt_diff, clean_correct) from the answer position's logits [vocab] of both runs."""
-    logits = torch.stack([clean_logits, corrupt_logits]).float()
+    logits = torch.stack([clean_logits, corrupt_logits]).double()  # (a float64 model's differences stay exact)
     diffs = (logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id]).tolist()
     return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
 
