@@ -158,15 +158,49 @@ def test_attention_probabilities_from_queries_and_keys_gpt2(project_tokenizer, p
     assert torch.allclose(attention_probabilities(model, pairs[0].clean_ids)[1], scores.softmax(-1), atol=1e-5)
 
 
-def test_an_sdpa_model_is_read_through_eager_and_left_as_found(project_tokenizer, pairs):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_attention_from_captured_queries_and_keys_is_the_eager_formula(family, project_tokenizer, pairs):
+    """The captured-q/k route against the eager modules' own probability output (GPT-Neo takes that route itself)."""
+    from helpers.circuits.attention import _eager_module_probabilities, goes_through_interface
+
+    model = tiny_model(family, vocab_size=len(project_tokenizer))
+    assert goes_through_interface(model) == (family != "gpt_neo")
+    ids = torch.tensor([pairs[0].clean_ids])
+    assert torch.allclose(attention_probabilities(model, pairs[0].clean_ids),
+                          _eager_module_probabilities(model, ids), atol=1e-5)
+
+
+def test_sdpa_and_sliding_window_models_are_read_from_their_own_forward(project_tokenizer, pairs):
+    """An sdpa-loaded model keeps its implementation (no switch to eager) and reads as its eager twin; a Qwen2 model
+    whose second layer has a 4-token sliding window gets the window (keys further back: probability 0)."""
+    from transformers import Qwen2Config
+
+    from helpers.circuits.attention import _eager_module_probabilities
+    from helpers.models.tiny_models import build_random_model
+
     model = tiny_model("llama", vocab_size=len(project_tokenizer))
     eager = attention_probabilities(model, pairs[0].clean_ids)
     model.config._attn_implementation = "sdpa"
+    seen = []
+    h = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a: seen.append(model.config._attn_implementation))
+    sdpa = attention_probabilities(model, pairs[0].clean_ids)
+    h.remove()
+    assert seen == ["sdpa"] and model.config._attn_implementation == "sdpa"
+    assert torch.allclose(sdpa, eager, atol=1e-6)
     with eager_attention(model):
         assert model.config._attn_implementation == "eager"
     assert model.config._attn_implementation == "sdpa"
-    assert torch.allclose(attention_probabilities(model, pairs[0].clean_ids), eager, atol=1e-6)
-    assert model.config._attn_implementation == "sdpa"
+
+    config = Qwen2Config(vocab_size=len(project_tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                         sliding_window=4, max_window_layers=1)
+    model = build_random_model(config)
+    p = attention_probabilities(model, pairs[0].clean_ids)
+    T = p.shape[-1]
+    far = torch.ones(T, T, dtype=torch.bool).tril(-4)  # keys 4 or more positions back
+    assert p[0][:, far].max() > 0.01 and p[1][:, far].max() == 0
+    assert torch.allclose(p, _eager_module_probabilities(model, torch.tensor([pairs[0].clean_ids])), atol=1e-5)
 
 
 def test_head_attention_by_role(project_tokenizer, pairs):

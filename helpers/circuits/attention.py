@@ -1,11 +1,15 @@
 """What a head looks at: its attention probabilities from a query position over every key position, clean and
 corrupt, per example and summarised by role.
 
-The probabilities come from the model's own eager attention formula (query-key products with its scaling, rotary,
-causal and local-window masks, key/value heads shared by grouped queries), run for this one forward: a model
-loaded with sdpa or flash attention is switched to eager while it runs and back afterwards, and the attention
-module's probability output is captured by a hook (no ``output_attentions`` flag, which fused and flash paths
-ignore). Dropout is off.
+The probabilities are computed from the queries and keys the model itself hands its attention function (after
+rotary, before grouped key/value heads are repeated), captured in the model's own forward whatever its attention
+implementation (eager, sdpa, flash: the attention output still comes from that implementation, and no
+``output_attentions`` flag is needed, which fused and flash paths ignore): ``softmax(q k^T * scaling)`` in float32
+with the module's own scaling (granite's attention multiplier, GPT-2's inverse-layer scaling included), its logit
+soft-cap where it has one, under the causal mask and the layer's sliding window where it has one. Families whose
+attention does not go through transformers' attention interface (GPT-Neo: eager only, local layers windowed inside
+the module) are read from the eager module's own probability output instead. A test holds both routes to the
+eager probabilities of every family, and an sdpa-loaded model to its eager twin.
 
 Roles align examples of different lengths: each key position gets one role (the corrupted name token, a keyword
 of the prompt such as ``SELECT`` or ``FROM``, else the section it is in: the Instruction, the Context, the Response),
@@ -13,6 +17,7 @@ and a head's attention to a role is the summed probability over that role's posi
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -42,9 +47,82 @@ def eager_attention(model):
         config._attn_implementation = before
 
 
+def _attention_interface():
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:  # transformers < 4.48: no interface
+        return None
+    return AttentionInterface
+
+
+def goes_through_interface(model) -> bool:
+    """Does this model's attention call transformers' attention interface (where queries and keys are captured)?"""
+    spec = family_spec(model.config)
+    module = get_submodule(blocks(model)[0], spec.attention)
+    return _attention_interface() is not None and "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[type(module).__module__])
+
+
+@contextmanager
+def captured_queries_keys(model, store: dict):
+    """While inside, every attention call of ``model`` records ``store[layer] = (query [B, H, Tq, dh], key
+    [B, kv_heads, Tk, dh], scaling, sliding_window, softcap)`` and then runs the model's own implementation."""
+    interface = _attention_interface()
+    name = getattr(model.config, "_attn_implementation", None) or "eager"
+    mapping = interface._global_mapping
+    had, original = name in mapping, mapping.get(name)
+    layer_of = {id(get_submodule(b, family_spec(model.config).attention)): i for i, b in enumerate(blocks(model))}
+
+    def capture(module, query, key, value, attention_mask, *args, **kwargs):
+        if id(module) in layer_of:
+            scaling = kwargs.get("scaling")
+            store[layer_of[id(module)]] = (
+                query.detach(), key.detach(), scaling if scaling is not None else getattr(module, "scaling", None),
+                kwargs.get("sliding_window", getattr(module, "sliding_window", None)), kwargs.get("softcap"))
+        own = original if original is not None else sys.modules[type(module).__module__].eager_attention_forward
+        return own(module, query, key, value, attention_mask, *args, **kwargs)
+
+    mapping[name] = capture
+    try:
+        yield
+    finally:
+        if had:
+            mapping[name] = original
+        else:
+            del mapping[name]
+
+
+def probabilities_from_queries_keys(query, key, scaling, sliding_window=None, softcap=None) -> torch.Tensor:
+    """[heads, Tq, Tk] float32: ``softmax(q k^T * scaling)`` of one prompt (batch row 0), causal (queries are the last
+    Tq positions), keys beyond ``sliding_window`` positions back hidden; grouped key heads shared by their queries."""
+    q, k = query[0].float(), key[0].float()  # [H, Tq, dh], [kv, Tk, dh]
+    H, Tq, dh = q.shape
+    k = k.repeat_interleave(H // k.shape[0], dim=0)
+    scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else dh ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    Tk = k.shape[1]
+    q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    k_pos = torch.arange(Tk, device=q.device)[None, :]
+    hidden = k_pos > q_pos
+    if sliding_window is not None:
+        hidden |= k_pos <= q_pos - sliding_window
+    return scores.masked_fill(hidden, float("-inf")).softmax(-1)
+
+
 def attention_probabilities(model, ids) -> torch.Tensor:
     """[layer, head, query, key] attention probabilities of one prompt (``ids``: token ids), float32 on the CPU."""
     model = unwrap_model(model)
+    ids = torch.as_tensor(list(ids), device=model_device(model)).unsqueeze(0)
+    store: dict = {}
+    if goes_through_interface(model):
+        with eval_mode(model), captured_queries_keys(model, store), torch.no_grad():
+            ModelCalls.of(model).forward(model, ids)
+        return torch.stack([probabilities_from_queries_keys(*store[l]).cpu() for l in range(len(blocks(model)))])
+    return _eager_module_probabilities(model, ids)
+
+
+def _eager_module_probabilities(model, ids) -> torch.Tensor:
+    """The eager attention modules' own probability outputs (families outside the attention interface)."""
     spec = family_spec(model.config)
     store: dict[int, torch.Tensor] = {}
     handles = []
@@ -57,7 +135,7 @@ def attention_probabilities(model, ids) -> torch.Tensor:
         handles.append(get_submodule(block, spec.attention).register_forward_hook(hook))
     try:
         with eval_mode(model), eager_attention(model), torch.no_grad():
-            ModelCalls.of(model).forward(model, torch.as_tensor(list(ids), device=model_device(model)).unsqueeze(0))
+            ModelCalls.of(model).forward(model, ids)
     finally:
         for h in handles:
             h.remove()
