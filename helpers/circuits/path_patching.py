@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -35,9 +36,10 @@ import torch
 from helpers.circuits.types import Cell, token_index
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 from helpers.patching.aligned_batch import AlignedBatch
-from helpers.patching.caches import expanded, prefix_caches
+from helpers.patching.caches import expanded, is_plain, prefix_caches
 from helpers.patching.chunking import auto_chunk_rows, run_chunked
 from helpers.patching.example_runs import clean_and_corrupt_z
+from helpers.patching.fused_modules import fused_modules
 from helpers.patching.model_calls import (ModelCalls, eval_mode, first_tensor, model_device, progress_bar,
                                          replace_first, two_row_output_layer, unwrap_model)
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
@@ -185,7 +187,7 @@ def edge_buckets(ts: Sequence[int], bucket_size: int | None) -> list[tuple[int, 
 
 def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None = None, keep_incorrect: bool = False,
                   min_denominator: float = DEFAULT_MIN_DENOMINATOR, rows_per_forward: int | None = None,
-                  bucket_size: int | None = None, progress: bool = False) -> EdgeScores:
+                  bucket_size: int | None = None, fused: bool = True, progress: bool = False) -> EdgeScores:
     """Exact path patching of every edge on every example, batched (module docstring).
 
     Per example, the edges are grouped by receiver layer and by sender token into buckets (:func:`edge_buckets`).
@@ -194,7 +196,9 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
     the receiver's layer, where it becomes one row per edge. In the last layer only the answer position reaches
     the metric: a query edge from another position changes nothing there, so it is the corrupt run without a
     forward (exact), and the receiver layer's output projection and MLP see the answer position alone. Rows per
-    forward: ``rows_per_forward`` or a memory estimate; chunks halve on out-of-memory.
+    forward: ``rows_per_forward`` or a memory estimate; chunks halve on out-of-memory. ``fused``: llama-like models
+    run helpers.patching.fused_modules' same-formula swap-ins, as the head sweep does (the corrupt prefix shared by
+    every row instead of copied into it; the receiver's input edited in the fused q|k|v projection, ``qkv_edit``).
     """
     edges = list(edges)
     model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
@@ -225,6 +229,16 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
             normed = receiver_input(state["norm"], state["x"][rel], state["delta"][rows])
             output[rows, rel, cols] = mod.forward(normed)[:, cols].to(output.dtype)
         return output
+
+    def edit(layer, qkv):  # a fused attention's q | k | v before rotary [n, q, heads + 2 kv_heads, d_head]
+        if state.get("layer") != layer:
+            return
+        for c, rows in state["by_channel"].items():
+            rel = state["rel"][rows]
+            normed = receiver_input(state["norm"], state["x"][rel], state["delta"][rows])
+            lo, hi = head_ranges[c]
+            new = get_submodule(bl[layer], slices[c][0]).forward(normed)[:, slices[c][1]]
+            qkv[rows, rel, lo:hi] = new.view(len(rows), hi - lo, dh).to(qkv.dtype)
 
     def keep_receiver(mod, args):  # out_proj of layer l_r: only the receiver head's output changes
         if state.get("out_proj") is not mod:
@@ -260,10 +274,14 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
         for path in set(spec.qkv):
             handles.append(get_submodule(b, path).register_forward_hook(channel))
     handles.append(get_submodule(model, spec.final_norm).register_forward_pre_hook(final, with_kwargs=True))
+    head_ranges = {"q": (0, H), "k": (H, H + geo.n_kv_heads), "v": (H + geo.n_kv_heads, H + 2 * geo.n_kv_heads)}
     stats: dict = {}
     results = []  # (edge indices, example, their logit differences on the device)
     try:
-        with eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode(), (
+                fused_modules(model, causal_flash=True) if fused else nullcontext()) as swap:
+            if swap is not None and swap.attention_layers:
+                swap.qkv_edit = edit
             for i in progress_bar(range(len(pairs)), progress, f"path patching {len(edges)} edges"):
                 pair = pairs[i]
                 T = len(pair.clean_ids)
@@ -287,7 +305,10 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
                 buckets = {layer: edge_buckets([t for _, t in group], bucket_size)
                            for layer, group in by_layer.items()}
                 starts = sorted({s for bs in buckets.values() for s, _ in bs})
-                caches = dict(zip(starts, prefix_caches(model, calls, corrupt, starts, stats, None)))
+                caches = dict(zip(starts, prefix_caches(model, calls, corrupt, starts, stats, swap)))
+                # fused attention reads the corrupt prefix itself, shared by every row (no per-row copies)
+                shares = (swap is not None and swap.shares_prefix
+                          and all(is_plain(c) for c in caches.values() if c is not None))
                 with two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows:
                     for layer, group in sorted(by_layer.items()):
                         for s, ts in buckets[layer]:
@@ -314,18 +335,22 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
                                                  rel=torch.tensor([t - _s for _, t in part], device=device),
                                                  heads=torch.tensor([edges[e].receiver[1] for e, _ in part],
                                                                     device=device))
-                                    todo: dict = {}
-                                    for c in INPUTS:
-                                        js = [j for j, (e, _) in enumerate(part) if edges[e].input == c]
-                                        if js:
-                                            path, cols = slices[c]
-                                            todo.setdefault(id(get_submodule(block, path)), []).append(
-                                                (torch.tensor(js, device=device), cols))
-                                    state["channel"] = todo
+                                    by_channel = {c: torch.tensor(js, device=device) for c in INPUTS if (js := [
+                                        j for j, (e, _) in enumerate(part) if edges[e].input == c])}
+                                    todo: dict = {}  # (the projections' hooks, where the attention is not fused)
+                                    for c, js in by_channel.items():
+                                        path, cols = slices[c]
+                                        todo.setdefault(id(get_submodule(block, path)), []).append((js, cols))
+                                    state.update(channel=todo, by_channel=by_channel, layer=_layer)
                                     batch = [1] * _layer + [n] * (L - _layer)
                                 try:
-                                    logits, _ = calls.forward(model, corrupt.ids[:, _s:], start=_s,
-                                                              cache=expanded(caches[_s], batch))
+                                    if shares:
+                                        with swap.shared_prefix(caches[_s]):
+                                            logits, _ = calls.forward(model, corrupt.ids[:, _s:], start=_s,
+                                                                      ready_mask=True)
+                                    else:
+                                        logits, _ = calls.forward(model, corrupt.ids[:, _s:], start=_s,
+                                                                  cache=expanded(caches[_s], batch))
                                 finally:
                                     state.clear()
                                 logits = logits.double()

@@ -59,8 +59,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., d_model]. HF's LlamaRMSNorm: normalise in float32, cast back to x's dtype, then times weight.
 
     Where x and weight share a dtype, torch's own ``F.rms_norm`` (one fused kernel on CUDA, float32 inside; in
-    float32 the same formula) computes it; HF's extra rounding before the weight is the only difference."""
-    if x.dtype == weight.dtype and hasattr(F, "rms_norm"):
+    float32 the same formula) computes it; HF's extra rounding before the weight is the only difference. (float64:
+    HF's formula, whose float32 inside F.rms_norm would not share.)"""
+    if x.dtype == weight.dtype and x.dtype != torch.float64 and hasattr(F, "rms_norm"):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -279,6 +280,9 @@ class FusedSwap:
     # sweep's rows joining at the next block), written in place instead of concatenated to the next block's input
     # (which copies every row)
     extra_rows: dict[int, int | torch.Tensor] | None = None
+    # called as qkv_edit(layer, qkv) with a fused attention's projection output before rotary, [batch, q, heads +
+    # 2 kv_heads, d_head] (q | k | v), to edit in place: where path patching changes one input of a receiver head
+    qkv_edit: Callable | None = None
 
     @property
     def shares_prefix(self) -> bool:
@@ -373,9 +377,18 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
                        and triton_kernels.row_attention_applies(q_len, d_head))
         if on_triton:  # q, k, v are views of the one projection output, rotated in place unless rows_kernel does it
             fused = F.linear(hidden_states, weight, bias).view(b, q_len, n_heads + 2 * n_kv, d_head)
+            if swap.qkv_edit is not None:
+                swap.qkv_edit(layer, fused)
             if not rows_kernel:
                 triton_kernels.rotary_inplace(fused, cos, sin, n_heads + n_kv)
             query, key, value = fused.split([n_heads, n_kv, n_kv], dim=2)
+        elif swap.qkv_edit is not None:  # (the plain formula, split at the edit)
+            fused = F.linear(hidden_states, weight, bias).view(b, q_len, n_heads + 2 * n_kv, d_head)
+            swap.qkv_edit(layer, fused)
+            query, key, value = fused.split([n_heads, n_kv, n_kv], dim=2)
+            c, s_ = cos.unsqueeze(-2), sin.unsqueeze(-2)
+            query, key = query * c + _rotate_half(query) * s_, key * c + _rotate_half(key) * s_
+            value = value.contiguous()
         else:
             query, key, value = qkv(hidden_states, weight, bias, cos, sin)  # [b, q, (kv_)head, d_head]
         if rows_kernel:
@@ -509,7 +522,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
             swap.swapped.append("flash attention (CUDA fp16/bf16)")
         yield swap
     finally:
-        swap.prefix = swap.extra_rows = None
+        swap.prefix = swap.extra_rows = swap.qkv_edit = None
         for module, own in reversed(swapped_forwards):
             if own is None:
                 del module.forward
