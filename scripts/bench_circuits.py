@@ -93,6 +93,7 @@ def main():
     path_patching(model, [pair], edges[:8], **kw)  # warm-up
     t_path, fast = timed(lambda: path_patching(model, [pair], edges, **kw), device)
     subset = random.Random(0).sample(range(len(edges)), min(args.ref_edges, len(edges)))
+    path_patching_reference(model, [pair], [edges[i] for i in subset[:2]], **kw)  # warm-up
     t_ref, ref = timed(lambda: path_patching_reference(model, [pair], [edges[i] for i in subset], **kw), device)
     t_eap, _ = timed(lambda: edge_attribution(model, [pair], edges, **kw), device)
     diff = float((fast.patched_logit_diff[0, subset] - ref.patched_logit_diff[0]).abs().nan_to_num().max())
