@@ -7,7 +7,9 @@
     python scripts/sweep.py --list                  # each cell's folder and whether it is finished
 
 Exit status 0 when every cell is done, 1 when any failed (each failure is recorded in its cell's folder and
-in the index page, and the other cells still run).
+in the index page, and the other cells still run), 128 + the signal's number when SIGTERM, SIGHUP or SIGINT
+stopped it (the running cells' processes are stopped and the cells marked interrupted; a rerun resumes).
+A cell that a live process is running (its _RUNNING.json) is never started a second time.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers.experiments.run_guard import SweepInterrupted  # noqa: E402
 from helpers.experiments.sweep import run_sweep  # noqa: E402
 from helpers.experiments.sweep_cells import FAILED, dir_label, expand, folder_for, is_finished, load_config  # noqa: E402
 
@@ -46,14 +49,21 @@ def main(argv=None) -> int:
             state = "done" if is_finished(folder, cell) else "failed" if (folder / FAILED).is_file() else "to run"
             print(f"{dir_label(config, folder)}  [{state}]")
         return 0
-    outcomes = run_sweep(config, jobs=args.jobs, force=args.force, progress=not args.no_progress, only=args.only)
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
+    try:
+        outcomes = run_sweep(config, jobs=args.jobs, force=args.force, progress=not args.no_progress,
+                             only=args.only)
+    except SweepInterrupted as err:
+        print(f"sweep {config.name}: {err}; the running cells are marked interrupted -> {config.root / 'index.html'}",
+              file=sys.stderr)
+        return 128 + err.signum
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed", "running elsewhere")}
     print(f"sweep {config.name}: {counts['ok']} ran, {counts['skipped']} already finished, {counts['failed']} "
-          f"failed -> {config.root / 'index.html'} (also index.md)")
+          f"failed, {counts['running elsewhere']} running in another process -> {config.root / 'index.html'} "
+          f"(also index.md)")
     for o in outcomes:
-        if o.status == "failed":
-            print(f"  FAILED {o.cell.label}: {o.error}")
-    return 1 if counts["failed"] else 0
+        if o.status in ("failed", "running elsewhere"):
+            print(f"  {o.status.upper()} {o.cell.label}: {o.error}")
+    return 1 if counts["failed"] or counts["running elsewhere"] else 0
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
                            output_root=tmp_path)
     barrier, lock, seen = threading.Barrier(2, timeout=20), threading.Lock(), []
 
-    def fake_run_cell(cell, config, env_extra=None, cell_dir=None):
+    def fake_run_cell(cell, config, env_extra=None, cell_dir=None, guard=None):
         with lock:
             first_two = len(seen) < 2
             seen.append(env_extra["CUDA_VISIBLE_DEVICES"])
@@ -161,7 +161,7 @@ def test_force_reruns_finished_cells_and_only_selects(tmp_path, monkeypatch):
     for cell in cells:  # both cells finished earlier
         _finish(config, cell)
     ran = []
-    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None: ran.append(cell.label) or
+    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None, guard=None: ran.append(cell.label) or
                         C.Outcome(cell, "ok", cell_dir))
     monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
     assert [o.status for o in S.run_sweep(config, progress=False)] == ["skipped", "skipped"] and ran == []
@@ -312,7 +312,7 @@ def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, mon
             raise Kill
 
     monkeypatch.setattr(S.subprocess, "Popen", Killed)
-    monkeypatch.setattr(S, "_kill_tree", lambda proc: None)
+    monkeypatch.setattr(S, "kill_tree", lambda proc: None)
     with pytest.raises(Kill):
         S.run_cell(first.cell, config, cell_dir=first.dir)
     assert not C.is_finished(first.dir, first.cell) and (first.dir / C.RUNNING).is_file()

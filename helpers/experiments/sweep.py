@@ -8,7 +8,6 @@ import datetime as _dt
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import time
@@ -18,8 +17,12 @@ import yaml
 
 from helpers.experiments.atomic_files import atomic_write_json
 from helpers.experiments.results import find_results
+from helpers.experiments.run_guard import (
+    StopSignals, SweepInterrupted, claim_cell, kill_tree, note_child, release_cell,
+)
 from helpers.experiments.sweep_cells import (
-    DONE, EXECUTED_SUFFIX, FAILED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, check_keys, dir_label, expand,
+    DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, check_keys,
+    dir_label, expand,
     folder_for, is_finished, setting_defaults,
 )
 from helpers.experiments.sweep_index import write_summary
@@ -60,37 +63,34 @@ def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float =
     return Outcome(cell, "failed", cell_dir, duration_s, message)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Stop papermill, its kernel (own session) and their children."""
-    procs = []
-    try:
-        import psutil
-
-        procs = psutil.Process(proc.pid).children(recursive=True)
-    except Exception:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (OSError, AttributeError):
-        proc.kill()
-    for p in procs:
-        try:
-            p.kill()
-        except Exception:
-            pass
-    proc.wait()
-
-
-def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cell_dir: Path | None = None) -> Outcome:
+def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cell_dir: Path | None = None,
+             guard: StopSignals | None = None) -> Outcome:
     """Execute one cell's notebook with papermill in a subprocess; record the outcome in its folder.
 
-    ``_DONE.json`` / ``_FAILED.json`` are removed and ``_RUNNING.json`` written before anything runs, so a run
-    killed half way never looks finished."""
+    ``_RUNNING.json`` is claimed first (helpers.experiments.run_guard: a cell a live process runs is not started a
+    second time), then the other markers are removed, so a run killed half way never looks finished. ``guard``:
+    the sweep's stop flag and children (a stopped sweep marks the cell interrupted)."""
     cell_dir = cell_dir if cell_dir is not None else folder_for(config, cell)
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     record = _record(cell, cell_dir, config)
-    _write_marker(cell_dir, RUNNING, {**record, "status": "running", "pid": os.getpid()})
+    if guard is not None and guard.stop.is_set():
+        return Outcome(cell, "not run", cell_dir)
+    busy = claim_cell(cell_dir, record)
+    if busy is not None:
+        return Outcome(cell, "running elsewhere", cell_dir, error=busy)
+    try:
+        return _run_claimed(cell, config, env_extra, cell_dir, guard, record, t0)
+    finally:
+        release_cell(cell_dir)
+
+
+def _run_claimed(cell: Cell, config: SweepConfig, env_extra: dict | None, cell_dir: Path, guard: StopSignals | None,
+                 record: dict, t0: float) -> Outcome:
+    """run_cell's run once ``_RUNNING.json`` is this process's."""
+    for other in MARKERS:
+        if other != RUNNING:
+            (cell_dir / other).unlink(missing_ok=True)
 
     def fail(message: str) -> Outcome:
         return record_failure(cell, cell_dir, message, time.perf_counter() - t0, config)
@@ -120,17 +120,27 @@ def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cel
     with open(cell_dir / "papermill.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 start_new_session=True)
+        if guard is not None:
+            guard.add(proc)
+        note_child(cell_dir, proc.pid)
         try:
             proc.wait(timeout=config.run_timeout or None)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_tree(proc)
+            kill_tree(proc)
         except BaseException:  # KeyboardInterrupt: do not leave papermill and its kernel behind
-            _kill_tree(proc)
+            kill_tree(proc)
             raise
+        finally:
+            if guard is not None:
+                guard.discard(proc)
     if tmp.is_file():
         os.replace(tmp, executed)  # papermill writes the notebook even when a cell raised
     record["notebook"] = executed.name
+    if guard is not None and guard.stop.is_set():  # stopped by a signal: neither done nor failed
+        _write_marker(cell_dir, INTERRUPTED, {**record, "status": "interrupted", "duration_s": time.perf_counter() - t0,
+                                              "signal": guard.signum})
+        return Outcome(cell, "interrupted", cell_dir, time.perf_counter() - t0, "stopped by a signal")
     if timed_out:
         return fail(f"timed out: the run took longer than run_timeout={config.run_timeout} s and was stopped")
     if proc.returncode != 0:
@@ -177,7 +187,11 @@ def settings_error(cell: Cell) -> str | None:
 
 def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress: bool = True,
               only: str | None = None) -> list[Outcome]:
-    """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select."""
+    """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select.
+
+    SIGTERM, SIGHUP and SIGINT (while called from the main thread) stop every running cell's papermill and kernel,
+    mark those cells interrupted, start no other, write the index and raise ``SweepInterrupted``
+    (helpers.experiments.run_guard)."""
     check_keys(config)
     cells = expand(config)
     dirs = [folder_for(config, cell) for cell in cells]
@@ -206,7 +220,11 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
         slots.put(s)
     threads = max(1, (os.cpu_count() or 1) // jobs)
 
+    guard = StopSignals()
+
     def work(i: int) -> Outcome:
+        if guard.stop.is_set():
+            return Outcome(cells[i], "not run", dirs[i])
         slot = slots.get()
         try:
             extra = {}
@@ -214,7 +232,7 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
                 extra["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
                 extra["OMP_NUM_THREADS"] = str(threads)
-            return run_cell(cells[i], config, extra, cell_dir=dirs[i])
+            return run_cell(cells[i], config, extra, cell_dir=dirs[i], guard=guard)
         except Exception as err:  # a crash of the runner itself is still a recorded failure of this cell
             message = f"the sweep runner crashed: {type(err).__name__}: {err}"
             try:
@@ -232,17 +250,32 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
     counts = {"ok": 0, "failed": len(refused), "skipped": sum(o.status == "skipped" for o in outcomes.values())}
     for i in refused:
         bar.write(f"FAILED {cells[i].label}: {outcomes[i].error}")
-    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(work, i): i for i in todo}
-        for fut in cf.as_completed(futures):
-            out = fut.result()
-            outcomes[futures[fut]] = out
-            counts[out.status] += 1
-            bar.set_postfix(counts)
-            bar.update(1)
-            if out.status == "failed":
-                bar.write(f"FAILED {out.cell.label}: {out.error}")
+    stopped: SweepInterrupted | None = None
+    pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    futures: dict = {}
+    try:
+        with guard:
+            futures = {pool.submit(work, i): i for i in todo}
+            for fut in cf.as_completed(futures):
+                out = fut.result()
+                outcomes[futures[fut]] = out
+                counts[out.status] = counts.get(out.status, 0) + 1
+                bar.set_postfix(counts)
+                bar.update(1)
+                if out.status in ("failed", "running elsewhere"):
+                    bar.write(f"{out.status.upper()} {out.cell.label}: {out.error}")
+    except SweepInterrupted as err:  # the handler already killed the running cells' processes
+        stopped = err
+        bar.write(f"{err}: running cells stopped and marked interrupted; rerun to resume")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # (the workers see the stop flag and return at once)
     bar.close()
+    for fut, i in futures.items():
+        if i not in outcomes:
+            done = fut.done() and not fut.cancelled() and fut.exception() is None
+            outcomes[i] = fut.result() if done else Outcome(cells[i], "not run", dirs[i])
     ordered = [outcomes[i] for i in range(len(cells))]
     write_summary(config, ordered)
+    if stopped is not None:
+        raise stopped
     return ordered

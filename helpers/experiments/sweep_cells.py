@@ -28,8 +28,9 @@ when values do not make a short safe name), every setting that differs from the 
 by ``parameters`` and is not already in the path: a cell of the plain grid has no suffix, a cell with
 ``seed: 1`` gets ``_seed=1``, whatever other cells the sweep has. That folder holds the executed notebook, the
 result JSON and the heatmaps (the notebook writes those), ``papermill.log`` and a marker: ``_RUNNING.json``
-while it runs, then ``_DONE.json`` after success or ``_FAILED.json`` (the error) after a failure (a crash of
-the runner and a ``run_timeout`` included). Every marker records the resolved settings and their hash.
+while it runs (a lock: helpers.experiments.run_guard), then ``_DONE.json`` after success, ``_FAILED.json`` (the
+error) after a failure (a crash of the runner and a ``run_timeout`` included) or ``_INTERRUPTED.json`` when a
+signal stopped the sweep. Every marker records the resolved settings and their hash.
 
 A cell is finished when its folder has a result JSON and a ``_DONE.json`` whose settings hash equals the
 cell's (a marker of an older version without the hash is compared through its recorded ``params``); a rerun
@@ -66,10 +67,10 @@ from helpers.experiments.results import find_results
 REPO = Path(__file__).resolve().parents[2]
 
 
-DONE, FAILED, RUNNING = "_DONE.json", "_FAILED.json", "_RUNNING.json"
+DONE, FAILED, RUNNING, INTERRUPTED = "_DONE.json", "_FAILED.json", "_RUNNING.json", "_INTERRUPTED.json"
 
 
-MARKERS = (DONE, FAILED, RUNNING)
+MARKERS = (DONE, FAILED, RUNNING, INTERRUPTED)
 
 
 EXECUTED_SUFFIX = ".executed.ipynb"
@@ -394,7 +395,9 @@ def dir_label(config: SweepConfig, d: Path) -> str:
 @dataclass
 class Outcome:
     cell: Cell
-    status: str  # "ok", "failed", "skipped" (finished earlier), "not run" (left out by ``only``)
+    # "ok", "failed", "skipped" (finished earlier), "not run" (left out by ``only``, or not started before a stop),
+    # "interrupted" (stopped by a signal while running), "running elsewhere" (a live process holds its _RUNNING.json)
+    status: str
     dir: Path
     duration_s: float = 0.0
     error: str | None = None

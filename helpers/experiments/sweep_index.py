@@ -10,8 +10,8 @@ from helpers.experiments.atomic_files import atomic_write_json, atomic_write_tex
 from helpers.experiments.result_json import load_results, top_heads_from_json
 from helpers.experiments.results import CIRCUIT_FIGURES, figure_base, find_results
 from helpers.experiments.sweep_cells import (
-    DONE, EXECUTED_SUFFIX, FAILED, RUNNING, Outcome, SweepConfig, dir_label, is_finished, marker_matches, model_label,
-    read_marker,
+    DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, RUNNING, Outcome, SweepConfig, dir_label, is_finished, marker_matches,
+    model_label, read_marker,
 )
 
 
@@ -27,8 +27,8 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
     if out.status != "failed" and not is_finished(d, out.cell):
         if failed is not None and marker_matches(failed, out.cell):
             row["status"] = "failed"
-        elif (d / RUNNING).is_file():
-            row["status"] = "interrupted"  # killed while running (or running now, in another sweep)
+        elif (d / INTERRUPTED).is_file() or (d / RUNNING).is_file():
+            row["status"] = "interrupted"  # stopped or killed while running (or running now, in another sweep)
         else:
             row["status"] = "not run"
     if row["status"] == "failed" and row["error"] is None and failed is not None:

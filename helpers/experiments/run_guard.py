@@ -1,0 +1,180 @@
+"""A sweep that survives being killed: one run per cell at a time, and every child stopped on SIGTERM, SIGHUP or
+SIGINT.
+
+- ``claim_cell``: ``_RUNNING.json`` is a lock, created atomically (``O_EXCL``) with the host, the sweep's pid and
+  (once started) its papermill child's pid. A cell whose marker belongs to a live process (same host and either
+  pid alive; another host: assumed alive, it cannot be checked from here) is not started a second time; a marker
+  whose processes are all dead is stale and taken over, with a message.
+- ``StopSignals``: while a sweep runs in the main thread, those signals set a stop flag, kill every registered child
+  process tree (papermill, its kernel and their children) and raise ``SweepInterrupted`` in the main thread; the
+  workers then mark their cells interrupted (``_INTERRUPTED.json``: neither done nor failed) and no new cell starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from typing import Callable
+
+from helpers.experiments.atomic_files import atomic_write_json
+from helpers.experiments.sweep_cells import RUNNING, read_marker
+
+
+class SweepInterrupted(BaseException):
+    """The sweep was stopped by a signal (a BaseException, like KeyboardInterrupt: nothing catches it by accident)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def pid_alive(pid) -> bool:
+    """Is process ``pid`` running (a zombie is not)?"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return True
+
+
+_HELD: set[str] = set()  # the cell folders this process is running now (its own markers are live only for those)
+_HELD_LOCK = threading.Lock()
+
+
+def marker_is_live(marker: dict | None, cell_dir: Path | None = None) -> bool:
+    """Does a ``_RUNNING.json`` (of ``cell_dir``) belong to a process that may still be running? This process's own
+    marker is live while it runs that cell (a marker left by an earlier, interrupted call is not)."""
+    if not marker:
+        return False
+    if marker.get("host") not in (None, socket.gethostname()):
+        return True  # another machine's run: cannot be checked from here
+    if marker.get("pid") == os.getpid():
+        with _HELD_LOCK:
+            held = cell_dir is not None and str(cell_dir.resolve()) in _HELD
+        return held or pid_alive(marker.get("child_pid"))
+    return pid_alive(marker.get("pid")) or pid_alive(marker.get("child_pid"))
+
+
+def claim_cell(cell_dir: Path, record: dict, log: Callable[[str], None] = print) -> str | None:
+    """Create ``cell_dir/_RUNNING.json`` for this process, atomically. Returns None when claimed, else why not (the
+    cell is running in a live process). A stale marker (its processes dead) is taken over, with a message."""
+    path = cell_dir / RUNNING
+    data = {**record, "status": "running", "host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            marker = read_marker(path)
+            if marker_is_live(marker, cell_dir):
+                where = f"pid {marker.get('pid')} on {marker.get('host')}"
+                return f"already running ({where}; _RUNNING.json): not started a second time"
+            log(f"taking over {path}: its run (pid {(marker or {}).get('pid')} on "
+                f"{(marker or {}).get('host')}) is gone")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        with _HELD_LOCK:
+            _HELD.add(str(cell_dir.resolve()))
+        return None
+    return f"could not claim {path}: another process keeps creating it"
+
+
+def release_cell(cell_dir: Path) -> None:
+    """This process no longer runs ``cell_dir`` (its marker, if still there, is stale from now on)."""
+    with _HELD_LOCK:
+        _HELD.discard(str(cell_dir.resolve()))
+
+
+def note_child(cell_dir: Path, pid: int) -> None:
+    """Add the papermill child's pid to this process's ``_RUNNING.json`` (an orphan of a killed sweep stays live)."""
+    path = cell_dir / RUNNING
+    marker = read_marker(path)
+    if marker is not None and marker.get("pid") == os.getpid():
+        atomic_write_json(path, {**marker, "child_pid": pid})
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Stop papermill, its kernel (own session) and their children."""
+    procs = []
+    try:
+        import psutil
+
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (OSError, AttributeError):
+        proc.kill()
+    for p in procs:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    proc.wait()
+
+
+class StopSignals:
+    """The stop flag, the live children, and (in the main thread) the handlers of SIGTERM, SIGHUP and SIGINT."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self._children: set = set()
+        self._lock = threading.Lock()
+        self._previous: dict = {}
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.add(proc)
+        if self.stop.is_set():  # started while stopping: stop it too
+            kill_tree(proc)
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.discard(proc)
+
+    def kill_children(self) -> None:
+        with self._lock:
+            children = list(self._children)
+        for proc in children:
+            try:
+                kill_tree(proc)
+            except Exception:
+                pass
+
+    def _handle(self, signum, frame):
+        first = not self.stop.is_set()
+        self.stop.set()
+        self.signum = signum
+        self.kill_children()
+        if first:
+            raise SweepInterrupted(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+        return False
