@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.experiments import cell_runs
 from helpers.experiments import sweep as S
 from helpers.experiments import sweep_cells as C
 from test_notebooks import REPO, model_settings
@@ -312,7 +313,7 @@ def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, mon
             raise Kill
 
     monkeypatch.setattr(S.subprocess, "Popen", Killed)
-    monkeypatch.setattr(S, "kill_tree", lambda proc: None)
+    monkeypatch.setattr(cell_runs, "kill_tree", lambda proc: None)
     with pytest.raises(Kill):
         S.run_cell(first.cell, config, cell_dir=first.dir)
     assert not C.is_finished(first.dir, first.cell) and (first.dir / C.RUNNING).is_file()

@@ -1,66 +1,25 @@
 """Run a sweep: each cell's notebook through papermill in its own process (``jobs`` at once, a GPU each where
-there are GPUs), markers and failures recorded, then the index (:mod:`helpers.experiments.sweep_index`). The sweep
-file, its cells, their folders and markers: :mod:`helpers.experiments.sweep_cells`."""
+there are GPUs; or as Ray tasks, helpers.experiments.ray_executor), markers and failures recorded, then the index
+(:mod:`helpers.experiments.sweep_index`). The sweep file, its cells, their folders and markers:
+:mod:`helpers.experiments.sweep_cells`; one cell's run: :mod:`helpers.experiments.cell_runs`."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import datetime as _dt
-import json
 import os
 import queue
-import subprocess
-import sys
+import subprocess  # noqa: F401  (tests replace subprocess.Popen through this module)
 import time
 from pathlib import Path
 
-import yaml
-
-from helpers.experiments.atomic_files import atomic_write_json
-from helpers.experiments.results import find_results
-from helpers.experiments.run_guard import (
-    StopSignals, SweepInterrupted, claim_cell, kill_tree, note_child, release_cell,
+from helpers.experiments.cell_runs import (
+    cell_notebook, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
 )
+from helpers.experiments.run_guard import StopSignals, SweepInterrupted, claim_cell, note_child, release_cell
 from helpers.experiments.sweep_cells import (
-    DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, check_keys,
-    dir_label, expand,
-    folder_for, is_finished, setting_defaults,
+    MARKERS, RUNNING, Cell, Outcome, SweepConfig, check_keys, dir_label, expand, folder_for, is_finished,
+    setting_defaults,
 )
 from helpers.experiments.sweep_index import write_summary
-
-
-def _notebook_error(nb_path: Path) -> str | None:
-    """``ename: evalue`` of the first error output in an executed notebook."""
-    try:
-        nb = json.loads(nb_path.read_text())
-    except (OSError, ValueError):
-        return None
-    for c in nb.get("cells", []):
-        for out in c.get("outputs", []):
-            if out.get("output_type") == "error":
-                return f"{out.get('ename')}: {out.get('evalue')}"
-    return None
-
-
-def _write_marker(cell_dir: Path, name: str, data: dict) -> None:
-    """Write marker ``name`` atomically, then remove the other markers."""
-    atomic_write_json(cell_dir / name, data)
-    for other in MARKERS:
-        if other != name:
-            (cell_dir / other).unlink(missing_ok=True)
-
-
-def _record(cell: Cell, cell_dir: Path, config: SweepConfig | None = None) -> dict:
-    return dict(cell=dir_label(config, cell_dir) if config else cell.label, params=cell.params,
-                resolved=cell.resolved, params_hash=cell.params_hash,
-                started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-
-
-def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float = 0.0,
-                   config: SweepConfig | None = None) -> Outcome:
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    _write_marker(cell_dir, FAILED, {**_record(cell, cell_dir, config), "status": "failed", "error": message,
-                                     "duration_s": duration_s})
-    return Outcome(cell, "failed", cell_dir, duration_s, message)
 
 
 def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cell_dir: Path | None = None,
@@ -73,89 +32,37 @@ def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cel
     cell_dir = cell_dir if cell_dir is not None else folder_for(config, cell)
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    record = _record(cell, cell_dir, config)
+    record = cell_record(cell, cell_dir, config)
     if guard is not None and guard.stop.is_set():
         return Outcome(cell, "not run", cell_dir)
     busy = claim_cell(cell_dir, record)
     if busy is not None:
         return Outcome(cell, "running elsewhere", cell_dir, error=busy)
     try:
-        return _run_claimed(cell, config, env_extra, cell_dir, guard, record, t0)
+        for other in MARKERS:
+            if other != RUNNING:
+                (cell_dir / other).unlink(missing_ok=True)
+        try:
+            feature, notebook = cell_notebook(config, cell)
+        except ValueError as err:
+            return record_failure(cell, cell_dir, str(err), time.perf_counter() - t0, config)
+        executed = executed_path(cell_dir, feature)
+        tmp = cell_dir / f".{executed.name}.tmp"
+        cmd = papermill_command(notebook, tmp, cell.params, config.kernel, config.cell_timeout, cell_dir)
+
+        def started(proc):
+            if guard is not None:
+                guard.add(proc)
+            note_child(cell_dir, proc.pid)
+
+        returncode, timed_out = run_papermill(cmd, cell_dir / "papermill.log", config.run_timeout, env_extra,
+                                              on_start=started, on_end=guard.discard if guard is not None else None)
+        if tmp.is_file():
+            os.replace(tmp, executed)  # papermill writes the notebook even when a cell raised
+        stopped = guard.signum if guard is not None and guard.stop.is_set() else None
+        return finish_cell(cell, config, cell_dir, record, t0, returncode, timed_out, executed, stopped)
     finally:
         release_cell(cell_dir)
-
-
-def _run_claimed(cell: Cell, config: SweepConfig, env_extra: dict | None, cell_dir: Path, guard: StopSignals | None,
-                 record: dict, t0: float) -> Outcome:
-    """run_cell's run once ``_RUNNING.json`` is this process's."""
-    for other in MARKERS:
-        if other != RUNNING:
-            (cell_dir / other).unlink(missing_ok=True)
-
-    def fail(message: str) -> Outcome:
-        return record_failure(cell, cell_dir, message, time.perf_counter() - t0, config)
-
-    from helpers.tinysql.pairs import parse_feature
-
-    try:  # an unknown feature has no notebook to run: record it with the library's own message
-        feature = parse_feature(cell.params.get("feature_name"))
-    except ValueError as err:
-        return fail(str(err))
-    notebook = config.notebooks / f"{feature.value}.ipynb"
-    if not notebook.is_file():
-        return fail(f"no notebook {notebook} for feature {feature.value}")
-
-    executed = cell_dir / f"{feature.value}{EXECUTED_SUFFIX}"
-    tmp = cell_dir / f".{executed.name}.tmp"
-    params = {k: v for k, v in cell.params.items() if k != "feature_name"}  # fixed by the notebook
-    params["output_dir"] = str(cell_dir.resolve())
-    cmd = [sys.executable, "-m", "papermill", str(notebook), str(tmp), "-k", config.kernel,
-           "-y", yaml.safe_dump(params), "--cwd", str(REPO), "--no-progress-bar", "--log-level", "WARNING"]
-    if config.cell_timeout:
-        cmd += ["--execution-timeout", str(int(config.cell_timeout))]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.update(env_extra or {})
-    timed_out = False
-    with open(cell_dir / "papermill.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-        if guard is not None:
-            guard.add(proc)
-        note_child(cell_dir, proc.pid)
-        try:
-            proc.wait(timeout=config.run_timeout or None)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            kill_tree(proc)
-        except BaseException:  # KeyboardInterrupt: do not leave papermill and its kernel behind
-            kill_tree(proc)
-            raise
-        finally:
-            if guard is not None:
-                guard.discard(proc)
-    if tmp.is_file():
-        os.replace(tmp, executed)  # papermill writes the notebook even when a cell raised
-    record["notebook"] = executed.name
-    if guard is not None and guard.stop.is_set():  # stopped by a signal: neither done nor failed
-        _write_marker(cell_dir, INTERRUPTED, {**record, "status": "interrupted", "duration_s": time.perf_counter() - t0,
-                                              "signal": guard.signum})
-        return Outcome(cell, "interrupted", cell_dir, time.perf_counter() - t0, "stopped by a signal")
-    if timed_out:
-        return fail(f"timed out: the run took longer than run_timeout={config.run_timeout} s and was stopped")
-    if proc.returncode != 0:
-        error = _notebook_error(executed) if executed.is_file() else None
-        if error is None:
-            tail = (cell_dir / "papermill.log").read_text(errors="replace").strip().splitlines()[-5:]
-            error = " | ".join(tail) or f"papermill exited with {proc.returncode}"
-        return fail(error)
-    found = find_results(cell_dir)
-    if not found:
-        return fail("the notebook ran but wrote no result JSON")
-    duration = time.perf_counter() - t0
-    _write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name, "duration_s": duration,
-                                   "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-    return Outcome(cell, "ok", cell_dir, duration)
 
 
 def visible_gpus() -> list[str]:

@@ -1,0 +1,140 @@
+"""One cell's run, wherever it happens (this machine, a Ray worker): its notebook, the papermill command and
+process, and how its outcome becomes markers in the cell's folder (``_DONE.json``, ``_FAILED.json``,
+``_INTERRUPTED.json``; helpers.experiments.sweep_cells)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from helpers.experiments.atomic_files import atomic_write_json
+from helpers.experiments.results import find_results
+from helpers.experiments.run_guard import kill_tree
+from helpers.experiments.sweep_cells import (
+    DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, Cell, Outcome, SweepConfig, dir_label,
+)
+
+
+def notebook_error(nb_path: Path) -> str | None:
+    """``ename: evalue`` of the first error output in an executed notebook."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, ValueError):
+        return None
+    for c in nb.get("cells", []):
+        for out in c.get("outputs", []):
+            if out.get("output_type") == "error":
+                return f"{out.get('ename')}: {out.get('evalue')}"
+    return None
+
+
+def write_marker(cell_dir: Path, name: str, data: dict) -> None:
+    """Write marker ``name`` atomically, then remove the other markers."""
+    atomic_write_json(cell_dir / name, data)
+    for other in MARKERS:
+        if other != name:
+            (cell_dir / other).unlink(missing_ok=True)
+
+
+def cell_record(cell: Cell, cell_dir: Path, config: SweepConfig | None = None) -> dict:
+    return dict(cell=dir_label(config, cell_dir) if config else cell.label, params=cell.params,
+                resolved=cell.resolved, params_hash=cell.params_hash,
+                started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float = 0.0,
+                   config: SweepConfig | None = None, extra: dict | None = None) -> Outcome:
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(cell_dir, FAILED, {**cell_record(cell, cell_dir, config), **(extra or {}), "status": "failed",
+                                    "error": message, "duration_s": duration_s})
+    return Outcome(cell, "failed", cell_dir, duration_s, message)
+
+
+def cell_notebook(config: SweepConfig, cell: Cell) -> tuple[str, Path]:
+    """(feature, its notebook) of a cell; ValueError with the reason when there is none."""
+    from helpers.tinysql.pairs import parse_feature
+
+    feature = parse_feature(cell.params.get("feature_name"))  # (an unknown feature: the library's own message)
+    notebook = config.notebooks / f"{feature.value}.ipynb"
+    if not notebook.is_file():
+        raise ValueError(f"no notebook {notebook} for feature {feature.value}")
+    return feature.value, notebook
+
+
+def papermill_command(notebook: Path, out_notebook: Path, params: dict, kernel: str, cell_timeout, output_dir: Path,
+                      repo: Path = REPO) -> list[str]:
+    params = {k: v for k, v in params.items() if k != "feature_name"}  # fixed by the notebook
+    params["output_dir"] = str(Path(output_dir).resolve())
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(out_notebook), "-k", kernel,
+           "-y", yaml.safe_dump(params), "--cwd", str(repo), "--no-progress-bar", "--log-level", "WARNING"]
+    if cell_timeout:
+        cmd += ["--execution-timeout", str(int(cell_timeout))]
+    return cmd
+
+
+def run_papermill(cmd: list[str], log_path: Path, run_timeout, env_extra: dict | None = None, repo: Path = REPO,
+                  on_start: Callable | None = None, on_end: Callable | None = None) -> tuple[int, bool]:
+    """Run papermill in its own session (log to ``log_path``); (return code, timed out). ``run_timeout`` or any
+    exception (KeyboardInterrupt, a Ray cancellation) stops papermill, its kernel and their children."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update(env_extra or {})
+    timed_out = False
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo,
+                                start_new_session=True)
+        if on_start is not None:
+            on_start(proc)
+        try:
+            proc.wait(timeout=run_timeout or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_tree(proc)
+        except BaseException:  # KeyboardInterrupt: do not leave papermill and its kernel behind
+            kill_tree(proc)
+            raise
+        finally:
+            if on_end is not None:
+                on_end(proc)
+    return proc.returncode, timed_out
+
+
+def finish_cell(cell: Cell, config: SweepConfig, cell_dir: Path, record: dict, t0: float, returncode: int,
+                timed_out: bool, executed: Path, stopped_by: int | None = None, extra: dict | None = None) -> Outcome:
+    """The outcome of a finished papermill run whose files are in ``cell_dir``: its marker, and the Outcome.
+    ``stopped_by``: the signal that stopped the sweep (the cell is interrupted: neither done nor failed)."""
+    duration = time.perf_counter() - t0
+    record = {**record, **(extra or {}), "notebook": executed.name}
+    if stopped_by is not None:
+        write_marker(cell_dir, INTERRUPTED, {**record, "status": "interrupted", "duration_s": duration,
+                                             "signal": stopped_by})
+        return Outcome(cell, "interrupted", cell_dir, duration, "stopped by a signal")
+
+    def fail(message: str) -> Outcome:
+        return record_failure(cell, cell_dir, message, duration, config, extra)
+
+    if timed_out:
+        return fail(f"timed out: the run took longer than run_timeout={config.run_timeout} s and was stopped")
+    if returncode != 0:
+        error = notebook_error(executed) if executed.is_file() else None
+        if error is None:
+            tail = (cell_dir / "papermill.log").read_text(errors="replace").strip().splitlines()[-5:]
+            error = " | ".join(tail) or f"papermill exited with {returncode}"
+        return fail(error)
+    found = find_results(cell_dir)
+    if not found:
+        return fail("the notebook ran but wrote no result JSON")
+    write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name, "duration_s": duration,
+                                  "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    return Outcome(cell, "ok", cell_dir, duration)
+
+
+def executed_path(cell_dir: Path, feature: str) -> Path:
+    return cell_dir / f"{feature}{EXECUTED_SUFFIX}"
