@@ -29,12 +29,14 @@ $(VENV)/.test-installed: $(VENV)/.installed
 test: venv $(VENV)/.test-installed
 	$(PY) -m pytest
 
-# Sweep of the feature notebooks over a parameter grid (papermill): make sweep [PARAMS=params/x.yaml] [JOBS=N]
-PARAMS ?= params/default.yaml
-JOBS   ?= 1
+# Sweep of the feature notebooks over a parameter grid (papermill):
+# make sweep [PARAMS=params/x.yaml] [JOBS=N] [EXECUTOR=ray] [RAY_ADDRESS=host:6379]
+PARAMS   ?= params/default.yaml
+JOBS     ?= 1
+EXECUTOR ?= local
 .PHONY: sweep run
 sweep: venv
-	$(PY) scripts/sweep.py --params $(PARAMS) --jobs $(JOBS)
+	$(PY) scripts/sweep.py --params $(PARAMS) --jobs $(JOBS) --executor $(EXECUTOR)
 
 # The main job: the default sweep on the embedded models, offline, CPU -> outputs/default/index.html
 run: PARAMS = params/default.yaml

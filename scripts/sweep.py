@@ -4,6 +4,7 @@
     python scripts/sweep.py                         # params/default.yaml: embedded models, CPU, offline
     python scripts/sweep.py --params params/full.yaml --jobs 4
     python scripts/sweep.py --force                 # rerun finished cells too (in place, same settings)
+    python scripts/sweep.py --executor ray [--address ADDR]   # each cell a Ray task (local Ray or a cluster)
     python scripts/sweep.py --list                  # each cell's folder and whether it is finished
 
 Exit status 0 when every cell is done, 1 when any failed (each failure is recorded in its cell's folder and
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
     ap.add_argument("--run-timeout", type=float,
                     help="seconds a whole cell may run before it is stopped and recorded as failed (overrides the "
                          "YAML's run_timeout)")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: --jobs papermill processes here; ray: each cell a Ray task (a local Ray, or the "
+                         "cluster at --address / RAY_ADDRESS; GPUs per cell: the YAML's ray: gpus_per_cell)")
+    ap.add_argument("--address", help="a Ray cluster's address (ray start --head prints it); default RAY_ADDRESS")
     ap.add_argument("--list", action="store_true", help="print the cells (folder, state) and exit")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
         return 0
     try:
         outcomes = run_sweep(config, jobs=args.jobs, force=args.force, progress=not args.no_progress,
-                             only=args.only)
+                             only=args.only, executor=args.executor, address=args.address)
     except SweepInterrupted as err:
         print(f"sweep {config.name}: {err}; the running cells are marked interrupted -> {config.root / 'index.html'}",
               file=sys.stderr)

@@ -4,7 +4,7 @@ from the clean answer; blue: towards it; 1 = fully restored).
 
 Every figure can be drawn from an :class:`helpers.experiments.experiment.ExperimentResult` or re-drawn from any saved
 JSON (:func:`plot_saved`). :func:`save_figure` writes HTML that works offline (it links a ``plotly.min.js`` written
-once per folder tree, see :func:`_plotlyjs_src`) and a PNG when kaleido can run (it needs Chrome); otherwise it
+once per folder tree, see :func:`plotlyjs_src`) and a PNG when kaleido can run (it needs Chrome); otherwise it
 says so once and goes on.
 """
 from __future__ import annotations
@@ -171,7 +171,7 @@ def write_plotlyjs(folder: str | Path) -> Path:
     return target if target.is_file() else atomic_write_text(target, get_plotlyjs())
 
 
-def _plotlyjs_src(html_path: Path) -> str:
+def plotlyjs_src(html_path: Path) -> str:
     """Relative path to a ``plotly.min.js`` in the HTML's folder or an ancestor up to 5 levels (a sweep writes
     one at its root), else one written beside the HTML: offline figures without a copy of plotly.js each."""
     folder = html_path.parent.resolve()
@@ -190,7 +190,7 @@ def save_figure(fig: go.Figure, base: str | Path, png: bool = True) -> dict[str,
     base = Path(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     html_path = base.with_name(base.name + ".html")
-    out = {"html": atomic_write_text(html_path, fig.to_html(include_plotlyjs=_plotlyjs_src(html_path),
+    out = {"html": atomic_write_text(html_path, fig.to_html(include_plotlyjs=plotlyjs_src(html_path),
                                                            full_html=True))}
     if png and _png_unavailable is None:
         try:

@@ -139,6 +139,9 @@ class StopSignals:
         self._children: set = set()
         self._lock = threading.Lock()
         self._previous: dict = {}
+        # raise SweepInterrupted from the handler (the local executor), or only set the flag for a caller that polls
+        # it (the Ray executor: an exception raised inside Ray's wait comes out as a SystemError)
+        self.raise_in_handler = True
 
     def add(self, proc: subprocess.Popen) -> None:
         with self._lock:
@@ -164,7 +167,7 @@ class StopSignals:
         self.stop.set()
         self.signum = signum
         self.kill_children()
-        if first:
+        if first and self.raise_in_handler:
             raise SweepInterrupted(signum)
 
     def __enter__(self):
@@ -172,6 +175,12 @@ class StopSignals:
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
+
+    def reinstall(self) -> None:
+        """Take the signals back after a library installed its own handlers (ray.init does, for SIGTERM)."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():

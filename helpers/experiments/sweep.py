@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import queue
+import socket
 import subprocess  # noqa: F401  (tests replace subprocess.Popen through this module)
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from helpers.experiments.cell_runs import (
     cell_notebook, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
 )
+from helpers.experiments.ray_executor import run_on_ray
 from helpers.experiments.run_guard import StopSignals, SweepInterrupted, claim_cell, note_child, release_cell
 from helpers.experiments.sweep_cells import (
     MARKERS, RUNNING, Cell, Outcome, SweepConfig, check_keys, dir_label, expand, folder_for, is_finished,
@@ -60,7 +62,9 @@ def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cel
         if tmp.is_file():
             os.replace(tmp, executed)  # papermill writes the notebook even when a cell raised
         stopped = guard.signum if guard is not None and guard.stop.is_set() else None
-        return finish_cell(cell, config, cell_dir, record, t0, returncode, timed_out, executed, stopped)
+        gpus = (env_extra or {}).get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+        where = {"executor": "local", "host": socket.gethostname(), "gpus": gpus.split(",") if gpus else []}
+        return finish_cell(cell, config, cell_dir, record, t0, returncode, timed_out, executed, stopped, where)
     finally:
         release_cell(cell_dir)
 
@@ -93,12 +97,18 @@ def settings_error(cell: Cell) -> str | None:
 
 
 def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress: bool = True,
-              only: str | None = None) -> list[Outcome]:
+              only: str | None = None, executor: str = "local", address: str | None = None) -> list[Outcome]:
     """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select.
+
+    ``executor``: ``"local"`` (``jobs`` papermill processes on this machine, one GPU each where there are several)
+    or ``"ray"`` (each cell a Ray task, helpers.experiments.ray_executor; ``address``: a cluster's, else
+    ``RAY_ADDRESS``, else a local Ray; ``jobs`` > 1 caps the tasks at once).
 
     SIGTERM, SIGHUP and SIGINT (while called from the main thread) stop every running cell's papermill and kernel,
     mark those cells interrupted, start no other, write the index and raise ``SweepInterrupted``
     (helpers.experiments.run_guard)."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor {executor!r}: choose 'local' or 'ray'")
     check_keys(config)
     cells = expand(config)
     dirs = [folder_for(config, cell) for cell in cells]
@@ -157,20 +167,26 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
     counts = {"ok": 0, "failed": len(refused), "skipped": sum(o.status == "skipped" for o in outcomes.values())}
     for i in refused:
         bar.write(f"FAILED {cells[i].label}: {outcomes[i].error}")
+    def report(i: int, out: Outcome) -> None:
+        outcomes[i] = out
+        counts[out.status] = counts.get(out.status, 0) + 1
+        bar.set_postfix(counts)
+        bar.update(1)
+        if out.status in ("failed", "running elsewhere"):
+            bar.write(f"{out.status.upper()} {out.cell.label}: {out.error}")
+
     stopped: SweepInterrupted | None = None
-    pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    pool = cf.ThreadPoolExecutor(max_workers=jobs if executor == "local" else 1)
     futures: dict = {}
     try:
         with guard:
-            futures = {pool.submit(work, i): i for i in todo}
-            for fut in cf.as_completed(futures):
-                out = fut.result()
-                outcomes[futures[fut]] = out
-                counts[out.status] = counts.get(out.status, 0) + 1
-                bar.set_postfix(counts)
-                bar.update(1)
-                if out.status in ("failed", "running elsewhere"):
-                    bar.write(f"{out.status.upper()} {out.cell.label}: {out.error}")
+            if executor == "ray":
+                run_on_ray(config, [(i, cells[i], dirs[i]) for i in todo], guard, report, address=address,
+                           max_in_flight=jobs if jobs > 1 else None)
+            else:
+                futures = {pool.submit(work, i): i for i in todo}
+                for fut in cf.as_completed(futures):
+                    report(futures[fut], fut.result())
     except SweepInterrupted as err:  # the handler already killed the running cells' processes
         stopped = err
         bar.write(f"{err}: running cells stopped and marked interrupted; rerun to resume")
@@ -178,9 +194,10 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
         pool.shutdown(wait=True, cancel_futures=True)  # (the workers see the stop flag and return at once)
     bar.close()
     for fut, i in futures.items():
-        if i not in outcomes:
-            done = fut.done() and not fut.cancelled() and fut.exception() is None
-            outcomes[i] = fut.result() if done else Outcome(cells[i], "not run", dirs[i])
+        if i not in outcomes and fut.done() and not fut.cancelled() and fut.exception() is None:
+            outcomes[i] = fut.result()
+    for i in todo:  # (not started before a stop)
+        outcomes.setdefault(i, Outcome(cells[i], "not run", dirs[i]))
     ordered = [outcomes[i] for i in range(len(cells))]
     write_summary(config, ordered)
     if stopped is not None:

@@ -14,6 +14,8 @@ A sweep file (YAML, see ``params/default.yaml``)::
       cs_num: [1, 2, 3]
       feature_name: [ENGTABLENAME, ENGFIELDNAME, DEFTABLENAME, DEFFIELDNAME]
     cells: []                     # optional extra runs, each a dict of parameters
+    ray: {gpus_per_cell: 0.25}    # optional, the Ray executor (--executor ray): GPUs a CUDA cell asks for (1),
+                                  # cpus_per_cell (1), working_dir (ship the repository to a cluster: true)
 
 Every key under ``parameters``, ``grid`` and ``cells`` must be an experiment setting (a field of
 ``helpers.experiments.experiment.ExperimentSettings``: the feature notebooks' parameters); anything else (a token, a
@@ -93,6 +95,9 @@ class SweepConfig:
     kernel: str = "python3"
     cell_timeout: int | None = None
     run_timeout: float | None = None
+    # the Ray executor's settings (helpers.experiments.ray_executor.RAY_KEYS): gpus_per_cell (1; a fraction packs
+    # small models onto one GPU), cpus_per_cell (1), working_dir (ship the repository to a cluster's workers)
+    ray: dict = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -140,7 +145,7 @@ def load_config(path: str | Path, output_root: str | Path | None = None) -> Swee
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     unknown = set(raw) - {"name", "grid", "parameters", "cells", "output_root", "notebooks", "kernel",
-                          "cell_timeout", "run_timeout"}
+                          "cell_timeout", "run_timeout", "ray"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     grid = raw.get("grid") or []
@@ -158,7 +163,10 @@ def load_config(path: str | Path, output_root: str | Path | None = None) -> Swee
         cells=list(raw.get("cells") or []),
         output_root=_resolve(output_root or raw.get("output_root", "outputs"), REPO),
         notebooks=_resolve(raw.get("notebooks", "notebooks"), REPO), kernel=str(raw.get("kernel", "python3")),
-        cell_timeout=raw.get("cell_timeout"), run_timeout=raw.get("run_timeout"))
+        cell_timeout=raw.get("cell_timeout"), run_timeout=raw.get("run_timeout"), ray=dict(raw.get("ray") or {}))
+    bad = set(config.ray) - {"gpus_per_cell", "cpus_per_cell", "working_dir"}
+    if bad:
+        raise ValueError(f"{path}: unknown ray keys {sorted(bad)} (known: gpus_per_cell, cpus_per_cell, working_dir)")
     check_keys(config, path)
     config.parameters = dict(config.parameters)
     return config

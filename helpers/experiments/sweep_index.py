@@ -36,8 +36,12 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
     notebooks = sorted(d.glob(f"*{EXECUTED_SUFFIX}"))
     row["notebook"] = str(notebooks[0].relative_to(config.root)) if notebooks else None
     found = []
+    row["ran_on"] = None
     if row["status"] in ("ok", "done (earlier)"):
         done = read_marker(d / DONE) or {}
+        if done.get("host"):  # which machine (and Ray node) and GPUs ran the cell
+            node = f" (Ray node {done['node'][:8]})" if done.get("node") else ""
+            row["ran_on"] = f"{done['host']}{node}" + (f" GPU {','.join(done['gpus'])}" if done.get("gpus") else "")
         named = d / done["json"] if isinstance(done.get("json"), str) else None
         found = [named] if named is not None and named.is_file() else find_results(d)
     row["json"] = row["heatmap"] = row["accuracy"] = row["k80"] = None
@@ -99,13 +103,13 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
     if fig is not None:
         md += ["Overview (per cell, each head's mean score at its strongest position): [overview.html](overview.html)", ""]
     md += ["| cell | status | clean accuracy | top heads (head@token: mean, examples) | k for 80 % (sufficiency / "
-           "necessity) | notebook | heatmap | circuit figures | error |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "necessity) | notebook | heatmap | circuit figures | ran on | error |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = (r["error"] or "").replace("|", "\\|").replace("\n", " ")[:300]
         md.append(f"| {r['cell']} | {r['status']} | {acc_text(r)} | {heads_text(r)} | {k80_text(r)} | "
                   f"{_link(r['notebook'], 'notebook')} | {_link(r['heatmap'], 'heatmap')} | "
-                  f"{_figure_links(r['circuit_figures'], _link)} | {err} |")
+                  f"{_figure_links(r['circuit_figures'], _link)} | {r['ran_on'] or '-'} | {err} |")
     paths["md"] = atomic_write_text(root / "index.md", "\n".join(md) + "\n")
 
     def a(path, text):
@@ -116,6 +120,7 @@ def write_summary(config: SweepConfig, outcomes: list[Outcome]) -> dict[str, Pat
         f"<td>{acc_text(r)}</td><td>{html.escape(heads_text(r))}</td><td>{html.escape(k80_text(r))}</td>"
         f"<td>{a(r['notebook'], 'notebook')}</td><td>{a(r['heatmap'], 'heatmap')}</td>"
         f"<td>{_figure_links(r['circuit_figures'], a)}</td><td>{a(r['json'], 'json')}</td>"
+        f"<td>{html.escape(r['ran_on'] or '-')}</td>"
         f"<td>{html.escape((r['error'] or '')[:500])}</td></tr>" for r in rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Sweep {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;
@@ -123,7 +128,7 @@ font-size:13px}} tr.failed{{background:#fdd}} tr.not{{background:#eee}} tr.inter
 <h1>Sweep {html.escape(config.name)}</h1><p>{len(rows)} cells: {n_ok} done, {n_failed} failed. Updated {stamp}.</p>
 {'<p><a href="overview.html">Overview figure</a>: per cell, each head&#39;s mean score at its strongest position.</p>' if fig is not None else ''}
 <table><tr><th>cell</th><th>status</th><th>clean accuracy</th><th>top heads (head@token: mean, examples)</th>
-<th>k for 80 % (sufficiency / necessity)</th><th>notebook</th><th>heatmap</th><th>circuit figures</th><th>JSON</th><th>error</th></tr>
+<th>k for 80 % (sufficiency / necessity)</th><th>notebook</th><th>heatmap</th><th>circuit figures</th><th>JSON</th><th>ran on</th><th>error</th></tr>
 {trs}
 </table></body></html>
 """

@@ -1,0 +1,120 @@
+"""The Ray executor on a local Ray (2 CPUs, 2 GPUs as a logical resource: scheduling is tested without a GPU)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from helpers.experiments import ray_executor as R  # noqa: E402
+from helpers.experiments import sweep as S  # noqa: E402
+from helpers.experiments import sweep_cells as C  # noqa: E402
+from test_notebooks import REPO  # noqa: E402
+from test_sweep_signals import _grid, _slow_notebooks, _wait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+
+
+def test_cells_run_as_ray_tasks_and_their_files_come_back(local_ray, tmp_path):
+    path = _grid(tmp_path, ("DEFTABLENAME", "ENGTABLENAME"))
+    config = C.load_config(path)
+    config.cells = [{"feature_name": "DEFFIELDNAME", "model_path": str(tmp_path / "no-such-model")}]
+    outcomes = S.run_sweep(config, progress=False, executor="ray")
+    assert [o.status for o in outcomes] == ["ok", "ok", "failed"]
+    for o in outcomes[:2]:
+        done = json.loads((o.dir / C.DONE).read_text())
+        assert done["executor"] == "ray" and done["node"] and done["host"] and done["gpus"] == []
+        assert C.is_finished(o.dir, o.cell) and list(o.dir.glob(f"*{C.EXECUTED_SUFFIX}"))
+        assert (o.dir / "papermill.log").is_file() and list(o.dir.glob("*.heatmap.html"))
+        # the figures link the sweep's one copy of plotly.js, not one the worker wrote
+        assert not (o.dir / "plotly.min.js").exists()
+        assert 'src="../../../plotly.min.js"' in next(o.dir.glob("*.heatmap.html")).read_text()
+    assert "no-such-model" in outcomes[2].error and (outcomes[2].dir / C.FAILED).is_file()  # the notebook's error
+    summary = json.loads((config.root / "summary.json").read_text())
+    assert all("Ray node" in c["ran_on"] for c in summary["cells"][:2])
+    assert [o.status for o in S.run_sweep(config, progress=False, executor="ray")] == ["skipped", "skipped", "failed"]
+
+
+def test_a_lost_task_is_a_failed_cell_with_rays_reason(tmp_path):
+    config = C.load_config(_grid(tmp_path, ("DEFTABLENAME",)))
+    cell = C.expand(config)[0]
+    cell_dir = C.folder_for(config, cell)
+    cell_dir.mkdir(parents=True)
+
+    class Lost:
+        @staticmethod
+        def get(ref):
+            raise ray.exceptions.WorkerCrashedError()
+
+    out = R._collect(Lost, None, config, cell, cell_dir, {}, time.perf_counter(), "DEFTABLENAME")
+    assert out.status == "failed" and out.error.startswith("Ray: WorkerCrashedError")
+    assert json.loads((cell_dir / C.FAILED).read_text())["executor"] == "ray"
+
+
+def test_cells_ask_for_gpus_where_their_device_is_cuda(local_ray, tmp_path):
+    config = C.load_config(_grid(tmp_path, ("DEFTABLENAME",)))
+    cell = C.expand(config)[0]
+    cuda = C.Cell({**cell.params, "device": "cuda"}, cell.defaults, {})
+    auto = C.Cell({**cell.params, "device": "auto"}, cell.defaults, {})
+    assert R.cell_resources(cell, {}, 2) == {"num_gpus": 0, "num_cpus": 1.0}  # device: cpu
+    assert R.cell_resources(cuda, {"gpus_per_cell": 0.5}, 0)["num_gpus"] == 0.5
+    assert R.cell_resources(auto, {}, 2)["num_gpus"] == 1 and R.cell_resources(auto, {}, 0)["num_gpus"] == 0
+
+    @ray.remote(num_gpus=0.5)
+    def seen():
+        import os
+        return ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    ids, visible = ray.get(seen.remote())
+    assert len(ids) == 1 and visible == str(ids[0])  # Ray hands the task its GPU
+
+
+def test_sigterm_cancels_the_ray_tasks(tmp_path):
+    """A sweep on its own local Ray, SIGTERMed while a (10-minute) cell runs: the task and its papermill stop, the
+    cell is interrupted, Ray shuts down, the script exits 143 within seconds."""
+    features = ("DEFTABLENAME",)
+    path = _grid(tmp_path, features, notebooks=_slow_notebooks(tmp_path / "slow", features))
+    cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"), "--params", str(path), "--no-progress",
+           "--executor", "ray"]
+    sweep = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    papermills: list = []
+    try:
+        def papermill_running():
+            assert sweep.poll() is None, sweep.communicate()[0].decode(errors="replace")
+            found = [p for p in psutil.process_iter(["cmdline"])  # (the worker runs it in its own temporary folder)
+                     if "papermill" in " ".join(p.info["cmdline"] or []) and "tinysql-cell-" in " ".join(
+                         p.info["cmdline"] or [])]
+            return found if found and found[0].children(recursive=True) else None
+
+        papermills = _wait(papermill_running, 180, "papermill and its kernel on the Ray worker")
+        papermills += papermills[0].children(recursive=True)
+        t0 = time.monotonic()
+        sweep.send_signal(signal.SIGTERM)
+        out, _ = sweep.communicate(timeout=60)
+        assert sweep.returncode == 128 + signal.SIGTERM, out.decode(errors="replace")
+        assert time.monotonic() - t0 < 40
+        _wait(lambda: not [p for p in papermills if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 20,
+              "papermill and its kernel to be gone")
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        for p in papermills:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    config = C.load_config(path)
+    folder = C.folder_for(config, C.expand(config)[0])
+    assert (folder / C.INTERRUPTED).is_file() and not (folder / C.DONE).exists() and not (folder / C.RUNNING).exists()
