@@ -73,6 +73,7 @@ model_path = None  # a local folder or hub id that overrides the registry's mode
 dtype = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
 device = "cpu"  # "auto": CUDA when available
 output_dir = None  # None: outputs/notebooks/ in this checkout
+devices = None  # e.g. "cuda:0,cuda:1": the head sweep's examples split across these (a process each)
 
 # %% [markdown]
 """
@@ -86,7 +87,7 @@ Examples the model already gets wrong on the clean prompt are dropped from the m
 
 # %%
 from helpers.experiments import experiment, plotting, results
-exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "DEFFIELDNAME"))
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "DEFFIELDNAME"), devices=devices)
 print(exp.summary())
 exp.show_example()
 

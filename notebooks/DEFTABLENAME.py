@@ -74,6 +74,7 @@ model_path = None  # a local folder or hub id that overrides the registry's mode
 dtype = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
 device = "cpu"  # "auto": CUDA when available
 output_dir = None  # None: outputs/notebooks/ in this checkout
+devices = None  # e.g. "cuda:0,cuda:1": the head sweep's examples split across these (a process each)
 
 # %% [markdown]
 """
@@ -87,7 +88,7 @@ Examples predicted wrongly on the clean prompt are excluded from the averages (s
 
 # %%
 from helpers.experiments import experiment, plotting, results
-exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "DEFTABLENAME"))
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "DEFTABLENAME"), devices=devices)
 print(exp.summary())
 exp.show_example()
 

@@ -75,6 +75,7 @@ model_path = None  # a local folder or hub id that overrides the registry's mode
 dtype = "auto"  # "auto": float32 on CPU, bfloat16 on CUDA
 device = "cpu"  # "auto": CUDA when available
 output_dir = None  # None: outputs/notebooks/ in this checkout
+devices = None  # e.g. "cuda:0,cuda:1": the head sweep's examples split across these (a process each)
 
 # %% [markdown]
 """
@@ -88,7 +89,7 @@ clean-wrong examples do not enter the averages unless `keep_incorrect` is set.
 
 # %%
 from helpers.experiments import experiment, plotting, results
-exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "ENGFIELDNAME"))
+exp = experiment.run_experiment(**experiment.notebook_parameters(globals(), "ENGFIELDNAME"), devices=devices)
 print(exp.summary())
 exp.show_example()
 

@@ -54,7 +54,8 @@ class ExperimentSettings:
 FLAGS = ("use_novel_names", "use_synonyms_table", "use_synonyms_field")
 
 
-NOTEBOOK_ONLY_PARAMETERS = ("output_dir",)  # notebook parameters that are not experiment settings
+NOTEBOOK_ONLY_PARAMETERS = ("output_dir", "devices")  # notebook parameters that are not experiment settings
+# (devices: where the head sweep runs, not what it finds: the merged result is the one-device result)
 
 
 def _papermill_parameters(namespace: dict) -> set[str]:
@@ -384,17 +385,40 @@ def greedy_sql(hf_model, tokenizer, prompt_ids, max_new_tokens: int = 40) -> str
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
+def parse_devices(devices) -> list[str]:
+    """``"cuda:0,cuda:1"`` / a list -> ["cuda:0", "cuda:1"]; None or "" -> []. Each is checked (an unknown device,
+    or CUDA without a GPU, raises)."""
+    if devices is None or (isinstance(devices, str) and not devices.strip()):
+        return []
+    items = devices.split(",") if isinstance(devices, str) else list(devices)
+    from helpers.models.loading import resolve_device
+
+    out = [str(resolve_device(str(d).strip())) for d in items if str(d).strip()]
+    if not out:
+        raise ValueError(f"devices={devices!r} names no device")
+    return out
+
+
 def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "ENGTABLENAME", *,
                    use_novel_names: bool | None = False, use_synonyms_table: bool | None = None,
                    use_synonyms_field: bool | None = None, batch_size: int = 5, seed: int = 0,
                    model_path: str | None = None, dtype: str = "auto", device: str = "cpu",
                    semantic: bool = True, embedded_family: str = "llama", keep_incorrect: bool = False,
-                   circuit: bool = True, loaded=None, progress: bool = True, generate: bool = True) -> ExperimentResult:
+                   circuit: bool = True, loaded=None, progress: bool = True, generate: bool = True,
+                   devices: str | list[str] | None = None) -> ExperimentResult:
     """Run one feature experiment end to end.
+
+    ``devices`` (e.g. ``["cuda:0", "cuda:1"]`` or ``"cuda:0,cuda:1"``): the head sweep's examples split across them,
+    one worker process per further device holding its own copy of the model (helpers.patching.multi_device); the
+    model of this process, and everything but the sweep, runs on the first, which replaces ``device``. The merged
+    result is the one-device result (bit for bit on the CPU).
 
     ``loaded`` reuses an already loaded ``helpers.models.loading.LoadedModel`` (the explorer caches them); it must
     match the settings' model. The settings are validated before the model is loaded.
     """
+    device_list = parse_devices(devices)
+    if device_list:
+        device = device_list[0]
     settings, feature, spec = validate(ExperimentSettings(
         model_num=model_num, cs_num=cs_num, feature_name=feature_name, use_novel_names=use_novel_names,
         use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, batch_size=batch_size,
@@ -423,7 +447,13 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
     timings["predict_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    patching = patch_heads(loaded.hf_model, pairs, keep_incorrect=settings.keep_incorrect, progress=progress)
+    if len(device_list) > 1:
+        from helpers.patching.multi_device import patch_heads_across_devices
+
+        patching = patch_heads_across_devices(loaded.hf_model, spec, settings.dtype, device_list, pairs,
+                                              keep_incorrect=settings.keep_incorrect, progress=progress)
+    else:
+        patching = patch_heads(loaded.hf_model, pairs, keep_incorrect=settings.keep_incorrect, progress=progress)
     timings["patch_s"] = time.perf_counter() - t
 
     result = ExperimentResult(
@@ -431,7 +461,8 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         tokens=tokens, generations={},
         model_info=dict(model_id=spec.model_id, model_name=spec.name, revision=_revision(loaded),
                         family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
-                        device=str(next(hf_model.parameters()).device)),  # where it ran, not where it was asked
+                        device=str(next(hf_model.parameters()).device),  # where it ran, not where it was asked
+                        sweep_devices=device_list or None),
         tokenizer=tok, started_at=started, finished_at="", timings=timings)
     if settings.circuit and result.patching.n_included:
         from helpers.circuits.analysis import analyse_circuit

@@ -124,6 +124,7 @@ def experiment_to_dict(exp) -> dict:
         "n_kv_heads": getattr(geo, "n_kv_heads", None),
         "dtype": exp.model_info.get("dtype"),
         "device": exp.model_info.get("device"),
+        "sweep_devices": exp.model_info.get("sweep_devices"),  # the head sweep split across these (or null)
         "keep_incorrect": s.keep_incorrect,
         "n_examples": len(exp.pairs),
         "n_clean_correct": sum(exp.clean_correct),
