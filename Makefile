@@ -32,11 +32,11 @@ test: venv $(VENV)/.test-installed
 # Sweep of the feature notebooks over a parameter grid (papermill):
 # make sweep [PARAMS=params/x.yaml] [JOBS=N] [EXECUTOR=ray] [RAY_ADDRESS=host:6379]
 PARAMS   ?= params/default.yaml
-JOBS     ?= 1
+JOBS     ?=
 EXECUTOR ?= local
 .PHONY: sweep run
 sweep: venv
-	$(PY) scripts/sweep.py --params $(PARAMS) --jobs $(JOBS) --executor $(EXECUTOR)
+	$(PY) scripts/sweep.py --params $(PARAMS) $(if $(JOBS),--jobs $(JOBS)) --executor $(EXECUTOR)
 
 # The main job: the default sweep on the embedded models, offline, CPU -> outputs/default/index.html
 run: PARAMS = params/default.yaml

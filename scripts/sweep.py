@@ -28,7 +28,9 @@ from helpers.experiments.sweep_cells import FAILED, dir_label, expand, folder_fo
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/default.yaml", help="sweep YAML (default: %(default)s)")
-    ap.add_argument("--jobs", type=int, default=1, help="cells run at once (one GPU each when several are visible)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="cells run at once (local: default 1, one GPU each when several are visible; ray: default "
+                         "what the cluster holds)")
     ap.add_argument("--force", action="store_true",
                     help="rerun finished cells too, in their folders (a folder finished with other settings is "
                          "never overwritten: such a cell runs in <folder>_run-<hash>)")

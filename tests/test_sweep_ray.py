@@ -81,9 +81,9 @@ def test_cells_ask_for_gpus_where_their_device_is_cuda(local_ray, tmp_path):
     assert len(ids) == 1 and visible == str(ids[0])  # Ray hands the task its GPU
 
 
-def test_sigterm_cancels_the_ray_tasks(tmp_path):
+def test_sigterm_cancels_the_ray_tasks(local_ray, tmp_path):
     """A sweep on its own local Ray, SIGTERMed while a (10-minute) cell runs: the task and its papermill stop, the
-    cell is interrupted, Ray shuts down, the script exits 143 within seconds."""
+    cell is interrupted, Ray shuts down, the script exits 143 within seconds; a rerun on Ray resumes it, once."""
     features = ("DEFTABLENAME",)
     path = _grid(tmp_path, features, notebooks=_slow_notebooks(tmp_path / "slow", features))
     cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"), "--params", str(path), "--no-progress",
@@ -118,3 +118,7 @@ def test_sigterm_cancels_the_ray_tasks(tmp_path):
     config = C.load_config(path)
     folder = C.folder_for(config, C.expand(config)[0])
     assert (folder / C.INTERRUPTED).is_file() and not (folder / C.DONE).exists() and not (folder / C.RUNNING).exists()
+    config = C.load_config(_grid(tmp_path, features, name="resume.yaml"))  # the same cell, the real notebook
+    assert [o.status for o in S.run_sweep(config, progress=False, executor="ray")] == ["ok"]
+    assert C.is_finished(folder, C.expand(config)[0]) and not (folder / C.INTERRUPTED).exists()
+    assert [o.status for o in S.run_sweep(config, progress=False, executor="ray")] == ["skipped"]

@@ -96,13 +96,13 @@ def settings_error(cell: Cell) -> str | None:
     return None
 
 
-def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress: bool = True,
+def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False, progress: bool = True,
               only: str | None = None, executor: str = "local", address: str | None = None) -> list[Outcome]:
     """Run every unfinished cell (all with ``force``); ``only``: a substring of the cell label to select.
 
     ``executor``: ``"local"`` (``jobs`` papermill processes on this machine, one GPU each where there are several)
     or ``"ray"`` (each cell a Ray task, helpers.experiments.ray_executor; ``address``: a cluster's, else
-    ``RAY_ADDRESS``, else a local Ray; ``jobs`` > 1 caps the tasks at once).
+    ``RAY_ADDRESS``, else a local Ray; ``jobs`` caps the tasks at once, None: what the cluster holds).
 
     SIGTERM, SIGHUP and SIGINT (while called from the main thread) stop every running cell's papermill and kernel,
     mark those cells interrupted, start no other, write the index and raise ``SweepInterrupted``
@@ -130,7 +130,8 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
         outcomes[i] = record_failure(cells[i], dirs[i], f"settings refused before running: {why}", config=config)
     todo = [i for i in todo if i not in refused]
 
-    jobs = max(1, int(jobs))
+    ray_jobs = None if jobs is None else max(1, int(jobs))
+    jobs = 1 if jobs is None else max(1, int(jobs))
     gpus = visible_gpus() if jobs > 1 else []
     slots: queue.Queue = queue.Queue()
     for s in range(jobs):
@@ -182,7 +183,7 @@ def run_sweep(config: SweepConfig, jobs: int = 1, force: bool = False, progress:
         with guard:
             if executor == "ray":
                 run_on_ray(config, [(i, cells[i], dirs[i]) for i in todo], guard, report, address=address,
-                           max_in_flight=jobs if jobs > 1 else None)
+                           max_in_flight=ray_jobs)
             else:
                 futures = {pool.submit(work, i): i for i in todo}
                 for fut in cf.as_completed(futures):
