@@ -315,6 +315,10 @@ def test_path_patching_refuses_bad_edges(project_tokenizer, pairs):
         path_patching(model, pairs, [Edge(Cell(1, 0, 5), (1, 2), "q")])
     with pytest.raises(ValueError, match="unknown input"):
         path_patching(model, pairs, [Edge(Cell(0, 0, 5), (1, 2), "o")])
+    with pytest.raises(ValueError, match="no receiver head"):
+        path_patching(model, pairs, [Edge(Cell(0, 0, 5), (1, 2), "logits")])
+    with pytest.raises(ValueError, match="no receiver head"):
+        path_patching(model, pairs, [Edge(Cell(0, 0, 5), None, "q")])
 
 
 def test_the_edges_graph_and_table_redraw_from_a_circuit_dict():

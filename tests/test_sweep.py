@@ -134,7 +134,7 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
                            output_root=tmp_path)
     barrier, lock, seen = threading.Barrier(2, timeout=20), threading.Lock(), []
 
-    def fake_run_cell(cell, config, env_extra=None, cell_dir=None, guard=None):
+    def fake_run_cell(cell, config, env_extra=None, cell_dir=None, guard=None, takeover=False):
         with lock:
             first_two = len(seen) < 2
             seen.append(env_extra["CUDA_VISIBLE_DEVICES"])
@@ -162,7 +162,7 @@ def test_force_reruns_finished_cells_and_only_selects(tmp_path, monkeypatch):
     for cell in cells:  # both cells finished earlier
         _finish(config, cell)
     ran = []
-    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None, guard=None: ran.append(cell.label) or
+    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None, guard=None, takeover=False: ran.append(cell.label) or
                         C.Outcome(cell, "ok", cell_dir))
     monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
     assert [o.status for o in S.run_sweep(config, progress=False)] == ["skipped", "skipped"] and ran == []

@@ -63,6 +63,16 @@ def test_a_lost_task_is_a_failed_cell_with_rays_reason(tmp_path):
     assert json.loads((cell_dir / C.FAILED).read_text())["executor"] == "ray"
 
 
+def test_a_gpu_cell_on_a_cluster_without_gpus_fails_at_once(tmp_path):
+    config = C.load_config(_grid(tmp_path, ("DEFTABLENAME",)))
+    cell = C.expand(config)[0]
+    cuda = C.Cell({**cell.params, "device": "cuda"}, cell.defaults, {})
+    folder = C.folder_for(config, cuda)
+    seen = {}
+    assert R._submit(config, cuda, folder, None, {"CPU": 2.0}, lambda i, o: seen.update({i: o}), 0) is None
+    assert seen[0].status == "failed" and "asks for 1 GPU" in seen[0].error and not (folder / C.RUNNING).exists()
+
+
 def test_cells_ask_for_gpus_where_their_device_is_cuda(local_ray, tmp_path):
     config = C.load_config(_grid(tmp_path, ("DEFTABLENAME",)))
     cell = C.expand(config)[0]

@@ -116,6 +116,8 @@ def test_a_cell_held_by_a_live_process_is_not_started_twice(tmp_path):
         assert out.status == "running elsewhere" and str(holder.pid) in out.error
         assert not (folder / "papermill.log").exists()  # nothing was started
         assert json.loads((folder / C.RUNNING).read_text()) == marker  # and its marker left alone
+        summary = json.loads((config.root / "summary.json").read_text())
+        assert summary["cells"][0]["status"] == "running elsewhere"
     finally:
         holder.kill()
         holder.wait()
@@ -129,10 +131,17 @@ def test_a_cell_held_by_a_live_process_is_not_started_twice(tmp_path):
     assert claim_cell(folder, {}) is not None  # held by this live process now: a second claim is refused
 
 
-def test_a_marker_of_another_host_counts_as_live():
+def test_a_marker_of_another_host_counts_as_live_unless_forced(tmp_path):
     assert marker_is_live({"host": "some-other-machine", "pid": 1})
     assert not marker_is_live({"host": socket.gethostname(), "pid": 2 ** 22 + 12345})
     assert not marker_is_live(None)
+    other = {"host": "some-other-machine", "pid": 1}
+    (tmp_path / C.RUNNING).write_text(json.dumps(other))
+    why = claim_cell(tmp_path, {})
+    assert "some-other-machine" in why and "--force" in why
+    assert claim_cell(tmp_path, {}, log=lambda m: None, force=True) is None  # a crashed node's marker: taken over
+    assert json.loads((tmp_path / C.RUNNING).read_text())["host"] == socket.gethostname()
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")

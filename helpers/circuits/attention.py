@@ -18,6 +18,7 @@ and a head's attention to a role is the summed probability over that role's posi
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ def goes_through_interface(model) -> bool:
     return _attention_interface() is not None and "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[type(module).__module__])
 
 
+_CAPTURE_LOCK = threading.Lock()
+
+
 @contextmanager
 def captured_queries_keys(model, store: dict):
     """While inside, every attention call of ``model`` records ``store[layer] = (query [B, H, Tq, dh], key
@@ -81,14 +85,15 @@ def captured_queries_keys(model, store: dict):
         own = original if original is not None else sys.modules[type(module).__module__].eager_attention_forward
         return own(module, query, key, value, attention_mask, *args, **kwargs)
 
-    mapping[name] = capture
-    try:
-        yield
-    finally:
-        if had:
-            mapping[name] = original
-        else:
-            del mapping[name]
+    with _CAPTURE_LOCK:  # (one wrapper at a time: overlapping calls would restore each other's)
+        mapping[name] = capture
+        try:
+            yield
+        finally:
+            if had:
+                mapping[name] = original
+            else:
+                del mapping[name]
 
 
 def probabilities_from_queries_keys(query, key, scaling, sliding_window=None, softcap=None) -> torch.Tensor:
@@ -117,6 +122,10 @@ def attention_probabilities(model, ids) -> torch.Tensor:
     if goes_through_interface(model):
         with eval_mode(model), captured_queries_keys(model, store), torch.no_grad():
             ModelCalls.of(model).forward(model, ids)
+        missing = [l for l in range(len(blocks(model))) if l not in store]
+        if missing:  # (e.g. an implementation registered on the model's own interface, not the global one)
+            raise RuntimeError(f"layers {missing} did not call transformers' attention interface: their queries and "
+                               f"keys were not captured")
         return torch.stack([probabilities_from_queries_keys(*store[l]).cpu() for l in range(len(blocks(model)))])
     return _eager_module_probabilities(model, ids)
 

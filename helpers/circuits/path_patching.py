@@ -137,6 +137,8 @@ def prepare_edges(model, pairs, edges):
     for e in edges:
         if e.input not in INPUTS + ("logits",):
             raise ValueError(f"unknown input {e.input!r}; known: {INPUTS + ('logits',)}")
+        if (e.receiver is None) != (e.input == "logits"):
+            raise ValueError(f"edge {e}: a logits edge has no receiver head, a q/k/v edge has one")
         if e.receiver is not None and not (e.sender.layer < e.receiver[0] < geo.n_layers
                                            and 0 <= e.receiver[1] < geo.n_heads):
             raise ValueError(f"edge {e}: the receiver must be a head of a later layer than the sender")

@@ -91,39 +91,50 @@ def run_on_ray(config: SweepConfig, items: list[tuple[int, Cell, Path]], guard: 
     """Run ``items`` ((index, cell, folder)) as Ray tasks, at most ``max_in_flight`` at once (default: what the
     cluster can run at once); ``on_outcome(index, Outcome)`` as each ends. Raises SweepInterrupted after cancelling
     the running tasks when a signal stops the sweep."""
-    ray, started = _connect(address, config.ray)
-    guard.reinstall()  # (ray.init installs its own SIGTERM handler)
-    guard.raise_in_handler = False  # (the loop below polls the stop flag)
-    cluster = ray.cluster_resources()
-    remote = ray.remote(max_retries=0)(execute_on_worker)
-    if max_in_flight is None:
-        per_cell = cell_resources(items[0][1], config.ray, cluster.get("GPU", 0)) if items else {"num_cpus": 1}
-        gpu, cpu = per_cell.get("num_gpus", 0), per_cell.get("num_cpus", 1)
-        max_in_flight = int(cluster.get("GPU", 0) // gpu if gpu else cluster.get("CPU", 1) // max(cpu, 1e-9))
-    max_in_flight = max(1, max_in_flight)
+    guard.raise_in_handler = False  # (the loop below polls the stop flag; an exception inside Ray's calls breaks them)
+    ray, started = None, False
     pending, running = list(items), {}
     try:
+        ray, started = _connect(address, config.ray)
+        guard.reinstall()  # (ray.init installs its own SIGTERM handler)
+        cluster = ray.cluster_resources()
+        remote = ray.remote(max_retries=0)(execute_on_worker)
+        if max_in_flight is None:
+            per_cell = cell_resources(items[0][1], config.ray, cluster.get("GPU", 0)) if items else {"num_cpus": 1}
+            gpu, cpu = per_cell.get("num_gpus", 0), per_cell.get("num_cpus", 1)
+            max_in_flight = int(cluster.get("GPU", 0) // gpu if gpu else cluster.get("CPU", 1) // max(cpu, 1e-9))
+        max_in_flight = max(1, max_in_flight)
         while pending or running:
             while pending and len(running) < max_in_flight and not guard.stop.is_set():
                 i, cell, cell_dir = pending.pop(0)
-                submitted = _submit(config, cell, cell_dir, remote, cluster, on_outcome, i)
+                try:
+                    submitted = _submit(config, cell, cell_dir, remote, cluster, on_outcome, i)
+                except Exception as err:  # (a cell's own trouble is its failure, not the sweep's)
+                    release_cell(cell_dir)
+                    on_outcome(i, record_failure(cell, cell_dir, f"could not submit to Ray: {type(err).__name__}: "
+                                                                 f"{err}", 0.0, config, {"executor": "ray"}))
+                    continue
                 if submitted is not None:
                     running[submitted[0]] = (i, cell, cell_dir) + submitted[1:]
-            if not running:
-                if guard.stop.is_set():
-                    raise SweepInterrupted(guard.signum)
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                for ref in ready:  # (finished results are kept, also when a stop comes now)
+                    i, cell, cell_dir, record, t0, feature = running.pop(ref)
+                    try:
+                        on_outcome(i, _collect(ray, ref, config, cell, cell_dir, record, t0, feature))
+                    except Exception as err:
+                        on_outcome(i, record_failure(cell, cell_dir, f"could not collect its files: "
+                                                                     f"{type(err).__name__}: {err}",
+                                                     time.perf_counter() - t0, config, {"executor": "ray"}))
+                    finally:
+                        release_cell(cell_dir)
             if guard.stop.is_set():
                 raise SweepInterrupted(guard.signum)
-            for ref in ready:
-                i, cell, cell_dir, record, t0, feature = running.pop(ref)
-                try:
-                    on_outcome(i, _collect(ray, ref, config, cell, cell_dir, record, t0, feature))
-                finally:
-                    release_cell(cell_dir)
+            if not running and not pending:
+                break
     except SweepInterrupted:
-        _cancel(ray, running, config, guard, on_outcome)
+        if ray is not None:
+            _cancel(ray, running, config, guard, on_outcome)
         raise
     finally:
         if started:
@@ -149,6 +160,12 @@ def _submit(config, cell, cell_dir, remote, cluster, on_outcome, i):
         on_outcome(i, record_failure(cell, cell_dir, str(err), 0.0, config))
         return None
     options = cell_resources(cell, config.ray, cluster.get("GPU", 0))
+    if options["num_gpus"] > cluster.get("GPU", 0):  # (Ray would queue it forever)
+        release_cell(cell_dir)
+        on_outcome(i, record_failure(cell, cell_dir, f"the cell asks for {options['num_gpus']:g} GPU (device "
+                                                     f"{cell.resolved.get('device')!r}) and the Ray cluster has "
+                                                     f"{cluster.get('GPU', 0):g}", 0.0, config, {"executor": "ray"}))
+        return None
     payload = {"repo": str(REPO), "notebook_name": notebook.name, "notebook": notebook.read_bytes(),
                "executed_name": executed_path(cell_dir, feature).name, "params": cell.params,
                "kernel": config.kernel, "cell_timeout": config.cell_timeout, "run_timeout": config.run_timeout,

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -68,29 +69,52 @@ def marker_is_live(marker: dict | None, cell_dir: Path | None = None) -> bool:
     return pid_alive(marker.get("pid")) or pid_alive(marker.get("child_pid"))
 
 
-def claim_cell(cell_dir: Path, record: dict, log: Callable[[str], None] = print) -> str | None:
-    """Create ``cell_dir/_RUNNING.json`` for this process, atomically. Returns None when claimed, else why not (the
-    cell is running in a live process). A stale marker (its processes dead) is taken over, with a message."""
+@contextmanager
+def _claim_lock(cell_dir: Path):
+    """An exclusive ``flock`` on ``cell_dir/.claim.lock`` around read-check-take-over, so that two sweeps on one
+    machine never both take over the same stale marker (where flock is unavailable: no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(cell_dir / ".claim.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def claim_cell(cell_dir: Path, record: dict, log: Callable[[str], None] = print, force: bool = False) -> str | None:
+    """Create ``cell_dir/_RUNNING.json`` for this process, atomically (written aside, then hard-linked into place:
+    no reader ever sees it half written). Returns None when claimed, else why not (the cell is running in a live
+    process). A stale marker (its processes dead) is taken over, with a message; ``force`` also takes over another
+    machine's marker, which cannot be checked from here (a crashed node's would otherwise hold the cell forever)."""
     path = cell_dir / RUNNING
     data = {**record, "status": "running", "host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            marker = read_marker(path)
-            if marker_is_live(marker, cell_dir):
-                where = f"pid {marker.get('pid')} on {marker.get('host')}"
-                return f"already running ({where}; _RUNNING.json): not started a second time"
-            log(f"taking over {path}: its run (pid {(marker or {}).get('pid')} on "
-                f"{(marker or {}).get('host')}) is gone")
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        with _HELD_LOCK:
-            _HELD.add(str(cell_dir.resolve()))
-        return None
-    return f"could not claim {path}: another process keeps creating it"
+    tmp = cell_dir / f".{RUNNING}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    try:
+        with _claim_lock(cell_dir):
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                marker = read_marker(path)
+                other_host = (marker or {}).get("host") not in (None, socket.gethostname())
+                if marker_is_live(marker, cell_dir) and not (force and other_host):
+                    where = f"pid {marker.get('pid')} on {marker.get('host')}"
+                    hint = " (--force takes it over if that machine's run is gone)" if other_host else ""
+                    return f"already running ({where}; _RUNNING.json): not started a second time{hint}"
+                log(f"taking over {path}: its run (pid {(marker or {}).get('pid')} on "
+                    f"{(marker or {}).get('host')}) is gone")
+                path.unlink(missing_ok=True)
+                os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with _HELD_LOCK:
+        _HELD.add(str(cell_dir.resolve()))
+    return None
 
 
 def release_cell(cell_dir: Path) -> None:

@@ -25,19 +25,20 @@ from helpers.experiments.sweep_index import write_summary
 
 
 def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cell_dir: Path | None = None,
-             guard: StopSignals | None = None) -> Outcome:
+             guard: StopSignals | None = None, takeover: bool = False) -> Outcome:
     """Execute one cell's notebook with papermill in a subprocess; record the outcome in its folder.
 
     ``_RUNNING.json`` is claimed first (helpers.experiments.run_guard: a cell a live process runs is not started a
     second time), then the other markers are removed, so a run killed half way never looks finished. ``guard``:
-    the sweep's stop flag and children (a stopped sweep marks the cell interrupted)."""
+    the sweep's stop flag and children (a stopped sweep marks the cell interrupted). ``takeover``: also take over
+    another machine's ``_RUNNING.json`` (``force``)."""
     cell_dir = cell_dir if cell_dir is not None else folder_for(config, cell)
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     record = cell_record(cell, cell_dir, config)
     if guard is not None and guard.stop.is_set():
         return Outcome(cell, "not run", cell_dir)
-    busy = claim_cell(cell_dir, record)
+    busy = claim_cell(cell_dir, record, force=takeover)
     if busy is not None:
         return Outcome(cell, "running elsewhere", cell_dir, error=busy)
     try:
@@ -150,7 +151,7 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
                 extra["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
                 extra["OMP_NUM_THREADS"] = str(threads)
-            return run_cell(cells[i], config, extra, cell_dir=dirs[i], guard=guard)
+            return run_cell(cells[i], config, extra, cell_dir=dirs[i], guard=guard, takeover=force)
         except Exception as err:  # a crash of the runner itself is still a recorded failure of this cell
             message = f"the sweep runner crashed: {type(err).__name__}: {err}"
             try:
@@ -179,8 +180,8 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
     stopped: SweepInterrupted | None = None
     pool = cf.ThreadPoolExecutor(max_workers=jobs if executor == "local" else 1)
     futures: dict = {}
-    try:
-        with guard:
+    with guard:  # (held until the index is written: a later signal only sets the flag and stops children)
+        try:
             if executor == "ray":
                 run_on_ray(config, [(i, cells[i], dirs[i]) for i in todo], guard, report, address=address,
                            max_in_flight=ray_jobs)
@@ -188,19 +189,22 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
                 futures = {pool.submit(work, i): i for i in todo}
                 for fut in cf.as_completed(futures):
                     report(futures[fut], fut.result())
-    except SweepInterrupted as err:  # the handler already killed the running cells' processes
-        stopped = err
-        bar.write(f"{err}: running cells stopped and marked interrupted; rerun to resume")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # (the workers see the stop flag and return at once)
-    bar.close()
-    for fut, i in futures.items():
-        if i not in outcomes and fut.done() and not fut.cancelled() and fut.exception() is None:
-            outcomes[i] = fut.result()
-    for i in todo:  # (not started before a stop)
-        outcomes.setdefault(i, Outcome(cells[i], "not run", dirs[i]))
-    ordered = [outcomes[i] for i in range(len(cells))]
-    write_summary(config, ordered)
+        except SweepInterrupted as err:  # the handler already killed the running cells' processes
+            stopped = err
+            bar.write(f"{err}: running cells stopped and marked interrupted; rerun to resume")
+        finally:
+            guard.raise_in_handler = False
+            pool.shutdown(wait=True, cancel_futures=True)  # (the workers see the stop flag and return at once)
+        bar.close()
+        for fut, i in futures.items():
+            if i not in outcomes and fut.done() and not fut.cancelled() and fut.exception() is None:
+                outcomes[i] = fut.result()
+        for i in todo:  # (not started before a stop)
+            outcomes.setdefault(i, Outcome(cells[i], "not run", dirs[i]))
+        ordered = [outcomes[i] for i in range(len(cells))]
+        write_summary(config, ordered)
+    if stopped is None and guard.stop.is_set():  # a signal after the last cell: still a stopped sweep
+        stopped = SweepInterrupted(guard.signum)
     if stopped is not None:
         raise stopped
     return ordered

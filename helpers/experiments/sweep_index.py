@@ -24,7 +24,7 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
     if out.status == "skipped":
         row["status"] = "done (earlier)"
     failed = read_marker(d / FAILED)
-    if out.status != "failed" and not is_finished(d, out.cell):
+    if out.status not in ("failed", "running elsewhere") and not is_finished(d, out.cell):
         if failed is not None and marker_matches(failed, out.cell):
             row["status"] = "failed"
         elif (d / INTERRUPTED).is_file() or (d / RUNNING).is_file():
