@@ -396,6 +396,10 @@ def parse_devices(devices) -> list[str]:
     out = [str(resolve_device(str(d).strip())) for d in items if str(d).strip()]
     if not out:
         raise ValueError(f"devices={devices!r} names no device")
+    for d in out:
+        index = torch.device(d).index
+        if torch.device(d).type == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"devices={devices!r}: {d} does not exist here ({torch.cuda.device_count()} GPUs)")
     return out
 
 

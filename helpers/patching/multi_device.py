@@ -75,7 +75,14 @@ def patch_heads_across_devices(model, spec, dtype, devices: Sequence[str], pairs
     with cf.ProcessPoolExecutor(max_workers=len(shares) - 1, mp_context=context) as pool:
         futures = [pool.submit(_sweep_share, spec, dtype, device, [pairs[i] for i in share], kwargs)
                    for device, share in zip(devices[1:], shares[1:])]
-        here = patch_heads(model, [pairs[i] for i in shares[0]], progress=progress, **kwargs)
+        try:
+            here = patch_heads(model, [pairs[i] for i in shares[0]], progress=progress, **kwargs)
+        except BaseException:  # (an error or an interrupt here: the workers' shares are moot, stop them now)
+            for f in futures:
+                f.cancel()
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            raise
         here.stats.update(device=str(devices[0]), pid=os.getpid())
         parts = [here] + [f.result() for f in futures]
     return merge_in_order(parts)
