@@ -209,7 +209,7 @@ class FakePapermill:
 @pytest.fixture
 def fake_papermill(monkeypatch):
     FakePapermill.runs = []
-    monkeypatch.setattr(S.subprocess, "Popen", FakePapermill)
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", FakePapermill)
     monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
     return FakePapermill
 
@@ -312,13 +312,13 @@ def test_force_rerun_removes_the_done_marker_first(tmp_path, fake_papermill, mon
         def wait(self, timeout=None):
             raise Kill
 
-    monkeypatch.setattr(S.subprocess, "Popen", Killed)
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", Killed)
     monkeypatch.setattr(cell_runs, "kill_tree", lambda proc: None)
     with pytest.raises(Kill):
         S.run_cell(first.cell, config, cell_dir=first.dir)
     assert not C.is_finished(first.dir, first.cell) and (first.dir / C.RUNNING).is_file()
     assert not any(p.name.endswith(".tmp") for p in first.dir.iterdir() if p.name.startswith("_"))
-    monkeypatch.setattr(S.subprocess, "Popen", FakePapermill)
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", FakePapermill)
     assert S.run_sweep(config, progress=False)[0].status == "ok"  # so the next sweep runs it again
     assert not (first.dir / C.RUNNING).exists()
 
@@ -328,7 +328,7 @@ def test_runner_crash_is_recorded(tmp_path, fake_papermill, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("cannot start papermill")
 
-    monkeypatch.setattr(S.subprocess, "Popen", broken)
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", broken)
     out = S.run_sweep(_one_cell(tmp_path), progress=False)[0]
     assert out.status == "failed" and "cannot start papermill" in out.error
     failed = json.loads((out.dir / C.FAILED).read_text())

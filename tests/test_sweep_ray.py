@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from helpers.experiments import ray_executor as R  # noqa: E402
 from helpers.experiments import sweep as S  # noqa: E402
 from helpers.experiments import sweep_cells as C  # noqa: E402
 from test_notebooks import REPO  # noqa: E402
-from test_sweep_signals import _grid, _slow_notebooks, _wait  # noqa: E402
+from test_sweep_signals import _grid, _slow_notebooks, _wait, kill_leftovers, sigterm_and_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -110,21 +109,9 @@ def test_sigterm_cancels_the_ray_tasks(local_ray, tmp_path):
 
         papermills = _wait(papermill_running, 180, "papermill and its kernel on the Ray worker")
         papermills += papermills[0].children(recursive=True)
-        t0 = time.monotonic()
-        sweep.send_signal(signal.SIGTERM)
-        out, _ = sweep.communicate(timeout=60)
-        assert sweep.returncode == 128 + signal.SIGTERM, out.decode(errors="replace")
-        assert time.monotonic() - t0 < 40
-        _wait(lambda: not [p for p in papermills if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 20,
-              "papermill and its kernel to be gone")
+        sigterm_and_check(sweep, papermills, exit_within=40, gone_within=20)
     finally:
-        if sweep.poll() is None:
-            sweep.kill()
-        for p in papermills:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_leftovers(sweep, papermills)
     config = C.load_config(path)
     folder = C.folder_for(config, C.expand(config)[0])
     assert (folder / C.INTERRUPTED).is_file() and not (folder / C.DONE).exists() and not (folder / C.RUNNING).exists()

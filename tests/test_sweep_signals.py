@@ -54,6 +54,29 @@ def _wait(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def sigterm_and_check(sweep: subprocess.Popen, children: list, exit_within: float, gone_within: float) -> None:
+    """SIGTERM ``sweep``: it must exit with 128 + SIGTERM within ``exit_within`` s, and ``children`` (psutil
+    processes) be gone within ``gone_within`` s more."""
+    t0 = time.monotonic()
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=2 * exit_within)
+    assert sweep.returncode == 128 + signal.SIGTERM, out.decode(errors="replace")
+    assert time.monotonic() - t0 < exit_within
+    _wait(lambda: not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], gone_within,
+          "the sweep's children to be gone")
+
+
+def kill_leftovers(sweep: subprocess.Popen, children: list) -> None:
+    """(a failed test must not leave a sleeping sweep behind)"""
+    if sweep.poll() is None:
+        sweep.kill()
+    for p in children:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def test_sigterm_stops_every_child_and_a_rerun_resumes(tmp_path):
     """The cells sleep 10 minutes after their parameters: only a stopped child lets the sweep exit in seconds."""
     features = ("DEFTABLENAME", "ENGTABLENAME")
@@ -74,21 +97,9 @@ def test_sigterm_stops_every_child_and_a_rerun_resumes(tmp_path):
         _wait(kernel_running, 120, "the first cell's kernel")
         family = psutil.Process(sweep.pid).children(recursive=True)
         assert len(family) >= 2  # papermill and its kernel
-        t0 = time.monotonic()
-        sweep.send_signal(signal.SIGTERM)
-        out, _ = sweep.communicate(timeout=30)
-        assert sweep.returncode == 128 + signal.SIGTERM, out.decode(errors="replace")
-        assert time.monotonic() - t0 < 15
-        _wait(lambda: not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 10,
-              "the sweep's children to be gone")
-    finally:  # (a failed run must not leave a sleeping sweep behind)
-        if sweep.poll() is None:
-            sweep.kill()
-        for p in family:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        sigterm_and_check(sweep, family, exit_within=15, gone_within=10)
+    finally:
+        kill_leftovers(sweep, family)
     assert (first / C.INTERRUPTED).is_file() and not (first / C.DONE).is_file()
     assert not (first / C.RUNNING).is_file() and not C.is_finished(first, cells[0])
     summary = json.loads((config.root / "summary.json").read_text())

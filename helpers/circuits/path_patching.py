@@ -221,14 +221,17 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
         state["x"] = x[0]  # [q, d_model]: the corrupt residual stream entering l_r, slots s ..
         return replace_first(args, kwargs, x.expand(state["n"], *x.shape[1:]).contiguous(), "hidden_states")
 
+    def modified_input(rows):  # (position in the fed tokens, the normed modified input) of these edge rows
+        rel = state["rel"][rows]
+        return rel, receiver_input(state["norm"], state["x"][rel], state["delta"][rows])
+
     def channel(mod, args, output):  # the receiver layer's q/k/v projection: each edge's input at its p_s
         todo = state.get("channel", {}).get(id(mod))
         if not todo:
             return None
         output = output.clone()
         for rows, cols in todo:
-            rel = state["rel"][rows]
-            normed = receiver_input(state["norm"], state["x"][rel], state["delta"][rows])
+            rel, normed = modified_input(rows)
             output[rows, rel, cols] = mod.forward(normed)[:, cols].to(output.dtype)
         return output
 
@@ -236,8 +239,7 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
         if state.get("layer") != layer:
             return
         for c, rows in state["by_channel"].items():
-            rel = state["rel"][rows]
-            normed = receiver_input(state["norm"], state["x"][rel], state["delta"][rows])
+            rel, normed = modified_input(rows)
             lo, hi = head_ranges[c]
             new = get_submodule(bl[layer], slices[c][0]).forward(normed)[:, slices[c][1]]
             qkv[rows, rel, lo:hi] = new.view(len(rows), hi - lo, dh).to(qkv.dtype)
@@ -314,7 +316,8 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
                 with two_row_output_layer(model, [pair.clean_token_id, pair.corrupt_token_id]) as two_rows:
                     for layer, group in sorted(by_layer.items()):
                         for s, ts in buckets[layer]:
-                            mine = [(e, t) for e, t in group if t in set(ts)]
+                            members = set(ts)
+                            mine = [(e, t) for e, t in group if t in members]
                             q = T - s
                             size = rows_per_forward or auto_chunk_rows(model, q, T, device)
 
@@ -358,7 +361,7 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
                                 logits = logits.double()
                                 diffs = (logits[:, 0] - logits[:, 1] if two_rows
                                          else logits[:, pair.clean_token_id] - logits[:, pair.corrupt_token_id])
-                                results.append(([e for e, _ in part], i, diffs.expand(n)))
+                                results.append(([e for e, _ in part], i, diffs))
                             run_chunked(len(mine), size, run)
     finally:
         state.clear()

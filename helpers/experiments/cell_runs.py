@@ -16,9 +16,9 @@ import yaml
 
 from helpers.experiments.atomic_files import atomic_write_json
 from helpers.experiments.results import find_results
-from helpers.experiments.run_guard import kill_tree
+from helpers.experiments.run_guard import claim_cell, kill_tree, release_cell
 from helpers.experiments.sweep_cells import (
-    DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, Cell, Outcome, SweepConfig, dir_label,
+    DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, dir_label,
 )
 
 
@@ -66,6 +66,25 @@ def cell_notebook(config: SweepConfig, cell: Cell) -> tuple[str, Path]:
     if not notebook.is_file():
         raise ValueError(f"no notebook {notebook} for feature {feature.value}")
     return feature.value, notebook
+
+
+def begin_cell(config: SweepConfig, cell: Cell, cell_dir: Path, record: dict, t0: float,
+               force: bool = False) -> tuple[str, Path] | Outcome:
+    """Claim the cell (helpers.experiments.run_guard; ``force``: also another machine's marker) and clear its other
+    markers: (feature, notebook) to run, or the Outcome that ends it here ("running elsewhere", or failed for want
+    of a notebook, its claim released)."""
+    busy = claim_cell(cell_dir, record, force=force)
+    if busy is not None:
+        return Outcome(cell, "running elsewhere", cell_dir, error=busy)
+    for other in MARKERS:
+        if other != RUNNING:
+            (cell_dir / other).unlink(missing_ok=True)
+    try:
+        return cell_notebook(config, cell)
+    except ValueError as err:
+        release_cell(cell_dir)
+        return record_failure(cell, cell_dir, str(err), time.perf_counter() - t0, config,
+                              {k: v for k, v in record.items() if k == "executor"})
 
 
 def papermill_command(notebook: Path, out_notebook: Path, params: dict, kernel: str, cell_timeout, output_dir: Path,

@@ -25,22 +25,21 @@ from typing import Callable
 
 from helpers.experiments.atomic_files import atomic_write_bytes
 from helpers.experiments.cell_runs import (
-    cell_notebook, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
+    begin_cell, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
 )
 from helpers.experiments.plotting import PLOTLY_JS, plotlyjs_src
-from helpers.experiments.run_guard import StopSignals, SweepInterrupted, claim_cell, release_cell
-from helpers.experiments.sweep_cells import MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig
+from helpers.experiments.run_guard import StopSignals, SweepInterrupted, release_cell
+from helpers.experiments.sweep_cells import RAY_SETTINGS, REPO, Cell, Outcome, SweepConfig
 
-RAY_KEYS = {"gpus_per_cell": 1, "cpus_per_cell": 1, "working_dir": None}
 _EXCLUDES = ["outputs/", ".git/", ".venv/", "*.egg-info/", "**/.ipynb_checkpoints/", "**/__pycache__/"]
 
 
 def cell_resources(cell: Cell, settings: dict, cluster_gpus: float) -> dict:
     """The Ray task options of a cell: GPUs where its device is CUDA (or ``auto`` on a cluster with GPUs)."""
     device = str(cell.resolved.get("device", "auto")).lower()
-    cpus = float(settings.get("cpus_per_cell", RAY_KEYS["cpus_per_cell"]))
+    cpus = float(settings.get("cpus_per_cell", RAY_SETTINGS["cpus_per_cell"]))
     if device.startswith("cuda") or (device == "auto" and cluster_gpus > 0):
-        return {"num_gpus": float(settings.get("gpus_per_cell", RAY_KEYS["gpus_per_cell"])), "num_cpus": cpus}
+        return {"num_gpus": float(settings.get("gpus_per_cell", RAY_SETTINGS["gpus_per_cell"])), "num_cpus": cpus}
     return {"num_gpus": 0, "num_cpus": cpus}
 
 
@@ -146,19 +145,11 @@ def _submit(config, cell, cell_dir, remote, cluster, on_outcome, i):
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     record = {**cell_record(cell, cell_dir, config), "executor": "ray"}
-    busy = claim_cell(cell_dir, record)
-    if busy is not None:
-        on_outcome(i, Outcome(cell, "running elsewhere", cell_dir, error=busy))
+    begun = begin_cell(config, cell, cell_dir, record, t0)
+    if isinstance(begun, Outcome):
+        on_outcome(i, begun)
         return None
-    for other in MARKERS:
-        if other != RUNNING:
-            (cell_dir / other).unlink(missing_ok=True)
-    try:
-        feature, notebook = cell_notebook(config, cell)
-    except ValueError as err:
-        release_cell(cell_dir)
-        on_outcome(i, record_failure(cell, cell_dir, str(err), 0.0, config))
-        return None
+    feature, notebook = begun
     options = cell_resources(cell, config.ray, cluster.get("GPU", 0))
     if options["num_gpus"] > cluster.get("GPU", 0):  # (Ray would queue it forever)
         release_cell(cell_dir)

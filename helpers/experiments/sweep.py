@@ -8,17 +8,16 @@ import concurrent.futures as cf
 import os
 import queue
 import socket
-import subprocess  # noqa: F401  (tests replace subprocess.Popen through this module)
 import time
 from pathlib import Path
 
 from helpers.experiments.cell_runs import (
-    cell_notebook, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
+    begin_cell, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
 )
 from helpers.experiments.ray_executor import run_on_ray
-from helpers.experiments.run_guard import StopSignals, SweepInterrupted, claim_cell, note_child, release_cell
+from helpers.experiments.run_guard import StopSignals, SweepInterrupted, note_child, release_cell
 from helpers.experiments.sweep_cells import (
-    MARKERS, RUNNING, Cell, Outcome, SweepConfig, check_keys, dir_label, expand, folder_for, is_finished,
+    Cell, Outcome, SweepConfig, check_keys, dir_label, expand, folder_for, is_finished,
     setting_defaults,
 )
 from helpers.experiments.sweep_index import write_summary
@@ -38,17 +37,11 @@ def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cel
     record = cell_record(cell, cell_dir, config)
     if guard is not None and guard.stop.is_set():
         return Outcome(cell, "not run", cell_dir)
-    busy = claim_cell(cell_dir, record, force=takeover)
-    if busy is not None:
-        return Outcome(cell, "running elsewhere", cell_dir, error=busy)
+    begun = begin_cell(config, cell, cell_dir, record, t0, force=takeover)
+    if isinstance(begun, Outcome):
+        return begun
+    feature, notebook = begun
     try:
-        for other in MARKERS:
-            if other != RUNNING:
-                (cell_dir / other).unlink(missing_ok=True)
-        try:
-            feature, notebook = cell_notebook(config, cell)
-        except ValueError as err:
-            return record_failure(cell, cell_dir, str(err), time.perf_counter() - t0, config)
         executed = executed_path(cell_dir, feature)
         tmp = cell_dir / f".{executed.name}.tmp"
         cmd = papermill_command(notebook, tmp, cell.params, config.kernel, config.cell_timeout, cell_dir)

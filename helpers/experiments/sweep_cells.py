@@ -74,6 +74,10 @@ DONE, FAILED, RUNNING, INTERRUPTED = "_DONE.json", "_FAILED.json", "_RUNNING.jso
 
 MARKERS = (DONE, FAILED, RUNNING, INTERRUPTED)
 
+# the sweep YAML's ``ray:`` settings and their defaults (helpers.experiments.ray_executor; working_dir None: ship
+# the repository only to a cluster given by address)
+RAY_SETTINGS = {"gpus_per_cell": 1, "cpus_per_cell": 1, "working_dir": None}
+
 
 EXECUTED_SUFFIX = ".executed.ipynb"
 
@@ -95,7 +99,7 @@ class SweepConfig:
     kernel: str = "python3"
     cell_timeout: int | None = None
     run_timeout: float | None = None
-    # the Ray executor's settings (helpers.experiments.ray_executor.RAY_KEYS): gpus_per_cell (1; a fraction packs
+    # the Ray executor's settings (RAY_SETTINGS): gpus_per_cell (1; a fraction packs
     # small models onto one GPU), cpus_per_cell (1), working_dir (ship the repository to a cluster's workers)
     ray: dict = field(default_factory=dict)
 
@@ -164,9 +168,9 @@ def load_config(path: str | Path, output_root: str | Path | None = None) -> Swee
         output_root=_resolve(output_root or raw.get("output_root", "outputs"), REPO),
         notebooks=_resolve(raw.get("notebooks", "notebooks"), REPO), kernel=str(raw.get("kernel", "python3")),
         cell_timeout=raw.get("cell_timeout"), run_timeout=raw.get("run_timeout"), ray=dict(raw.get("ray") or {}))
-    bad = set(config.ray) - {"gpus_per_cell", "cpus_per_cell", "working_dir"}
+    bad = set(config.ray) - set(RAY_SETTINGS)
     if bad:
-        raise ValueError(f"{path}: unknown ray keys {sorted(bad)} (known: gpus_per_cell, cpus_per_cell, working_dir)")
+        raise ValueError(f"{path}: unknown ray keys {sorted(bad)} (known: {', '.join(RAY_SETTINGS)})")
     check_keys(config, path)
     config.parameters = dict(config.parameters)
     return config
