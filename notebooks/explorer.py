@@ -18,11 +18,13 @@
 """
 # TinySQL activation patching: interactive explorer
 
-Choose a model, a command set, one of the four features (the table or a field name, corrupted in the English
-Instruction or in the `CREATE TABLE` Context), the prompt flags and a batch size, then press **Run**: the
-explorer builds clean/corrupt pairs, patches every attention head at every position and shows the mean
-normalised score (rows `L{layer}_H{head}`, columns `{token}_{index}`; blue restores the clean name, 1 = fully)
-and the heads with the largest effect.
+Choose a model, a command set, one of the eight features (the table or a field name, corrupted in the English
+Instruction or in the `CREATE TABLE` Context; on command sets 2-3 the sort field or direction; on command set 3
+the aggregate's function or field: the dropdown says which command sets each needs, and picking one moves the
+command set there), the prompt flags, the word set (this suite's or upstream TinySQL's) and a batch size, then
+press **Run**: the explorer builds clean/corrupt pairs, patches every attention head at every position and shows
+the mean normalised score (rows `L{layer}_H{head}`, columns `{token}_{index}`; blue restores the clean answer,
+1 = fully) and the heads with the largest effect.
 
 `embedded` runs offline on the small models shipped with the suite; the numbered models come from the Hugging
 Face hub (the token is read from `HF_TOKEN` or the Colab secret, never typed here). Models stay loaded between

@@ -28,7 +28,7 @@ def default_pair_settings() -> dict:
 
     out = {}
     for feat, opts in DEFAULT_PAIR_OPTIONS.items():
-        want = {k: v for k, v in vars(opts).items() if v and k != "distractor_table"}
+        want = {k: v for k, v in vars(opts).items() if v and k not in ("distractor_table", "novel_words")}
         for name in FLAG_SETTINGS:
             if flag_kwargs(feat, name) == want:
                 out[feat.value] = name

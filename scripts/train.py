@@ -35,6 +35,8 @@ def main(argv=None):
                     help="DataLoader worker processes generating batches (0: in the training process)")
     ap.add_argument("--init-from", dest="init_from", help="fine-tune this saved model folder")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--filler-loss", action="store_true", dest="filler_loss",
+                    help="also predict the tokens of the English filler (with a generator filler_p > 0)")
     ap.add_argument("--generator", type=json.loads, default=None,
                     help='GeneratorConfig overrides as JSON (replaces helpers.models.training.recipe_generator), e.g. '
                          '\'{"context_spelling_p": 0.5, "table_rename_p": 0.2, "field_rename_p": 0.4}\'')

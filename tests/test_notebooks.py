@@ -20,11 +20,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-FEATURE_NOTEBOOKS = ("ENGTABLENAME", "ENGFIELDNAME", "DEFTABLENAME", "DEFFIELDNAME")
+FEATURE_NOTEBOOKS = ("ENGTABLENAME", "ENGFIELDNAME", "DEFTABLENAME", "DEFFIELDNAME", "ENGORDERBYFIELD",
+                     "ENGORDERBYDIRECTION", "ENGAGGREGATEFUNCTION", "ENGAGGREGATEFIELD")
 ALL_NOTEBOOKS = FEATURE_NOTEBOOKS + ("explorer",)
 KERNEL = "python3"
 REQUIRED_PARAMETERS = {"model_num", "cs_num", "feature_name", "use_novel_names", "use_synonyms_table",
-                       "use_synonyms_field", "batch_size", "seed", "model_path", "dtype", "device", "output_dir"}
+                       "use_synonyms_field", "vocabulary", "batch_size", "seed", "model_path", "dtype", "device",
+                       "output_dir"}
 EMBEDDED = (REPO / "helpers" / "models" / "embedded" / "llama-cs1" / "config.json").is_file()
 
 
@@ -108,6 +110,8 @@ def test_parameters_cell_and_colab_cell(name):
     namespace: dict = {}
     exec(tagged[0].source, namespace)  # the defaults: offline embedded model on CPU
     assert namespace["feature_name"] == name and namespace["model_num"] == "embedded"
+    from helpers.tinysql.pairs import parse_feature
+    assert namespace["cs_num"] in parse_feature(name).command_sets  # its default command set can express it
     assert namespace["device"] == "cpu" and namespace["model_path"] is None
     first = code[0].source
     assert '"google.colab" in sys.modules' in first and "REPO_URL" in first
@@ -144,8 +148,14 @@ def test_kernel_is_the_venv_python(kernel_env, tmp_path):
 
 @pytest.mark.parametrize("name", FEATURE_NOTEBOOKS)
 def test_feature_notebook_executes(name, tmp_path, kernel_env):
+    from helpers.tinysql.pairs import parse_feature
+
     out = tmp_path / "out"
-    nb = execute(name, tmp_path, output_dir=str(out), **model_settings())
+    settings = dict(model_settings())
+    needed = parse_feature(name).command_sets
+    if settings["cs_num"] not in needed:  # ORDER BY and aggregates: the first command set that has them
+        settings["cs_num"] = needed[0]
+    nb = execute(name, tmp_path, output_dir=str(out), **settings)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     results = list(out.glob("activation_patching_*.json"))
@@ -162,6 +172,7 @@ def test_feature_notebook_executes(name, tmp_path, kernel_env):
 @pytest.mark.parametrize("bad, message", [({"cs_num": 7}, "No registered model"),
                                           ({"feature_name": "TABLEISH"}, "Unknown feature"),
                                           ({"feature_name": "ENGTABLENAME"}, "run notebooks/ENGTABLENAME.ipynb"),
+                                          ({"vocabulary": "mine"}, "Unknown vocabulary 'mine'"),
                                           ({"cs_nmu": 2}, "unknown notebook parameter(s) 'cs_nmu'")])
 def test_bad_input_fails_in_the_first_helper_call(bad, message, tmp_path, kernel_env):
     with pytest.raises(pm.PapermillExecutionError) as info:
@@ -169,6 +180,13 @@ def test_bad_input_fails_in_the_first_helper_call(bad, message, tmp_path, kernel
     assert message in str(info.value)
     assert "run_experiment" in info.value.source  # the first helper call of the notebook
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_command_set_that_cannot_express_the_feature_is_refused_first(tmp_path, kernel_env):
+    with pytest.raises(pm.PapermillExecutionError) as info:
+        execute("ENGORDERBYFIELD", tmp_path, output_dir=str(tmp_path / "out"), **{**model_settings(), "cs_num": 1})
+    assert "ENGORDERBYFIELD needs a command set with ORDER BY" in str(info.value) and "CS2, CS3" in str(info.value)
+    assert "run_experiment" in info.value.source
 
 
 def test_explorer_notebook_builds_its_widgets(tmp_path, kernel_env):

@@ -107,13 +107,34 @@ def test_finished_needs_json_and_marker(tmp_path):
 
 def test_shipped_grids_expand():
     default = C.expand(C.load_config(REPO / "params" / "default.yaml"))
-    assert len(default) == 24 and {c.params["model_num"] for c in default} == {"embedded"}
+    from helpers.tinysql.pairs import FEATURES
+
+    assert len(default) == 36 and {c.params["model_num"] for c in default} == {"embedded"}
     assert {str(c.relpath.parts[0]) for c in default} == {"embedded-llama", "embedded-gpt_neo"}
-    assert {c.feature for c in default} == {"ENGTABLENAME", "ENGFIELDNAME", "DEFTABLENAME", "DEFFIELDNAME"}
+    # every feature, on exactly the command sets that can express it
+    cells = {(c.params["embedded_family"], c.params["cs_num"], c.feature) for c in default}
+    assert cells == {(fam, cs, f.value) for fam in ("llama", "gpt_neo") for f in FEATURES
+                     for cs in (1, 2, 3) if cs in f.command_sets}
     assert str(default[0].relpath) == str(Path("embedded-llama") / "cs1" / "ENGTABLENAME")
-    full = C.expand(C.load_config(REPO / "params" / "full.yaml"))
+    with pytest.warns(UserWarning, match="cannot express it and are skipped"):
+        full = C.expand(C.load_config(REPO / "params" / "full.yaml"))
     assert {c.params["model_num"] for c in full} == {1, 2, 3}
     assert len({c.relpath for c in full}) == len(full)
+    assert all(c.resolved["cs_num"] in FEATURES[[f.value for f in FEATURES].index(c.feature)].command_sets
+               for c in full)
+    assert {c.feature for c in full} == {f.value for f in FEATURES}
+
+
+def test_a_product_grid_skips_what_a_command_set_cannot_express_but_listed_cells_run(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nparameters: {batch_size: 2}\ngrid:\n  model_num: [embedded]\n  cs_num: [1, 3]\n"
+                    "  feature_name: [ENGTABLENAME, ENGAGGREGATEFIELD]\n"
+                    "cells:\n  - {model_num: embedded, cs_num: 1, feature_name: ENGORDERBYFIELD}\n")
+    with pytest.warns(UserWarning, match="1 grid combinations"):
+        cells = C.expand(C.load_config(path, output_root=tmp_path / "out"))
+    got = {(c.resolved["cs_num"], c.feature) for c in cells}
+    # the listed cell is kept (validation records it as failed, naming the command sets), the grid's is skipped
+    assert got == {(1, "ENGTABLENAME"), (3, "ENGTABLENAME"), (3, "ENGAGGREGATEFIELD"), (1, "ENGORDERBYFIELD")}
 
 
 def test_cli_lists_cells(capsys):

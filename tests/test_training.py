@@ -91,3 +91,41 @@ def test_schema_reading_generator_options():
         assert all(f in schema.field_names for f, _ in item.order_by)
         spelled_as_synonym += item.table in synonyms
     assert spelled_as_synonym > 50
+
+
+def test_filler_loss_labels_exactly_the_filler(tokenizer):
+    """With filler_loss the English filler (holding a novel word) is predicted too, and nothing else of the prompt."""
+    from helpers.models.training import collate, encode_items
+    from helpers.tinysql import vocabulary as V
+    from helpers.tinysql.sql_items import GeneratorConfig
+
+    items = generate_items(2, 40, 3, GeneratorConfig(filler_p=0.5, nonce_name_p=0.2))
+    assert {bool(i.filler) for i in items} == {True, False}
+    plain = encode_items(tokenizer, items)
+    with_filler = encode_items(tokenizer, items, filler_loss=True)
+    ids, _, labels = collate(with_filler, tokenizer.pad_token_id)
+    _, _, plain_labels = collate(plain, tokenizer.pad_token_id)
+    novel = set(V.NOVEL_TABLES + V.NOVEL_FIELDS)
+    for k, (item, (p, a), (p2, a2, positions)) in enumerate(zip(items, plain, with_filler)):
+        assert (p, a) == (p2, a2)  # the same ids; only the labels differ
+        prompt_labels = [j for j in range(len(p)) if labels[k, j] != -100]
+        assert prompt_labels == positions and (plain_labels[k, :len(p)] == -100).all()
+        assert (labels[k, len(p):len(p) + len(a)] == torch.tensor(a)).all()
+        if not item.filler:
+            assert positions == []
+            continue
+        text = tokenizer.decode([p[j] for j in positions])
+        assert item.filler.endswith(text.strip()) and len(text.strip()) > 0.5 * len(item.filler)
+        assert novel & set(text.split()), text  # the novel word is among the predicted tokens
+
+
+def test_fine_tune_with_filler_loss_runs(tmp_path):
+    cfg = TrainConfig(family="llama", cs=2, steps=3, batch_size=8, lr=1e-3, warmup=1, eval_every=0, eval_items=4,
+                      log_every=1, progress=False, out_dir=str(tmp_path), model_overrides=TINY["llama"],
+                      generator={"filler_p": 0.5, "nonce_name_p": 0.2}, filler_loss=True)
+    _, history = train(cfg, log=lambda *_: None)
+    assert len(history["loss"]) == 3 and all(v == v for _, v in history["loss"])
+    import json
+
+    meta = json.loads((tmp_path / "training_meta.json").read_text())
+    assert meta["train_config"]["filler_loss"] is True and meta["generator"]["nonce_name_p"] == 0.2

@@ -1,7 +1,7 @@
 """One whole feature experiment: validate the settings, load the model, build clean/corrupt pairs, read the
 model's clean prediction, patch every head at every position, and return an :class:`ExperimentResult`.
 
-The four feature notebooks, the sweep and the explorer all call :func:`run_experiment`; saving
+The feature notebooks, the sweep and the explorer all call :func:`run_experiment`; saving
 (:mod:`helpers.experiments.results`) and drawing (:mod:`helpers.experiments.plotting`) take its result. Settings are checked before
 anything is loaded, so an unknown feature, model or command set fails at once with a message that lists
 the valid choices.
@@ -37,6 +37,7 @@ class ExperimentSettings:
     use_novel_names: bool | None = False
     use_synonyms_table: bool | None = None
     use_synonyms_field: bool | None = None
+    vocabulary: str | None = None  # "suite" | "upstream"; None: "suite" for the embedded models, else "upstream"
     batch_size: int = 5
     seed: int = 0
     model_path: str | None = None
@@ -116,6 +117,11 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     feature = P.parse_feature(settings.feature_name)
     spec = resolve_model(settings.model_num, settings.cs_num, settings.semantic, settings.model_path,
                          embedded_family=settings.embedded_family)
+    P.check_command_set(feature, spec.cs_num)
+    from helpers.tinysql.word_sets import default_vocabulary, parse_word_set
+
+    vocabulary = parse_word_set(settings.vocabulary if settings.vocabulary not in (None, "", "None", "auto")
+                                else default_vocabulary(settings.model_num)).name
     batch_size = as_int("batch_size", settings.batch_size, minimum=1)
     seed = as_int("seed", settings.seed)
     keep_incorrect = as_bool("keep_incorrect", settings.keep_incorrect)
@@ -129,12 +135,15 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     for name in FLAGS:
         value = as_bool(name, getattr(settings, name), allow_none=True)
         flags[name] = defaults.get(name, False) if value is None else value
+    if flags["use_novel_names"] and not feature.corrupts_a_name:
+        raise ValueError(f"use_novel_names does not apply to {feature.value}: it corrupts a direction or function "
+                         "word, not a name")
     model_path = spec.model_id if spec.overridden else None  # ("" and blanks mean no override)
     # recorded as read: "2" from papermill -r or a quoted YAML value is 2, "False" is False
     return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num,
                     semantic=as_bool("semantic", settings.semantic), batch_size=batch_size, seed=seed,
                     keep_incorrect=keep_incorrect, circuit=circuit, model_path=model_path, dtype=dtype, device=device,
-                    **flags),
+                    vocabulary=vocabulary, **flags),
             feature, spec)
 
 
@@ -156,6 +165,7 @@ class ExperimentResult:
     finished_at: str
     timings: dict = field(default_factory=dict)
     circuit: object = None  # a helpers.circuits.analysis.CircuitResult when settings.circuit
+    usable_words: object = None  # helpers.tinysql.pairs.UsableWords: how many of the word set's lists were drawable
 
     # ------------------------------------------------------------------------------------------- derived
     def decode(self, token_id: int) -> str:
@@ -339,10 +349,13 @@ class ExperimentResult:
         clean, corrupt = self.mean_logit_diffs()
         text = (f"{self.spec.display_name} | CS{self.settings.cs_num} | {self.feature.value} | "
                 f"novel={self.settings.use_novel_names} syn_table={self.settings.use_synonyms_table} "
-                f"syn_field={self.settings.use_synonyms_field} | {len(self.pairs)} examples, "
+                f"syn_field={self.settings.use_synonyms_field} | {self.settings.vocabulary} words | "
+                f"{len(self.pairs)} examples, "
                 f"{sum(self.clean_correct)} clean-correct, {int(p.included.sum())} included | "
                 f"mean logit diff clean {clean if clean is None else round(clean, 3)}, corrupt "
                 f"{corrupt if corrupt is None else round(corrupt, 3)} | {self.timings.get('total_s', float('nan')):.1f}s")
+        if self.usable_words is not None:
+            text += "\n" + self.usable_words.summary()
         usable = int((p.included & ~p.guarded).sum())
         if usable == 0:
             text += ("\nNo example has a usable normalised score (none included, or |clean - corrupt| below "
@@ -405,7 +418,8 @@ def parse_devices(devices) -> list[str]:
 
 def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "ENGTABLENAME", *,
                    use_novel_names: bool | None = False, use_synonyms_table: bool | None = None,
-                   use_synonyms_field: bool | None = None, batch_size: int = 5, seed: int = 0,
+                   use_synonyms_field: bool | None = None, vocabulary: str | None = None, batch_size: int = 5,
+                   seed: int = 0,
                    model_path: str | None = None, dtype: str = "auto", device: str = "cpu",
                    semantic: bool = True, embedded_family: str = "llama", keep_incorrect: bool = False,
                    circuit: bool = True, loaded=None, progress: bool = True, generate: bool = True,
@@ -425,7 +439,8 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         device = device_list[0]
     settings, feature, spec = validate(ExperimentSettings(
         model_num=model_num, cs_num=cs_num, feature_name=feature_name, use_novel_names=use_novel_names,
-        use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, batch_size=batch_size,
+        use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, vocabulary=vocabulary,
+        batch_size=batch_size,
         seed=seed, model_path=model_path, dtype=dtype, device=device, semantic=semantic,
         embedded_family=embedded_family, keep_incorrect=keep_incorrect, circuit=circuit))
     from helpers.models.loading import load_model
@@ -441,7 +456,9 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
     pairs = P.make_pairs(feature, loaded.tokenizer, cs_num=settings.cs_num, batch_size=settings.batch_size,
                          seed=settings.seed, use_novel_names=settings.use_novel_names,
                          use_synonyms_table=settings.use_synonyms_table,
-                         use_synonyms_field=settings.use_synonyms_field)
+                         use_synonyms_field=settings.use_synonyms_field, vocabulary=settings.vocabulary)
+    usable = P.usable_words(loaded.tokenizer, settings.vocabulary, settings.use_synonyms_table,
+                            settings.use_synonyms_field, feature)
     timings["pairs_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -467,7 +484,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
                         family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
                         device=str(next(hf_model.parameters()).device),  # where it ran, not where it was asked
                         sweep_devices=device_list or None),
-        tokenizer=tok, started_at=started, finished_at="", timings=timings)
+        tokenizer=tok, started_at=started, finished_at="", timings=timings, usable_words=usable)
     if settings.circuit and result.patching.n_included:
         from helpers.circuits.analysis import analyse_circuit
 

@@ -23,6 +23,16 @@ from helpers.tinysql.pairs import FEATURES
 MODEL_CHOICES = [("embedded (offline)", "embedded"), ("0: GPT-2", 0), ("1: TinyStories", 1), ("2: Qwen", 2),
                  ("3: Llama", 3), ("4: Granite", 4), ("5: SmolLM", 5)]
 FLAG_CHOICES = [("feature default", None), ("on", True), ("off", False)]
+VOCABULARY_CHOICES = [("the model's own", None), ("suite (embedded models' words)", "suite"),
+                      ("upstream (TinySQL's patching words)", "upstream")]
+
+
+def feature_choices() -> list[tuple[str, str]]:
+    """Dropdown labels that say which command sets each feature needs."""
+    def sets(f):
+        cs = [c for c in f.command_sets if c]
+        return "every CS" if cs == [1, 2, 3] else "CS" + "-".join(map(str, (cs[0], cs[-1]) if len(cs) > 1 else cs))
+    return [(f"{f.value} ({sets(f)})", f.value) for f in FEATURES]
 
 
 class Explorer:
@@ -34,8 +44,11 @@ class Explorer:
                                  description="embedded family", style=style)
         self.cs = W.Dropdown(options=[0, 1, 2, 3], value=d["cs_num"], description="command set", style=style)
         self.semantic = W.Checkbox(value=d["semantic"], description="semantic (synonym-trained)")
-        self.feature = W.Dropdown(options=[f.value for f in FEATURES], value=E.P.parse_feature(d["feature_name"]).value,
+        self.feature = W.Dropdown(options=feature_choices(), value=E.P.parse_feature(d["feature_name"]).value,
                                   description="feature", style=style)
+        self.feature.observe(self._command_set_for_feature, names="value")
+        self.vocabulary = W.Dropdown(options=VOCABULARY_CHOICES, value=d["vocabulary"], description="word set",
+                                     style=style)
         self.flags = {name: W.Dropdown(options=FLAG_CHOICES, value=d[name], description=name, style=style)
                       for name in E.FLAGS}
         self.batch_size = W.BoundedIntText(value=d["batch_size"], min=1, max=256, description="batch size",
@@ -55,7 +68,7 @@ class Explorer:
         self._models: dict = {}
         self.dtype = d["dtype"]
         left = [self.model, self.family, self.cs, self.semantic, self.model_path, self.device]
-        right = [self.feature, *self.flags.values(), self.batch_size, self.seed, self.keep_incorrect,
+        right = [self.feature, *self.flags.values(), self.vocabulary, self.batch_size, self.seed, self.keep_incorrect,
                  self.circuit]
         self.widget = W.VBox([W.HBox([W.VBox(left), W.VBox(right)]), W.HBox([self.run_button, self.status]),
                               self.out])
@@ -63,10 +76,17 @@ class Explorer:
     def settings(self) -> dict:
         """The current widget values as ``run_experiment`` keyword arguments."""
         return dict(model_num=self.model.value, cs_num=self.cs.value, feature_name=self.feature.value,
-                    **{k: w.value for k, w in self.flags.items()}, batch_size=self.batch_size.value,
+                    **{k: w.value for k, w in self.flags.items()}, vocabulary=self.vocabulary.value,
+                    batch_size=self.batch_size.value,
                     seed=self.seed.value, model_path=self.model_path.value.strip() or None, dtype=self.dtype,
                     device=self.device.value, semantic=self.semantic.value, embedded_family=self.family.value,
                     keep_incorrect=self.keep_incorrect.value, circuit=self.circuit.value)
+
+    def _command_set_for_feature(self, change) -> None:
+        """Picking an ORDER BY or aggregate feature moves the command set to the first one that has it."""
+        needed = E.P.parse_feature(change["new"]).command_sets
+        if self.cs.value not in needed:
+            self.cs.value = next(c for c in needed if c)
 
     def _loaded(self, settings: dict):
         """The cached model for these settings (validated first, so a bad choice fails before loading)."""

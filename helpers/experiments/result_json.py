@@ -112,6 +112,10 @@ def experiment_to_dict(exp) -> dict:
         # added
         "format_version": FORMAT_VERSION,
         "feature_name": exp.feature.value,
+        "vocabulary": s.vocabulary,
+        "usable_words": ({"tables": len(exp.usable_words.tables), "of_tables": exp.usable_words.n_tables,
+                          "fields": len(exp.usable_words.fields), "of_fields": exp.usable_words.n_fields}
+                         if getattr(exp, "usable_words", None) is not None else None),
         "seed": s.seed,
         "semantic": exp.spec.semantic,
         "embedded_family": s.embedded_family if exp.spec.is_embedded else None,

@@ -35,6 +35,11 @@ def file_stem(settings, spec) -> str:
         stem += f"_{settings.dtype}"
     if settings.keep_incorrect:
         stem += "_keepincorrect"
+    from helpers.tinysql.word_sets import default_vocabulary
+
+    vocabulary = getattr(settings, "vocabulary", None)
+    if vocabulary and vocabulary != default_vocabulary(settings.model_num):
+        stem += f"_{vocabulary}words"
     return _slug(stem)
 
 

@@ -339,9 +339,13 @@ def expand(config: SweepConfig) -> list[Cell]:
     share a folder (values that differ only in spelling, e.g. ``cs_num: 1`` and ``"1"``) are an error."""
     cells, seen, folders = [], {}, {}
     combos = [dict(zip(g, values)) for g in config.grids for values in itertools.product(*g.values())]
-    for combo in combos + [dict(c) for c in config.cells]:
+    n_grid, skipped = len(combos), []
+    for i, combo in enumerate(combos + [dict(c) for c in config.cells]):
         params = {**config.parameters, **combo}
         cell = Cell(params, notebook_defaults(config.notebooks, params.get("feature_name")), dict(config.parameters))
+        if i < n_grid and not _expressible(cell.resolved):  # a product grid's ORDER BY x CS1, say: not a cell
+            skipped.append(cell.label)
+            continue
         key = _canon(cell.resolved)
         if key in seen:
             warnings.warn(f"sweep {config.name}: cell {cell.label} ({combo}) is listed more than once; it runs "
@@ -354,7 +358,24 @@ def expand(config: SweepConfig) -> list[Cell]:
         seen[key] = cell
         folders[cell.relpath] = cell
         cells.append(cell)
+    if skipped:
+        warnings.warn(f"sweep {config.name}: {len(skipped)} grid combinations pair a feature with a command set that "
+                      f"cannot express it and are skipped (e.g. {skipped[0]}); list one under cells: to run it anyway",
+                      stacklevel=2)
     return cells
+
+
+def _expressible(resolved: dict) -> bool:
+    """Whether the cell's command set can express its feature (ORDER BY needs CS2-3, aggregates CS3). Unknown
+    features and command sets count as expressible: validation records them as failed cells, naming the choices."""
+    from helpers.tinysql.pairs import parse_feature
+
+    try:
+        feature = parse_feature(resolved.get("feature_name"))
+        cs = int(str(resolved.get("cs_num")).strip())
+    except (ValueError, TypeError):
+        return True
+    return cs not in (0, 1, 2, 3) or cs in feature.command_sets
 
 
 def read_marker(path: Path) -> dict | None:

@@ -28,14 +28,24 @@ FLAG_SETTINGS: dict[str, dict] = {
     "syn_both": dict(use_synonyms_table=True, use_synonyms_field=True),
     "novel": dict(use_novel_names=True),
     "novel_syn_own": None,  # novel names + synonyms of the feature's own kind (filled per feature)
+    "novel_held_out": None,  # the stricter case: held-out novel words (never in training) + synonyms of its kind
 }
 
 
 def flag_kwargs(feature: Feature, setting: str) -> dict:
+    own = "use_synonyms_table" if feature.is_table else "use_synonyms_field"
     if setting == "novel_syn_own":
-        own = "use_synonyms_table" if feature.is_table else "use_synonyms_field"
         return {"use_novel_names": True, own: True}
+    if setting == "novel_held_out":
+        return {"use_novel_names": True, own: True, "novel_words": "held_out"}
     return dict(FLAG_SETTINGS[setting])
+
+
+def applies(feature: Feature, setting: str) -> bool:
+    """Novel names apply to features that corrupt a name written with a leading space (not to a direction or a
+    function word, nor to the field right after ``SUM(``, which the embedded tokenizer's novel words cannot be)."""
+    return not flag_kwargs(feature, setting).get("use_novel_names") or (
+        feature.corrupts_a_name and feature.answer_after_space)
 
 
 def _device_of(model) -> torch.device:
@@ -179,10 +189,16 @@ def cached_pairs(feature: Feature, tokenizer, cs: int, setting: str, n: int, see
 
 def evaluate_features(model, tokenizer, cs: int, n_pairs: int = 200, settings=tuple(FLAG_SETTINGS),
                       features=FEATURES) -> dict:
+    """Metrics per feature (those command set ``cs`` can express) and flag setting (None where it does not apply)."""
     out: dict = {}
     for feature in features:
+        if cs not in feature.command_sets:
+            continue
         out[feature.value] = {}
         for setting in settings:
+            if not applies(feature, setting):
+                out[feature.value][setting] = None
+                continue
             pairs = cached_pairs(feature, tokenizer, cs, setting, n_pairs)
             out[feature.value][setting] = feature_metrics(model, tokenizer, pairs)
     return out
@@ -236,6 +252,8 @@ def markdown_tables(results: dict[str, dict], defaults: dict | None = None) -> s
     for name, r in results.items():
         for feat, per in r["features"].items():
             for setting, m in per.items():
+                if m is None:
+                    continue
                 star = " (default)" if defaults and defaults.get(feat) == setting else ""
                 ld = m["clean_logit_diff"]
                 lines.append(f"| {name} | {feat} | {setting}{star} | {m['flip_rate']:.3f} | {m['clean_accuracy']:.3f} "
@@ -247,7 +265,7 @@ def markdown_tables(results: dict[str, dict], defaults: dict | None = None) -> s
 def compact_feature_table(results: dict[str, dict], defaults: dict | None = None) -> str:
     """One row per model x feature: flip rate under every flag setting, then clean accuracy and clean logit
     difference (median / min) under the default setting (``defaults``: feature -> setting name)."""
-    settings = list(next(iter(results.values()))["features"][FEATURES[0].value])
+    settings = list(dict.fromkeys(s for r in results.values() for per in r["features"].values() for s in per))
     head = "| model | feature | " + " | ".join(f"flip {s}" for s in settings) + \
         " | default | clean acc | median LD | min LD | bars |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -255,7 +273,7 @@ def compact_feature_table(results: dict[str, dict], defaults: dict | None = None
         for feat, per in r["features"].items():
             d = (defaults or {}).get(feat, settings[0])
             m = per[d]
-            lines.append(f"| {name} | {feat} | " + " | ".join(f"{per[s]['flip_rate']:.2f}" for s in settings) +
+            lines.append(f"| {name} | {feat} | " + " | ".join("–" if per.get(s) is None else f"{per[s]['flip_rate']:.2f}" for s in settings) +
                          f" | {d} | {m['clean_accuracy']:.3f} | {m['clean_logit_diff']['median']:.1f} | "
                          f"{m['clean_logit_diff']['min']:.1f} | {'pass' if feature_passes(m) else 'MISS'} |")
     return "\n".join(lines)

@@ -12,6 +12,10 @@ The recipe (used by ``scripts/train.py`` / ``make train``):
   (shaped like upstream BM1, TinyStories-Instruct-2Layers-33M: learned positions, alternating global and
   local attention, no attention scaling; eager attention only).
 - The same code runs on CPU and GPU; held-out greedy accuracy is logged every ``eval_every`` steps.
+- Novel names (not in the shipped recipe; helpers/models/embedded/README.md, "Novel names"): the generator's
+  ``filler_p`` and ``nonce_name_p`` and ``TrainConfig.filler_loss`` make the novel words familiar English words
+  that are never names, and teach copying of any schema token; ``scripts/novel_names_fine_tune.py`` fine-tunes the
+  shipped models with them and picks one candidate per model.
 """
 from __future__ import annotations
 
@@ -76,30 +80,49 @@ def n_parameters(model) -> int:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def encode_items(tokenizer, items) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids + EOS) per item, prompt and answer tokenized separately as in training."""
-    prompts = tokenizer([it.prompt for it in items])["input_ids"]
+def encode_items(tokenizer, items, filler_loss: bool = False) -> list[tuple]:
+    """(prompt ids, answer ids + EOS) per item, prompt and answer tokenized separately as in training.
+
+    ``filler_loss``: a third element, the prompt positions of the item's English filler (``SqlItem.filler``), which
+    are then predicted too: the novel words become words the model writes in English, never in SQL.
+    """
+    prompts = tokenizer([it.prompt for it in items], return_offsets_mapping=filler_loss)
     answers = tokenizer([it.sql for it in items], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    return [(list(p), list(a) + [eos]) for p, a in zip(prompts, answers)]
+    out = []
+    for k, (it, p, a) in enumerate(zip(items, prompts["input_ids"], answers)):
+        if not filler_loss:
+            out.append((list(p), list(a) + [eos]))
+            continue
+        positions = []
+        if it.filler:
+            start = it.prompt.index(", " + it.filler + " ### Context") + 2
+            end = start + len(it.filler)
+            positions = [j for j, (a0, b0) in enumerate(prompts["offset_mapping"][k]) if start <= a0 and b0 <= end
+                         and b0 > a0 and j > 0]
+        out.append((list(p), list(a) + [eos], positions))
+    return out
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded input ids, attention mask and labels (-100 on the prompt and the padding)."""
-    length = max(len(p) + len(a) for p, a in examples)
+def collate(examples: list[tuple], pad_id: int):
+    """Right-padded input ids, attention mask and labels (-100 on the prompt, except filler positions given as a
+    third element, and the padding)."""
+    length = max(len(e[0]) + len(e[1]) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, (p, a) in enumerate(examples):
+    for i, (p, a, *rest) in enumerate(examples):
         seq = p + a
         ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, len(p): len(seq)] = torch.tensor(a)
+        for j in (rest[0] if rest else ()):
+            labels[i, j] = seq[j]
         mask[i, : len(seq)] = 1
     return ids, mask, labels
 
 
 def example_stream(tokenizer, cs: int, seed: int, gen: GeneratorConfig, chunk: int = 4096, worker: int = 0,
-                   n_workers: int = 1) -> Iterator:
+                   n_workers: int = 1, filler_loss: bool = False) -> Iterator:
     """Endless shuffled stream of encoded training examples.
 
     Chunk k of worker w draws ``generate_items`` with seed ``TRAIN_SEED_OFFSET + seed * 10_000 + k * n_workers + w``
@@ -109,7 +132,7 @@ def example_stream(tokenizer, cs: int, seed: int, gen: GeneratorConfig, chunk: i
     while True:
         chunk_seed = TRAIN_SEED_OFFSET + seed * 10_000 + k * n_workers + worker
         items = generate_items(cs, chunk, chunk_seed, gen)
-        encoded = encode_items(tokenizer, items)
+        encoded = encode_items(tokenizer, items, filler_loss)
         random.Random(chunk_seed).shuffle(encoded)
         yield from encoded
         k += 1
@@ -118,20 +141,24 @@ def example_stream(tokenizer, cs: int, seed: int, gen: GeneratorConfig, chunk: i
 class BatchStream(torch.utils.data.IterableDataset):
     """Collated training batches; with DataLoader workers the (CPU-heavy) generation runs beside training."""
 
-    def __init__(self, tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_size: int):
+    def __init__(self, tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_size: int,
+                 filler_loss: bool = False):
         self.tokenizer, self.cs, self.seed, self.gen, self.batch_size = tokenizer, cs, seed, gen, batch_size
+        self.filler_loss = filler_loss
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, n = (info.id, info.num_workers) if info else (0, 1)
-        stream = example_stream(self.tokenizer, self.cs, self.seed, self.gen, worker=worker, n_workers=n)
+        stream = example_stream(self.tokenizer, self.cs, self.seed, self.gen, worker=worker, n_workers=n,
+                                filler_loss=self.filler_loss)
         pad = self.tokenizer.pad_token_id
         while True:
             yield collate([next(stream) for _ in range(self.batch_size)], pad)
 
 
-def batch_iterator(tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_size: int, num_workers: int):
-    data = BatchStream(tokenizer, cs, seed, gen, batch_size)
+def batch_iterator(tokenizer, cs: int, seed: int, gen: GeneratorConfig, batch_size: int, num_workers: int,
+                   filler_loss: bool = False):
+    data = BatchStream(tokenizer, cs, seed, gen, batch_size, filler_loss)
     if num_workers <= 0:
         return iter(data)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=num_workers, prefetch_factor=8,
@@ -192,6 +219,7 @@ class TrainConfig:
     tokenizer_dir: str | None = None
     num_workers: int = 0  # DataLoader workers generating data (batches then depend on this number too)
     init_from: str | None = None  # fine-tune a saved model folder instead of starting from random weights
+    filler_loss: bool = False  # also predict the English filler's tokens (GeneratorConfig.filler_p)
 
     def output_folder(self) -> Path:
         return Path(self.out_dir) if self.out_dir else EMBEDDED_DIR / f"{self.family}-cs{self.cs}"
@@ -230,7 +258,7 @@ def train(cfg: TrainConfig, log=print):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    batches = batch_iterator(tokenizer, cfg.cs, cfg.seed, gen, cfg.batch_size, cfg.num_workers)
+    batches = batch_iterator(tokenizer, cfg.cs, cfg.seed, gen, cfg.batch_size, cfg.num_workers, cfg.filler_loss)
     held_out = generate_items(cfg.cs, cfg.eval_items, EVAL_SEED + 1)  # monitoring set (not the final eval set)
     log(f"training {cfg.family} CS{cfg.cs}: {n_parameters(model):,} parameters on {device}, "
         f"steps={cfg.steps} batch={cfg.batch_size} lr={cfg.lr} max_minutes={cfg.max_minutes} "

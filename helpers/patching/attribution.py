@@ -110,7 +110,7 @@ def attribution_error(approx: PatchingResult, exact: PatchingResult) -> dict:
     both = approx.included & exact.included
     a, e = a[both], e[both]
     mask = torch.isfinite(a) & torch.isfinite(e)
-    av, ev = a[mask].double(), e[mask].double()
+    av, ev = a[mask].detach().double(), e[mask].detach().double()  # (an EAP estimate may carry a graph)
     nan = float("nan")
     if av.numel() == 0:
         return dict(correlation=nan, max_abs_error=nan, mean_abs_error=nan, relative_max_error=nan,

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from helpers.tinysql import vocabulary as V
+from helpers.tinysql.word_sets import SUITE, parse_word_set
 
 COMMAND_SETS = (1, 2, 3)
 
@@ -63,6 +64,8 @@ class SqlItem:
     select_template: str = ""
     order_templates: tuple[str, ...] = ()
     aggregate_templates: tuple[str, ...] = ()
+    filler: str = ""  # English filler after the request (training only, GeneratorConfig.filler_p)
+    order_joiner: str = ", "  # between the request and each sort phrase (the word set's)
 
     @property
     def schema(self) -> TableSchema:
@@ -111,8 +114,8 @@ def render_english(item: SqlItem) -> str:
         parts.append(agg_template.replace("[field]", word) if sel.aggregate and agg_template else word)
     text = item.select_template.replace("[fields]", join_english_list(parts)).replace("[table]", words[item.table])
     for (f, _), template in zip(item.order_by, item.order_templates):
-        text += ", " + template.replace("[field]", words[f]) if template else ""
-    return text
+        text += item.order_joiner + template.replace("[field]", words[f]) if template else ""
+    return text + (", " + item.filler if item.filler else "")
 
 
 @dataclass
@@ -140,8 +143,15 @@ class GeneratorConfig:
     # in the Context as an unrelated vocabulary field (the only column no Instruction word matches); the SQL
     # uses the Context's name. Teaches that a name absent from the Context is never written.
     field_rename_p: float = 0.0
+    # Chance of an English filler phrase holding a novel word (vocabulary.FILLER_TEMPLATES): the novel words are
+    # then familiar words that are never names.
+    filler_p: float = 0.0
+    # Chance that each name in the Context is spelled as a nonce token (vocabulary.NONCE_NAMES) that the SQL copies:
+    # teaches copying of any schema token, not only learnt names.
+    nonce_name_p: float = 0.0
     tables: tuple[str, ...] = tuple(V.TABLES)
     fields: tuple[str, ...] = tuple(V.FIELDS)
+    words: str = "suite"  # the word set (helpers.tinysql.word_sets): synonyms, types, English templates
 
 
 def _english_word(rng: random.Random, name: str, synonyms: dict, p: float) -> str:
@@ -152,7 +162,8 @@ def random_schema(rng: random.Random, name: str, cfg: GeneratorConfig, exclude_f
     n = rng.randint(cfg.min_columns, cfg.max_columns)
     pool = [f for f in cfg.fields if f not in exclude_fields]
     names = rng.sample(pool, n)
-    return TableSchema(name, tuple(Column(f, rng.choice(V.ALL_TYPES)) for f in names))
+    types = parse_word_set(cfg.words).column_types
+    return TableSchema(name, tuple(Column(f, rng.choice(types)) for f in names))
 
 
 def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = None) -> SqlItem:
@@ -160,6 +171,7 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
     if cs not in COMMAND_SETS:
         raise ValueError(f"Unknown command set {cs!r}: the generator knows {COMMAND_SETS}")
     cfg = cfg or GeneratorConfig()
+    ws = SUITE if cfg.words == "suite" else parse_word_set(cfg.words)
     n_tables = 2 if rng.random() < cfg.distractor_table_p else 1
     table_names = rng.sample(list(cfg.tables), n_tables)
     schemas = [random_schema(rng, t, cfg) for t in table_names]
@@ -167,7 +179,10 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
     rng.shuffle(schemas)
 
     fields = list(target.field_names)
-    selected = rng.sample(fields, rng.randint(1, min(cfg.max_selected, len(fields))))
+    if ws.select_leading_columns:
+        selected = fields[:cfg.max_selected]
+    else:
+        selected = rng.sample(fields, rng.randint(1, min(cfg.max_selected, len(fields))))
     field_rename = cfg.field_rename_p > 0 and rng.random() < cfg.field_rename_p
     if field_rename:  # keep only the selected columns, so every column is mentioned
         restricted = TableSchema(target.name, tuple(c for c in target.columns if c.name in selected))
@@ -181,35 +196,45 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
         if cs >= 3 and rng.random() < cfg.aggregate_p:
             agg = rng.choice(V.AGGREGATES_BY_TYPE_CLASS[V.type_class(types[f])])
         select.append(SelectItem(f, agg))
-        agg_templates.append(rng.choice(V.AGGREGATE_TEMPLATES[agg]) if agg else "")
+        agg_templates.append(rng.choice(ws.aggregate_templates[agg]) if agg else "")
 
     order_by, order_templates = [], []
     if cs >= 2 and rng.random() < cfg.order_by_p:
         for f in rng.sample(fields, rng.randint(1, min(cfg.max_order_by, len(fields)))):
             direction = rng.choice(("ASC", "DESC"))
             order_by.append((f, direction))
-            order_templates.append(rng.choice(V.ORDER_TEMPLATES[direction]))
+            order_templates.append(rng.choice(ws.order_templates[direction]))
 
-    words = {target.name: _english_word(rng, target.name, V.TABLES, cfg.table_synonym_p)}
+    words = {target.name: _english_word(rng, target.name, ws.tables, cfg.table_synonym_p)}
     if cfg.table_rename_p > 0 and n_tables == 1 and rng.random() < cfg.table_rename_p:
         other = rng.choice([t for t in cfg.tables if t != target.name])
-        words[target.name] = _english_word(rng, other, V.TABLES, cfg.table_synonym_p)
+        words[target.name] = _english_word(rng, other, ws.tables, cfg.table_synonym_p)
     for f in fields:  # one word per field, reused by every mention so the Instruction is consistent
-        words[f] = _english_word(rng, f, V.FIELDS, cfg.field_synonym_p)
+        words[f] = _english_word(rng, f, ws.fields, cfg.field_synonym_p)
     spelling: dict[str, str] = {}
     if field_rename:
         used = {n for t in schemas for n in (t.name, *t.field_names)} | set(words.values())
-        used |= {w for n in used for w in V.FIELDS.get(n, ())}
+        used |= {w for n in used for w in ws.fields.get(n, ())}
         old = rng.choice(selected)
         spelling[old] = rng.choice([f for f in cfg.fields if f not in used])
     if cfg.context_spelling_p > 0:
         for t in schemas:
             for name in (t.name, *t.field_names):
                 current = spelling.get(name, name)
-                syns = V.TABLES.get(current, ()) if name == t.name else V.FIELDS.get(current, ())
+                syns = ws.tables.get(current, ()) if name == t.name else ws.fields.get(current, ())
                 if syns and rng.random() < cfg.context_spelling_p:
                     spelling[name] = rng.choice(syns)
-    template = rng.choice(V.SELECT_TEMPLATES)
+    if cfg.nonce_name_p > 0:
+        used = {spelling.get(n, n) for t in schemas for n in (t.name, *t.field_names)}
+        pool = [w for w in V.NONCE_NAMES if w not in used]
+        for t in schemas:
+            for name in (t.name, *t.field_names):
+                if rng.random() < cfg.nonce_name_p:
+                    spelling[name] = pool.pop(rng.randrange(len(pool)))
+    filler = ""
+    if cfg.filler_p > 0 and rng.random() < cfg.filler_p:
+        filler = rng.choice(V.FILLER_TEMPLATES).replace("[w]", rng.choice(V.NOVEL_TABLES + V.NOVEL_FIELDS))
+    template = rng.choice(ws.select_templates)
     if spelling:
         m = lambda n: spelling.get(n, n)  # noqa: E731
         schemas = [TableSchema(m(t.name), tuple(Column(m(c.name), c.sql_type) for c in t.columns)) for t in schemas]
@@ -220,7 +245,8 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
     return SqlItem(
         command_set=cs, tables=tuple(schemas), table=target.name, select=tuple(select),
         order_by=tuple(order_by), english_words=words, select_template=template,
-        order_templates=tuple(order_templates), aggregate_templates=tuple(agg_templates),
+        order_templates=tuple(order_templates), aggregate_templates=tuple(agg_templates), filler=filler,
+        order_joiner=ws.order_joiner,
     )
 
 

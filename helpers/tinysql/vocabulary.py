@@ -126,9 +126,42 @@ FIELDS: dict[str, tuple[str, str]] = {
     "file_size": ("filesize", "bytes"),
 }
 
-# Words that never occur in training data, for corruption with novel names (upstream's choice of words).
+# Words that are never a table or field name, for corruption with novel names (upstream's choice of words).
+# Training data with ``GeneratorConfig.filler_p`` > 0 uses them in English filler (FILLER_TEMPLATES), never as a
+# name and never in the SQL, so a model knows them as words and use_novel_names asks whether it copies a name
+# it has never seen as a name.
 NOVEL_TABLES: tuple[str, ...] = ("star", "very", "apple", "blue", "orange")
 NOVEL_FIELDS: tuple[str, ...] = ("hammer", "little", "wolf", "sky", "yellow")
+# The stricter case: single tokens of the embedded tokenizer that occur nowhere in any training text (their
+# embeddings are untrained). make_pairs(..., novel_words="held_out") corrupts with these.
+HELD_OUT_NOVEL_TABLES: tuple[str, ...] = ("hand", "head", "song", "play", "shop")
+HELD_OUT_NOVEL_FIELDS: tuple[str, ...] = ("low", "buy", "learn", "begin", "set")
+
+# English filler appended to some training Instructions (GeneratorConfig.filler_p): [w] is a novel word.
+FILLER_TEMPLATES: tuple[str, ...] = (
+    "the code word is [w]", "i am thinking of [w]", "my favourite word is [w]", "note: [w]",
+    "it is [w] today", "say [w] when done", "the theme is [w]", "tag it [w]",
+)
+
+# Nonce names (GeneratorConfig.nonce_name_p): single tokens of the embedded tokenizer that no other training
+# text contains, mostly BPE fragments (" accou", " albu"). Spelling schema names with them teaches the models to
+# copy whatever token the CREATE TABLE holds, not only names they have learnt; the novel and held-out words
+# are not among them.
+NONCE_NAMES: tuple[str, ...] = (
+    "accou", "adv", "albu", "ann", "annotation", "ath", "auth", "autom", "aver", "bil", "birth", "bod", "boo",
+    "bran", "bre", "cap", "chau", "chauffeur", "cla", "cli", "col", "com", "commence", "comp", "con", "concl",
+    "condi", "confir", "cons", "contes", "cour", "cre", "credenti", "cri", "cust", "dat", "dead", "deli", "dep",
+    "des", "detail", "dialec", "dim", "dis", "displ", "divis", "doc", "dri", "earn", "emp", "ena", "ent", "ever",
+    "exte", "fam", "fet", "fil", "file", "files", "finis", "fligh", "forena", "fro", "fund", "gam", "genderty",
+    "goo", "gra", "ham", "hap", "heav", "hote", "identi", "imp", "inbo", "ince", "inco", "initi", "inv", "jour",
+    "labe", "lan", "larg", "lec", "let", "leve", "line", "litt", "location", "lod", "login", "loo", "mag",
+    "marg", "matu", "medic", "mem", "mer", "merchand", "modi", "mot", "mun", "nativ", "net", "nic", "nove", "occ",
+    "over", "par", "paralle", "pass", "phys", "physician", "pic", "pri", "pro", "produc", "prof", "projec",
+    "provid", "pupil", "pur", "ran", "rec", "reduc", "rele", "rem", "remaind", "remitt", "repl", "reques", "res",
+    "ret", "rev", "sec", "sens", "sit", "small", "squ", "stor", "store", "stud", "suff", "suppl", "sur", "tall",
+    "teach", "ticke", "timesp", "tong", "trac", "tun", "urgen", "varian", "vehic", "veloc", "vent", "ver", "vol",
+    "ware", "wri",
+)
 
 # Column types, by the aggregates they admit (CS3). The base type decides, not the full string.
 NUMERIC_TYPES = ("INTEGER", "BIGINT", "SMALLINT", "DECIMAL(10,2)", "FLOAT", "NUMERIC")
@@ -145,6 +178,10 @@ AGGREGATES_BY_TYPE_CLASS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Upstream's patching types (helpers.tinysql.word_sets.UPSTREAM), by the class their meaning gives them.
+OTHER_TYPE_CLASSES = {"INT": "numeric", "CHAR": "text", "TIME": "date"}
+
+
 def type_class(sql_type: str) -> str:
     if sql_type in NUMERIC_TYPES:
         return "numeric"
@@ -152,7 +189,7 @@ def type_class(sql_type: str) -> str:
         return "text"
     if sql_type in DATE_TYPES:
         return "date"
-    return "other"
+    return OTHER_TYPE_CLASSES.get(sql_type, "other")
 
 
 # English select templates: [fields] is "a, b and c", [table] is the table's English word.
@@ -223,6 +260,10 @@ def _check_vocabulary() -> None:
     clashes = names & set(synonyms)
     if duplicated or clashes:
         raise AssertionError(f"ambiguous vocabulary: duplicated synonyms {duplicated}, synonyms that are names {clashes}")
+    novel = set(NOVEL_TABLES + NOVEL_FIELDS + HELD_OUT_NOVEL_TABLES + HELD_OUT_NOVEL_FIELDS)
+    taken = (names | set(synonyms) | novel | TEMPLATE_WORDS) & set(NONCE_NAMES)
+    if taken or novel & (names | set(synonyms)):
+        raise AssertionError(f"nonce or novel words that have another role: {sorted(taken | (novel & names))}")
 
 
 _check_vocabulary()
