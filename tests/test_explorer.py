@@ -36,3 +36,20 @@ def test_widgets_and_headless_runs(tmp_path):
     ex.run_button.click()
     assert ex.result is None and isinstance(ex.error, ValueError)
     assert "ValueError" in ex.status.value and not ex.run_button.disabled
+
+
+def test_command_set_follows_the_feature_and_the_word_set_is_a_choice():
+    ex = Explorer(**model_settings())
+    assert "word set" in _descriptions(ex.widget)
+    labels = dict((v, label) for label, v in ex.feature.options)
+    assert labels["ENGAGGREGATEFIELD"].endswith("(CS3)") and labels["ENGORDERBYFIELD"].endswith("(CS2-3)")
+    assert labels["ENGTABLENAME"].endswith("(every CS)")
+    ex.cs.value = 1
+    ex.feature.value = "ENGORDERBYDIRECTION"
+    assert ex.cs.value == 2  # the first command set that has ORDER BY
+    ex.feature.value = "ENGAGGREGATEFUNCTION"
+    assert ex.cs.value == 3
+    ex.feature.value = "ENGTABLENAME"
+    assert ex.cs.value == 3  # every command set can express it: left alone
+    ex.vocabulary.value = "upstream"
+    assert ex.settings()["vocabulary"] == "upstream" and ex.settings()["cs_num"] == 3

@@ -33,6 +33,7 @@ template instead (helpers.tinysql.word_sets).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -240,12 +241,26 @@ def _mentioned(item: SqlItem) -> set[str]:
     return {s.field for s in item.select} | {f for f, _ in item.order_by}
 
 
+def _said_once(item: SqlItem, clean_word: str, corrupt_word: str) -> bool:
+    """The Instruction says the clean word once and the corrupt word nowhere (else the swap is not one mention)."""
+    said = re.findall(r"\w+", item.english)
+    return said.count(clean_word) == 1 and corrupt_word not in said
+
+
 def _function_swaps(item: SqlItem, words: WordSet) -> list[tuple[str, str, str, str]]:
     """(other function, its phrase, this phrase's word, the other's word) for the first select's aggregate."""
     sel = item.select[0]
     allowed = V.AGGREGATES_BY_TYPE_CLASS[V.type_class(dict((c.name, c.sql_type) for c in item.schema.columns)[sel.field])]
     return [(fn, other, a, b) for fn in allowed if fn != sel.aggregate
-            for other, a, b in one_word_partners(item.aggregate_templates[0], words.aggregate_templates[fn])]
+            for other, a, b in one_word_partners(item.aggregate_templates[0], words.aggregate_templates[fn])
+            if _said_once(item, a, b)]
+
+
+def _direction_swaps(item: SqlItem, words: WordSet) -> list[tuple[str, str, str]]:
+    """(other phrase, this phrase's word, the other's word) that turn the first sort clause's direction."""
+    other = "DESC" if item.order_by[0][1] == "ASC" else "ASC"
+    return [(t, a, b) for t, a, b in one_word_partners(item.order_templates[0], words.order_templates[other])
+            if _said_once(item, a, b)]
 
 
 def _agg_field_swaps(item: SqlItem) -> list[str]:
@@ -272,9 +287,7 @@ def _fits(feature: Feature, item: SqlItem, words: WordSet) -> bool:
         if not item.order_by:
             return False
         if feature is Feature.ENGORDERBYDIRECTION:
-            direction = item.order_by[0][1]
-            other = "DESC" if direction == "ASC" else "ASC"
-            return bool(one_word_partners(item.order_templates[0], words.order_templates[other]))
+            return bool(_direction_swaps(item, words))
         sort_field = item.order_by[0][0]
         return (sort_field not in selected and [f for f, _ in item.order_by].count(sort_field) == 1
                 and (bool(free) or not words.corrupt_from_context))
@@ -362,8 +375,7 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
     if feature is Feature.ENGORDERBYDIRECTION:
         (field_, clean_answer), rest = item.order_by[0], item.order_by[1:]
         corrupt_answer = "DESC" if clean_answer == "ASC" else "ASC"
-        template, clean_word, corrupt_word = rng.choice(
-            one_word_partners(item.order_templates[0], words.order_templates[corrupt_answer]))
+        template, clean_word, corrupt_word = rng.choice(_direction_swaps(item, words))
         corrupt = replace(item, order_by=((field_, corrupt_answer),) + rest,
                           order_templates=(template,) + item.order_templates[1:])
         return corrupt, clean_word, corrupt_word, clean_answer, corrupt_answer
@@ -457,13 +469,26 @@ class UsableWords:
                 f"{len(self.fields)} of {self.n_fields} fields")
 
 
+def _template_words(words: WordSet, feature: Feature | None) -> frozenset[str]:
+    """Words the feature's prompts may hold besides names. The suite's prompts may hold any of its phrases;
+    upstream's hold a sort or aggregate phrase only when the feature is about one."""
+    if feature is None or not words.select_leading_columns:
+        return words.template_words
+    sorts = feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION)
+    aggregates = feature in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD)
+    used = replace(words, order_templates=words.order_templates if sorts else {},
+                   aggregate_templates=words.aggregate_templates if aggregates else {})
+    return used.template_words
+
+
 def usable_words(tokenizer, vocabulary: str = "suite", use_synonyms_table: bool = False,
                  use_synonyms_field: bool = False, feature: Feature | str | None = None) -> UsableWords:
-    """The tables and fields of ``vocabulary`` that pairs may draw for ``tokenizer`` (single tokens, synonyms
-    included when they are used, not template words)."""
+    """The tables and fields of ``vocabulary`` that pairs of ``feature`` may draw for ``tokenizer`` (single tokens,
+    synonyms included when they are used, not words the feature's English phrases use themselves)."""
     words = parse_word_set(vocabulary)
-    bare = feature is not None and not parse_feature(feature).answer_after_space
-    tw = words.template_words
+    feature = None if feature is None else parse_feature(feature)
+    bare = feature is not None and not feature.answer_after_space
+    tw = _template_words(words, feature)
     return UsableWords(words.name, _usable_names(tokenizer, words.tables, use_synonyms_table, tw),
                        _usable_names(tokenizer, words.fields, use_synonyms_field, tw, bare=bare),
                        len(words.tables), len(words.fields))
@@ -493,6 +518,13 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
     if use_novel_names and not feature.corrupts_a_name:
         raise ValueError(f"use_novel_names does not apply to {feature.value}: it corrupts a "
                          f"{'direction' if feature is Feature.ENGORDERBYDIRECTION else 'function'} word, not a name")
+    keywords = {Feature.ENGORDERBYDIRECTION: ("ASC", "DESC"),
+                Feature.ENGAGGREGATEFUNCTION: ("SUM", "AVG", "MIN", "MAX", "COUNT")}.get(feature, ())
+    split = [k for k in keywords if single_token_id(tokenizer, k) is None]
+    if split and (feature is Feature.ENGORDERBYDIRECTION or len(keywords) - len(split) < 2):
+        raise NotSingleTokenError(f"{', '.join(repr(' ' + k) for k in split)} {'is' if len(split) == 1 else 'are'} "
+                                  f"not a single token for tokenizer {tokenizer_name(tokenizer)!r}: {feature.value} "
+                                  "cannot score its answers with it")
     opts = PairOptions(use_novel_names, use_synonyms_table, use_synonyms_field, distractor_table, novel_words)
     usable = usable_words(tokenizer, words.name, use_synonyms_table, use_synonyms_field, feature)
     tables, fields = usable.tables, usable.fields
