@@ -423,3 +423,18 @@ def test_cells_with_refused_settings_fail_before_any_run(tmp_path, fake_papermil
     assert "Unknown feature" in by_label[(1, "DEFTABLE")].error
     assert "No registered model" in by_label[(7, "DEFTABLENAME")].error
     assert [run["params"]["cs_num"] for run in FakePapermill.runs] == [1]  # only the valid cell started
+
+
+def test_word_set_settings_are_canonical_and_old_finished_cells_still_count(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid:\n  model_num: [embedded]\n  cs_num: [1]\n  feature_name: [DEFTABLENAME]\n"
+                    "  vocabulary: [null, suite, Suite, upstream, Upstream]\n")
+    with pytest.warns(UserWarning, match="more than once"):
+        cells = C.expand(C.load_config(path, output_root=tmp_path / "out"))
+    assert [c.resolved["vocabulary"] for c in cells] == [None, "upstream"]  # the embedded model's own is None
+    assert [str(c.relpath) for c in cells] == [str(Path("embedded-llama") / "cs1" / "DEFTABLENAME"),
+                                               str(Path("embedded-llama") / "cs1" / "DEFTABLENAME_vocabulary=upstream")]
+    plain = cells[0]
+    # a marker written before word sets existed (its settings had no vocabulary) is this cell's
+    before = {k: v for k, v in plain.resolved.items() if k != "vocabulary"}
+    assert C.params_hash(before) == plain.params_hash != cells[1].params_hash

@@ -67,6 +67,8 @@ def heatmap(scores, position_labels=None, title: str = "Layer-Head Patching Anal
 def _title(what: str, meta: dict) -> str:
     flags = (f"novel={meta.get('use_novel_names')} syn_table={meta.get('use_synonyms_table')} "
              f"syn_field={meta.get('use_synonyms_field')}")
+    if meta.get("vocabulary"):
+        flags += f" | {meta['vocabulary']} words"
     n = meta.get("n_included", meta.get("batch_size"))
     model = meta.get("model_name", meta.get("model_num"))
     if meta.get("model_path_override"):  # the slot's name, and the folder or hub id that stood in for it
@@ -78,7 +80,8 @@ def _meta(exp) -> dict:
     s = exp.settings
     return dict(feature_name=exp.feature.value, model_name=exp.spec.name, model_path_override=s.model_path,
                 commandset=s.cs_num, use_novel_names=s.use_novel_names, use_synonyms_table=s.use_synonyms_table,
-                use_synonyms_field=s.use_synonyms_field, n_included=int(exp.patching.included.sum()))
+                use_synonyms_field=s.use_synonyms_field, vocabulary=getattr(s, "vocabulary", None),
+                n_included=int(exp.patching.included.sum()))
 
 
 def mean_heatmap(exp) -> go.Figure:

@@ -38,7 +38,9 @@ def file_stem(settings, spec) -> str:
     from helpers.tinysql.word_sets import default_vocabulary
 
     vocabulary = getattr(settings, "vocabulary", None)
-    if vocabulary and vocabulary != default_vocabulary(settings.model_num):
+    # upstream's words are always named (hub results from before word sets used the suite's words, under the
+    # bare name); the suite's only where it is not the model's own
+    if vocabulary and (vocabulary == "upstream" or vocabulary != default_vocabulary(settings.model_num)):
         stem += f"_{vocabulary}words"
     return _slug(stem)
 

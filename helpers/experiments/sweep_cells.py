@@ -185,8 +185,14 @@ def _canon(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+# Settings added after sweeps existed, with the value that means "as before": left out of the hash at that value, so
+# the cells a sweep finished earlier still count as finished (and are not re-run into a `_run-<hash>` folder).
+ADDED_SETTINGS = {"vocabulary": None}
+
+
 def params_hash(resolved: dict) -> str:
-    return hashlib.sha256(_canon(resolved).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in resolved.items() if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+    return hashlib.sha256(_canon(kept).encode()).hexdigest()[:16]
 
 
 def model_label(params: dict) -> str:
@@ -329,6 +335,13 @@ def resolve(params: dict, defaults: dict) -> dict:
     resolved = {**defaults, **params}
     if "feature_name" in resolved:
         resolved["feature_name"] = feature_label(resolved["feature_name"])
+    if "vocabulary" in resolved:  # "Upstream" is "upstream"; the model's own word set is None (one run, one folder)
+        from helpers.tinysql.word_sets import WORD_SETS, default_vocabulary
+
+        value = resolved["vocabulary"]
+        key = str(value).strip().lower() if value is not None else None
+        if key in WORD_SETS:
+            resolved["vocabulary"] = None if key == default_vocabulary(resolved.get("model_num")) else key
     return resolved
 
 

@@ -98,8 +98,9 @@ def encode_items(tokenizer, items, filler_loss: bool = False) -> list[tuple]:
         if it.filler:
             start = it.prompt.index(", " + it.filler + " ### Context") + 2
             end = start + len(it.filler)
-            positions = [j for j, (a0, b0) in enumerate(prompts["offset_mapping"][k]) if start <= a0 and b0 <= end
-                         and b0 > a0 and j > 0]
+            # every token overlapping the filler (the first one carries the space before it)
+            positions = [j for j, (a0, b0) in enumerate(prompts["offset_mapping"][k]) if a0 < end and b0 > start
+                         and j > 0]
         out.append((list(p), list(a) + [eos], positions))
     return out
 

@@ -552,6 +552,7 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
             skeleton = _base_item(feature, cs, rng, opts, tables, fields, words)
         item = _fill_skeleton(skeleton, feature, rng, opts, tables, fields, words)
         try:
+            _check_unambiguous(item)
             corrupt, cw, xw, ca, xa = _corruption(feature, item, rng, opts, tables, fields, words)
             pair = build_pair(feature, item, corrupt, tokenizer, clean_word=cw, corrupt_word=xw,
                               clean_answer=ca, corrupt_answer=xa)
@@ -570,6 +571,19 @@ def _rng_key(opts: PairOptions, words: WordSet) -> str:
     if words.name == "suite" and opts.novel_words == "trained":
         return legacy
     return f"{legacy}-{words.name}-{opts.novel_words}"
+
+
+def _check_unambiguous(item: SqlItem) -> None:
+    """Refuse a clean Instruction word that stands for one name while the Context holds another name spelled so
+    (the corrupt prompt of an Eng* feature does that on purpose).
+
+    Upstream's synonyms overlap its names (title is name's synonym and a field too); the suite's never do.
+    """
+    in_context = {t.name for t in item.tables} | {f for t in item.tables for f in t.field_names}
+    clash = [(name, word) for name, word in item.english_words.items() if word != name and word in in_context]
+    if clash:
+        raise PairConstructionError(f"the Instruction's word {clash[0][1]!r} stands for {clash[0][0]!r} while the "
+                                    "Context has a name spelled so")
 
 
 def _shape(pair: CleanCorruptPair) -> tuple[int, int, int]:

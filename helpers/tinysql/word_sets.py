@@ -11,8 +11,10 @@
   its words and template and adds what the feature needs (a third, unselected column to sort by; the suite's
   aggregate phrases "total price", "average price", ...).
 
-Upstream's synonyms overlap its names (amount, total, title and category are fields *and* synonyms) and its
-Eng* corruptions draw words the Context may not hold; both are kept, since comparability is the point.
+Upstream's synonyms overlap its names (amount, total, title and category are fields *and* synonyms); a pair whose
+Instruction word for one column is another column's name is drawn again, so every pair is unambiguous. Its Eng*
+corruptions draw words the Context may not hold, as upstream's did. ``GeneratorConfig(words=...)`` changes only
+synonyms, types and templates: ``make_pairs`` also sets the word set's tables, fields and column counts.
 """
 from __future__ import annotations
 
