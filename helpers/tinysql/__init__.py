@@ -4,9 +4,10 @@ feature, and SQL scoring.
     from helpers.tinysql import make_pairs
     pairs = make_pairs("DEFTABLENAME", tokenizer, cs_num=1, batch_size=10, seed=0)
 
-Modules: ``vocabulary`` (tables, fields, synonyms, novel words), ``word_sets`` (the suite's words or upstream's
-patching words and template), ``sql_items`` (items, ``format_prompt``, ``generate_items``), ``tokenization``,
-``pairs`` (features, ``make_pairs``), ``scoring`` (exact match, partial score).
+Modules: ``vocabulary`` (tables, fields, synonyms, novel words), ``features`` (the eight features and the command
+sets that can express them), ``word_sets`` (the suite's words or upstream's patching words and template),
+``sql_items`` (items, ``format_prompt``, ``generate_items``), ``tokenization``, ``pairs`` (``make_pairs``), ``scoring``
+(exact match, partial score).
 """
 from helpers.tinysql.pairs import (FEATURES, CleanCorruptPair, Feature, PairConstructionError, check_command_set,
                                    make_pairs, parse_feature, usable_words)
