@@ -76,6 +76,7 @@ semantic = True  # the synonym-trained checkpoints (hub models)
 embedded_family = "llama"  # embedded models: "llama" or "gpt_neo"
 feature_name = "ENGTABLENAME"  # fixed for this notebook: each feature has its own
 use_novel_names = False  # corrupt with a word that is never a table or field name
+novel_words = "trained"  # with use_novel_names: "trained" (upstream's words) or "held_out" (in no training text)
 use_synonyms_table = None  # None: the feature's default (helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS)
 use_synonyms_field = None  # None: the feature's default
 vocabulary = None  # "suite" | "upstream" (upstream TinySQL's patching words); None: "suite" for embedded, "upstream" for hub

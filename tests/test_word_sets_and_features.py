@@ -640,3 +640,17 @@ def test_smollm2_order_direction_names_the_token_it_splits(smollm2_tokenizer):
 
 def test_smollm2_upstream_name_features_can_draw_all_19_fields(smollm2_tokenizer):
     assert len(usable_words(smollm2_tokenizer, "upstream", feature=Feature.ENGFIELDNAME).fields) == 19
+
+
+def test_novel_words_setting_is_validated_and_recorded():
+    from helpers.experiments.experiment import ExperimentSettings, validate
+    from helpers.experiments.results import file_stem
+
+    settings, _, spec = validate(ExperimentSettings(feature_name="DEFFIELDNAME", use_novel_names=True,
+                                                    novel_words=" Held_Out "))
+    assert settings.novel_words == "held_out"
+    assert file_stem(settings, spec).endswith("_novel-held_out")
+    plain, _, _ = validate(ExperimentSettings(feature_name="DEFFIELDNAME"))
+    assert "novel-" not in file_stem(plain, spec)
+    with pytest.raises(ValueError, match=r"Unknown novel_words 'fresh': choose one of \['trained', 'held_out'\]"):
+        validate(ExperimentSettings(novel_words="fresh"))

@@ -38,6 +38,8 @@ class ExperimentSettings:
     use_synonyms_table: bool | None = None
     use_synonyms_field: bool | None = None
     vocabulary: str | None = None  # "suite" | "upstream"; None: "suite" for the embedded models, else "upstream"
+    novel_words: str = "trained"  # with use_novel_names: "trained" (upstream's novel words) or "held_out" (in no
+    # training text of the embedded models: the stricter case)
     batch_size: int = 5
     seed: int = 0
     model_path: str | None = None
@@ -135,6 +137,9 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     for name in FLAGS:
         value = as_bool(name, getattr(settings, name), allow_none=True)
         flags[name] = defaults.get(name, False) if value is None else value
+    novel_words = str(settings.novel_words).strip().lower()
+    if novel_words not in P.NOVEL_WORDS:
+        raise ValueError(f"Unknown novel_words {settings.novel_words!r}: choose one of {list(P.NOVEL_WORDS)}")
     if flags["use_novel_names"] and not feature.corrupts_a_name:
         raise ValueError(f"use_novel_names does not apply to {feature.value}: it corrupts a direction or function "
                          "word, not a name")
@@ -143,7 +148,7 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     return (replace(settings, feature_name=feature.value, cs_num=spec.cs_num,
                     semantic=as_bool("semantic", settings.semantic), batch_size=batch_size, seed=seed,
                     keep_incorrect=keep_incorrect, circuit=circuit, model_path=model_path, dtype=dtype, device=device,
-                    vocabulary=vocabulary, **flags),
+                    vocabulary=vocabulary, novel_words=novel_words, **flags),
             feature, spec)
 
 
@@ -418,7 +423,8 @@ def parse_devices(devices) -> list[str]:
 
 def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "ENGTABLENAME", *,
                    use_novel_names: bool | None = False, use_synonyms_table: bool | None = None,
-                   use_synonyms_field: bool | None = None, vocabulary: str | None = None, batch_size: int = 5,
+                   use_synonyms_field: bool | None = None, vocabulary: str | None = None,
+                   novel_words: str = "trained", batch_size: int = 5,
                    seed: int = 0,
                    model_path: str | None = None, dtype: str = "auto", device: str = "cpu",
                    semantic: bool = True, embedded_family: str = "llama", keep_incorrect: bool = False,
@@ -440,6 +446,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
     settings, feature, spec = validate(ExperimentSettings(
         model_num=model_num, cs_num=cs_num, feature_name=feature_name, use_novel_names=use_novel_names,
         use_synonyms_table=use_synonyms_table, use_synonyms_field=use_synonyms_field, vocabulary=vocabulary,
+        novel_words=novel_words,
         batch_size=batch_size,
         seed=seed, model_path=model_path, dtype=dtype, device=device, semantic=semantic,
         embedded_family=embedded_family, keep_incorrect=keep_incorrect, circuit=circuit))
@@ -456,7 +463,8 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
     pairs = P.make_pairs(feature, loaded.tokenizer, cs_num=settings.cs_num, batch_size=settings.batch_size,
                          seed=settings.seed, use_novel_names=settings.use_novel_names,
                          use_synonyms_table=settings.use_synonyms_table,
-                         use_synonyms_field=settings.use_synonyms_field, vocabulary=settings.vocabulary)
+                         use_synonyms_field=settings.use_synonyms_field, vocabulary=settings.vocabulary,
+                         novel_words=settings.novel_words)
     usable = P.usable_words(loaded.tokenizer, settings.vocabulary, settings.use_synonyms_table,
                             settings.use_synonyms_field, feature)
     timings["pairs_s"] = time.perf_counter() - t

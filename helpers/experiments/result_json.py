@@ -113,6 +113,7 @@ def experiment_to_dict(exp) -> dict:
         "format_version": FORMAT_VERSION,
         "feature_name": exp.feature.value,
         "vocabulary": s.vocabulary,
+        "novel_words": s.novel_words if s.use_novel_names else None,
         "usable_words": ({"tables": len(exp.usable_words.tables), "of_tables": exp.usable_words.n_tables,
                           "fields": len(exp.usable_words.fields), "of_fields": exp.usable_words.n_fields}
                          if getattr(exp, "usable_words", None) is not None else None),

@@ -42,6 +42,8 @@ def file_stem(settings, spec) -> str:
     # bare name); the suite's only where it is not the model's own
     if vocabulary and (vocabulary == "upstream" or vocabulary != default_vocabulary(settings.model_num)):
         stem += f"_{vocabulary}words"
+    if settings.use_novel_names and getattr(settings, "novel_words", "trained") != "trained":
+        stem += f"_novel-{settings.novel_words}"
     return _slug(stem)
 
 

@@ -187,7 +187,7 @@ def _canon(value) -> str:
 
 # Settings added after sweeps existed, with the value that means "as before": left out of the hash at that value, so
 # the cells a sweep finished earlier still count as finished (and are not re-run into a `_run-<hash>` folder).
-ADDED_SETTINGS = {"vocabulary": None}
+ADDED_SETTINGS = {"vocabulary": None, "novel_words": "trained"}
 
 
 def params_hash(resolved: dict) -> str:
