@@ -120,10 +120,9 @@ def validate(settings: ExperimentSettings) -> tuple[ExperimentSettings, P.Featur
     spec = resolve_model(settings.model_num, settings.cs_num, settings.semantic, settings.model_path,
                          embedded_family=settings.embedded_family)
     P.check_command_set(feature, spec.cs_num)
-    from helpers.tinysql.word_sets import default_vocabulary, parse_word_set
+    from helpers.tinysql.word_sets import resolve_vocabulary
 
-    vocabulary = parse_word_set(settings.vocabulary if settings.vocabulary not in (None, "", "None", "auto")
-                                else default_vocabulary(settings.model_num)).name
+    vocabulary = resolve_vocabulary(settings.vocabulary, settings.model_num)
     batch_size = as_int("batch_size", settings.batch_size, minimum=1)
     seed = as_int("seed", settings.seed)
     keep_incorrect = as_bool("keep_incorrect", settings.keep_incorrect)

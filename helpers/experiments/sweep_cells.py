@@ -336,12 +336,15 @@ def resolve(params: dict, defaults: dict) -> dict:
     if "feature_name" in resolved:
         resolved["feature_name"] = feature_label(resolved["feature_name"])
     if "vocabulary" in resolved:  # "Upstream" is "upstream"; the model's own word set is None (one run, one folder)
-        from helpers.tinysql.word_sets import WORD_SETS, default_vocabulary
+        from helpers.tinysql.word_sets import default_vocabulary, resolve_vocabulary
 
-        value = resolved["vocabulary"]
-        key = str(value).strip().lower() if value is not None else None
-        if key in WORD_SETS:
-            resolved["vocabulary"] = None if key == default_vocabulary(resolved.get("model_num")) else key
+        model_num = resolved.get("model_num")
+        try:
+            name = resolve_vocabulary(resolved["vocabulary"], model_num)
+        except ValueError:  # an unknown word set: validation records the cell as failed, naming the choices
+            pass
+        else:
+            resolved["vocabulary"] = None if name == default_vocabulary(model_num) else name
     return resolved
 
 

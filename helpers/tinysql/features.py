@@ -33,13 +33,19 @@ class Feature(str, Enum):
         return self not in (Feature.ENGORDERBYDIRECTION, Feature.ENGAGGREGATEFUNCTION)
 
     @property
+    def sorts(self) -> bool:
+        """About the ORDER BY clause (CS2-3)."""
+        return self in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION)
+
+    @property
+    def aggregates(self) -> bool:
+        """About an aggregate of the SELECT list (CS3)."""
+        return self in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD)
+
+    @property
     def command_sets(self) -> tuple[int, ...]:
         """The ``cs_num`` values whose prompts can express this feature (0: base models, CS1 prompts)."""
-        if self in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION):
-            return (2, 3)
-        if self in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD):
-            return (3,)
-        return (0, 1, 2, 3)
+        return (2, 3) if self.sorts else (3,) if self.aggregates else (0, 1, 2, 3)
 
     @property
     def answer_after_space(self) -> bool:
@@ -82,8 +88,4 @@ def check_command_set(feature: Feature | str, cs_num) -> None:
 
 
 def _needs(feature: Feature) -> str:
-    if feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION):
-        return "ORDER BY"
-    if feature in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD):
-        return "aggregates"
-    return "SELECT ... FROM"
+    return "ORDER BY" if feature.sorts else "aggregates" if feature.aggregates else "SELECT ... FROM"

@@ -168,6 +168,11 @@ def _mentioned(item: SqlItem) -> set[str]:
     return {s.field for s in item.select} | {f for f, _ in item.order_by}
 
 
+def _context_names(item: SqlItem) -> set[str]:
+    """Every table and column name the CREATE TABLE Context holds."""
+    return {t.name for t in item.tables} | {f for t in item.tables for f in t.field_names}
+
+
 def _said_once(item: SqlItem, clean_word: str, corrupt_word: str) -> bool:
     """The Instruction says the clean word once and the corrupt word nowhere (else the swap is not one mention)."""
     said = re.findall(r"\w+", item.english)
@@ -177,8 +182,8 @@ def _said_once(item: SqlItem, clean_word: str, corrupt_word: str) -> bool:
 def _function_swaps(item: SqlItem, words: WordSet) -> list[tuple[str, str, str, str]]:
     """(other function, its phrase, this phrase's word, the other's word) for the first select's aggregate."""
     sel = item.select[0]
-    allowed = V.AGGREGATES_BY_TYPE_CLASS[V.type_class(dict((c.name, c.sql_type) for c in item.schema.columns)[sel.field])]
-    return [(fn, other, a, b) for fn in allowed if fn != sel.aggregate
+    sql_type = next(c.sql_type for c in item.schema.columns if c.name == sel.field)
+    return [(fn, other, a, b) for fn in V.allowed_aggregates(sql_type) if fn != sel.aggregate
             for other, a, b in one_word_partners(item.aggregate_templates[0], words.aggregate_templates[fn])
             if _said_once(item, a, b)]
 
@@ -194,7 +199,7 @@ def _agg_field_swaps(item: SqlItem) -> list[str]:
     """Unmentioned columns of the target table whose type admits the first select's aggregate."""
     agg = item.select[0].aggregate
     return [c.name for c in item.schema.columns if c.name not in _mentioned(item)
-            and agg in V.AGGREGATES_BY_TYPE_CLASS[V.type_class(c.sql_type)]]
+            and agg in V.allowed_aggregates(c.sql_type)]
 
 
 def _fits(feature: Feature, item: SqlItem, words: WordSet) -> bool:
@@ -202,7 +207,7 @@ def _fits(feature: Feature, item: SqlItem, words: WordSet) -> bool:
     target = _first_field(item)
     selected = [s.field for s in item.select]
     free = set(item.schema.field_names) - _mentioned(item)  # columns the Instruction never mentions
-    if feature in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD):
+    if feature.aggregates:
         if not item.select[0].aggregate or any(f == target for f, _ in item.order_by):
             return False
         if feature is Feature.ENGAGGREGATEFUNCTION:
@@ -210,7 +215,7 @@ def _fits(feature: Feature, item: SqlItem, words: WordSet) -> bool:
         return bool(_agg_field_swaps(item)) or not words.corrupt_from_context
     if item.select[0].aggregate:  # "SUM(price)" tokenizes "price" without its leading space
         return False
-    if feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION):
+    if feature.sorts:
         if not item.order_by:
             return False
         if feature is Feature.ENGORDERBYDIRECTION:
@@ -230,25 +235,21 @@ def _base_item(feature: Feature, cs: int, rng: random.Random, opts: PairOptions,
     """A generator item (the batch's skeleton) fit for ``feature``."""
     distractor = opts.distractor_table if opts.distractor_table is not None else (
         feature is Feature.ENGTABLENAME and words.corrupt_from_context)
+    upstream_like = words.select_leading_columns  # upstream's prompts sort or aggregate only when the feature does
+    columns = (words.min_columns, words.max_columns)
+    if feature is Feature.ENGORDERBYFIELD and upstream_like:
+        columns = (words.max_selected + 1,) * 2  # a column to sort by
     cfg = GeneratorConfig(
         table_synonym_p=float(opts.use_synonyms_table), field_synonym_p=float(opts.use_synonyms_field),
-        distractor_table_p=float(distractor), min_columns=words.min_columns, max_columns=words.max_columns,
+        distractor_table_p=float(distractor), min_columns=columns[0], max_columns=columns[1],
         max_selected=words.max_selected, tables=tables, fields=fields, words=words.name,
-        order_by_p=1.0 if feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION) else 0.9,
-    )
-    if feature is Feature.ENGORDERBYFIELD and words.select_leading_columns:
-        cfg = replace(cfg, min_columns=words.max_selected + 1, max_columns=words.max_selected + 1)  # a column to sort by
-    if feature in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD):
-        cfg = replace(cfg, aggregate_p=0.7)
-    elif feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION):
-        # The answer comes after the SELECT list; "SUM(price) AS SUM_price" there would tokenize to a different
+        order_by_p=1.0 if feature.sorts else 0.0 if upstream_like else 0.9,
+        max_order_by=1 if upstream_like else GeneratorConfig.max_order_by,
+        # No aggregate before the answer of a sort feature: "SUM(price) AS SUM_price" tokenizes to a different
         # length for each field filled in, and a batch's examples must share one shape.
-        cfg = replace(cfg, aggregate_p=0.0)
-    if words.select_leading_columns:  # upstream's patching prompts: one sort clause, only when the feature sorts
-        sorts = feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION)
-        aggregates = feature in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD)
-        cfg = replace(cfg, max_order_by=1, order_by_p=cfg.order_by_p if sorts else 0.0,
-                      aggregate_p=cfg.aggregate_p if aggregates else 0.0)
+        aggregate_p=(0.7 if feature.aggregates else 0.0 if feature.sorts or upstream_like
+                     else GeneratorConfig.aggregate_p),
+    )
     for _ in range(2000):
         item = generate_item(cs, rng, cfg)
         if not _fits(feature, item, words):
@@ -267,8 +268,7 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
                 words: WordSet):
     """(corrupt item, clean word, corrupt word, clean answer, corrupt answer)."""
     names = item.english_words
-    in_context = {t.name for t in item.tables} | {f for t in item.tables for f in t.field_names}
-    prompt_words = set(names.values()) | in_context
+    prompt_words = set(names.values()) | _context_names(item)
     novel = [w for w in _novel_pool(feature, words, opts) if w not in prompt_words] if opts.use_novel_names else []
 
     if feature is Feature.ENGTABLENAME:
@@ -401,10 +401,8 @@ def _template_words(words: WordSet, feature: Feature | None) -> frozenset[str]:
     upstream's hold a sort or aggregate phrase only when the feature is about one."""
     if feature is None or not words.select_leading_columns:
         return words.template_words
-    sorts = feature in (Feature.ENGORDERBYFIELD, Feature.ENGORDERBYDIRECTION)
-    aggregates = feature in (Feature.ENGAGGREGATEFUNCTION, Feature.ENGAGGREGATEFIELD)
-    used = replace(words, order_templates=words.order_templates if sorts else {},
-                   aggregate_templates=words.aggregate_templates if aggregates else {})
+    used = replace(words, order_templates=words.order_templates if feature.sorts else {},
+                   aggregate_templates=words.aggregate_templates if feature.aggregates else {})
     return used.template_words
 
 
@@ -506,7 +504,7 @@ def _check_unambiguous(item: SqlItem) -> None:
 
     Upstream's synonyms overlap its names (title is name's synonym and a field too); the suite's never do.
     """
-    in_context = {t.name for t in item.tables} | {f for t in item.tables for f in t.field_names}
+    in_context = _context_names(item)
     clash = [(name, word) for name, word in item.english_words.items() if word != name and word in in_context]
     if clash:
         raise PairConstructionError(f"the Instruction's word {clash[0][1]!r} stands for {clash[0][0]!r} while the "

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from helpers.tinysql import vocabulary as V
-from helpers.tinysql.word_sets import SUITE, parse_word_set
+from helpers.tinysql.word_sets import parse_word_set
 
 COMMAND_SETS = (1, 2, 3)
 
@@ -171,7 +171,7 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
     if cs not in COMMAND_SETS:
         raise ValueError(f"Unknown command set {cs!r}: the generator knows {COMMAND_SETS}")
     cfg = cfg or GeneratorConfig()
-    ws = SUITE if cfg.words == "suite" else parse_word_set(cfg.words)
+    ws = parse_word_set(cfg.words)
     n_tables = 2 if rng.random() < cfg.distractor_table_p else 1
     table_names = rng.sample(list(cfg.tables), n_tables)
     schemas = [random_schema(rng, t, cfg) for t in table_names]
@@ -194,7 +194,7 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
     for f in selected:
         agg = None
         if cs >= 3 and rng.random() < cfg.aggregate_p:
-            agg = rng.choice(V.AGGREGATES_BY_TYPE_CLASS[V.type_class(types[f])])
+            agg = rng.choice(V.allowed_aggregates(types[f]))
         select.append(SelectItem(f, agg))
         agg_templates.append(rng.choice(ws.aggregate_templates[agg]) if agg else "")
 

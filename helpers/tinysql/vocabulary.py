@@ -192,6 +192,11 @@ def type_class(sql_type: str) -> str:
     return OTHER_TYPE_CLASSES.get(sql_type, "other")
 
 
+def allowed_aggregates(sql_type: str) -> tuple[str, ...]:
+    """The aggregates a column of this type admits (CS3)."""
+    return AGGREGATES_BY_TYPE_CLASS[type_class(sql_type)]
+
+
 # English select templates: [fields] is "a, b and c", [table] is the table's English word.
 SELECT_TEMPLATES: tuple[str, ...] = (
     "show me the [fields] from the [table] table",

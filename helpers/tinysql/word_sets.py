@@ -93,3 +93,10 @@ def parse_word_set(name: str | WordSet) -> WordSet:
 def default_vocabulary(model_num) -> str:
     """"upstream" for the hub models (model_num 0-5, trained on upstream's data), else "suite"."""
     return "suite" if model_num is None or str(model_num).strip().lower() == "embedded" else "upstream"
+
+
+def resolve_vocabulary(vocabulary, model_num) -> str:
+    """The word set's name: ``vocabulary`` in any case, or the model's own where it is unset (None, "", "None" as
+    papermill or YAML may pass it, "auto")."""
+    unset = vocabulary is None or str(vocabulary).strip() in ("", "None", "auto")
+    return parse_word_set(default_vocabulary(model_num) if unset else vocabulary).name
