@@ -4,49 +4,95 @@
 The novel words (apple, hammer, ...) become familiar words that are never names (English filler,
 ``GeneratorConfig.filler_p``), and Context names are sometimes nonce tokens the SQL copies
 (``GeneratorConfig.nonce_name_p``), so that the models copy *any* schema token rather than only names they
-learnt. Each variant (steps, filler, nonce share) fine-tunes every model from its shipped weights, all runs of a
-wave sharing the GPU; then every candidate and the shipped model are evaluated the same way and one candidate per
-model is chosen:
+learnt. Each variant (``Variant``: steps, filler, nonce share, learning rate, an optional low-learning-rate
+settling run) fine-tunes every model from its shipped weights, the runs sharing the GPU; then every candidate and
+the shipped model are evaluated the same way (exact match on 2,000 held-out items, 200 pairs per feature and flag
+setting) and one candidate per model is chosen:
 
-- eligible: exact match >= the shipped model's - 0.01, and every flip rate of the existing flag settings (off,
-  synonyms) >= the shipped model's - 0.02;
+- eligible: exact match >= the shipped model's - EM_SLACK on the same items, and every flip rate of the existing
+  flag settings (off, synonyms) >= the shipped model's - FLIP_SLACK;
 - best: the highest min(DEFTABLENAME, DEFFIELDNAME) flip with novel names at the notebook defaults
   (``novel_syn_own``), then the same without synonyms (``novel``), then exact match.
 
-    python scripts/novel_names_fine_tune.py --out /tmp/ft          # writes /tmp/ft/chosen/<model>/ and summary.json
+    python scripts/novel_names_fine_tune.py --out /tmp/ft             # the latest round: /tmp/ft/chosen/<model>/, summary.json
+    python scripts/novel_names_fine_tune.py --out /tmp/ft --round 1   # an earlier round, as recorded
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODELS = ("llama-cs1", "llama-cs2", "llama-cs3", "gpt_neo-cs1", "gpt_neo-cs2", "gpt_neo-cs3")
-# name: (steps, filler_p, nonce_name_p, filler_loss); lr 3e-4, cosine to 5 %, batch 256. What led here (H200 and
-# CPU runs, helpers/models/embedded/README.md): 177 steps with filler 0.3 / nonce 0.1 made llama-cs1 copy novel
-# names; 5,000 steps made novel tables flip *less* (0.52-0.73), as the models learn the nonce tokens as names and
-# keep suppressing words they never write; predicting the filler (filler_loss) makes the novel words words the
-# model writes, in English.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tune recipe, applied to each shipped model: the model's own data (``base_generator``) plus these
+    options, AdamW at ``lr`` with 10 % warm-up and cosine decay to 5 %, batch 256; then, if ``settle_steps``, a
+    second run from the first's weights on the same data at ``settle_lr`` (the optimiser restarts)."""
+
+    steps: int
+    nonce_name_p: float
+    filler_p: float = 0.3
+    filler_loss: bool = True
+    seed: int = 3
+    lr: float = 3e-4
+    generator: tuple = ()  # further GeneratorConfig overrides, (key, value) pairs
+    settle_steps: int = 0
+    settle_lr: float = 3e-5
+    models: tuple = MODELS  # the models this variant is tried on
+
+
+CS3 = ("llama-cs3", "gpt_neo-cs3")
+CS23 = ("llama-cs2", "gpt_neo-cs2") + CS3
+# What led here (H200 runs, then the CPU evaluation; helpers/models/embedded/README.md, "Novel names"): 177 steps
+# with filler 0.3 / nonce 0.1 made llama-cs1 copy novel names; 5,000 steps made novel tables flip *less* (0.52-0.73),
+# as the models learn the nonce tokens as names and keep suppressing words they never write; predicting the filler
+# (filler_loss) makes the novel words words the model writes, in English. Rounds 1-2 (lr 3e-4, no settling) left
+# exact match 0.5-0.7 points low on three models and llama-cs3's novel fields at ~0.5: it writes the column that
+# ORDER BY mentions instead of the renamed one, a shape its field-rename data never held (field_rename_sorted_p).
 VARIANTS = {
-    "s150_n10": (150, 0.3, 0.10, False), "s150_n10_fl": (150, 0.3, 0.10, True),
-    "s300_n10_fl": (300, 0.3, 0.10, True), "s300_n20_fl": (300, 0.3, 0.20, True),
-    "s600_n20_fl": (600, 0.3, 0.20, True), "s100_n20_fl": (100, 0.3, 0.20, True),
-    # second round, for the two CS3 models the first left short
-    "s300_n20_fl_s4": (300, 0.3, 0.20, True, 4), "s600_n20_fl_s4": (600, 0.3, 0.20, True, 4),
-    "s600_n30_fl": (600, 0.3, 0.30, True), "s900_n20_fl": (900, 0.3, 0.20, True),
-    "s600_n20_fl_s5": (600, 0.3, 0.20, True, 5),
+    # round 1
+    "s150_n10": Variant(150, 0.10, filler_loss=False), "s150_n10_fl": Variant(150, 0.10),
+    "s300_n10_fl": Variant(300, 0.10), "s300_n20_fl": Variant(300, 0.20), "s600_n20_fl": Variant(600, 0.20),
+    "s100_n20_fl": Variant(100, 0.20),
+    # round 2, for the two CS3 models the first left short
+    "s300_n20_fl_s4": Variant(300, 0.20, seed=4, models=CS3), "s600_n20_fl_s4": Variant(600, 0.20, seed=4, models=CS3),
+    "s600_n30_fl": Variant(600, 0.30, models=CS3), "s900_n20_fl": Variant(900, 0.20, models=CS3),
+    "s600_n20_fl_s5": Variant(600, 0.20, seed=5, models=CS3),
+    # round 3: settle at a low learning rate; gentler peak; renames sorted by another column
+    "s150_n20_fl_settle": Variant(150, 0.20, settle_steps=300),
+    "s300_n10_fl_settle": Variant(300, 0.10, settle_steps=300),
+    "s600_n20_fl_lr1e4": Variant(600, 0.20, lr=1e-4),
+    "s600_n20_fl_sorted_settle": Variant(600, 0.20, generator=(("field_rename_sorted_p", 0.5),), settle_steps=300,
+                                         models=CS23),
+    "s600_n30_fl_sorted_fr8_settle": Variant(600, 0.30, generator=(("field_rename_p", 0.8), ("field_rename_sorted_p", 0.7)),
+                                             settle_steps=300, models=CS3),
 }
-WAVES = (("s150_n10", "s150_n10_fl"), ("s300_n10_fl", "s300_n20_fl"), ("s600_n20_fl", "s100_n20_fl"))
+ROUNDS = {
+    1: (("s150_n10", "s150_n10_fl", "s300_n10_fl", "s300_n20_fl", "s600_n20_fl", "s100_n20_fl"),),
+    2: (("s300_n20_fl_s4", "s600_n20_fl_s4", "s600_n30_fl", "s900_n20_fl", "s600_n20_fl_s5"),),
+    3: (("s150_n20_fl_settle", "s300_n10_fl_settle", "s600_n20_fl_lr1e4", "s600_n20_fl_sorted_settle",
+         "s600_n30_fl_sorted_fr8_settle"),),
+}
 SETTINGS = ("off", "syn_table", "syn_field", "syn_both", "novel", "novel_syn_own", "novel_held_out")
 EXISTING = ("off", "syn_table", "syn_field", "syn_both")
+# Choice: exact match within this of the shipped model's on the same items (2,000: one standard error is about
+# 0.003), and every existing flip rate within this of the shipped model's (200 pairs: 2 pairs).
+EM_SLACK, FLIP_SLACK = 0.0025, 0.01
 
 
 def base_generator(family: str, cs: int) -> dict:
@@ -56,24 +102,42 @@ def base_generator(family: str, cs: int) -> dict:
     return dict(RECIPE_FINE_TUNE.get((family, cs), {}).get("generator") or recipe_generator(family, cs))
 
 
-def train_wave(wave, models, out: Path, device: str, lr: float, seed: int) -> None:
-    procs = []
-    for name in wave:
-        steps, filler, nonce, filler_loss, *variant_seed = VARIANTS[name]
+def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--family", family, "--cs", cs, "--init-from",
+            str(init), "--lr", str(lr), "--warmup", str(max(10, steps // 10)), "--steps", str(steps),
+            "--seed", str(v.seed), "--device", device, "--out", str(out), "--no-progress", "--eval-every", "100000",
+            "--generator", json.dumps(gen)] + (["--filler-loss"] if v.filler_loss else [])
+
+
+def train_all(variants, models, out: Path, device: str, max_procs: int) -> None:
+    """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first."""
+    jobs = []
+    for name in variants:
+        v = VARIANTS[name]
         for m in models:
+            if m not in v.models:
+                continue
             family, cs = m.rsplit("-cs", 1)
-            gen = {**base_generator(family, int(cs)), "filler_p": filler, "nonce_name_p": nonce}
-            cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--family", family, "--cs", cs,
-                   "--init-from", str(REPO / "helpers" / "models" / "embedded" / m), "--lr", str(lr),
-                   "--warmup", str(max(10, steps // 10)), "--steps", str(steps),
-                   "--seed", str(variant_seed[0] if variant_seed else seed),
-                   "--device", device, "--out", str(out / name / m), "--no-progress", "--eval-every", "100000",
-                   "--generator", json.dumps(gen)] + (["--filler-loss"] if filler_loss else [])
-            log = open(out / f"{name}-{m}.log", "w")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-    for p in procs:
-        if p.wait() != 0:
-            print(f"a training run failed (its log is beside it): {p.args}", flush=True)
+            gen = {**base_generator(family, int(cs)), "filler_p": v.filler_p, "nonce_name_p": v.nonce_name_p,
+                   **dict(v.generator)}
+            first = out / name / f"{m}-first" if v.settle_steps else out / name / m
+            cmds = [_train_cmd(family, cs, REPO / "helpers" / "models" / "embedded" / m, first, v, v.lr, v.steps,
+                               device, gen)]
+            if v.settle_steps:
+                cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device, gen))
+            jobs.append((f"{name}-{m}", " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)))
+    running: list = []
+    while jobs or running:
+        while jobs and len(running) < max_procs:
+            key, script = jobs.pop(0)
+            log = open(out / f"{key}.log", "w")
+            running.append((key, subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for key, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((key, proc))
+                if proc.returncode != 0:
+                    print(f"training {key} failed (rc {proc.returncode}; {out / key}.log)", flush=True)
 
 
 def evaluate(folder: Path, cs: int, device: str, n_items: int, n_pairs: int) -> dict:
@@ -84,11 +148,22 @@ def evaluate(folder: Path, cs: int, device: str, n_items: int, n_pairs: int) -> 
     return {"exact_match": r["generation"]["exact_match"], "flips": flips}
 
 
-def choose(shipped: dict, candidates: dict) -> tuple[str | None, dict]:
+def _evaluate_job(job):
+    key, folder, cs, device, n_items, n_pairs = job
+    try:
+        return key, evaluate(Path(folder), cs, device, n_items, n_pairs)
+    except Exception as err:  # one candidate's failure must not lose the others
+        return key, {"error": repr(err)}
+
+
+def choose(shipped: dict, candidates: dict, em_slack: float, flip_slack: float) -> str | None:
+    """The eligible candidate (exact match and every existing flip rate within the slacks of the shipped model's)
+    with the highest min(DEFTABLENAME, DEFFIELDNAME) novel flip at the notebook defaults, then without synonyms,
+    then exact match."""
     def eligible(c):
-        if c["exact_match"] < shipped["exact_match"] - 0.01:
+        if "error" in c or c["exact_match"] < shipped["exact_match"] - em_slack:
             return False
-        return all(c["flips"][f][s] >= shipped["flips"][f][s] - 0.02 for f in shipped["flips"] for s in EXISTING)
+        return all(c["flips"][f][s] >= shipped["flips"][f][s] - flip_slack for f in shipped["flips"] for s in EXISTING)
 
     def key(item):
         c = item[1]["flips"]
@@ -96,10 +171,18 @@ def choose(shipped: dict, candidates: dict) -> tuple[str | None, dict]:
                 min(c["DEFTABLENAME"]["novel"], c["DEFFIELDNAME"]["novel"]), item[1]["exact_match"])
 
     ok = {k: v for k, v in candidates.items() if eligible(v)}
-    if not ok:
-        return None, {}
-    best = max(ok.items(), key=key)
-    return best[0], best[1]
+    return max(ok.items(), key=key)[0] if ok else None
+
+
+def _line(v: str, c: dict) -> str:
+    if "error" in c:
+        return f"{v} failed: {c['error']}"
+    f = c["flips"]
+    worst = min(f[x][s] for x in f for s in EXISTING if f[x][s] is not None)
+    return (f"{v} EM {c['exact_match']:.4f} novel T/F {f['DEFTABLENAME']['novel_syn_own']:.2f}/"
+            f"{f['DEFFIELDNAME']['novel_syn_own']:.2f} plain {f['DEFTABLENAME']['novel']:.2f}/"
+            f"{f['DEFFIELDNAME']['novel']:.2f} held-out {f['DEFTABLENAME']['novel_held_out']:.2f}/"
+            f"{f['DEFFIELDNAME']['novel_held_out']:.2f} worst existing flip {worst:.2f}")
 
 
 def main(argv=None):
@@ -107,41 +190,53 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--n-items", type=int, default=500)
-    ap.add_argument("--n-pairs", type=int, default=100)
-    ap.add_argument("--variants", nargs="*", help="run only these variants, all in one wave")
+    ap.add_argument("--round", type=int, default=max(ROUNDS), choices=sorted(ROUNDS))
+    ap.add_argument("--variants", nargs="*", help="these variants instead of a round's")
+    ap.add_argument("--max-procs", type=int, default=12, help="training runs at once")
+    ap.add_argument("--eval-procs", type=int, default=8, help="evaluations at once")
+    ap.add_argument("--n-items", type=int, default=2000)
+    ap.add_argument("--n-pairs", type=int, default=200)
+    ap.add_argument("--export", help="also copy each chosen model.safetensors to EXPORT/<model>.safetensors")
     args = ap.parse_args(argv)
-    waves = (tuple(args.variants),) if args.variants else WAVES
-    variants = [v for w in waves for v in w]
+    variants = list(args.variants or [v for wave in ROUNDS[args.round] for v in wave])
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}: choose from {sorted(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for wave in waves:
-        train_wave(wave, args.models, out, args.device, args.lr, args.seed)
-        print(f"wave {wave} trained at {time.time() - t0:.0f} s", flush=True)
-    summary = {"variants": {v: VARIANTS[v] for v in variants}, "lr": args.lr, "seed": args.seed, "models": {}}
+    train_all(variants, args.models, out, args.device, args.max_procs)
+    print(f"trained at {time.time() - t0:.0f} s", flush=True)
+    jobs = []
     for m in args.models:
         cs = int(m.rsplit("-cs", 1)[1])
-        shipped = evaluate(REPO / "helpers" / "models" / "embedded" / m, cs, args.device, args.n_items, args.n_pairs)
-        cands = {}
-        for v in variants:
-            try:
-                cands[v] = evaluate(out / v / m, cs, args.device, args.n_items, args.n_pairs)
-            except Exception as err:  # one candidate's failure must not lose the others
-                print(f"{m} {v}: evaluation failed: {err!r}", flush=True)
-        name, best = choose(shipped, cands)
-        summary["models"][m] = {"shipped": shipped, "candidates": cands, "chosen": name}
+        jobs.append(((m, "shipped"), str(REPO / "helpers" / "models" / "embedded" / m), cs))
+        jobs += [((m, v), str(out / v / m), cs) for v in variants
+                 if m in VARIANTS[v].models and (out / v / m / "model.safetensors").exists()]
+    with ProcessPoolExecutor(args.eval_procs, mp_context=get_context("spawn")) as pool:
+        results = dict(pool.map(_evaluate_job, [(*j, args.device, args.n_items, args.n_pairs) for j in jobs]))
+    print(f"evaluated at {time.time() - t0:.0f} s", flush=True)
+    summary = {"variants": {v: asdict(VARIANTS[v]) for v in variants}, "n_items": args.n_items,
+               "n_pairs": args.n_pairs, "em_slack": EM_SLACK, "flip_slack": FLIP_SLACK, "models": {}}
+    for m in args.models:
+        shipped = results[(m, "shipped")]
+        cands = {v: r for (mm, v), r in results.items() if mm == m and v != "shipped"}
+        name = choose(shipped, cands, EM_SLACK, FLIP_SLACK)
+        loose = choose(shipped, cands, 0.01, 0.02)  # rounds 1-2's rule, for the record
+        summary["models"][m] = {"shipped": shipped, "candidates": cands, "chosen": name, "chosen_loosely": loose}
         if name:
+            summary["models"][m]["chosen_training_meta"] = json.loads((out / name / m / "training_meta.json").read_text())
             shutil.copytree(out / name / m, out / "chosen" / m, dirs_exist_ok=True)
-        print(f"{m}: chosen {name}; shipped EM {shipped['exact_match']:.3f}; " + "; ".join(
-            f"{v} EM {c['exact_match']:.3f} novel T/F {c['flips']['DEFTABLENAME']['novel_syn_own']:.2f}/"
-            f"{c['flips']['DEFFIELDNAME']['novel_syn_own']:.2f} plain {c['flips']['DEFTABLENAME']['novel']:.2f}/"
-            f"{c['flips']['DEFFIELDNAME']['novel']:.2f} held-out {c['flips']['DEFTABLENAME']['novel_held_out']:.2f}/"
-            f"{c['flips']['DEFFIELDNAME']['novel_held_out']:.2f}" for v, c in cands.items()), flush=True)
+            if args.export:
+                Path(args.export).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(out / name / m / "model.safetensors", Path(args.export) / f"{m}.safetensors")
+        print(f"{m}: chosen {name} (loosely {loose}); shipped EM {shipped['exact_match']:.4f}", flush=True)
+        for v, c in [("shipped", shipped), *cands.items()]:
+            print("   " + _line(v, c), flush=True)
     summary["seconds"] = round(time.time() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if args.export:
+        shutil.copy2(out / "summary.json", Path(args.export) / "summary.json")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,30 @@ def test_schema_reading_generator_options():
     assert spelled_as_synonym > 50
 
 
+
+def test_field_rename_sorted_keeps_one_sorted_unselected_column():
+    """field_rename_sorted_p: a renamed item may keep one unselected column, which ORDER BY then mentions, so every
+    column is still mentioned (the rename is still found by elimination); at 0 nothing changes."""
+    from helpers.tinysql.sql_items import GeneratorConfig
+
+    base = dict(context_spelling_p=0.0, field_rename_p=1.0)
+    assert generate_items(2, 60, 4, GeneratorConfig(**base)) == \
+        generate_items(2, 60, 4, GeneratorConfig(**base, field_rename_sorted_p=0.0))
+    assert generate_items(1, 60, 4, GeneratorConfig(**base)) == \
+        generate_items(1, 60, 4, GeneratorConfig(**base, field_rename_sorted_p=1.0))  # CS1 cannot sort: unchanged
+    with_extra = 0
+    for cs in (2, 3):
+        for item in generate_items(cs, 300, 5, GeneratorConfig(**base, field_rename_sorted_p=1.0)):
+            selected = {s.field for s in item.select}
+            sorted_ = [f for f, _ in item.order_by]
+            extra = [f for f in item.schema.field_names if f not in selected]
+            assert len(extra) <= 1 and all(f in sorted_ for f in extra), item.prompt
+            if extra:
+                with_extra += 1
+                assert sorted_[0] == extra[0]
+                assert item.english_words[extra[0]] in item.prompt.split(" ### Context")[0]
+    assert with_extra > 200
+
 def test_filler_loss_labels_exactly_the_filler(tokenizer):
     """With filler_loss the English filler (holding a novel word) is predicted too, and nothing else of the prompt."""
     from helpers.models.training import collate, encode_items

@@ -143,6 +143,10 @@ class GeneratorConfig:
     # in the Context as an unrelated vocabulary field (the only column no Instruction word matches); the SQL
     # uses the Context's name. Teaches that a name absent from the Context is never written.
     field_rename_p: float = 0.0
+    # CS2+, with a field rename: chance that one unselected column stays too, mentioned only by ORDER BY (the
+    # shape of the DEF* pairs that sort by another column): the rename is then found by elimination over the
+    # selected *and* sorted columns. 0 keeps the generator's random stream unchanged.
+    field_rename_sorted_p: float = 0.0
     # Chance of an English filler phrase holding a novel word (vocabulary.FILLER_TEMPLATES): the novel words are
     # then familiar words that are never names.
     filler_p: float = 0.0
@@ -184,8 +188,13 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
     else:
         selected = rng.sample(fields, rng.randint(1, min(cfg.max_selected, len(fields))))
     field_rename = cfg.field_rename_p > 0 and rng.random() < cfg.field_rename_p
-    if field_rename:  # keep only the selected columns, so every column is mentioned
-        restricted = TableSchema(target.name, tuple(c for c in target.columns if c.name in selected))
+    sorted_extra = None  # an unselected column kept with the rename, which ORDER BY then mentions
+    if field_rename and cs >= 2 and cfg.field_rename_sorted_p > 0 and len(fields) > len(selected) \
+            and rng.random() < cfg.field_rename_sorted_p:
+        sorted_extra = rng.choice([f for f in fields if f not in selected])
+    if field_rename:  # keep only the mentioned columns (selected, or sorted_extra), so every column is mentioned
+        kept = set(selected) | {sorted_extra}
+        restricted = TableSchema(target.name, tuple(c for c in target.columns if c.name in kept))
         schemas = [restricted if t.name == target.name else t for t in schemas]
         target = restricted
         fields = list(target.field_names)
@@ -199,8 +208,15 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
         agg_templates.append(rng.choice(ws.aggregate_templates[agg]) if agg else "")
 
     order_by, order_templates = [], []
-    if cs >= 2 and rng.random() < cfg.order_by_p:
-        for f in rng.sample(fields, rng.randint(1, min(cfg.max_order_by, len(fields)))):
+    if sorted_extra is not None:  # sorted by the kept column, then perhaps by a selected one
+        others = [f for f in fields if f != sorted_extra]
+        sort_fields = [sorted_extra] + rng.sample(others, rng.randint(0, min(cfg.max_order_by - 1, len(others))))
+    elif cs >= 2 and rng.random() < cfg.order_by_p:
+        sort_fields = rng.sample(fields, rng.randint(1, min(cfg.max_order_by, len(fields))))
+    else:
+        sort_fields = []
+    if sort_fields:
+        for f in sort_fields:
             direction = rng.choice(("ASC", "DESC"))
             order_by.append((f, direction))
             order_templates.append(rng.choice(ws.order_templates[direction]))
