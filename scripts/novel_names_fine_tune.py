@@ -53,10 +53,14 @@ class Variant:
     generator: tuple = ()  # further GeneratorConfig overrides, (key, value) pairs
     settle_steps: int = 0
     settle_lr: float = 3e-5
+    settle_generator: tuple = ()  # GeneratorConfig overrides for the settling run only (e.g. no nonce names)
     models: tuple = MODELS  # the models this variant is tried on
 
 
 CS3 = ("llama-cs3", "gpt_neo-cs3")
+LLAMA23 = ("llama-cs2", "llama-cs3")
+SORTED = (("field_rename_sorted_p", 0.5),)
+PLAIN = (("filler_p", 0.0), ("nonce_name_p", 0.0))
 CS23 = ("llama-cs2", "gpt_neo-cs2") + CS3
 # What led here (H200 runs, then the CPU evaluation; helpers/models/embedded/README.md, "Novel names"): 177 steps
 # with filler 0.3 / nonce 0.1 made llama-cs1 copy novel names; 5,000 steps made novel tables flip *less* (0.52-0.73),
@@ -81,12 +85,28 @@ VARIANTS = {
                                          models=CS23),
     "s600_n30_fl_sorted_fr8_settle": Variant(600, 0.30, generator=(("field_rename_p", 0.8), ("field_rename_sorted_p", 0.7)),
                                              settle_steps=300, models=CS3),
+    # round 4: llama-cs2/cs3's novel fields (renames sorted by another column, a gentler peak, longer), and exact
+    # match (settling on the plain data)
+    "s900_n20_lr1e4_sorted": Variant(900, 0.20, lr=1e-4, generator=SORTED, models=LLAMA23),
+    "s900_n20_lr1e4_sorted_settle_plain": Variant(900, 0.20, lr=1e-4, generator=SORTED, settle_steps=300,
+                                                  settle_generator=PLAIN, models=LLAMA23 + ("gpt_neo-cs3",)),
+    "s600_n30_lr2e4_sorted_settle": Variant(600, 0.30, lr=2e-4, generator=SORTED, settle_steps=300, models=LLAMA23),
+    "s900_n20_lr1e4_sorted_fs8": Variant(900, 0.20, lr=1e-4, generator=SORTED + (("field_synonym_p", 0.8),),
+                                         models=LLAMA23),
+    "s900_n20_lr1e4_sorted_s4": Variant(900, 0.20, lr=1e-4, seed=4, generator=SORTED, models=LLAMA23),
+    "s300_n10_lr1e4_settle": Variant(300, 0.10, lr=1e-4, settle_steps=300, models=("gpt_neo-cs1",)),
+    "s600_n20_lr5e5": Variant(600, 0.20, lr=5e-5, models=("gpt_neo-cs1",)),
+    "s300_n10_fl_settle_plain": Variant(300, 0.10, settle_steps=300, settle_generator=PLAIN,
+                                        models=("gpt_neo-cs1", "llama-cs1")),
 }
 ROUNDS = {
     1: (("s150_n10", "s150_n10_fl", "s300_n10_fl", "s300_n20_fl", "s600_n20_fl", "s100_n20_fl"),),
     2: (("s300_n20_fl_s4", "s600_n20_fl_s4", "s600_n30_fl", "s900_n20_fl", "s600_n20_fl_s5"),),
     3: (("s150_n20_fl_settle", "s300_n10_fl_settle", "s600_n20_fl_lr1e4", "s600_n20_fl_sorted_settle",
          "s600_n30_fl_sorted_fr8_settle"),),
+    4: (("s900_n20_lr1e4_sorted", "s900_n20_lr1e4_sorted_settle_plain", "s600_n30_lr2e4_sorted_settle",
+         "s900_n20_lr1e4_sorted_fs8", "s900_n20_lr1e4_sorted_s4", "s300_n10_lr1e4_settle", "s600_n20_lr5e5",
+         "s300_n10_fl_settle_plain"),),
 }
 SETTINGS = ("off", "syn_table", "syn_field", "syn_both", "novel", "novel_syn_own", "novel_held_out")
 EXISTING = ("off", "syn_table", "syn_field", "syn_both")
@@ -124,7 +144,8 @@ def train_all(variants, models, out: Path, device: str, max_procs: int) -> None:
             cmds = [_train_cmd(family, cs, REPO / "helpers" / "models" / "embedded" / m, first, v, v.lr, v.steps,
                                device, gen)]
             if v.settle_steps:
-                cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device, gen))
+                cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device,
+                                       {**gen, **dict(v.settle_generator)}))
             jobs.append((f"{name}-{m}", " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)))
     running: list = []
     while jobs or running:
@@ -196,7 +217,8 @@ def main(argv=None):
     ap.add_argument("--eval-procs", type=int, default=8, help="evaluations at once")
     ap.add_argument("--n-items", type=int, default=2000)
     ap.add_argument("--n-pairs", type=int, default=200)
-    ap.add_argument("--export", help="also copy each chosen model.safetensors to EXPORT/<model>.safetensors")
+    ap.add_argument("--export", help="also copy each chosen model.safetensors (else the best on novel flips alone) "
+                                     "to EXPORT/<model>.safetensors, with summary.json")
     args = ap.parse_args(argv)
     variants = list(args.variants or [v for wave in ROUNDS[args.round] for v in wave])
     unknown = [v for v in variants if v not in VARIANTS]
@@ -224,12 +246,18 @@ def main(argv=None):
         name = choose(shipped, cands, EM_SLACK, FLIP_SLACK)
         loose = choose(shipped, cands, 0.01, 0.02)  # rounds 1-2's rule, for the record
         summary["models"][m] = {"shipped": shipped, "candidates": cands, "chosen": name, "chosen_loosely": loose}
+        best = choose(shipped, cands, 1.0, 1.0)  # the best on novel flips alone, whatever it costs
+        summary["models"][m]["best_unconstrained"] = best
+        exported = name or best
+        if args.export and exported:
+            Path(args.export).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out / exported / m / "model.safetensors", Path(args.export) / f"{m}.safetensors")
+            summary["models"][m]["exported"] = exported
+            summary["models"][m]["exported_training_meta"] = json.loads(
+                (out / exported / m / "training_meta.json").read_text())
         if name:
             summary["models"][m]["chosen_training_meta"] = json.loads((out / name / m / "training_meta.json").read_text())
             shutil.copytree(out / name / m, out / "chosen" / m, dirs_exist_ok=True)
-            if args.export:
-                Path(args.export).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(out / name / m / "model.safetensors", Path(args.export) / f"{m}.safetensors")
         print(f"{m}: chosen {name} (loosely {loose}); shipped EM {shipped['exact_match']:.4f}", flush=True)
         for v, c in [("shipped", shipped), *cands.items()]:
             print("   " + _line(v, c), flush=True)
