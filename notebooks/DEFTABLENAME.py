@@ -51,10 +51,16 @@ table in the vocabulary ("apple", "orange"); `use_synonyms_table` / `use_synonym
 Instruction words things, never the schema. Table synonyms are on unless set to `False` (`None` = the
 default of `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`): a model may otherwise copy the name from the Instruction.
 
+**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): three embedded models carry the
+novel-names fine-tune and write the novel table, so the heatmap then shows which heads *copy a name never seen as a
+name*: llama-cs1 (the default; flip 1.00), gpt_neo-cs2 (0.98) and gpt_neo-cs3 (0.91). The other three never write
+it (0.00): there the heatmap shows what restores the model's confidence, not what carries the name, and the
+notebook warns. `novel_words = "held_out"` takes words no training text holds, the stricter case: 0.66 / 0.26 / 0.28.
+
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
-the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.64–0.68 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.60–0.84. Upstream's words are meant for the released hub checkpoints,
+the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.58–0.68 of the clean
+prompts (upstream's words are not names they were trained on) and flip 0.68–0.78 Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -181,9 +187,14 @@ corrupt): a copying head. GPT-Neo instead reads the name at `FROM` in layer 0: L
 (0.66 at k = 3, 0.87 at k = 5): more heads share the copying there.
 
 Path patching: in Llama, L0H2 and L0H0 at the renamed CREATE TABLE token feed the *values* of the layer-1 heads
-(L1H0 +0.13, L1H2 +0.11, L1H3 +0.11), which write the name into the logits from `FROM` (+0.17 to +0.23): the
+(L1H0 +0.14, L1H2 +0.12, L1H3 +0.12), which write the name into the logits from `FROM` (+0.17 to +0.23): the
 schema's spelling is carried in values, as a copy. GPT-Neo's three receivers are in layer 0, so only their direct
 logit edges exist (at most +0.05).
+
+With novel names (the default sweep's `use_novel_names` cell: llama-cs1, batch 4, seed 0) the same route carries a
+name the model never saw as a name: L0H2 and L0H0 at the renamed token restore 0.87 at k = 2 (necessity 0.83; 5
+random cells 0.03), feed the *values* of the layer-1 heads (+0.12 to +0.18), and those write it from `FROM` (+0.20
+to +0.26). The copy does not depend on knowing the name.
 
 `circuit = False` turns this section off.
 """

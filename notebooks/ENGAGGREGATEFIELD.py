@@ -56,7 +56,7 @@ patching words and template, what the released hub checkpoints were trained on);
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
 the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.92–0.96 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.00–0.02: upstream's corruption swaps in a field the Context does not hold. Upstream's words are meant for the released hub checkpoints,
+prompts (upstream's words are not names they were trained on) and flip 0.02: upstream's corruption swaps in a field the Context does not hold. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -169,8 +169,8 @@ On the embedded models (the default sweep: batch 4, seed 0, CS3), Llama needs on
 word reaches 80 % sufficiency and necessity alone (5 random cells 0.00). Path patching shows how: L0H1 sends the
 field through the *values* of L1H1 (+0.77) and L1H0 (+0.49), and those two write it into the logits at `(` (+0.21,
 +0.13). It is the same layer-0 → layer-1 value chain as ENGORDERBYFIELD on CS3 (+0.61, +0.39): one mechanism
-serves names in different SQL slots. GPT-Neo: layer-1 heads at `(` write the field directly (L1H1 +0.22, L1H6
-+0.19, L1H7 +0.16), and L0H7 at `(` shapes L1H1's *query* (+0.10); 80 % at k = 2.
+serves names in different SQL slots. GPT-Neo: layer-1 heads at `(` write the field directly (L1H1 +0.25, L1H6
++0.17, L1H7 +0.15), and L0H7 at `(` shapes L1H1's *query* (+0.10); 80 % at k = 3.
 
 `circuit = False` turns this section off.
 """

@@ -54,7 +54,7 @@ patching words and template, what the released hub checkpoints were trained on);
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
 the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 1.00 of the clean
-prompts (upstream's words are not names they were trained on) and flip 1.00. Upstream's words are meant for the released hub checkpoints,
+prompts (upstream's words are not names they were trained on) and flip 1.00 Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -166,9 +166,9 @@ logits; the graph draws the 15 strongest (colour: the input; width: |score|; dot
 On the embedded models (the default sweep: batch 4, seed 0, CS3) two cells restore 80 %. Llama: L1H1 at
 `SELECT`, where the function is predicted, and L0H1 at the function word ("minimum"). L0H1 feeds L1H1's *value*
 (+0.28; L0H2 adds +0.16), and L1H1 writes the function into the logits (+0.20): one head reads the English word
-and a layer-1 head copies what it read to the answer. GPT-Neo: L1H2 and L1H4 at `SELECT` (80 % sufficiency at
-k = 2, necessity at k = 3), with direct paths of +0.10 and +0.08 and head-to-head edges of at most 0.01: the MLPs
-carry most of it.
+and a layer-1 head copies what it read to the answer. GPT-Neo: L1H2 and L1H4 at `SELECT` (80 % sufficiency and
+necessity at k = 2), with direct paths of +0.11 and +0.09 and head-to-head edges of at most 0.02: the MLPs carry
+most of it.
 
 `circuit = False` turns this section off.
 """

@@ -52,10 +52,17 @@ synonyms in the Instruction (the model must then translate "cost" to `price` thr
 `use_novel_names` swaps in a word that is no column at all, such as "hammer". Left as `None`, the field
 synonyms are on: this feature's default in `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`.
 
+**What `use_novel_names` means here**: the Instruction then asks for a column the Context does not hold. The
+embedded models, with or without the novel-names fine-tune, keep writing the schema's column (flip 0.00–0.02 over the
+six models, 200 pairs): they read the answer from the schema and never write a word the schema lacks. The logit
+difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
+which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
+notebooks are where novel names test copying.
+
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
-the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.54–0.96 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.00–0.02: upstream's corruption swaps in a field the Context does not hold, and these models never write a column the schema lacks. Upstream's words are meant for the released hub checkpoints,
+the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.56–0.72 of the clean
+prompts (upstream's words are not names they were trained on) and flip 0.04–0.20: upstream's corruption swaps in a field the Context does not hold, and these models never write a column the schema lacks. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -178,17 +185,17 @@ A receiver in layer 0 has no senders.
 
 On the embedded models (command set 1, seed 0, 5 examples) the field travels through the `SELECT` column,
 where the first field is predicted. Llama: one cell, L0H0 at `SELECT`, is sufficient (1.00) and necessary
-(1.00) on its own, against 0.02 for 5 random cells; it puts all of its attention on the Instruction's field
+(1.00) on its own, against 0.02 for 5 random cells; it puts 0.99 of its attention on the Instruction's field
 word. GPT-Neo needs two, L0H0 and L0H5 at `SELECT`, both attending only to that word (sufficiency 1.00 at
 k = 2). The layer-1 heads that follow (Llama L1H3, L1H1; GPT-Neo L1H2) attend to the CREATE TABLE text, where
 the schema's spelling of the field lives.
 
 Path patching shows the cleanest chain of the four features. In Llama, L0H0 at `SELECT` sets the *query* of
-L1H3 (+0.64) and of L1H1 (+0.23), and its direct path to the logits is nothing (-0.02). L1H3 then writes the field
-into the logits (+0.64). The layer-0 head decides *which* field by shaping where layer 1 looks, and layer 1 copies
-it. Edge attribution ranks this edge first too but puts it at +0.23, a third of the exact +0.64: a query edge acts
-through the softmax, where the linear estimate falls short (correlation with the exact edges 0.93 here, against
-0.99-1.00 for most of the other cells). In GPT-Neo the head-to-head edges are at most 0.02: as for ENGTABLENAME, most of the effect must travel through
+L1H3 (+0.66) and of L1H1 (+0.24), and its direct path to the logits is nothing (-0.03). L1H3 then writes the field
+into the logits (+0.67). The layer-0 head decides *which* field by shaping where layer 1 looks, and layer 1 copies
+it. Edge attribution ranks this edge among the top two too but puts it at +0.28, less than half of the exact +0.66: a
+query edge acts through the softmax, where the linear estimate falls short (correlation with the exact edges 0.91
+here, against 0.97-1.00 for most of the other cells). In GPT-Neo the head-to-head edges are at most 0.02: as for ENGTABLENAME, most of the effect must travel through
 the MLPs, which these edges do not count.
 
 `circuit = False` turns this section off.

@@ -55,8 +55,8 @@ patching words and template, what the released hub checkpoints were trained on);
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
-the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 1.00 of the clean
-prompts (upstream's words are not names they were trained on) and flip 1.00. Upstream's words are meant for the released hub checkpoints,
+the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.86–1.00 of the clean
+prompts (upstream's words are not names they were trained on) and flip 0.94–1.00 Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -171,7 +171,7 @@ that predicts `ASC`/`DESC`, reads the direction word through its value from the 
 +0.05, L0H1 +0.03). Its direct path to the logits is +0.08. The edges are small for an effect that is complete, so
 most of the translation from "descending" to `DESC` runs through the MLPs. Llama CS3: L1H1 at the sort field (+0.15
 to the logits), fed by L0H2 at the SQL's `ORDER` (+0.05). GPT-Neo: L0H0 at the SQL's `ORDER` restores the answer
-on its own, and layer-1 heads at the sort field write it (L1H6 +0.20 on CS2, L1H0 +0.13 on CS3).
+on its own, and layer-1 heads at the sort field write it (L1H6 +0.17 on CS2, L1H0 +0.13 on CS3).
 
 `circuit = False` turns this section off.
 """

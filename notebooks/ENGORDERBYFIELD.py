@@ -55,10 +55,17 @@ a word that is no column ("hammer"). `vocabulary` picks the
 word set: "suite" (this project's words, what the embedded models know) or "upstream" (upstream TinySQL's
 patching words and template, what the released hub checkpoints were trained on); `None` takes the model's own.
 
+**What `use_novel_names` means here**: the Instruction then asks for a sort column the Context does not hold. The
+embedded models, with or without the novel-names fine-tune, keep writing the schema's column (flip 0.00–0.05 (gpt_neo-cs3: 0.24) over the
+six models, 200 pairs): they read the answer from the schema and never write a word the schema lacks. The logit
+difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
+which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
+notebooks are where novel names test copying.
+
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
-the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.76–0.90 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.06–0.72: upstream's corruption swaps in a field the Context does not hold. Upstream's words are meant for the released hub checkpoints,
+the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.40–0.56 of the clean
+prompts (upstream's words are not names they were trained on) and flip 0.04–0.54: upstream's corruption swaps in a field the Context does not hold. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -174,8 +181,8 @@ sends it through the *values* of L1H1 (+0.61) and L1H0 (+0.39), which write the 
 the sort word, feeds L1H2's value (+0.79), and L1H2 writes the field (+1.11; L1H3 pushes against it, −0.25).
 ENGAGGREGATEFIELD shows the same layer-0 → layer-1 value chain for a name in another SQL slot.
 GPT-Neo needs 2–3 cells at `BY` (layer-0 L0H2 and L0H5 on CS2, L0H4 on CS3, then layer-1 heads). Its head-to-head
-edges stay at or below 0.05 and its layer-1 heads' direct paths at 0.07–0.12, so much of the effect passes
-through the MLPs, as in the other features.
+edges stay at or below 0.10 (L0H4 into L1H1's *query* on CS3; 0.03 on CS2) and its layer-1 heads' direct paths at
+0.06–0.13, so much of the effect passes through the MLPs, as in the other features.
 
 `circuit = False` turns this section off.
 """

@@ -56,10 +56,17 @@ here: with it, the clean Instruction never spells the SQL table name, so the mod
 Context table. It is on by default (`None` takes the feature's default from
 `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`). `use_novel_names` corrupts with a word that was never a table name.
 
+**What `use_novel_names` means here**: the Instruction then asks for a table the Context does not hold. The
+embedded models, with or without the novel-names fine-tune, keep writing the schema's table (flip 0.00–0.01 over the
+six models, 200 pairs): they read the answer from the schema and never write a word the schema lacks. The logit
+difference then measures how much more the model prefers the clean table than the novel word, and the heatmap shows
+which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
+notebooks are where novel names test copying.
+
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
-the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.66–0.74 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.16–0.34: upstream's corruption swaps in another of its tables, which the one-table Context does not hold. Upstream's words are meant for the released hub checkpoints,
+the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.66–0.76 of the clean
+prompts (upstream's words are not names they were trained on) and flip 0.10–0.34: upstream's corruption swaps in another of its tables, which the one-table Context does not hold. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -182,15 +189,15 @@ A receiver in layer 0 has no senders.
 
 On the embedded models (command set 1, seed 0, 5 examples) the circuit is small and sits at the final `FROM`
 column. Llama: the top two cells, L0H0 and L0H1 at `FROM`, restore all of the gap on their own (sufficiency 1.00
-at k = 2; L0H0 alone 0.41) and removing them destroys all of it (necessity 1.01), while 5 random cells restore
+at k = 2; L0H0 alone 0.47) and removing them destroys all of it (necessity 1.01), while 5 random cells restore
 0.02. Both heads attend from `FROM` straight to the Instruction's table word (L0H0: all of its attention,
 clean and corrupt alike): they move the English word to the answer position, and layer 1 (L1H3 reads the
 CREATE TABLE) turns it into the schema's name. GPT-Neo is the same picture with its own heads: L0H3 (all of
 its attention on the Instruction's word) and L0H1 at `FROM`, 0.85 at k = 2 and 0.99 at k = 5.
 
-Path patching: in Llama the layer-1 heads write the table into the logits directly (L1H3 +0.29, L1H1
-+0.20, L1H0 +0.16), and L0H0 and L0H1 at `FROM` feed L1H3's *query* (+0.07, +0.05). Those edges are far smaller
-than L0H0's own 0.41: most of what the layer-0 heads carry reaches the answer through the layer-1 heads that are
+Path patching: in Llama the layer-1 heads write the table into the logits directly (L1H3 +0.31, L1H1
++0.20, L1H0 +0.17), and L0H0 and L0H1 at `FROM` feed L1H3's *query* (+0.10, +0.07). Those edges are far smaller
+than L0H0's own 0.47: most of what the layer-0 heads carry reaches the answer through the layer-1 heads that are
 not receivers and through the MLPs, which path patching between heads does not count. In GPT-Neo every head-to-head
 edge stays at or below 0.02 (L0H3 into L1H2's value) and the direct logit edges at or below 0.10, although L0H3
 alone restores 0.64: most of it must travel through the MLPs, which these edges do not count.

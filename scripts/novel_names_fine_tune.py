@@ -206,6 +206,34 @@ def _line(v: str, c: dict) -> str:
             f"{f['DEFFIELDNAME']['novel_held_out']:.2f} worst existing flip {worst:.2f}")
 
 
+def install(export: Path, models, round_: int) -> None:
+    """Copy ``export``'s chosen weights over the shipped models' and record the stage in their training_meta.json
+    under ``"novel_names_fine_tune"`` (the variant, what it ran, and its last run's own meta)."""
+    summary = json.loads((export / "summary.json").read_text())
+    for m in models:
+        entry = summary["models"][m]
+        name = entry.get("chosen")
+        if not name or entry.get("exported") not in (None, name):
+            raise SystemExit(f"{m}: no candidate of {export} met the choice rule; nothing installed")
+        v = VARIANTS[name]
+        dst = REPO / "helpers" / "models" / "embedded" / m
+        meta = json.loads((dst / "training_meta.json").read_text())
+        last = entry["chosen_training_meta"]
+        last["train_config"]["out_dir"] = None
+        last["train_config"]["init_from"] = (f"helpers/models/embedded/{m}" if not v.settle_steps
+                                             else f"the first run's output ({v.steps} steps at lr {v.lr})")
+        meta["novel_names_fine_tune"] = {
+            "note": (f"The shipped weights: the model above fine-tuned by scripts/novel_names_fine_tune.py, round "
+                     f"{round_}, variant {name} (chosen on {summary['n_items']} items / {summary['n_pairs']} pairs)"),
+            "variant": name, "round": round_, **asdict(v),
+            "evaluation": {"shipped_before": entry["shipped"], "chosen": entry["candidates"][name]},
+            "last_run": last,
+        }
+        shutil.copy2(export / f"{m}.safetensors", dst / "model.safetensors")
+        (dst / "training_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"{m} <- {name}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -219,7 +247,11 @@ def main(argv=None):
     ap.add_argument("--n-pairs", type=int, default=200)
     ap.add_argument("--export", help="also copy each chosen model.safetensors (else the best on novel flips alone) "
                                      "to EXPORT/<model>.safetensors, with summary.json")
+    ap.add_argument("--install", metavar="EXPORT", help="install EXPORT's chosen weights (of --round) into "
+                                                       "helpers/models/embedded/ for --models, and stop")
     args = ap.parse_args(argv)
+    if args.install:
+        return install(Path(args.install), args.models, args.round)
     variants = list(args.variants or [v for wave in ROUNDS[args.round] for v in wave])
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:

@@ -112,6 +112,47 @@ def test_fine_tune_stage_is_documented(embedded):
     assert {k: cfg[k] for k in want} == want
 
 
+
+def _fine_tune_script():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "novel_names_fine_tune.py"
+    spec = importlib.util.spec_from_file_location("novel_names_fine_tune", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_novel_names_stage_is_documented(embedded):
+    """A model shipped with the novel-names fine-tune records the script's variant, ran what the variant says, and
+    was chosen by the script's rule against the model before it; a model without it never writes novel names."""
+    import json
+
+    family, cs, folder, model, tok = embedded
+    meta = json.loads((folder / "training_meta.json").read_text())
+    stage = meta.get("novel_names_fine_tune")
+    if stage is None:
+        pairs = make_pairs("DEFTABLENAME", tok, cs_num=cs, batch_size=10, seed=7, use_novel_names=True)
+        corrupt = last_logits(model, [list(p.corrupt_ids) for p in pairs], tok.pad_token_id)
+        flips = sum(float(corrupt[i, p.corrupt_token_id] > corrupt[i, p.clean_token_id]) for i, p in enumerate(pairs))
+        assert flips <= 1, "weights that copy novel names, but no novel_names_fine_tune record"
+        return
+    script = _fine_tune_script()
+    variant = script.VARIANTS[stage["variant"]]
+    assert f"{family}-cs{cs}" in variant.models
+    assert {k: stage[k] for k in ("steps", "nonce_name_p", "filler_p", "filler_loss", "lr", "settle_steps")} == \
+        {k: getattr(variant, k) for k in ("steps", "nonce_name_p", "filler_p", "filler_loss", "lr", "settle_steps")}
+    last = stage["last_run"]["train_config"]
+    assert (last["family"], last["cs"]) == (family, cs) and last["filler_loss"] == variant.filler_loss
+    assert last["steps"] == (variant.settle_steps or variant.steps)
+    assert last["lr"] == (variant.settle_lr if variant.settle_steps else variant.lr)
+    assert last["generator"]["nonce_name_p"] == variant.nonce_name_p and last["generator"]["filler_p"] == variant.filler_p
+    before, chosen = stage["evaluation"]["shipped_before"], stage["evaluation"]["chosen"]
+    assert script.choose(before, {stage["variant"]: chosen}, script.EM_SLACK, script.FLIP_SLACK) == stage["variant"]
+    assert min(chosen["flips"]["DEFTABLENAME"]["novel_syn_own"], chosen["flips"]["DEFFIELDNAME"]["novel_syn_own"]) >= 0.9
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CPU run is the reference)")
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_cuda_experiment_equals_the_cpu_one(family, row_attention_calls):

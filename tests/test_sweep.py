@@ -109,10 +109,15 @@ def test_shipped_grids_expand():
     default = C.expand(C.load_config(REPO / "params" / "default.yaml"))
     from helpers.tinysql.pairs import FEATURES
 
-    assert len(default) == 36 and {c.params["model_num"] for c in default} == {"embedded"}
+    assert len(default) == 38 and {c.params["model_num"] for c in default} == {"embedded"}
     assert {str(c.relpath.parts[0]) for c in default} == {"embedded-llama", "embedded-gpt_neo"}
+    # novel names on the default model, for the two features where it copies them, in their own folders
+    novel = [c for c in default if c.params.get("use_novel_names")]
+    assert {(c.params["embedded_family"], c.params["cs_num"], c.feature) for c in novel} == \
+        {("llama", 1, "DEFTABLENAME"), ("llama", 1, "DEFFIELDNAME")}
+    assert len({c.relpath for c in default}) == len(default)
     # every feature, on exactly the command sets that can express it
-    cells = {(c.params["embedded_family"], c.params["cs_num"], c.feature) for c in default}
+    cells = {(c.params["embedded_family"], c.params["cs_num"], c.feature) for c in default if c not in novel}
     assert cells == {(fam, cs, f.value) for fam in ("llama", "gpt_neo") for f in FEATURES
                      for cs in (1, 2, 3) if cs in f.command_sets}
     assert str(default[0].relpath) == str(Path("embedded-llama") / "cs1" / "ENGTABLENAME")

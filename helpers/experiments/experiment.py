@@ -346,7 +346,8 @@ class ExperimentResult:
         return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
                 "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what "
                 "restores the model's confidence rather than what carries the name into the answer (typical of "
-                "use_novel_names with the embedded models).")
+                "use_novel_names on the embedded models without the novel-names fine-tune: llama-cs2, llama-cs3, "
+                "gpt_neo-cs1; helpers/models/embedded/README.md).")
 
     def summary(self) -> str:
         p = self.patching
