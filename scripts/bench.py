@@ -11,6 +11,11 @@ first clean/corrupt difference is at position 10. For each shape and dtype (fp32
   attention score/value products; the lm_head is restricted to two rows and not counted);
 - 10 examples vs 1 (bf16 by default), a bucket-size sweep, sdpa attention, and the unfused HF modules (bf16).
 
+- the small-model cases (``SMALL_CASES``, bf16): the SmolLM2-135M and TinyStories-2L shapes at 1 and 10 examples of
+  T 71 and 10 of T 26, against the exact sweep's arithmetic at 790 TFLOP/s, with the GPU's busy share;
+  ``--small-only`` runs just those (and the main table's one-example case for the other shapes), without the
+  reference loop, so without nnsight.
+
 Usage: python scripts/bench.py [--quick] [--out results.md]. ``--quick`` uses tiny shapes (CPU check).
 """
 from __future__ import annotations
@@ -48,6 +53,10 @@ def real_configs():
             vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
             num_attention_heads=14, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
             rope_theta=1_000_000.0, tie_word_embeddings=True, rms_norm_eps=1e-6),
+        "SmolLM2-135M (llama)": LlamaConfig(  # upstream's model 5 is SmolLM-135M, the same shape
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+            rope_theta=100_000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
         "Llama-3.2-1B (llama)": LlamaConfig(
             vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
             num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
@@ -148,6 +157,64 @@ def sync_report(model, pair, name):
         print(f"  {n:5d}  {loc}", flush=True)
 
 
+# The small-model cases (issue "small real models at the arithmetic bound"): (label, examples, T, first difference).
+# T 71 with the first difference at 10 is an ENGTABLENAME prompt, T 26 at 17 a DEFFIELDNAME one.
+SMALL_CASES = (("1 example, T 71", 1, 71, 10), ("10 examples, T 71", 10, 71, 10), ("10 examples, T 26", 10, 26, 17))
+SMALL_SHAPES = ("SmolLM2", "TinyStories")
+LARGE_CASES = (("1 example, T 60", 1, 60, 10),)  # the main table's case, for the other shapes under --small-only
+PEAK_TFLOPS = 790.0  # the H200's dense bf16 rate the arithmetic bound is quoted at (README "Speed")
+
+
+def gpu_busy_seconds(fn, device) -> float:
+    """Seconds of GPU kernel time in one call of ``fn`` (torch.profiler; kernels summed, so an overlap of two
+    streams would count twice: this suite runs on one stream)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    total_us = 0.0
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            total_us += evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+    return total_us / 1e6
+
+
+def small_model_cases(name, model, device, gen, reps: int, cases=SMALL_CASES, host_profile: bool = False) -> list[str]:
+    """Each case in bf16 after a warm-up: wall seconds (best of ``reps``), the exact arithmetic's time at
+    PEAK_TFLOPS and the ratio to it, forwards, and the share of the wall time the GPU is busy. ``host_profile``:
+    also print the Python functions that take the host's time in the last case (cProfile)."""
+    rows = []
+    vocab = model.config.vocab_size
+    for label, n, T, first in cases:
+        # end-aligned examples of one length, first differences spread by ±2 (as prompts of one template are)
+        pairs = [make_pair(gen, vocab, T, max(1, first + int(torch.randint(-2, 3, (1,), generator=gen))))
+                 for _ in range(n)]
+        run = lambda: patch_heads(model, pairs, keep_incorrect=True, progress=False)  # noqa: E731
+        run()  # warm-up: compiles and autotunes this case's shapes
+        t, res = timed(run, device, reps)
+        stats = dict(res.stats)
+        stats["mean_kv"] = (T + first) / 2 + T / 2
+        flop = flops_of(model, stats)
+        bound = flop / (PEAK_TFLOPS * 1e12)
+        busy = gpu_busy_seconds(run, device) / t if device.type == "cuda" else float("nan")
+        if host_profile and (label, n, T, first) == cases[-1]:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(run)
+            sync(device)
+            print(f"host profile, {name}, {label}:", flush=True)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        rows.append(f"| {name} | bf16 | {label} | {t:.3f} | {stats.get('row_token_layers', 0) / 1e6:.2f} M | "
+                    f"{flop / 1e12:.1f} TFLOP | {bound:.3f} | {t / bound:.1f}× | {stats.get('forwards')} | "
+                    f"{busy:.0%} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def fmt_s(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
 
@@ -173,6 +240,10 @@ def main(argv=None):
     ap.add_argument("--sync-debug", action="store_true", help="list the host-device syncs of one bf16 fast sweep")
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; optional parts are skipped after")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
+    ap.add_argument("--small-cases", action=argparse.BooleanOptionalAction, default=True,
+                    help="the small-model cases (SMALL_CASES, bf16) for the SmolLM2 and TinyStories shapes")
+    ap.add_argument("--small-only", action="store_true",
+                    help="only the small-model cases (no reference loop, so no nnsight needed)")
     args = ap.parse_args(argv)
 
     warnings.simplefilter("ignore")
@@ -211,9 +282,20 @@ def main(argv=None):
     def over_budget() -> bool:
         return time.perf_counter() - t_start > args.time_budget
 
+    small_rows: list[str] = []
+
     def run_shape(name, config):
         with torch.device(device):
             model = build_random_model(config, seed=0, dtype=torch.float32)
+        small = any(k in name for k in SMALL_SHAPES)
+        if args.small_cases and not args.quick and (small or args.small_only):
+            model.to(torch.bfloat16)
+            small_rows.extend(small_model_cases(name, model, device, torch.Generator().manual_seed(3), args.reps,
+                                                SMALL_CASES if small else LARGE_CASES,
+                                                host_profile=args.cpu_profile and small))
+            model.to(torch.float32)
+        if args.small_only:
+            return
         geo = head_geometry(model.config)
         vocab = model.config.vocab_size
         pair = make_pair(gen, vocab, args.length, args.first_diff)
@@ -345,6 +427,11 @@ def main(argv=None):
         "| shape | dtype | variant (attention) | examples | bucket size | s | s / example | forwards / notes |",
         "|---|---|---|---|---|---|---|---|", *extra, "",
     ]
+    if small_rows:
+        table += [f"Small-model cases (bf16; arithmetic bound: the exact sweep's FLOPs at {PEAK_TFLOPS:.0f} TFLOP/s; GPU "
+                  "busy: kernel time over wall time):", "",
+                  "| shape | dtype | case | s | row-token-layers | arithmetic | bound s | s / bound | forwards | GPU busy |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *small_rows, ""]
     text = "\n".join(table)
     print("\n" + text)
     if args.out:
