@@ -98,6 +98,10 @@ VARIANTS = {
     "s600_n20_lr5e5": Variant(600, 0.20, lr=5e-5, models=("gpt_neo-cs1",)),
     "s300_n10_fl_settle_plain": Variant(300, 0.10, settle_steps=300, settle_generator=PLAIN,
                                         models=("gpt_neo-cs1", "llama-cs1")),
+    # round 5: gpt_neo-cs1's exact match and llama-cs2's fields, round 1's best recipe for them over seeds, settled
+    **{f"s300_n10_fl_settle_s{k}": Variant(300, 0.10, seed=k, settle_steps=300, models=("gpt_neo-cs1", "llama-cs2"))
+       for k in (4, 5, 6)},
+    "s600_n10_lr1e4_settle": Variant(600, 0.10, lr=1e-4, settle_steps=300, models=("gpt_neo-cs1", "llama-cs2")),
 }
 ROUNDS = {
     1: (("s150_n10", "s150_n10_fl", "s300_n10_fl", "s300_n20_fl", "s600_n20_fl", "s100_n20_fl"),),
@@ -107,6 +111,7 @@ ROUNDS = {
     4: (("s900_n20_lr1e4_sorted", "s900_n20_lr1e4_sorted_settle_plain", "s600_n30_lr2e4_sorted_settle",
          "s900_n20_lr1e4_sorted_fs8", "s900_n20_lr1e4_sorted_s4", "s300_n10_lr1e4_settle", "s600_n20_lr5e5",
          "s300_n10_fl_settle_plain"),),
+    5: (("s300_n10_fl_settle_s4", "s300_n10_fl_settle_s5", "s300_n10_fl_settle_s6", "s600_n10_lr1e4_settle"),),
 }
 SETTINGS = ("off", "syn_table", "syn_field", "syn_both", "novel", "novel_syn_own", "novel_held_out")
 EXISTING = ("off", "syn_table", "syn_field", "syn_both")
