@@ -50,16 +50,17 @@ Defaults: embedded model for command set 1, CPU, no network. `use_novel_names` r
 that is never a column ("hammer", "wolf"); `use_synonyms_field` lets the Instruction name fields by synonyms,
 and is on by default (`None`: `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`), so the schema is the one source of the name.
 
-**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): three embedded models carry the
+**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): four embedded models carry the
 novel-names fine-tune and write the novel column, so the heatmap then shows which heads *copy a name never seen as a
-name*: llama-cs1 (the default; flip 1.00), gpt_neo-cs2 (0.91) and gpt_neo-cs3 (0.99). The other three never write
-it (0.00–0.03): there the heatmap shows what restores the model's confidence, not what carries the name, and the
-notebook warns. `novel_words = "held_out"` takes words no training text holds, the stricter case: 0.79 / 0.39 / 0.86.
+name*: llama-cs1 (the default; flip 1.00), gpt_neo-cs1 (0.95), gpt_neo-cs2 (0.91) and gpt_neo-cs3 (0.99). llama-cs2
+and llama-cs3 never write it (0.00): there the heatmap shows what restores the model's confidence, not what carries
+the name, and the notebook warns. `novel_words = "held_out"` takes words no training text holds, the stricter case:
+0.79 / 0.40 / 0.39 / 0.86.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
 the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.60–0.72 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.76–0.92 Upstream's words are meant for the released hub checkpoints,
+prompts (upstream's words are not names they were trained on) and flip 0.76–0.92. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -181,8 +182,8 @@ A receiver in layer 0 has no senders.
 On the embedded models (command set 1, seed 0, 5 examples) this is the least concentrated feature. Llama:
 three cells reach 0.82 (L0H2 at `Response`, L1H3 and L1H2 at `SELECT`), necessity 0.73 at k = 3 and 0.94 at
 k = 5, 5 random cells 0.09. GPT-Neo needs 7 cells for 80 % sufficiency and 9 for necessity. A finding that surprised us: the layer-1
-heads' *attention* moves with the corruption. GPT-Neo's L1H2 puts 0.74 of its attention from `SELECT` on the
-field name in the clean run but moves to `)` and `SELECT` (0.36 and 0.33) in the corrupt run, and Llama's L1H3
+heads' *attention* moves with the corruption. GPT-Neo's L1H7 puts 0.50 of its attention from `SELECT` on the
+field name in the clean run but moves to `)` and `SELECT` (0.56 and 0.36) in the corrupt run, and Llama's L1H3
 goes from the CREATE TABLE text (0.83) to the Response (0.86). The renamed field no longer matches the
 Instruction's word, so the head stops selecting it: the name reaches the answer through *where* the head
 looks (its query-key match), not only through what it copies.

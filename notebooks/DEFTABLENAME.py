@@ -51,16 +51,17 @@ table in the vocabulary ("apple", "orange"); `use_synonyms_table` / `use_synonym
 Instruction words things, never the schema. Table synonyms are on unless set to `False` (`None` = the
 default of `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`): a model may otherwise copy the name from the Instruction.
 
-**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): three embedded models carry the
+**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): four embedded models carry the
 novel-names fine-tune and write the novel table, so the heatmap then shows which heads *copy a name never seen as a
-name*: llama-cs1 (the default; flip 1.00), gpt_neo-cs2 (0.98) and gpt_neo-cs3 (0.91). The other three never write
-it (0.00): there the heatmap shows what restores the model's confidence, not what carries the name, and the
-notebook warns. `novel_words = "held_out"` takes words no training text holds, the stricter case: 0.66 / 0.26 / 0.28.
+name*: llama-cs1 (the default; flip 1.00), gpt_neo-cs1 (0.97), gpt_neo-cs2 (0.98) and gpt_neo-cs3 (0.91). llama-cs2
+and llama-cs3 never write it (0.00): there the heatmap shows what restores the model's confidence, not what carries
+the name, and the notebook warns. `novel_words = "held_out"` takes words no training text holds, the stricter case:
+0.66 / 0.30 / 0.26 / 0.28.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
 the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 0.58–0.68 of the clean
-prompts (upstream's words are not names they were trained on) and flip 0.68–0.78 Upstream's words are meant for the released hub checkpoints,
+prompts (upstream's words are not names they were trained on) and flip 0.68–0.78. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """
@@ -183,8 +184,8 @@ On the embedded models (command set 1, seed 0, 5 examples) two routes show. Llam
 renamed CREATE TABLE token restore 0.83 at k = 2 (necessity 0.82; 5 random cells 0.00): at the name itself,
 both attend to it; from `FROM`, L1H3 then attends only to that schema token (all of its attention, clean and
 corrupt): a copying head. GPT-Neo instead reads the name at `FROM` in layer 0: L0H7, L0H6, L0H0 each put
-0.92-1.00 of their attention from `FROM` on the renamed token; three of them reach 0.83, and necessity lags
-(0.66 at k = 3, 0.87 at k = 5): more heads share the copying there.
+0.91-0.99 of their attention from `FROM` on the renamed token; three of them reach 0.73, four 80 %, and necessity
+lags (0.57 at k = 3, 0.75 at k = 5): more heads share the copying there.
 
 Path patching: in Llama, L0H2 and L0H0 at the renamed CREATE TABLE token feed the *values* of the layer-1 heads
 (L1H0 +0.14, L1H2 +0.12, L1H3 +0.12), which write the name into the logits from `FROM` (+0.17 to +0.23): the

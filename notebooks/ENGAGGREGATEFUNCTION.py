@@ -54,7 +54,7 @@ patching words and template, what the released hub checkpoints were trained on);
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
 the corruption flips 0.90–1.00 of them. With `vocabulary = "upstream"` the same models answer 1.00 of the clean
-prompts (upstream's words are not names they were trained on) and flip 1.00 Upstream's words are meant for the released hub checkpoints,
+prompts (upstream's words are not names they were trained on) and flip 1.00. Upstream's words are meant for the released hub checkpoints,
 which were trained on upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean
 prompt stay out of the averages unless `keep_incorrect` is set.
 """

@@ -53,8 +53,8 @@ synonyms in the Instruction (the model must then translate "cost" to `price` thr
 synonyms are on: this feature's default in `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`.
 
 **What `use_novel_names` means here**: the Instruction then asks for a column the Context does not hold. The
-embedded models, with or without the novel-names fine-tune, keep writing the schema's column (flip 0.00–0.02 over the
-six models, 200 pairs): they read the answer from the schema and never write a word the schema lacks. The logit
+embedded models, with or without the novel-names fine-tune, keep writing the schema's column (flip 0.00–0.05 over the
+six models, 200 pairs): they read the answer from the schema and almost never write a word it lacks. The logit
 difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
 which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
 notebooks are where novel names test copying.
@@ -195,7 +195,7 @@ L1H3 (+0.66) and of L1H1 (+0.24), and its direct path to the logits is nothing (
 into the logits (+0.67). The layer-0 head decides *which* field by shaping where layer 1 looks, and layer 1 copies
 it. Edge attribution ranks this edge among the top two too but puts it at +0.28, less than half of the exact +0.66: a
 query edge acts through the softmax, where the linear estimate falls short (correlation with the exact edges 0.91
-here, against 0.97-1.00 for most of the other cells). In GPT-Neo the head-to-head edges are at most 0.02: as for ENGTABLENAME, most of the effect must travel through
+here, against 0.97-1.00 for most of the other cells). In GPT-Neo the head-to-head edges are at most 0.03: as for ENGTABLENAME, most of the effect must travel through
 the MLPs, which these edges do not count.
 
 `circuit = False` turns this section off.

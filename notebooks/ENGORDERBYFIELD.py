@@ -56,8 +56,8 @@ word set: "suite" (this project's words, what the embedded models know) or "upst
 patching words and template, what the released hub checkpoints were trained on); `None` takes the model's own.
 
 **What `use_novel_names` means here**: the Instruction then asks for a sort column the Context does not hold. The
-embedded models, with or without the novel-names fine-tune, keep writing the schema's column (flip 0.00–0.05 (gpt_neo-cs3: 0.24) over the
-six models, 200 pairs): they read the answer from the schema and never write a word the schema lacks. The logit
+embedded models, with or without the novel-names fine-tune, mostly keep writing the schema's column (flip 0.00–0.05
+over the six models, 200 pairs; gpt_neo-cs3, fine-tuned, 0.24): they read the answer from the schema. The logit
 difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
 which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
 notebooks are where novel names test copying.

@@ -58,7 +58,7 @@ Context table. It is on by default (`None` takes the feature's default from
 
 **What `use_novel_names` means here**: the Instruction then asks for a table the Context does not hold. The
 embedded models, with or without the novel-names fine-tune, keep writing the schema's table (flip 0.00–0.01 over the
-six models, 200 pairs): they read the answer from the schema and never write a word the schema lacks. The logit
+six models, 200 pairs): they read the answer from the schema and almost never write a word it lacks. The logit
 difference then measures how much more the model prefers the clean table than the novel word, and the heatmap shows
 which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
 notebooks are where novel names test copying.
@@ -193,14 +193,14 @@ at k = 2; L0H0 alone 0.47) and removing them destroys all of it (necessity 1.01)
 0.02. Both heads attend from `FROM` straight to the Instruction's table word (L0H0: all of its attention,
 clean and corrupt alike): they move the English word to the answer position, and layer 1 (L1H3 reads the
 CREATE TABLE) turns it into the schema's name. GPT-Neo is the same picture with its own heads: L0H3 (all of
-its attention on the Instruction's word) and L0H1 at `FROM`, 0.85 at k = 2 and 0.99 at k = 5.
+its attention on the Instruction's word) and L0H1 at `FROM`, 0.87 at k = 2 and 0.99 at k = 5.
 
 Path patching: in Llama the layer-1 heads write the table into the logits directly (L1H3 +0.31, L1H1
 +0.20, L1H0 +0.17), and L0H0 and L0H1 at `FROM` feed L1H3's *query* (+0.10, +0.07). Those edges are far smaller
 than L0H0's own 0.47: most of what the layer-0 heads carry reaches the answer through the layer-1 heads that are
 not receivers and through the MLPs, which path patching between heads does not count. In GPT-Neo every head-to-head
-edge stays at or below 0.02 (L0H3 into L1H2's value) and the direct logit edges at or below 0.10, although L0H3
-alone restores 0.64: most of it must travel through the MLPs, which these edges do not count.
+edge stays at or below 0.02 (L0H3 into L1H2's value) and the direct logit edges at or below 0.11, although L0H3
+alone restores 0.65: most of it must travel through the MLPs, which these edges do not count.
 
 `circuit = False` turns this section off.
 """

@@ -9,8 +9,9 @@ settling run) fine-tunes every model from its shipped weights, the runs sharing 
 the shipped model are evaluated the same way (exact match on 2,000 held-out items, 200 pairs per feature and flag
 setting) and one candidate per model is chosen:
 
-- eligible: exact match >= the shipped model's - EM_SLACK on the same items, and every flip rate of the existing
-  flag settings (off, synonyms) >= the shipped model's - FLIP_SLACK;
+- eligible, counted on the same items and pairs as the model before: at most EM_SLACK_ITEMS fewer items exactly
+  matched, at most FLIP_SLACK_PAIRS fewer pairs flipped in every existing flag setting (off, synonyms), and novel
+  DEF* flips of at least NOVEL_BAR;
 - best: the highest min(DEFTABLENAME, DEFFIELDNAME) flip with novel names at the notebook defaults
   (``novel_syn_own``), then the same without synonyms (``novel``), then exact match.
 
@@ -115,9 +116,10 @@ ROUNDS = {
 }
 SETTINGS = ("off", "syn_table", "syn_field", "syn_both", "novel", "novel_syn_own", "novel_held_out")
 EXISTING = ("off", "syn_table", "syn_field", "syn_both")
-# Choice: exact match within this of the shipped model's on the same items (2,000: one standard error is about
-# 0.003), and every existing flip rate within this of the shipped model's (200 pairs: 2 pairs).
-EM_SLACK, FLIP_SLACK = 0.0025, 0.01
+# Choice, in counts on the same items and pairs as the model before (2,000 items: one standard error is about 6;
+# 200 pairs): at most this many items fewer exactly matched, and pairs fewer flipped in any existing setting.
+EM_SLACK_ITEMS, FLIP_SLACK_PAIRS = 4, 2
+NOVEL_BAR = 0.90  # the issue's bar for novel DEFTABLENAME and DEFFIELDNAME flips
 
 
 def base_generator(family: str, cs: int) -> dict:
@@ -134,8 +136,13 @@ def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen) -> lis
             "--generator", json.dumps(gen)] + (["--filler-loss"] if v.filler_loss else [])
 
 
-def train_all(variants, models, out: Path, device: str, max_procs: int) -> None:
-    """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first."""
+def already_fine_tuned(folder: Path) -> bool:
+    return "novel_names_fine_tune" in json.loads((folder / "training_meta.json").read_text())
+
+
+def train_all(variants, models, out: Path, device: str, max_procs: int, init_root: Path) -> set[str]:
+    """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first.
+    Returns the keys ("variant-model") whose runs failed; their folders are removed so nothing stale is evaluated."""
     jobs = []
     for name in variants:
         v = VARIANTS[name]
@@ -146,24 +153,28 @@ def train_all(variants, models, out: Path, device: str, max_procs: int) -> None:
             gen = {**base_generator(family, int(cs)), "filler_p": v.filler_p, "nonce_name_p": v.nonce_name_p,
                    **dict(v.generator)}
             first = out / name / f"{m}-first" if v.settle_steps else out / name / m
-            cmds = [_train_cmd(family, cs, REPO / "helpers" / "models" / "embedded" / m, first, v, v.lr, v.steps,
-                               device, gen)]
+            for folder in {first, out / name / m}:  # a rerun into the same --out starts clean
+                shutil.rmtree(folder, ignore_errors=True)
+            cmds = [_train_cmd(family, cs, init_root / m, first, v, v.lr, v.steps, device, gen)]
             if v.settle_steps:
                 cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device,
                                        {**gen, **dict(v.settle_generator)}))
             jobs.append((f"{name}-{m}", " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)))
     running: list = []
+    failed: set[str] = set()
     while jobs or running:
         while jobs and len(running) < max_procs:
             key, script = jobs.pop(0)
-            log = open(out / f"{key}.log", "w")
-            running.append((key, subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)))
+            with open(out / f"{key}.log", "w") as log:
+                running.append((key, subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(1)
         for key, proc in list(running):
             if proc.poll() is not None:
                 running.remove((key, proc))
                 if proc.returncode != 0:
+                    failed.add(key)
                     print(f"training {key} failed (rc {proc.returncode}; {out / key}.log)", flush=True)
+    return failed
 
 
 def evaluate(folder: Path, cs: int, device: str, n_items: int, n_pairs: int) -> dict:
@@ -182,14 +193,23 @@ def _evaluate_job(job):
         return key, {"error": repr(err)}
 
 
-def choose(shipped: dict, candidates: dict, em_slack: float, flip_slack: float) -> str | None:
-    """The eligible candidate (exact match and every existing flip rate within the slacks of the shipped model's)
-    with the highest min(DEFTABLENAME, DEFFIELDNAME) novel flip at the notebook defaults, then without synonyms,
-    then exact match."""
+def choose(shipped: dict, candidates: dict, n_items: int, n_pairs: int, em_slack_items: int = EM_SLACK_ITEMS,
+           flip_slack_pairs: int = FLIP_SLACK_PAIRS, novel_bar: float = NOVEL_BAR) -> str | None:
+    """The eligible candidate (counted against the model before on the same ``n_items`` items and ``n_pairs`` pairs:
+    at most ``em_slack_items`` fewer exact matches, at most ``flip_slack_pairs`` fewer flips in every existing
+    setting, novel DEF* flips >= ``novel_bar``) with the highest min(DEFTABLENAME, DEFFIELDNAME) novel flip at the
+    notebook defaults, then without synonyms, then exact match. Counts, not rates: a rate's float subtraction
+    would decide the boundary case by rounding."""
+    def fewer(before: float, after: float, n: int) -> int:
+        return round(before * n) - round(after * n)
+
     def eligible(c):
-        if "error" in c or c["exact_match"] < shipped["exact_match"] - em_slack:
+        if "error" in c or fewer(shipped["exact_match"], c["exact_match"], n_items) > em_slack_items:
             return False
-        return all(c["flips"][f][s] >= shipped["flips"][f][s] - flip_slack for f in shipped["flips"] for s in EXISTING)
+        if min(c["flips"]["DEFTABLENAME"]["novel_syn_own"], c["flips"]["DEFFIELDNAME"]["novel_syn_own"]) < novel_bar:
+            return False
+        return all(fewer(shipped["flips"][f][s], c["flips"][f][s], n_pairs) <= flip_slack_pairs
+                   for f in shipped["flips"] for s in EXISTING if shipped["flips"][f][s] is not None)
 
     def key(item):
         c = item[1]["flips"]
@@ -211,30 +231,52 @@ def _line(v: str, c: dict) -> str:
             f"{f['DEFFIELDNAME']['novel_held_out']:.2f} worst existing flip {worst:.2f}")
 
 
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def install(export: Path, models, round_: int) -> None:
     """Copy ``export``'s chosen weights over the shipped models' and record the stage in their training_meta.json
-    under ``"novel_names_fine_tune"`` (the variant, what it ran, and its last run's own meta)."""
+    under ``"novel_names_fine_tune"``: the variant as it ran, its evaluation, its last run's own meta and the
+    installed file's sha256. Every model is checked before anything is copied."""
     summary = json.loads((export / "summary.json").read_text())
+    round_ = summary.get("round", round_)
+    plan = []
     for m in models:
-        entry = summary["models"][m]
-        name = entry.get("chosen")
-        if not name or entry.get("exported") not in (None, name):
+        entry = summary["models"].get(m)
+        name = entry and entry.get("chosen")
+        if not name:
             raise SystemExit(f"{m}: no candidate of {export} met the choice rule; nothing installed")
-        v = VARIANTS[name]
+        if entry.get("exported", name) != name:
+            raise SystemExit(f"{m}: {export}/{m}.safetensors is {entry['exported']}, not the chosen {name}; "
+                             "nothing installed")
+        weights = export / f"{m}.safetensors"
+        if entry.get("exported_sha256") and sha256(weights) != entry["exported_sha256"]:
+            raise SystemExit(f"{m}: {weights} is not the file the run exported; nothing installed")
         dst = REPO / "helpers" / "models" / "embedded" / m
+        if already_fine_tuned(dst):
+            raise SystemExit(f"{m}: {dst} already carries the novel-names stage; nothing installed")
+        plan.append((m, name, entry, weights, dst))
+    for m, name, entry, weights, dst in plan:
+        ran = summary["variants"][name]  # the variant as it ran (VARIANTS may have changed since)
         meta = json.loads((dst / "training_meta.json").read_text())
         last = entry["chosen_training_meta"]
         last["train_config"]["out_dir"] = None
-        last["train_config"]["init_from"] = (f"helpers/models/embedded/{m}" if not v.settle_steps
-                                             else f"the first run's output ({v.steps} steps at lr {v.lr})")
+        last["train_config"]["init_from"] = (f"helpers/models/embedded/{m}" if not ran["settle_steps"]
+                                             else f"the first run's output ({ran['steps']} steps at lr {ran['lr']})")
         meta["novel_names_fine_tune"] = {
             "note": (f"The shipped weights: the model above fine-tuned by scripts/novel_names_fine_tune.py, round "
                      f"{round_}, variant {name} (chosen on {summary['n_items']} items / {summary['n_pairs']} pairs)"),
-            "variant": name, "round": round_, **asdict(v),
-            "evaluation": {"shipped_before": entry["shipped"], "chosen": entry["candidates"][name]},
+            "variant": name, "round": round_, **ran,
+            "evaluation": {"shipped_before": entry["shipped"], "chosen": entry["candidates"][name],
+                           "n_items": summary["n_items"], "n_pairs": summary["n_pairs"]},
+            "first_run": entry.get("chosen_first_run_meta"),
             "last_run": last,
+            "sha256": sha256(weights),
         }
-        shutil.copy2(export / f"{m}.safetensors", dst / "model.safetensors")
+        shutil.copy2(weights, dst / "model.safetensors")
         (dst / "training_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         print(f"{m} <- {name}")
 
@@ -254,9 +296,18 @@ def main(argv=None):
                                      "to EXPORT/<model>.safetensors, with summary.json")
     ap.add_argument("--install", metavar="EXPORT", help="install EXPORT's chosen weights (of --round) into "
                                                        "helpers/models/embedded/ for --models, and stop")
+    ap.add_argument("--init-root", default=str(REPO / "helpers" / "models" / "embedded"),
+                    help="the folder holding the <model>/ folders to fine-tune and compare with: the weights before "
+                         "the novel-names stage (e.g. a `git worktree` of commit 2e3b59c)")
     args = ap.parse_args(argv)
     if args.install:
         return install(Path(args.install), args.models, args.round)
+    init_root = Path(args.init_root)
+    staged = [m for m in args.models if already_fine_tuned(init_root / m)]
+    if staged:
+        raise SystemExit(f"{staged} in {init_root} already carry the novel-names stage: pass --init-root with the "
+                         "weights before it (git worktree add /tmp/pre 2e3b59c; --init-root "
+                         "/tmp/pre/helpers/models/embedded)")
     variants = list(args.variants or [v for wave in ROUNDS[args.round] for v in wave])
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -264,37 +315,43 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    train_all(variants, args.models, out, args.device, args.max_procs)
+    failed = train_all(variants, args.models, out, args.device, args.max_procs, init_root)
     print(f"trained at {time.time() - t0:.0f} s", flush=True)
     jobs = []
     for m in args.models:
         cs = int(m.rsplit("-cs", 1)[1])
-        jobs.append(((m, "shipped"), str(REPO / "helpers" / "models" / "embedded" / m), cs))
+        jobs.append(((m, "shipped"), str(init_root / m), cs))
         jobs += [((m, v), str(out / v / m), cs) for v in variants
-                 if m in VARIANTS[v].models and (out / v / m / "model.safetensors").exists()]
+                 if m in VARIANTS[v].models and f"{v}-{m}" not in failed and (out / v / m / "model.safetensors").exists()]
     with ProcessPoolExecutor(args.eval_procs, mp_context=get_context("spawn")) as pool:
         results = dict(pool.map(_evaluate_job, [(*j, args.device, args.n_items, args.n_pairs) for j in jobs]))
     print(f"evaluated at {time.time() - t0:.0f} s", flush=True)
-    summary = {"variants": {v: asdict(VARIANTS[v]) for v in variants}, "n_items": args.n_items,
-               "n_pairs": args.n_pairs, "em_slack": EM_SLACK, "flip_slack": FLIP_SLACK, "models": {}}
+    summary = {"round": None if args.variants else args.round, "variants": {v: asdict(VARIANTS[v]) for v in variants},
+               "n_items": args.n_items, "n_pairs": args.n_pairs, "em_slack_items": EM_SLACK_ITEMS,
+               "flip_slack_pairs": FLIP_SLACK_PAIRS, "novel_bar": NOVEL_BAR, "failed": sorted(failed), "models": {}}
     for m in args.models:
         shipped = results[(m, "shipped")]
         cands = {v: r for (mm, v), r in results.items() if mm == m and v != "shipped"}
-        name = choose(shipped, cands, EM_SLACK, FLIP_SLACK)
-        loose = choose(shipped, cands, 0.01, 0.02)  # rounds 1-2's rule, for the record
+        name = choose(shipped, cands, args.n_items, args.n_pairs)
+        loose = choose(shipped, cands, args.n_items, args.n_pairs, round(0.01 * args.n_items),
+                       round(0.02 * args.n_pairs), 0.0)  # rounds 1-2's rule, for the record
         summary["models"][m] = {"shipped": shipped, "candidates": cands, "chosen": name, "chosen_loosely": loose}
-        best = choose(shipped, cands, 1.0, 1.0)  # the best on novel flips alone, whatever it costs
+        best = choose(shipped, cands, args.n_items, args.n_pairs, args.n_items, args.n_pairs, 0.0)  # novel flips alone
         summary["models"][m]["best_unconstrained"] = best
         exported = name or best
         if args.export and exported:
             Path(args.export).mkdir(parents=True, exist_ok=True)
             shutil.copy2(out / exported / m / "model.safetensors", Path(args.export) / f"{m}.safetensors")
             summary["models"][m]["exported"] = exported
+            summary["models"][m]["exported_sha256"] = sha256(Path(args.export) / f"{m}.safetensors")
             summary["models"][m]["exported_training_meta"] = json.loads(
                 (out / exported / m / "training_meta.json").read_text())
         if name:
             summary["models"][m]["chosen_training_meta"] = json.loads((out / name / m / "training_meta.json").read_text())
-            shutil.copytree(out / name / m, out / "chosen" / m, dirs_exist_ok=True)
+            first = out / name / f"{m}-first" / "training_meta.json"
+            summary["models"][m]["chosen_first_run_meta"] = json.loads(first.read_text()) if first.exists() else None
+            shutil.rmtree(out / "chosen" / m, ignore_errors=True)
+            shutil.copytree(out / name / m, out / "chosen" / m)
         print(f"{m}: chosen {name} (loosely {loose}); shipped EM {shipped['exact_match']:.4f}", flush=True)
         for v, c in [("shipped", shipped), *cands.items()]:
             print("   " + _line(v, c), flush=True)

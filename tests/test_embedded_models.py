@@ -112,7 +112,6 @@ def test_fine_tune_stage_is_documented(embedded):
     assert {k: cfg[k] for k in want} == want
 
 
-
 def _fine_tune_script():
     import importlib.util
     import sys
@@ -125,33 +124,47 @@ def _fine_tune_script():
     return module
 
 
+def _novel_flips(model, tok, cs: int, n: int = 10) -> int:
+    """How many of ``n`` DEFTABLENAME pairs with novel names (and table synonyms, the notebook default) flip."""
+    pairs = make_pairs("DEFTABLENAME", tok, cs_num=cs, batch_size=n, seed=7, use_novel_names=True,
+                       use_synonyms_table=True)
+    corrupt = last_logits(model, [list(p.corrupt_ids) for p in pairs], tok.pad_token_id)
+    return sum(int(corrupt[i, p.corrupt_token_id] > corrupt[i, p.clean_token_id]) for i, p in enumerate(pairs))
+
+
 def test_novel_names_stage_is_documented(embedded):
-    """A model shipped with the novel-names fine-tune records the script's variant, ran what the variant says, and
-    was chosen by the script's rule against the model before it; a model without it never writes novel names."""
+    """A model shipped with the novel-names fine-tune holds the installed file, records the script's variant as it
+    ran, and was chosen by the script's rule against the model before it; its weights copy novel names, and a
+    model without the stage never does."""
+    import hashlib
     import json
 
     family, cs, folder, model, tok = embedded
     meta = json.loads((folder / "training_meta.json").read_text())
     stage = meta.get("novel_names_fine_tune")
+    flips = _novel_flips(model, tok, cs)
     if stage is None:
-        pairs = make_pairs("DEFTABLENAME", tok, cs_num=cs, batch_size=10, seed=7, use_novel_names=True)
-        corrupt = last_logits(model, [list(p.corrupt_ids) for p in pairs], tok.pad_token_id)
-        flips = sum(float(corrupt[i, p.corrupt_token_id] > corrupt[i, p.clean_token_id]) for i, p in enumerate(pairs))
         assert flips <= 1, "weights that copy novel names, but no novel_names_fine_tune record"
         return
+    assert flips >= 7, f"the novel-names stage is recorded, but only {flips} of 10 novel-name pairs flip"
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == stage["sha256"]
     script = _fine_tune_script()
     variant = script.VARIANTS[stage["variant"]]
     assert f"{family}-cs{cs}" in variant.models
-    assert {k: stage[k] for k in ("steps", "nonce_name_p", "filler_p", "filler_loss", "lr", "settle_steps")} == \
-        {k: getattr(variant, k) for k in ("steps", "nonce_name_p", "filler_p", "filler_loss", "lr", "settle_steps")}
+    fields = ("steps", "nonce_name_p", "filler_p", "filler_loss", "lr", "settle_steps", "seed")
+    assert {k: stage[k] for k in fields} == {k: getattr(variant, k) for k in fields}
     last = stage["last_run"]["train_config"]
     assert (last["family"], last["cs"]) == (family, cs) and last["filler_loss"] == variant.filler_loss
-    assert last["steps"] == (variant.settle_steps or variant.steps)
-    assert last["lr"] == (variant.settle_lr if variant.settle_steps else variant.lr)
-    assert last["generator"]["nonce_name_p"] == variant.nonce_name_p and last["generator"]["filler_p"] == variant.filler_p
-    before, chosen = stage["evaluation"]["shipped_before"], stage["evaluation"]["chosen"]
-    assert script.choose(before, {stage["variant"]: chosen}, script.EM_SLACK, script.FLIP_SLACK) == stage["variant"]
-    assert min(chosen["flips"]["DEFTABLENAME"]["novel_syn_own"], chosen["flips"]["DEFFIELDNAME"]["novel_syn_own"]) >= 0.9
+    assert (last["steps"], last["lr"], last["seed"]) == ((variant.settle_steps, variant.settle_lr, variant.seed)
+                                                        if variant.settle_steps else (variant.steps, variant.lr, variant.seed))
+    want = {"filler_p": variant.filler_p, "nonce_name_p": variant.nonce_name_p, **dict(variant.generator)}
+    if variant.settle_steps:
+        want.update(dict(variant.settle_generator))
+    assert {k: last["generator"].get(k) for k in want} == want
+    ev = stage["evaluation"]
+    assert script.choose(ev["shipped_before"], {stage["variant"]: ev["chosen"]}, ev["n_items"], ev["n_pairs"]) == \
+        stage["variant"]
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the CPU run is the reference)")
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])

@@ -93,15 +93,13 @@ def test_schema_reading_generator_options():
     assert spelled_as_synonym > 50
 
 
-
 def test_field_rename_sorted_keeps_one_sorted_unselected_column():
     """field_rename_sorted_p: a renamed item may keep one unselected column, which ORDER BY then mentions, so every
-    column is still mentioned (the rename is still found by elimination); at 0 nothing changes."""
+    column is still mentioned (the rename is still found by elimination); on CS1, which cannot sort, nothing changes
+    (at 0, the training data's digests in test_word_sets_and_features hold)."""
     from helpers.tinysql.sql_items import GeneratorConfig
 
     base = dict(context_spelling_p=0.0, field_rename_p=1.0)
-    assert generate_items(2, 60, 4, GeneratorConfig(**base)) == \
-        generate_items(2, 60, 4, GeneratorConfig(**base, field_rename_sorted_p=0.0))
     assert generate_items(1, 60, 4, GeneratorConfig(**base)) == \
         generate_items(1, 60, 4, GeneratorConfig(**base, field_rename_sorted_p=1.0))  # CS1 cannot sort: unchanged
     with_extra = 0
@@ -116,6 +114,7 @@ def test_field_rename_sorted_keeps_one_sorted_unselected_column():
                 assert sorted_[0] == extra[0]
                 assert item.english_words[extra[0]] in item.prompt.split(" ### Context")[0]
     assert with_extra > 200
+
 
 def test_filler_loss_labels_exactly_the_filler(tokenizer):
     """With filler_loss the English filler (holding a novel word) is predicted too, and nothing else of the prompt."""

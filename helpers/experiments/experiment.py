@@ -343,11 +343,16 @@ class ExperimentResult:
         flipped, n = self.flips()
         if n == 0 or 2 * flipped >= n:
             return None
+        why = ""
+        if self.settings.use_novel_names and self.feature.in_instruction:
+            why = (" Expected with use_novel_names in the Instruction: the schema does not hold the novel word, and a "
+                   "model that reads the schema keeps writing the schema's name.")
+        elif self.settings.use_novel_names:
+            why = (" With use_novel_names: the embedded models without the novel-names fine-tune (llama-cs2, "
+                   "llama-cs3) never write a novel name (helpers/models/embedded/README.md).")
         return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
                 "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what "
-                "restores the model's confidence rather than what carries the name into the answer (typical of "
-                "use_novel_names on the embedded models without the novel-names fine-tune: llama-cs2, llama-cs3, "
-                "gpt_neo-cs1; helpers/models/embedded/README.md).")
+                "restores the model's confidence rather than what carries the name into the answer." + why)
 
     def summary(self) -> str:
         p = self.patching

@@ -12,10 +12,11 @@ The recipe (used by ``scripts/train.py`` / ``make train``):
   (shaped like upstream BM1, TinyStories-Instruct-2Layers-33M: learned positions, alternating global and
   local attention, no attention scaling; eager attention only).
 - The same code runs on CPU and GPU; held-out greedy accuracy is logged every ``eval_every`` steps.
-- Novel names (not in the shipped recipe; helpers/models/embedded/README.md, "Novel names"): the generator's
-  ``filler_p`` and ``nonce_name_p`` and ``TrainConfig.filler_loss`` make the novel words familiar English words
-  that are never names, and teach copying of any schema token; ``scripts/novel_names_fine_tune.py`` fine-tunes the
-  shipped models with them and picks one candidate per model.
+- Novel names (a last stage of four shipped models, not of ``make train``; helpers/models/embedded/README.md,
+  "Novel names"): the generator's ``filler_p``, ``nonce_name_p`` and ``field_rename_sorted_p`` and
+  ``TrainConfig.filler_loss`` make the novel words familiar English words that are never names, and teach copying
+  of any schema token; ``scripts/novel_names_fine_tune.py`` fine-tunes the models with them and picks one candidate
+  per model.
 """
 from __future__ import annotations
 
