@@ -57,7 +57,7 @@ patching words and template, what the released hub checkpoints were trained on);
 
 **What `use_novel_names` means here**: the Instruction then asks for a sort column the Context does not hold. The
 embedded models, with or without the novel-names fine-tune, mostly keep writing the schema's column (flip 0.00–0.05
-over the six models, 200 pairs; gpt_neo-cs3, fine-tuned, 0.24): they read the answer from the schema. The logit
+over the four CS2/CS3 models, 200 pairs; gpt_neo-cs3, fine-tuned, 0.24): they read the answer from the schema. The logit
 difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
 which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
 notebooks are where novel names test copying.

@@ -142,7 +142,8 @@ def already_fine_tuned(folder: Path) -> bool:
 
 def train_all(variants, models, out: Path, device: str, max_procs: int, init_root: Path) -> set[str]:
     """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first.
-    Returns the keys ("variant-model") whose runs failed; their folders are removed so nothing stale is evaluated."""
+    Every run's folders are cleared before it starts, so nothing stale is evaluated; returns the keys
+    ("variant-model") whose runs failed, which are not evaluated."""
     jobs = []
     for name in variants:
         v = VARIANTS[name]
@@ -253,6 +254,8 @@ def install(export: Path, models, round_: int) -> None:
             raise SystemExit(f"{m}: {export}/{m}.safetensors is {entry['exported']}, not the chosen {name}; "
                              "nothing installed")
         weights = export / f"{m}.safetensors"
+        if not weights.exists():
+            raise SystemExit(f"{m}: {weights} is missing; nothing installed")
         if entry.get("exported_sha256") and sha256(weights) != entry["exported_sha256"]:
             raise SystemExit(f"{m}: {weights} is not the file the run exported; nothing installed")
         dst = REPO / "helpers" / "models" / "embedded" / m
@@ -283,7 +286,7 @@ def install(export: Path, models, round_: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="where the runs, their logs and summary.json go (needed unless --install)")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--round", type=int, default=max(ROUNDS), choices=sorted(ROUNDS))
@@ -302,6 +305,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.install:
         return install(Path(args.install), args.models, args.round)
+    if not args.out:
+        ap.error("--out is needed to train")
     init_root = Path(args.init_root)
     staged = [m for m in args.models if already_fine_tuned(init_root / m)]
     if staged:
@@ -332,6 +337,10 @@ def main(argv=None):
     for m in args.models:
         shipped = results[(m, "shipped")]
         cands = {v: r for (mm, v), r in results.items() if mm == m and v != "shipped"}
+        if "error" in shipped:  # nothing to compare with: record the candidates, choose none
+            summary["models"][m] = {"shipped": shipped, "candidates": cands, "chosen": None}
+            print(f"{m}: the model before could not be evaluated ({shipped['error']}); no choice", flush=True)
+            continue
         name = choose(shipped, cands, args.n_items, args.n_pairs)
         loose = choose(shipped, cands, args.n_items, args.n_pairs, round(0.01 * args.n_items),
                        round(0.02 * args.n_pairs), 0.0)  # rounds 1-2's rule, for the record

@@ -124,18 +124,22 @@ def _fine_tune_script():
     return module
 
 
-def _novel_flips(model, tok, cs: int, n: int = 10) -> int:
-    """How many of ``n`` DEFTABLENAME pairs with novel names (and table synonyms, the notebook default) flip."""
-    pairs = make_pairs("DEFTABLENAME", tok, cs_num=cs, batch_size=n, seed=7, use_novel_names=True,
-                       use_synonyms_table=True)
-    corrupt = last_logits(model, [list(p.corrupt_ids) for p in pairs], tok.pad_token_id)
-    return sum(int(corrupt[i, p.corrupt_token_id] > corrupt[i, p.clean_token_id]) for i, p in enumerate(pairs))
+def _novel_flips(model, tok, cs: int) -> int:
+    """How many of 30 DEFTABLENAME pairs with novel names (and table synonyms, the notebook default) flip: three
+    batches, so three templates and schemas."""
+    flips = 0
+    for seed in (7, 8, 9):
+        pairs = make_pairs("DEFTABLENAME", tok, cs_num=cs, batch_size=10, seed=seed, use_novel_names=True,
+                           use_synonyms_table=True)
+        corrupt = last_logits(model, [list(p.corrupt_ids) for p in pairs], tok.pad_token_id)
+        flips += sum(int(corrupt[i, p.corrupt_token_id] > corrupt[i, p.clean_token_id]) for i, p in enumerate(pairs))
+    return flips
 
 
 def test_novel_names_stage_is_documented(embedded):
     """A model shipped with the novel-names fine-tune holds the installed file, records the script's variant as it
-    ran, and was chosen by the script's rule against the model before it; its weights copy novel names, and a
-    model without the stage never does."""
+    ran, and was chosen by the script's rule against the model before it; its weights copy novel names (24 or more
+    of 30 pairs; the shipped ones 28-30), and a model without the stage does not (2 or fewer; the shipped ones 0)."""
     import hashlib
     import json
 
@@ -144,9 +148,9 @@ def test_novel_names_stage_is_documented(embedded):
     stage = meta.get("novel_names_fine_tune")
     flips = _novel_flips(model, tok, cs)
     if stage is None:
-        assert flips <= 1, "weights that copy novel names, but no novel_names_fine_tune record"
+        assert flips <= 2, "weights that copy novel names, but no novel_names_fine_tune record"
         return
-    assert flips >= 7, f"the novel-names stage is recorded, but only {flips} of 10 novel-name pairs flip"
+    assert flips >= 24, f"the novel-names stage is recorded, but only {flips} of 30 novel-name pairs flip"
     assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == stage["sha256"]
     script = _fine_tune_script()
     variant = script.VARIANTS[stage["variant"]]

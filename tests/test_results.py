@@ -288,7 +288,7 @@ def test_run_experiment_warns_when_the_corruption_does_not_flip_the_answer():
     helpers/models/embedded/README.md); the default model (llama-cs1) copies them, and is not warned about."""
     import warnings
 
-    settings = model_settings()
+    settings = dict(model_settings())  # (a copy: model_settings is cached and shared by later tests)
     if settings.get("model_num") == "embedded":
         settings.update(embedded_family="llama", cs_num=2)
     with pytest.warns(UserWarning, match="flips the model's answer in only 0 of"):
