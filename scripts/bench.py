@@ -182,7 +182,7 @@ def gpu_busy_seconds(fn, device) -> float:
 
 
 def small_model_cases(name, model, device, gen, reps: int, cases=SMALL_CASES, host_profile: bool = False) -> list[str]:
-    """Each case in bf16 after a warm-up: wall seconds (best of ``reps``), the exact arithmetic's time at
+    """Each case, in the model's dtype (bf16 in the benchmark), after a warm-up: wall seconds (best of ``reps``), the exact arithmetic's time at
     PEAK_TFLOPS and the ratio to it, forwards, and the share of the wall time the GPU is busy. ``host_profile``:
     also print the Python functions that take the host's time in the last case (cProfile)."""
     rows = []
@@ -208,7 +208,8 @@ def small_model_cases(name, model, device, gen, reps: int, cases=SMALL_CASES, ho
             sync(device)
             print(f"host profile, {name}, {label}:", flush=True)
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-        rows.append(f"| {name} | bf16 | {label} | {t:.3f} | {stats.get('row_token_layers', 0) / 1e6:.2f} M | "
+        dname = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(next(model.parameters()).dtype, "?")
+        rows.append(f"| {name} | {dname} | {label} | {t:.3f} | {stats.get('row_token_layers', 0) / 1e6:.2f} M | "
                     f"{flop / 1e12:.1f} TFLOP | {bound:.3f} | {t / bound:.1f}× | {stats.get('forwards')} | "
                     f"{busy:.0%} |")
         print(rows[-1], flush=True)

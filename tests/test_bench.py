@@ -1,0 +1,34 @@
+"""scripts/bench.py's small-model cases run end to end on a tiny model (CPU; timings are the benchmark's, not asserted)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers.models.tiny_models import build_random_model, tiny_config
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_model_cases_report_each_case_against_its_arithmetic():
+    bench = _bench()
+    model = build_random_model(tiny_config("llama", vocab_size=512, n_layers=3), seed=0, dtype=torch.float32)
+    cases = (("1 example, T 14", 1, 14, 4), ("3 examples, T 12", 3, 12, 6))
+    rows = bench.small_model_cases("tiny llama", model, torch.device("cpu"), torch.Generator().manual_seed(3), 1, cases)
+    assert len(rows) == len(cases)
+    for row, (label, *_rest) in zip(rows, cases):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:3] == ["tiny llama", "fp32", label]
+        seconds, bound, ratio = float(cells[3]), float(cells[6]), float(cells[7].rstrip("×"))
+        assert seconds > 0 and bound >= 0
+        assert int(cells[8]) >= 1  # forwards
+        assert cells[9] == "nan%"  # no GPU here: the busy share is not measured
+        if bound > 0:
+            assert abs(ratio - seconds / bound) <= 0.05 * ratio + 0.1
