@@ -5,9 +5,9 @@ The novel words (apple, hammer, ...) become familiar words that are never names 
 ``GeneratorConfig.filler_p``), and Context names are sometimes nonce tokens the SQL copies
 (``GeneratorConfig.nonce_name_p``), so that the models copy *any* schema token rather than only names they
 learnt. Each variant (``Variant``: steps, filler, nonce share, learning rate, an optional low-learning-rate
-settling run) fine-tunes every model from its shipped weights, the runs sharing the GPU; then every candidate and
-the shipped model are evaluated the same way (exact match on 2,000 held-out items, 200 pairs per feature and flag
-setting) and one candidate per model is chosen:
+settling run) fine-tunes every model from its weights before the stage (``--init-root``), the runs sharing the GPU;
+then every candidate and the model before are evaluated the same way (exact match on 2,000 held-out items, 200
+pairs per feature and flag setting) and one candidate per model is chosen:
 
 - eligible, counted on the same items and pairs as the model before: at most EM_SLACK_ITEMS fewer items exactly
   matched, at most FLIP_SLACK_PAIRS fewer pairs flipped in every existing flag setting (off, synonyms), and novel
@@ -15,8 +15,10 @@ setting) and one candidate per model is chosen:
 - best: the highest min(DEFTABLENAME, DEFFIELDNAME) flip with novel names at the notebook defaults
   (``novel_syn_own``), then the same without synonyms (``novel``), then exact match.
 
-    python scripts/novel_names_fine_tune.py --out /tmp/ft             # the latest round: /tmp/ft/chosen/<model>/, summary.json
-    python scripts/novel_names_fine_tune.py --out /tmp/ft --round 1   # an earlier round, as recorded
+    git worktree add /tmp/pre 2e3b59c                # the embedded models before the stage (four now carry it)
+    python scripts/novel_names_fine_tune.py --init-root /tmp/pre/helpers/models/embedded --out /tmp/ft --round 5 \
+        --export /tmp/ft/export                      # /tmp/ft/chosen/<model>/, summary.json; --round 1..5 as recorded
+    python scripts/novel_names_fine_tune.py --install /tmp/ft/export --models gpt_neo-cs1   # over the weights before
 """
 from __future__ import annotations
 
@@ -82,10 +84,9 @@ VARIANTS = {
     "s150_n20_fl_settle": Variant(150, 0.20, settle_steps=300),
     "s300_n10_fl_settle": Variant(300, 0.10, settle_steps=300),
     "s600_n20_fl_lr1e4": Variant(600, 0.20, lr=1e-4),
-    "s600_n20_fl_sorted_settle": Variant(600, 0.20, generator=(("field_rename_sorted_p", 0.5),), settle_steps=300,
-                                         models=CS23),
-    "s600_n30_fl_sorted_fr8_settle": Variant(600, 0.30, generator=(("field_rename_p", 0.8), ("field_rename_sorted_p", 0.7)),
-                                             settle_steps=300, models=CS3),
+    "s600_n20_fl_sorted_settle": Variant(600, 0.20, generator=SORTED, settle_steps=300, models=CS23),
+    "s600_n30_fl_sorted_fr8_settle": Variant(600, 0.30, settle_steps=300, models=CS3,
+                                             generator=(("field_rename_p", 0.8), ("field_rename_sorted_p", 0.7))),
     # round 4: llama-cs2/cs3's novel fields (renames sorted by another column, a gentler peak, longer), and exact
     # match (settling on the plain data)
     "s900_n20_lr1e4_sorted": Variant(900, 0.20, lr=1e-4, generator=SORTED, models=LLAMA23),
@@ -326,8 +327,8 @@ def main(argv=None):
     for m in args.models:
         cs = int(m.rsplit("-cs", 1)[1])
         jobs.append(((m, "shipped"), str(init_root / m), cs))
-        jobs += [((m, v), str(out / v / m), cs) for v in variants
-                 if m in VARIANTS[v].models and f"{v}-{m}" not in failed and (out / v / m / "model.safetensors").exists()]
+        jobs += [((m, v), str(out / v / m), cs) for v in variants if m in VARIANTS[v].models
+                 and f"{v}-{m}" not in failed and (out / v / m / "model.safetensors").exists()]
     with ProcessPoolExecutor(args.eval_procs, mp_context=get_context("spawn")) as pool:
         results = dict(pool.map(_evaluate_job, [(*j, args.device, args.n_items, args.n_pairs) for j in jobs]))
     print(f"evaluated at {time.time() - t0:.0f} s", flush=True)
@@ -356,7 +357,8 @@ def main(argv=None):
             summary["models"][m]["exported_training_meta"] = json.loads(
                 (out / exported / m / "training_meta.json").read_text())
         if name:
-            summary["models"][m]["chosen_training_meta"] = json.loads((out / name / m / "training_meta.json").read_text())
+            meta = out / name / m / "training_meta.json"
+            summary["models"][m]["chosen_training_meta"] = json.loads(meta.read_text())
             first = out / name / f"{m}-first" / "training_meta.json"
             summary["models"][m]["chosen_first_run_meta"] = json.loads(first.read_text()) if first.exists() else None
             shutil.rmtree(out / "chosen" / m, ignore_errors=True)
