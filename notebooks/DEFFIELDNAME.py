@@ -152,32 +152,9 @@ exp.role_table(10)
 """
 ## From heads to a circuit
 
-The heatmap says which single cell (head, position) restores the answer on its own. Are those cells *the*
-mechanism? Two curves answer it, for S_k = the k cells of largest mean score (k = 1..20):
-- **sufficiency** (blue): the corrupt run with the clean z of all of S_k patched in at once,
-  `(patched - corrupt) / (clean - corrupt)`: how much of the answer S_k brings back on its own;
-- **necessity** (red): the clean run with the corrupt z of all of S_k patched in,
-  `(clean - patched) / (clean - corrupt)`: how much of the answer is lost without S_k.
-
-The grey band is the baseline: random sets of k cells drawn from the positions at or after the corruption (mean
-± std over 10 draws, seeded). A mechanism found by the sweep rises to ~1 in a few cells while the random sets
-stay near 0; a necessity curve well below sufficiency means other routes carry the name too. The summary gives
-the smallest k reaching 80 %.
-
-Below it, where the top heads look: the attention probabilities of the three heads of the top cells, from the
-answer position (and from the renamed CREATE TABLE token), summed by role (the corrupted name, prompt keywords, the Instruction / Context / Response
-text) and averaged over examples, clean (blue) against corrupt (orange); then the same heads over one example's
-tokens. A head whose attention sits on the name token and does not move between clean and corrupt *moves* the
-name; one whose attention moves with the corruption *selects* by it.
-
-Then how the heads connect: exact path patching of every edge from a cell of an earlier layer (at or after the
-corruption) into one of the receivers (the three top heads at the answer position), through the receiver's query,
-key or value, and of each answer-position cell straight into the logits. An edge's score is the share of the
-clean-corrupt gap that comes back when the sender's change reaches *only* that input, everything else staying
-corrupt. The graph draws the 15 strongest (colour: the input; width: |score|; dotted: negative), the table lists the
-10 strongest, each beside its edge attribution (EAP) estimate, the gradient approximation of the same score from
-one forward and one backward; the summary gives how far EAP is from the exact edges (correlation, top-10 overlap).
-A receiver in layer 0 has no senders.
+Are the strongest cells *the* mechanism, and how do they connect? The section below says how to read its figures
+(faithfulness curves, attention of the top heads, path patching) as it draws them
+(`helpers.circuits.figures.show_circuit_section`).
 
 On the embedded models (command set 1, seed 0, 5 examples) this is the least concentrated feature. Llama:
 three cells reach 0.82 (L0H2 at `Response`, L1H3 and L1H2 at `SELECT`), necessity 0.73 at k = 3 and 0.94 at

@@ -156,23 +156,9 @@ exp.role_table(10)
 """
 ## From heads to a circuit
 
-Are the strongest cells *the* mechanism? For S_k = the k cells of largest mean score (k = 1..20):
-- **sufficiency** (blue): the corrupt run with the clean z of all of S_k patched in at once: how much of the
-  answer S_k brings back on its own;
-- **necessity** (red): the clean run with the corrupt z of all of S_k patched in: how much is lost without S_k.
-
-The grey band is random sets of k cells at or after the corruption (mean ± std over 10 seeded draws). A mechanism
-rises to ~1 in a few cells while the random sets stay near 0; necessity well below sufficiency means other
-routes carry the answer too.
-
-Then where the top three heads look from the answer position (attention summed by role, clean in blue against
-corrupt in orange, then over one example's tokens): a head whose attention sits on the swapped word and does not
-move between clean and corrupt *moves* it; one whose attention moves with the corruption *selects* by it.
-
-Then how the heads connect: exact path patching of every edge from an earlier cell (at or after the corruption)
-into the three top heads through their query, key or value, and of each answer-position cell straight into the
-logits; the graph draws the 15 strongest (colour: the input; width: |score|; dotted: negative), the table lists the
-10 strongest beside their edge-attribution (EAP) estimates. A receiver in layer 0 has no senders.
+Are the strongest cells *the* mechanism, and how do they connect? The section below says how to read its figures
+(faithfulness curves, attention of the top heads, path patching) as it draws them
+(`helpers.circuits.figures.show_circuit_section`).
 
 On the embedded models (the default sweep: batch 4, seed 0) Llama needs one cell: 80 % sufficiency and necessity
 at k = 1 on both command sets (5 random cells: 0.00 on CS3, 0.24 on CS2). On CS3, L0H1 *at the swapped sort word*

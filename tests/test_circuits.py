@@ -236,6 +236,10 @@ def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     assert f["k"][0] == 1 and len(f["sufficiency"]) == len(f["necessity"]) == len(f["random_sufficiency_mean"])
     assert [a["query"] for a in circuit["attention"]][:2] == ["answer", "corrupted"]  # a Def* feature
     assert figures.faithfulness_figure(circuit).data and figures.attention_roles_figure(circuit).data
+    # the reading guide every notebook shows names the corrupted token's attention only where it is drawn
+    assert "(and from the corrupted token)" in figures.reading_guide(circuit)
+    answer_only = {**circuit, "attention": [a for a in circuit["attention"] if a["query"] == "answer"]}
+    assert "corrupted token)" not in figures.reading_guide(answer_only)
     assert saved["faithfulness_html"].is_file() and saved["attention_html"].is_file()
     assert "Smallest k reaching 80 %" in exp.circuit.summary(exp.token_labels())
     off = run_experiment(feature_name="DEFTABLENAME", progress=False, generate=False, circuit="False",
