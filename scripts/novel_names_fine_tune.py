@@ -58,6 +58,12 @@ class Variant:
     settle_lr: float = 3e-5
     settle_generator: tuple = ()  # GeneratorConfig overrides for the settling run only (e.g. no nonce names)
     models: tuple = MODELS  # the models this variant is tried on
+    # From scratch instead of a fine-tune: random weights, ``steps`` a ceiling with the schedule bounded by
+    # ``max_minutes`` (as the shipped models' first stage was trained), ``warmup`` steps of warm-up.
+    from_scratch: bool = False
+    max_minutes: float | None = None
+    warmup: int | None = None
+    num_workers: int = 0  # DataLoader workers generating the data (the batches depend on this number too)
 
 
 CS3 = ("llama-cs3", "gpt_neo-cs3")
@@ -65,6 +71,7 @@ LLAMA23 = ("llama-cs2", "llama-cs3")
 SORTED = (("field_rename_sorted_p", 0.5),)
 PLAIN = (("filler_p", 0.0), ("nonce_name_p", 0.0))
 CS23 = ("llama-cs2", "gpt_neo-cs2") + CS3
+SCRATCH_MINUTES = 6.8  # round 6's runs, eight at once on one H200, then the evaluation, fit one 10-minute device call
 # What led here (H200 runs, then the CPU evaluation; helpers/models/embedded/README.md, "Novel names"): 177 steps
 # with filler 0.3 / nonce 0.1 made llama-cs1 copy novel names; 5,000 steps made novel tables flip *less* (0.52-0.73),
 # as the models learn the nonce tokens as names and keep suppressing words they never write; predicting the filler
@@ -104,6 +111,14 @@ VARIANTS = {
     **{f"s300_n10_fl_settle_s{k}": Variant(300, 0.10, seed=k, settle_steps=300, models=("gpt_neo-cs1", "llama-cs2"))
        for k in (4, 5, 6)},
     "s600_n10_lr1e4_settle": Variant(600, 0.10, lr=1e-4, settle_steps=300, models=("gpt_neo-cs1", "llama-cs2")),
+    # round 6: llama-cs2/cs3 from scratch on the novel-names data, so that no model learns first to write the column
+    # ORDER BY names when the Instruction's field word matches none (one stage, as the shipped first stage: family
+    # learning rate and warm-up, 60,000-step schedule bounded by minutes, one data worker)
+    **{name: Variant(60_000, nonce, lr=2e-3, warmup=300, seed=seed, generator=gen, from_scratch=True,
+                     max_minutes=SCRATCH_MINUTES, num_workers=1, models=LLAMA23)
+       for name, nonce, gen, seed in (("scratch_n10", 0.10, (), 0), ("scratch_n10_sorted", 0.10, SORTED, 0),
+                                      ("scratch_n20_sorted_s1", 0.20, SORTED, 1),
+                                      ("scratch_n10_sorted_s2", 0.10, SORTED, 2))},
 }
 ROUNDS = {
     1: (("s150_n10", "s150_n10_fl", "s300_n10_fl", "s300_n20_fl", "s600_n20_fl", "s100_n20_fl"),),
@@ -114,6 +129,7 @@ ROUNDS = {
          "s900_n20_lr1e4_sorted_fs8", "s900_n20_lr1e4_sorted_s4", "s300_n10_lr1e4_settle", "s600_n20_lr5e5",
          "s300_n10_fl_settle_plain"),),
     5: (("s300_n10_fl_settle_s4", "s300_n10_fl_settle_s5", "s300_n10_fl_settle_s6", "s600_n10_lr1e4_settle"),),
+    6: (("scratch_n10", "scratch_n10_sorted", "scratch_n20_sorted_s1", "scratch_n10_sorted_s2"),),
 }
 SETTINGS = ("off", "syn_table", "syn_field", "syn_both", "novel", "novel_syn_own", "novel_held_out")
 EXISTING = ("off", "syn_table", "syn_field", "syn_both")
@@ -130,11 +146,14 @@ def base_generator(family: str, cs: int) -> dict:
     return dict(RECIPE_FINE_TUNE.get((family, cs), {}).get("generator") or recipe_generator(family, cs))
 
 
-def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen) -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / "train.py"), "--family", family, "--cs", cs, "--init-from",
-            str(init), "--lr", str(lr), "--warmup", str(max(10, steps // 10)), "--steps", str(steps),
+def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen, max_minutes=None, warmup=None) -> list[str]:
+    """train.py's command line: a fine-tune of ``init``, or from random weights when ``init`` is None."""
+    return [sys.executable, str(REPO / "scripts" / "train.py"), "--family", family, "--cs", cs,
+            *(["--init-from", str(init)] if init is not None else []),
+            "--lr", str(lr), "--warmup", str(warmup if warmup is not None else max(10, steps // 10)),
+            "--steps", str(steps), *(["--max-minutes", str(max_minutes)] if max_minutes else []),
             "--seed", str(v.seed), "--device", device, "--out", str(out), "--no-progress", "--eval-every", "100000",
-            "--generator", json.dumps(gen)] + (["--filler-loss"] if v.filler_loss else [])
+            "--num-workers", str(v.num_workers), "--generator", json.dumps(gen)] + (["--filler-loss"] if v.filler_loss else [])
 
 
 def already_fine_tuned(folder: Path) -> bool:
@@ -157,7 +176,8 @@ def train_all(variants, models, out: Path, device: str, max_procs: int, init_roo
             first = out / name / f"{m}-first" if v.settle_steps else out / name / m
             for folder in {first, out / name / m}:  # a rerun into the same --out starts clean
                 shutil.rmtree(folder, ignore_errors=True)
-            cmds = [_train_cmd(family, cs, init_root / m, first, v, v.lr, v.steps, device, gen)]
+            cmds = [_train_cmd(family, cs, None if v.from_scratch else init_root / m, first, v, v.lr, v.steps, device,
+                               gen, v.max_minutes, v.warmup)]
             if v.settle_steps:
                 cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device,
                                        {**gen, **dict(v.settle_generator)}))
