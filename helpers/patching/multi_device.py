@@ -2,10 +2,11 @@
 share swept by a worker process holding its own copy of the model on its device (the first share by the caller's
 model, in this process, meanwhile), the per-example results merged back in example order.
 
-An example's sweep never depends on the other examples (each example's metrics come from its own forwards, and
-examples share forwards only where the sweep merges them on a GPU, which changes nothing but rounding), so the
-merged result is the one-device result: bit for bit on the CPU (tested with two worker processes), and in float32
-on GPUs of one model. Workers start with ``spawn`` (CUDA cannot be forked) and load the model from its spec.
+An example's sweep never depends on the other examples (on a CPU each example has its own forwards; on a GPU
+examples share forwards, for their metrics and their sweeps, which changes nothing but rounding), so the merged
+result is the one-device result: bit for bit on the CPU (tested with two worker processes, which take the caller's
+intra-op thread count), and to rounding on GPUs of one model. Workers start with ``spawn`` (CUDA cannot be
+forked) and load the model from its spec.
 """
 from __future__ import annotations
 
@@ -50,11 +51,16 @@ def merge_in_order(parts: Sequence[PatchingResult]) -> PatchingResult:
         min_denominator=first.min_denominator, stats=stats)
 
 
-def _sweep_share(spec, dtype, device: str, pairs, kwargs: dict) -> HeadPatchingResult:
-    """A worker process: load the model on ``device`` and sweep its share (results on the CPU)."""
+def _sweep_share(spec, dtype, device: str, pairs, kwargs: dict, cpu_threads: int | None = None
+                 ) -> HeadPatchingResult:
+    """A worker process: load the model on ``device`` and sweep its share (results on the CPU). ``cpu_threads``:
+    the caller's intra-op thread count, which a CPU share takes too (a CPU matmul's rounding depends on it, and
+    the merged result must be the one-device result bit for bit)."""
     from helpers.models.loading import load_model
     from helpers.patching.sweep import patch_heads
 
+    if cpu_threads and torch.device(device).type == "cpu":
+        torch.set_num_threads(cpu_threads)
     loaded = load_model(spec, dtype=dtype, device=device)
     result = patch_heads(loaded.hf_model, pairs, progress=False, **kwargs)
     result.stats.update(device=device, pid=os.getpid())
@@ -73,7 +79,8 @@ def patch_heads_across_devices(model, spec, dtype, devices: Sequence[str], pairs
     progress = kwargs.pop("progress", False)
     context = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=len(shares) - 1, mp_context=context) as pool:
-        futures = [pool.submit(_sweep_share, spec, dtype, device, [pairs[i] for i in share], kwargs)
+        futures = [pool.submit(_sweep_share, spec, dtype, device, [pairs[i] for i in share], kwargs,
+                               torch.get_num_threads())
                    for device, share in zip(devices[1:], shares[1:])]
         try:
             here = patch_heads(model, [pairs[i] for i in shares[0]], progress=progress, **kwargs)
