@@ -136,6 +136,51 @@ def test_heads_bucketing_and_chunking_do_not_change_results(family, bucket_size,
     assert fast.stats["max_examples_per_forward"] == (per_forward or 1)
 
 
+def test_bucket_rows_equal_the_full_grid_filtered_by_span():
+    """The sweep's rows of a bucket, built per example, are the full (layer, example, unit, r) grid filtered by each
+    example's span: same rows, same (layer-major) order, over random shapes including empty buckets."""
+    import random
+
+    from helpers.patching.grouping import bucket_rows, bucket_rows_reference
+
+    rnd = random.Random(0)
+    seen_empty = False
+    for _ in range(400):
+        L, U, E = rnd.randint(1, 4), rnd.randint(1, 4), rnd.randint(1, 5)
+        spans = [rnd.randint(1, 20) for _ in range(E)]
+        q, size = rnd.randint(1, 22), rnd.randint(1, 8)
+        fast, ref = bucket_rows(L, U, spans, q, size), bucket_rows_reference(L, U, spans, q, size)
+        assert fast.dtype == ref.dtype and torch.equal(fast, ref), (L, U, spans, q, size)
+        seen_empty |= ref.shape[0] == 0
+    assert seen_empty
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
+    """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2
+    forward to float rounding, with the same inclusion; one pair a forward is exactly ``logit_diffs`` of its own."""
+    from helpers.patching.aligned_batch import AlignedBatch
+    from helpers.patching.example_runs import example_metrics, logit_diffs
+    from helpers.patching.model_calls import ModelCalls, aligned_forward
+
+    model = model_of(family)
+    calls = ModelCalls.of(model)
+    gen = torch.Generator().manual_seed(5)
+    pairs = [make_pair(gen, n, c) for n, c in ((9, 3), (12, 4), (9, 5), (9, 2), (12, 7), (10, 1))]
+    own = example_metrics(model, calls, pairs, pairs_per_forward=1)
+    for per_forward in (2, 3, 32):
+        shared = example_metrics(model, calls, pairs, pairs_per_forward=per_forward)
+        for (c1, k1, ok1), (c2, k2, ok2) in zip(own, shared):
+            assert abs(c1 - c2) < 1e-5 and abs(k1 - k2) < 1e-5 and ok1 == ok2
+    with torch.inference_mode():
+        for pair, metrics in zip(pairs, own):
+            batch = AlignedBatch([list(pair.clean_ids), list(pair.corrupt_ids)], "cpu")
+            logits, _ = aligned_forward(model, calls, batch, batch.length, None)
+            assert metrics == logit_diffs(logits[0], logits[1], pair)
+    with pytest.raises(ValueError, match="pairs_per_forward"):
+        example_metrics(model, calls, pairs, pairs_per_forward=0)
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("kind", list(KERNELS))
 @pytest.mark.parametrize("per_forward", [None, 3])

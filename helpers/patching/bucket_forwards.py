@@ -12,7 +12,7 @@ from helpers.patching.fused_modules import per_example_prefix_applies
 from helpers.patching.grouping import SweepExample, bucket_count, bucket_rows, bucket_sizes
 from helpers.patching.hooks import ANSWER_ONLY_LAST_LAYER, sweep_hooks
 from helpers.patching.model_calls import ModelCalls, model_device, model_dtype, padded, two_row_output_layer
-from helpers.patching.plan import RowPlan
+from helpers.patching.plan import ComputedRows, Patch, RowPlan
 from helpers.patching.sites import Site
 
 
@@ -80,9 +80,29 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
             mask = corrupt.additive_mask(q, T, model_dtype(model)) if E > 1 and not shares_prefix else None
 
             def run(a: int, b: int):
-                rows = grid[a:b]
-                rows_dev = to_device(rows, device)
+                rows = grid[a:b]  # host: (layer, example, unit, r), layer-major
+                m = b - a
                 by_layer = torch.bincount(rows[:, 0], minlength=L).tolist()
+                layer_of, example, unit, r = rows.unbind(1)
+                # Rows join layer-major after the E base rows, so row i of the grid is batch row E + i. Every index
+                # the hooks need is computed here on the host and sent in one transfer: per-layer index arithmetic
+                # on the device was a dozen small launches a layer.
+                rel = q - r
+                batch_idx = E + torch.arange(m)
+                start_of = torch.tensor([0] + by_layer).cumsum(0)[layer_of]  # each row's layer's first row
+                host = torch.cat([
+                    batch_idx, rel, unit,
+                    (((example * L + layer_of) * acts.shape[2] + (T - r)) * U + unit),  # into acts [E, L, T, U, w]
+                    (batch_idx * q + rel) * U + unit,  # into a site's [batch, q, U, w] as rows
+                    example * q + rel,  # into the base rows' [E, q, *] as rows
+                    (torch.arange(m) - start_of) * U + unit,  # into one layer's rows' z [n, U, w] as rows
+                    batch_idx * q + rel,  # into a block input's [batch, q, d] as rows
+                    torch.arange(E), example])  # each row's example, in batch order (base rows first)
+                dev = to_device(host, device)
+                (batch_dev, rel_dev, unit_dev, act_flat, patch_flat, base_flat, head_flat,
+                 out_flat) = dev[:8 * m].view(8, m)
+                row_example = dev[8 * m:]
+                clean_all = acts.reshape(-1, acts.shape[-1]).index_select(0, act_flat)  # [m, w]: one gather
                 # A head patch of layer l < L-1 changes block l's output at its position only: that one vector is
                 # computed aside (block_tail) and the row joins at block l + 1, skipping layer l's full width.
                 joins_late = site.kind == "heads"
@@ -93,20 +113,16 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                     if not n:
                         continue
                     join = layer + 1 if joins_late and layer < L - 1 else layer
-                    seg = rows_dev[start:start + n]
-                    example, unit, r = seg[:, 1], seg[:, 2], seg[:, 3]
-                    first_row = E + sum(n_new[:join + 1])  # after the base rows and the rows joining earlier
-                    batch_idx = torch.arange(first_row, first_row + n, device=device)
-                    clean = acts[example, layer, T - r, unit]
+                    seg = slice(start, start + n)
                     if join == layer:
-                        patches[layer] = (batch_idx, q - r, unit, clean)
+                        patches[layer] = Patch(batch_dev[seg], rel_dev[seg], unit_dev[seg], clean_all[seg],
+                                               patch_flat[seg], q)
                     else:
-                        computed[join] = (batch_idx, q - r, unit, clean, example)
+                        computed[join] = ComputedRows(clean_all[seg], base_flat[seg], head_flat[seg], out_flat[seg])
                     n_new[join] += n
                     start += n
-                # each row's example, in batch order (rows join layer-major, as the grid lists them)
-                row_example = torch.cat([torch.arange(E, device=device), rows_dev[:, 1]])
-                state["plan"] = plan = RowPlan(n_new, patches, computed, n_base=E, row_example=row_example, mask=mask)
+                state["plan"] = plan = RowPlan(n_new, patches, computed, n_base=E, row_example=row_example, mask=mask,
+                                               q=q)
                 per_layer_batch = plan.batch
                 if swap is not None and swap.blocks:  # fused blocks make room for the next block's rows
                     swap.extra_rows = {j - 1: plan.joining(j) for j, n in enumerate(n_new)

@@ -1,5 +1,5 @@
-"""The unpatched runs of each example: clean and corrupt logit differences (each pair in its own forward, so
-that an example's metrics never depend on the others) and the clean activations a sweep patches in."""
+"""The unpatched runs of each example: clean and corrupt logit differences (pairs of one length share unpadded
+forwards on a GPU, each pair its own on a CPU) and the clean activations a sweep patches in."""
 from __future__ import annotations
 
 import torch
@@ -44,16 +44,50 @@ def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) 
     return diffs[0], diffs[1], int(logits[0].argmax()) == pair.clean_token_id
 
 
-def example_metrics(model, calls: ModelCalls, pairs, swap=None) -> list[tuple[float, float, bool]]:
-    """(clean_diff, corrupt_diff, clean_correct) of every pair, each from its own batch-2 forward (clean and corrupt
-    have one length), so an example's metrics, and whether it is included, never depend on the other examples."""
-    out = []
+# Pairs of one length whose unpatched runs share a forward by default on a GPU (there the host's per-forward cost
+# dominates short prompts; on a CPU the arithmetic does, and each pair keeps its own forward).
+METRICS_PAIRS_PER_FORWARD_GPU = 32
+
+
+def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forward: int | None = None
+                    ) -> list[tuple[float, float, bool]]:
+    """(clean_diff, corrupt_diff, clean_correct) of every pair, from the clean and corrupt rows of unpadded forwards.
+
+    ``pairs_per_forward`` (None: METRICS_PAIRS_PER_FORWARD_GPU on a GPU, 1 elsewhere): pairs *of one length* that
+    share a forward, so no row is padded and each row's arithmetic is its own; its metrics then differ from its
+    own batch-2 forward by float rounding only (a test holds them to 1e-5 in float32). With 1, each pair has its
+    own forward and an example's metrics, and whether it is included, do not depend on the other examples at all."""
+    if pairs_per_forward is None:
+        on_gpu = model_device(model).type == "cuda"
+        pairs_per_forward = METRICS_PAIRS_PER_FORWARD_GPU if on_gpu else 1
+    if pairs_per_forward < 1:
+        raise ValueError(f"pairs_per_forward must be >= 1, got {pairs_per_forward}")
+    pairs = list(pairs)
+    by_length: dict[int, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        by_length.setdefault(len(pair.clean_ids), []).append(i)
+    out: list = [None] * len(pairs)
     with torch.inference_mode():
-        for pair in pairs:
-            batch = AlignedBatch([list(pair.clean_ids), list(pair.corrupt_ids)], model_device(model))
-            logits, _ = aligned_forward(model, calls, batch, batch.length, swap)
-            out.append(logit_diffs(logits[0], logits[1], pair))
+        for indices in by_length.values():
+            for k in range(0, len(indices), pairs_per_forward):
+                chunk = indices[k:k + pairs_per_forward]
+                ids = [list(x) for i in chunk for x in (pairs[i].clean_ids, pairs[i].corrupt_ids)]
+                batch = AlignedBatch(ids, model_device(model))  # (one length: no padding)
+                logits, _ = aligned_forward(model, calls, batch, batch.length, swap)
+                for i, metrics in zip(chunk, paired_logit_diffs(logits, [pairs[i] for i in chunk])):
+                    out[i] = metrics
     return out
+
+
+def paired_logit_diffs(logits: torch.Tensor, pairs) -> list[tuple[float, float, bool]]:
+    """``logit_diffs`` of every pair at once (two host reads, not two a pair): ``logits`` [2 * pairs, vocab], each
+    pair's clean row then its corrupt row."""
+    logits = logits.double()  # (as logit_diffs)
+    tokens = torch.tensor([[p.clean_token_id, p.corrupt_token_id] for p in pairs], device=logits.device)
+    picked = logits.view(len(pairs), 2, -1).gather(2, tokens.unsqueeze(1).expand(-1, 2, -1))  # [n, row, token]
+    diffs = (picked[..., 0] - picked[..., 1]).tolist()  # [n, (clean, corrupt)]
+    top = logits[0::2].argmax(-1).tolist()
+    return [(d[0], d[1], t == p.clean_token_id) for d, t, p in zip(diffs, top, pairs)]
 
 
 def clean_activations(model, calls: ModelCalls, site: Site, pairs, swap=None) -> torch.Tensor:

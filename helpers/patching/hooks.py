@@ -32,15 +32,17 @@ def block_tail(model, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Ten
     return mid + (ff if m is None else ff * m)
 
 
-def computed_rows(model, site: Site, plan: RowPlan, join: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(batch_idx, rel_pos, block ``join - 1`` output at rel_pos [n, d_model]) of the rows joining at ``join``."""
-    batch_idx, rel_pos, head, clean, example = plan.computed[join]
-    # the base rows' [n_base, q, d_model] and [n_base, q, H * d_head]
+def computed_rows(model, site: Site, plan: RowPlan, join: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out_flat: the rows' places in block ``join``'s input viewed [batch * q, d_model], block ``join - 1``'s
+    output there [n, d_model]) of the rows joining at ``join``."""
+    rows = plan.computed[join]
+    # the base rows' [n_base, q, d_model] and [n_base, q, H * d_head], as [n_base * q, *]: one index_select each
     x0, z0 = plan.stash.pop(("x", join - 1)), plan.stash.pop(("z", join - 1))
-    z = z0[example, rel_pos]  # (advanced indexing: a copy)
-    z.view(z.shape[0], site.n_units, site.unit_width)[torch.arange(z.shape[0], device=device), head] = clean
-    out = block_tail(model, join - 1, x0[example, rel_pos].unsqueeze(1), z.unsqueeze(1))
-    return batch_idx, rel_pos, out[:, 0]
+    z = z0.reshape(-1, z0.shape[-1]).index_select(0, rows.base_flat)
+    z.view(-1, site.unit_width).index_copy_(0, rows.head_flat, rows.clean.to(z.dtype))
+    x = x0.reshape(-1, x0.shape[-1]).index_select(0, rows.base_flat)
+    out = block_tail(model, join - 1, x.unsqueeze(1), z.unsqueeze(1))
+    return rows.out_flat, out[:, 0]
 
 
 @contextmanager
@@ -64,8 +66,12 @@ def sweep_hooks(model, site: Site, state: dict):
                 if site.where == "block" and _layer in plan.patches:
                     hidden = apply_patch(hidden, site, plan.patches[_layer])
                 if _layer in plan.computed:
-                    batch_idx, rel_pos, values = computed_rows(model, site, plan, _layer, hidden.device)
-                    hidden[batch_idx, rel_pos] = values.to(hidden.dtype)
+                    if hidden.shape[1] != plan.q:  # (the flat indices were made for q fed tokens)
+                        raise RuntimeError(f"block {_layer} got {hidden.shape[1]} tokens, the plan {plan.q}")
+                    out_flat, values = computed_rows(model, site, plan, _layer)
+                    if not hidden.is_contiguous():
+                        hidden = hidden.contiguous()
+                    hidden.view(-1, hidden.shape[-1]).index_copy_(0, out_flat, values.to(hidden.dtype))
             if plan.n_base > 1:
                 args, kwargs = plan.per_row(args, kwargs, _layer)
             return replace_first(args, kwargs, hidden, "hidden_states")

@@ -1,9 +1,37 @@
 """The plan of one sweep forward: which rows join at which layer, and the patch each layer applies."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from helpers.patching.grouping import MaskNotPassedOn
+
+
+class Patch(NamedTuple):
+    """The rows one layer patches at its site: row ``batch_idx`` [n], position ``rel_pos`` [n], unit ``unit`` [n]
+    gets ``values`` [n, unit_width]. ``flat`` [n]: the same places as rows of the site's tensor viewed
+    [batch * q * units, unit_width] (``q``: the forward's fed tokens), so one ``index_copy_`` writes them."""
+
+    batch_idx: torch.Tensor
+    rel_pos: torch.Tensor
+    unit: torch.Tensor
+    values: torch.Tensor
+    flat: torch.Tensor
+    q: int
+
+
+class ComputedRows(NamedTuple):
+    """Head patches of layer j - 1 whose one changed position is computed aside and written into block j's input:
+    each row a copy of its base row with one head's z set to ``clean`` [n, d_head]. Flat indices for
+    ``index_select`` / ``index_copy_``: ``base_flat`` [n] (the base row and position) into the base rows'
+    [n_base * q, *], ``head_flat`` [n] into the rows' z viewed [n * heads, d_head], ``out_flat`` [n] (the row and
+    position) into block j's input viewed [batch * q, d_model]."""
+
+    clean: torch.Tensor
+    base_flat: torch.Tensor
+    head_flat: torch.Tensor
+    out_flat: torch.Tensor
 
 
 class RowPlan:
@@ -15,14 +43,15 @@ class RowPlan:
     """
 
     def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None, *, n_base: int = 1,
-                 row_example: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                 row_example: torch.Tensor | None = None, mask: torch.Tensor | None = None, q: int | None = None):
         self.n_new = n_new  # rows appended at the input of block l
         self.n_base = n_base
         self.batch = (n_base + torch.tensor(n_new).cumsum(0)).tolist()  # batch of block l once its rows have joined
-        self.patches = patches  # layer -> (batch_idx, rel_pos, unit, values [n, width])
-        # join layer j -> (batch_idx, rel_pos, head, clean z [n, d_head], example): head patches of layer j - 1 whose
-        # one changed position is computed from their base row's layer j - 1 and written into block j's input
+        self.patches = patches  # layer -> Patch
+        # join layer j -> ComputedRows: head patches of layer j - 1 whose one changed position is computed from
+        # their base row's layer j - 1 and written into block j's input
         self.computed = computed or {}
+        self.q = q  # the tokens each row is fed (the flat indices assume it)
         self.stash: dict = {}  # ("x" | "z", layer) -> the base rows' block input / out_proj input
         self.row_example = row_example
         self.mask = mask  # the batch-n_base 4D mask handed to the model (several examples), gathered per block

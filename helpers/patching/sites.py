@@ -65,8 +65,15 @@ def capture_site(site: Site, store: dict):
 
 
 def apply_patch(x: torch.Tensor, site: Site, patch) -> torch.Tensor:
-    batch_idx, rel_pos, unit, values = patch
+    """``x`` [batch, pos, units * width] with ``values`` [n, width] written at (batch_idx, rel_pos, unit) [n] each;
+    ``patch``: those four, or a ``plan.Patch``, whose flat index (for ``x.shape[1] == q``) makes it one
+    ``index_copy_`` instead of an advanced-index assignment (fewer kernels and less host time a layer)."""
+    batch_idx, rel_pos, unit, values = patch[:4]
+    flat, q = getattr(patch, "flat", None), getattr(patch, "q", None)
     if not x.is_contiguous():
         x = x.contiguous()
+    if flat is not None and x.shape[1] == q:
+        x.view(-1, site.unit_width).index_copy_(0, flat, values.to(x.dtype))
+        return x
     x.view(x.shape[0], x.shape[1], site.n_units, site.unit_width)[batch_idx, rel_pos, unit] = values
     return x
