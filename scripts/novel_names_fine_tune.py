@@ -5,7 +5,8 @@ The novel words (apple, hammer, ...) become familiar words that are never names 
 ``GeneratorConfig.filler_p``), and Context names are sometimes nonce tokens the SQL copies
 (``GeneratorConfig.nonce_name_p``), so that the models copy *any* schema token rather than only names they
 learnt. Each variant (``Variant``: steps, filler, nonce share, learning rate, an optional low-learning-rate
-settling run) fine-tunes every model from its weights before the stage (``--init-root``), the runs sharing the GPU;
+settling run) fine-tunes every model from its weights before the stage (``--init-root``), or (``from_scratch``,
+round 6) trains it anew on the same data, the runs sharing the GPU;
 then every candidate and the model before are evaluated the same way (exact match on 2,000 held-out items, 200
 pairs per feature and flag setting) and one candidate per model is chosen:
 
@@ -17,7 +18,7 @@ pairs per feature and flag setting) and one candidate per model is chosen:
 
     git worktree add /tmp/pre 2e3b59c                # the embedded models before the stage (four now carry it)
     python scripts/novel_names_fine_tune.py --init-root /tmp/pre/helpers/models/embedded --out /tmp/ft --round 5 \
-        --export /tmp/ft/export                      # /tmp/ft/chosen/<model>/, summary.json; --round 1..5 as recorded
+        --export /tmp/ft/export                      # /tmp/ft/chosen/<model>/, summary.json; --round 1..6 as recorded
     python scripts/novel_names_fine_tune.py --install /tmp/ft/export --models gpt_neo-cs1   # over the weights before
 """
 from __future__ import annotations
@@ -44,8 +45,9 @@ MODELS = ("llama-cs1", "llama-cs2", "llama-cs3", "gpt_neo-cs1", "gpt_neo-cs2", "
 @dataclass(frozen=True)
 class Variant:
     """One fine-tune recipe, applied to each shipped model: the model's own data (``base_generator``) plus these
-    options, AdamW at ``lr`` with 10 % warm-up and cosine decay to 5 %, batch 256; then, if ``settle_steps``, a
-    second run from the first's weights on the same data at ``settle_lr`` (the optimiser restarts)."""
+    options, AdamW at ``lr`` with 10 % warm-up (``warmup`` steps where given) and cosine decay to 5 %, batch 256;
+    then, if ``settle_steps``, a second run from the first's weights on the same data at ``settle_lr`` (the
+    optimiser restarts)."""
 
     steps: int
     nonce_name_p: float
@@ -112,8 +114,9 @@ VARIANTS = {
        for k in (4, 5, 6)},
     "s600_n10_lr1e4_settle": Variant(600, 0.10, lr=1e-4, settle_steps=300, models=("gpt_neo-cs1", "llama-cs2")),
     # round 6: llama-cs2/cs3 from scratch on the novel-names data, so that no model learns first to write the column
-    # ORDER BY names when the Instruction's field word matches none (one stage, as the shipped first stage: family
-    # learning rate and warm-up, 60,000-step schedule bounded by minutes, one data worker)
+    # ORDER BY names when the Instruction's field word matches none (one stage, trained as the shipped first stage:
+    # family learning rate and warm-up, 60,000-step schedule bounded by minutes, one data worker; on the data of the
+    # shipped last stage, base_generator: llama-cs3's field rename 0.6, not its first stage's 0.4)
     **{name: Variant(60_000, nonce, lr=2e-3, warmup=300, seed=seed, generator=gen, from_scratch=True,
                      max_minutes=SCRATCH_MINUTES, num_workers=1, models=LLAMA23)
        for name, nonce, gen, seed in (("scratch_n10", 0.10, (), 0), ("scratch_n10_sorted", 0.10, SORTED, 0),
@@ -288,10 +291,18 @@ def install(export: Path, models, round_: int) -> None:
         meta = json.loads((dst / "training_meta.json").read_text())
         last = entry["chosen_training_meta"]
         last["train_config"]["out_dir"] = None
-        last["train_config"]["init_from"] = (f"helpers/models/embedded/{m}" if not ran["settle_steps"]
-                                             else f"the first run's output ({ran['steps']} steps at lr {ran['lr']})")
+        scratch = ran.get("from_scratch", False)
+        last["train_config"]["init_from"] = (
+            f"the first run's output ({ran['steps']} steps at lr {ran['lr']})" if ran["settle_steps"]
+            else None if scratch else f"helpers/models/embedded/{m}")
+        if scratch:
+            # new weights from random ones: the folder's meta becomes the run's own; the model before is kept as
+            # a record only (its stages no longer describe these weights)
+            meta = {**last, "replaced_model": {k: meta.get(k) for k in ("train_config", "steps_done", "minutes",
+                                                                        "fine_tune") if k in meta}}
+        how = "trained from scratch on the novel-names data" if scratch else "the model above fine-tuned"
         meta["novel_names_fine_tune"] = {
-            "note": (f"The shipped weights: the model above fine-tuned by scripts/novel_names_fine_tune.py, round "
+            "note": (f"The shipped weights: {how} by scripts/novel_names_fine_tune.py, round "
                      f"{round_}, variant {name} (chosen on {summary['n_items']} items / {summary['n_pairs']} pairs)"),
             "variant": name, "round": round_, **ran,
             "evaluation": {"shipped_before": entry["shipped"], "chosen": entry["candidates"][name],

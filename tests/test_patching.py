@@ -181,6 +181,26 @@ def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
         example_metrics(model, calls, pairs, pairs_per_forward=0)
 
 
+def test_one_example_per_forward_keeps_each_pairs_metrics_in_its_own_forward(monkeypatch):
+    """``examples_per_forward=1`` is the opt-out from shared forwards: the unpatched metrics too run one pair a
+    forward; by default the device decides (shared on a GPU)."""
+    from helpers.patching import example_runs, sweep
+
+    asked = []
+    real = example_runs.example_metrics
+
+    def recording(*args, pairs_per_forward=None, **kwargs):
+        asked.append(pairs_per_forward)
+        return real(*args, pairs_per_forward=pairs_per_forward, **kwargs)
+    monkeypatch.setattr(sweep, "example_metrics", recording)
+    model, pairs = model_of("llama"), make_pairs(1)
+    for per_forward in (1, None, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            patch_heads(model, pairs, keep_incorrect=True, progress=False, examples_per_forward=per_forward)
+    assert asked == [1, None, None]
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("kind", list(KERNELS))
 @pytest.mark.parametrize("per_forward", [None, 3])

@@ -2,8 +2,9 @@
 share swept by a worker process holding its own copy of the model on its device (the first share by the caller's
 model, in this process, meanwhile), the per-example results merged back in example order.
 
-An example's sweep never depends on the other examples (on a CPU each example has its own forwards; on a GPU
-examples share forwards, for their metrics and their sweeps, which changes nothing but rounding), so the merged
+An example's sweep never depends on the other examples (on a CPU each example has its own forwards unless
+``examples_per_forward`` asks otherwise; on a GPU examples share forwards, for their metrics and their sweeps,
+which changes nothing but rounding), so the merged
 result is the one-device result: bit for bit on the CPU (tested with two worker processes, which take the caller's
 intra-op thread count), and to rounding on GPUs of one model. Workers start with ``spawn`` (CUDA cannot be
 forked) and load the model from its spec.

@@ -52,6 +52,8 @@ class RowPlan:
         # their base row's layer j - 1 and written into block j's input
         self.computed = computed or {}
         self.q = q  # the tokens each row is fed (the flat indices assume it)
+        if self.computed and q is None:
+            raise ValueError("computed rows need q, the tokens each row is fed (their flat indices assume it)")
         self.stash: dict = {}  # ("x" | "z", layer) -> the base rows' block input / out_proj input
         self.row_example = row_example
         self.mask = mask  # the batch-n_base 4D mask handed to the model (several examples), gathered per block

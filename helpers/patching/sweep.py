@@ -94,7 +94,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     """The shared driver of every kernel; ``kind`` is one of ``SITES``. See the module docstring.
 
     ``examples_per_forward``: examples merged into the same forwards (None: see ``example_groups``; 1: each
-    example alone). ``fused``: run llama-like models with helpers.patching.fused_modules' same-formula swap-ins (fewer
+    example alone, its unpatched metrics too, so nothing of an example depends on the others). ``fused``: run llama-like models with helpers.patching.fused_modules' same-formula swap-ins (fewer
     kernels); ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA
     without Triton only, ``fused_modules.compiles_by_default``).
     """
@@ -117,7 +117,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
                  bucket_size, examples_per_forward, progress, swap):
     # metrics first (no activations kept), so exclusions are reported before the long part
-    pre = example_metrics(model, calls, pairs, swap)
+    pre = example_metrics(model, calls, pairs, swap, pairs_per_forward=1 if examples_per_forward == 1 else None)
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     stats: dict = {}
     L, U = len(site.modules), site.n_units
@@ -161,7 +161,8 @@ def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: 
     (pos padded with NaN to the longest example). ``chunk_size``: patch rows per forward (None = from free
     memory; halves on OOM). ``bucket_size``: patch positions per cached forward (None: 9 to 24 buckets per example,
     more for larger models). ``examples_per_forward``: examples run end-aligned in the same forwards (None: on a GPU
-    up to 32 where one example's sweep does not keep it busy, else and on a CPU one at a time; 1: one at a time).
+    up to 32 where one example's sweep does not keep it busy, else and on a CPU one at a time; 1: one at a time,
+    the unpatched metrics too).
     ``fused`` / ``compile``: helpers.patching.fused_modules' swap-ins for llama-like models (see ``patch_sweep``).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,
