@@ -96,12 +96,14 @@ def timed(fn, device, reps: int = 1):
     return best, out
 
 
-def flops_of(model, stats: dict) -> float:
-    """2 x block parameters x token-layers processed + attention QK^T and AV products (approximate)."""
+def flops_of(model, stats: dict, length: int, first_diff: int) -> float:
+    """2 x block parameters x token-layers processed + attention QK^T and AV products, approximate: a row reads
+    (length + first_diff) / 2 + length / 2 keys on average (one example of ``length`` tokens, first difference at
+    ``first_diff``)."""
     geo = head_geometry(model.config)
     per_layer = sum(p.numel() for p in blocks(model)[0].parameters())
     token_layers = stats.get("row_token_layers", 0)
-    kv = stats.get("mean_kv", 60)
+    kv = (length + first_diff) / 2 + length / 2
     attention = 4 * geo.n_heads * geo.d_head * kv * token_layers
     return 2 * per_layer * token_layers + attention
 
@@ -124,19 +126,20 @@ def profile_sweep(model, pair, device, name):
     print(events.table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
-def cpu_profile_sweep(model, pair, name, **kwargs):
-    """Python functions by own time over one fast sweep: where a launch-bound sweep spends its CPU."""
+def print_host_profile(run, title: str, rows: int = 22) -> None:
+    """Python functions by own time over one call of ``run`` (a fast sweep): where a launch-bound sweep spends its
+    CPU (cProfile; the GPU's queue is drained inside, so its waits count)."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
     prof.enable()
-    patch_heads(model, [pair], keep_incorrect=True, progress=False, **kwargs)
+    run()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     prof.disable()
-    print(f"\ncProfile {name} {kwargs}:", flush=True)
-    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    print(f"\nhost profile, {title}:", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 def sync_report(model, pair, name):
@@ -182,9 +185,9 @@ def gpu_busy_seconds(fn, device) -> float:
 
 
 def small_model_cases(name, model, device, gen, reps: int, cases=SMALL_CASES, host_profile: bool = False) -> list[str]:
-    """Each case, in the model's dtype (bf16 in the benchmark), after a warm-up: wall seconds (best of ``reps``), the exact arithmetic's time at
-    PEAK_TFLOPS and the ratio to it, forwards, and the share of the wall time the GPU is busy. ``host_profile``:
-    also print the Python functions that take the host's time in the last case (cProfile)."""
+    """Each case, in the model's dtype (bf16 in the benchmark), after a warm-up: wall seconds (best of ``reps``),
+    the exact arithmetic's time at PEAK_TFLOPS and the ratio to it, forwards, and the share of the wall time the
+    GPU is busy. ``host_profile``: also print the Python functions that take the host's time in the last case."""
     rows = []
     vocab = model.config.vocab_size
     for label, n, T, first in cases:
@@ -194,20 +197,12 @@ def small_model_cases(name, model, device, gen, reps: int, cases=SMALL_CASES, ho
         run = lambda: patch_heads(model, pairs, keep_incorrect=True, progress=False)  # noqa: E731
         run()  # warm-up: compiles and autotunes this case's shapes
         t, res = timed(run, device, reps)
-        stats = dict(res.stats)
-        stats["mean_kv"] = (T + first) / 2 + T / 2
-        flop = flops_of(model, stats)
+        stats = res.stats
+        flop = flops_of(model, stats, T, first)
         bound = flop / (PEAK_TFLOPS * 1e12)
         busy = gpu_busy_seconds(run, device) / t if device.type == "cuda" else float("nan")
         if host_profile and (label, n, T, first) == cases[-1]:
-            import cProfile
-            import pstats
-
-            prof = cProfile.Profile()
-            prof.runcall(run)
-            sync(device)
-            print(f"host profile, {name}, {label}:", flush=True)
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            print_host_profile(run, f"{name}, {label}", rows=25)
         dname = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(next(model.parameters()).dtype, "?")
         rows.append(f"| {name} | {dname} | {label} | {t:.3f} | {stats.get('row_token_layers', 0) / 1e6:.2f} M | "
                     f"{flop / 1e12:.1f} TFLOP | {bound:.3f} | {t / bound:.1f}× | {stats.get('forwards')} | "
@@ -325,9 +320,8 @@ def main(argv=None):
             reps = args.reps if dname == "bf16" or args.quick else 1
             t_fast, fast = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False), device, reps)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            stats = dict(fast.stats)
-            stats["mean_kv"] = (args.length + args.first_diff) / 2 + args.length / 2
-            tflops = flops_of(model, stats) / t_fast / 1e12
+            stats = fast.stats
+            tflops = flops_of(model, stats, args.length, args.first_diff) / t_fast / 1e12
             # reference on a subset (first trace is a warm-up), extrapolated to every layer x head x position
             patch_heads_reference(model, [pair], keep_incorrect=True, patches=subset[:1], progress=False)
             t_ref, ref = timed(lambda: patch_heads_reference(model, [pair], keep_incorrect=True, patches=subset,
@@ -390,7 +384,7 @@ def main(argv=None):
                 if args.sync_debug and device.type == "cuda":
                     sync_report(model, pair, name)
                 if args.cpu_profile:
-                    cpu_profile_sweep(model, pair, name)
+                    print_host_profile(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False), name)
                     for compile_ in (False, True):  # the compiled swap-ins' CPU cost per call, isolated
                         kw = dict(keep_incorrect=True, progress=False, compile=compile_)
                         patch_heads(model, [warm], **kw)

@@ -156,7 +156,8 @@ def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen, max_mi
             "--lr", str(lr), "--warmup", str(warmup if warmup is not None else max(10, steps // 10)),
             "--steps", str(steps), *(["--max-minutes", str(max_minutes)] if max_minutes else []),
             "--seed", str(v.seed), "--device", device, "--out", str(out), "--no-progress", "--eval-every", "100000",
-            "--num-workers", str(v.num_workers), "--generator", json.dumps(gen)] + (["--filler-loss"] if v.filler_loss else [])
+            "--num-workers", str(v.num_workers), "--generator", json.dumps(gen),
+            *(["--filler-loss"] if v.filler_loss else [])]
 
 
 def already_fine_tuned(folder: Path) -> bool:
