@@ -66,6 +66,23 @@ class Variant:
     max_minutes: float | None = None
     warmup: int | None = None
     num_workers: int = 0  # DataLoader workers generating the data (the batches depend on this number too)
+    # Round 7: fine-tune a new model (BASES[base], trained first from scratch on the shipped last stage's data)
+    # instead of the shipped one.
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class Base:
+    """A new model trained from random weights on the shipped model's last-stage data (``base_generator``: no filler,
+    no nonce names) as its first stage was (family learning rate and warm-up, 60,000-step schedule bounded by
+    ``max_minutes``), with architecture ``overrides`` (``train.py --model``), for variants to fine-tune."""
+
+    overrides: tuple = ()  # (key, value) pairs of the model config
+    seed: int = 0
+    max_minutes: float = 4.5  # with its variants and their evaluation, one 10-minute device call
+    lr: float = 2e-3
+    warmup: int = 300
+    num_workers: int = 1
 
 
 CS3 = ("llama-cs3", "gpt_neo-cs3")
@@ -123,6 +140,42 @@ VARIANTS = {
                                       ("scratch_n20_sorted_s1", 0.20, SORTED, 1),
                                       ("scratch_n10_sorted_s2", 0.10, SORTED, 2))},
 }
+# Round 7: more heads. Two layers of four heads (two key/value heads, head_dim 64) must both find the Instruction's
+# field and rule out every other mentioned column; the GPT-Neo models, which copy, have eight heads a layer. Eight
+# heads of head_dim 32 (four key/value heads) keep every weight's shape and the file's size. A four-head base
+# trained the same way in the same run is the control (its base has fewer steps than the shipped model's).
+HEADS8 = (("num_attention_heads", 8), ("num_key_value_heads", 4), ("head_dim", 32))
+BASES = {"h8_s0": Base(HEADS8, seed=0), "h8_s1": Base(HEADS8, seed=1), "h4_s0": Base((), seed=0)}
+VARIANTS.update({
+    **{f"{b}_ft": Variant(300, 0.10, settle_steps=300, base=b, models=LLAMA23) for b in BASES},
+    "h8_s0_ft_sorted": Variant(600, 0.20, generator=SORTED, settle_steps=300, base="h8_s0", models=LLAMA23),
+})
+# Round 8: filler words that are names too. Round 7's lead (more heads) did not raise the novel fields. The models
+# may have learnt that a token seen in English filler is never a name (every filler word was a novel word, every
+# nonce name only a name); with filler_nonce_p some fillers hold a nonce name instead, so that cue is gone.
+# Fine-tunes of the shipped models, as rounds 1-5.
+FN = (("filler_nonce_p", 0.5),)
+VARIANTS.update({
+    "fn5_s300_n10_settle": Variant(300, 0.10, generator=FN, settle_steps=300, models=LLAMA23),
+    "fn5_s300_n10_settle_s4": Variant(300, 0.10, seed=4, generator=FN, settle_steps=300, models=LLAMA23),
+    "fn5_s600_n20_settle": Variant(600, 0.20, generator=FN, settle_steps=300, models=LLAMA23),
+    "fn5_s600_n20_sorted_settle": Variant(600, 0.20, generator=SORTED + FN, settle_steps=300, models=LLAMA23),
+    "fn8_f5_s600_n20_sorted_settle": Variant(600, 0.20, filler_p=0.5, generator=SORTED + (("filler_nonce_p", 0.8),),
+                                             settle_steps=300, models=LLAMA23),
+})
+# Round 9: round 8's llama-cs2 variant copies (0.99 / 0.94) at 15 items fewer exact matches; a longer settling run,
+# and new bases (round 7's four-head base then the fine-tune matched the shipped exact match), for both models.
+BASES["h4_s1"] = Base((), seed=1)
+CS2, LCS3 = ("llama-cs2",), ("llama-cs3",)
+VARIANTS.update({
+    "fn5_s600_n20_settle600": Variant(600, 0.20, generator=FN, settle_steps=600, models=CS2),
+    "fn5_s600_n20_settle600_s4": Variant(600, 0.20, seed=4, generator=FN, settle_steps=600, models=CS2),
+    "fn5_s600_n20_sorted_settle600": Variant(600, 0.20, generator=SORTED + FN, settle_steps=600, models=LCS3),
+    **{f"{b}_fn5_s600_n20_settle": Variant(600, 0.20, generator=FN, settle_steps=300, base=b, models=CS2)
+       for b in ("h4_s0", "h4_s1")},
+    **{f"{b}_fn5_s600_n20_sorted_settle": Variant(600, 0.20, generator=SORTED + FN, settle_steps=300, base=b,
+                                                  models=LCS3) for b in ("h8_s0", "h4_s0")},
+})
 ROUNDS = {
     1: (("s150_n10", "s150_n10_fl", "s300_n10_fl", "s300_n20_fl", "s600_n20_fl", "s100_n20_fl"),),
     2: (("s300_n20_fl_s4", "s600_n20_fl_s4", "s600_n30_fl", "s900_n20_fl", "s600_n20_fl_s5"),),
@@ -133,6 +186,12 @@ ROUNDS = {
          "s300_n10_fl_settle_plain"),),
     5: (("s300_n10_fl_settle_s4", "s300_n10_fl_settle_s5", "s300_n10_fl_settle_s6", "s600_n10_lr1e4_settle"),),
     6: (("scratch_n10", "scratch_n10_sorted", "scratch_n20_sorted_s1", "scratch_n10_sorted_s2"),),
+    7: (("h8_s0_ft", "h8_s1_ft", "h4_s0_ft", "h8_s0_ft_sorted"),),
+    8: (("fn5_s300_n10_settle", "fn5_s300_n10_settle_s4", "fn5_s600_n20_settle", "fn5_s600_n20_sorted_settle",
+         "fn8_f5_s600_n20_sorted_settle"),),
+    9: (("fn5_s600_n20_settle600", "fn5_s600_n20_settle600_s4", "fn5_s600_n20_sorted_settle600",
+         "h4_s0_fn5_s600_n20_settle", "h4_s1_fn5_s600_n20_settle", "h8_s0_fn5_s600_n20_sorted_settle",
+         "h4_s0_fn5_s600_n20_sorted_settle"),),
 }
 SETTINGS = ("off", "syn_table", "syn_field", "syn_both", "novel", "novel_syn_own", "novel_held_out")
 EXISTING = ("off", "syn_table", "syn_field", "syn_both")
@@ -149,7 +208,8 @@ def base_generator(family: str, cs: int) -> dict:
     return dict(RECIPE_FINE_TUNE.get((family, cs), {}).get("generator") or recipe_generator(family, cs))
 
 
-def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen, max_minutes=None, warmup=None) -> list[str]:
+def _train_cmd(family, cs, init, out, v: Variant | Base, lr, steps, device, gen, max_minutes=None, warmup=None,
+               filler_loss=False, overrides=None) -> list[str]:
     """train.py's command line: a fine-tune of ``init``, or from random weights when ``init`` is None."""
     return [sys.executable, str(REPO / "scripts" / "train.py"), "--family", family, "--cs", cs,
             *(["--init-from", str(init)] if init is not None else []),
@@ -157,7 +217,12 @@ def _train_cmd(family, cs, init, out, v: Variant, lr, steps, device, gen, max_mi
             "--steps", str(steps), *(["--max-minutes", str(max_minutes)] if max_minutes else []),
             "--seed", str(v.seed), "--device", device, "--out", str(out), "--no-progress", "--eval-every", "100000",
             "--num-workers", str(v.num_workers), "--generator", json.dumps(gen),
-            *(["--filler-loss"] if v.filler_loss else [])]
+            *(["--model", json.dumps(overrides)] if overrides else []),
+            *(["--filler-loss"] if filler_loss else [])]
+
+
+def base_folder(out: Path, base: str, model: str) -> Path:
+    return out / "bases" / base / model
 
 
 def already_fine_tuned(folder: Path) -> bool:
@@ -165,34 +230,62 @@ def already_fine_tuned(folder: Path) -> bool:
 
 
 def train_all(variants, models, out: Path, device: str, max_procs: int, init_root: Path) -> set[str]:
-    """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first.
-    Every run's folders are cleared before it starts, so nothing stale is evaluated; returns the keys
-    ("variant-model") whose runs failed, which are not evaluated."""
-    jobs = []
+    """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first,
+    and a variant with a ``base`` starts once that base's run (one per base and model, shared by its variants) has
+    finished. Every run's folders are cleared before it starts, so nothing stale is evaluated; returns the keys
+    ("variant-model", "base:<base>-model") whose runs failed (or whose base failed), which are not evaluated."""
+    jobs = []  # (key, bash script, key of the run it waits for or None)
+    bases_done: set[str] = set()
+
+    def script(cmds):
+        return " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)
+
     for name in variants:
         v = VARIANTS[name]
         for m in models:
             if m not in v.models:
                 continue
             family, cs = m.rsplit("-cs", 1)
+            after = None
+            if v.base:
+                b, after = BASES[v.base], f"base:{v.base}-{m}"
+                if after not in bases_done:
+                    bases_done.add(after)
+                    folder = base_folder(out, v.base, m)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    jobs.append((after, script([_train_cmd(
+                        family, cs, None, folder, b, b.lr, 60_000, device, base_generator(family, int(cs)),
+                        b.max_minutes, b.warmup, overrides=dict(b.overrides))]), None))
             gen = {**base_generator(family, int(cs)), "filler_p": v.filler_p, "nonce_name_p": v.nonce_name_p,
                    **dict(v.generator)}
             first = out / name / f"{m}-first" if v.settle_steps else out / name / m
             for folder in {first, out / name / m}:  # a rerun into the same --out starts clean
                 shutil.rmtree(folder, ignore_errors=True)
-            cmds = [_train_cmd(family, cs, None if v.from_scratch else init_root / m, first, v, v.lr, v.steps, device,
-                               gen, v.max_minutes, v.warmup)]
+            init = None if v.from_scratch else base_folder(out, v.base, m) if v.base else init_root / m
+            cmds = [_train_cmd(family, cs, init, first, v, v.lr, v.steps, device, gen, v.max_minutes, v.warmup,
+                               v.filler_loss)]
             if v.settle_steps:
                 cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device,
-                                       {**gen, **dict(v.settle_generator)}))
-            jobs.append((f"{name}-{m}", " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)))
+                                       {**gen, **dict(v.settle_generator)}, filler_loss=v.filler_loss))
+            jobs.append((f"{name}-{m}", script(cmds), after))
+    jobs.sort(key=lambda j: j[2] is not None)  # the bases first: everything else waits for them
     running: list = []
+    finished: set[str] = set()
     failed: set[str] = set()
     while jobs or running:
-        while jobs and len(running) < max_procs:
-            key, script = jobs.pop(0)
-            with open(out / f"{key}.log", "w") as log:
-                running.append((key, subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)))
+        for key, _, after in list(jobs):
+            if after in failed:
+                jobs.remove((key, _, after))
+                failed.add(key)
+                print(f"training {key} skipped: {after} failed", flush=True)
+        ready = [j for j in jobs if j[2] is None or j[2] in finished]
+        while ready and len(running) < max_procs:
+            job = ready.pop(0)
+            jobs.remove(job)
+            with open(out / f"{job[0]}.log", "w") as log:
+                running.append((job[0], subprocess.Popen(["bash", "-c", job[1]], stdout=log, stderr=subprocess.STDOUT)))
+        if not running and jobs:  # (cannot happen: every base is queued before its variants)
+            raise RuntimeError(f"runs waiting for bases that never ran: {[j[0] for j in jobs]}")
         time.sleep(1)
         for key, proc in list(running):
             if proc.poll() is not None:
@@ -200,6 +293,8 @@ def train_all(variants, models, out: Path, device: str, max_procs: int, init_roo
                 if proc.returncode != 0:
                     failed.add(key)
                     print(f"training {key} failed (rc {proc.returncode}; {out / key}.log)", flush=True)
+                else:
+                    finished.add(key)
     return failed
 
 
@@ -292,16 +387,22 @@ def install(export: Path, models, round_: int) -> None:
         meta = json.loads((dst / "training_meta.json").read_text())
         last = entry["chosen_training_meta"]
         last["train_config"]["out_dir"] = None
-        scratch = ran.get("from_scratch", False)
+        scratch, base = ran.get("from_scratch", False), ran.get("base")
         last["train_config"]["init_from"] = (
             f"the first run's output ({ran['steps']} steps at lr {ran['lr']})" if ran["settle_steps"]
-            else None if scratch else f"helpers/models/embedded/{m}")
-        if scratch:
-            # new weights from random ones: the folder's meta becomes the run's own; the model before is kept as
-            # a record only (its stages no longer describe these weights)
-            meta = {**last, "replaced_model": {k: meta.get(k) for k in ("train_config", "steps_done", "minutes",
-                                                                        "fine_tune") if k in meta}}
-        how = "trained from scratch on the novel-names data" if scratch else "the model above fine-tuned"
+            else None if scratch else f"base {base}" if base else f"helpers/models/embedded/{m}")
+        if scratch or base:
+            # new weights from random ones: the folder's meta becomes the new model's own (the base's, which is its
+            # first stage, where there is one); the model before is kept as a record only (its stages no longer
+            # describe these weights)
+            top = entry["chosen_base_meta"] if base else last
+            meta = {**top, "replaced_model": {k: meta.get(k) for k in ("train_config", "steps_done", "minutes",
+                                                                       "fine_tune") if k in meta}}
+            if base:
+                meta["train_config"]["out_dir"] = None
+        how = ("trained from scratch on the novel-names data" if scratch
+               else f"a new model (base {base}, trained from scratch on the shipped data) fine-tuned" if base
+               else "the model above fine-tuned")
         meta["novel_names_fine_tune"] = {
             "note": (f"The shipped weights: {how} by scripts/novel_names_fine_tune.py, round "
                      f"{round_}, variant {name} (chosen on {summary['n_items']} items / {summary['n_pairs']} pairs)"),
@@ -309,10 +410,14 @@ def install(export: Path, models, round_: int) -> None:
             "evaluation": {"shipped_before": entry["shipped"], "chosen": entry["candidates"][name],
                            "n_items": summary["n_items"], "n_pairs": summary["n_pairs"]},
             "first_run": entry.get("chosen_first_run_meta"),
+            **({"base_config": summary["bases"][base]} if base else {}),
             "last_run": last,
             "sha256": sha256(weights),
         }
         shutil.copy2(weights, dst / "model.safetensors")
+        config = export / f"{m}.config.json"
+        if config.exists():  # (exports before round 7 carry none: their config was the folder's own)
+            shutil.copy2(config, dst / "config.json")
         (dst / "training_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         print(f"{m} <- {name}")
 
@@ -365,6 +470,7 @@ def main(argv=None):
         results = dict(pool.map(_evaluate_job, [(*j, args.device, args.n_items, args.n_pairs) for j in jobs]))
     print(f"evaluated at {time.time() - t0:.0f} s", flush=True)
     summary = {"round": None if args.variants else args.round, "variants": {v: asdict(VARIANTS[v]) for v in variants},
+               "bases": {b: asdict(BASES[b]) for b in sorted({VARIANTS[v].base for v in variants} - {None})},
                "n_items": args.n_items, "n_pairs": args.n_pairs, "em_slack_items": EM_SLACK_ITEMS,
                "flip_slack_pairs": FLIP_SLACK_PAIRS, "novel_bar": NOVEL_BAR, "failed": sorted(failed), "models": {}}
     for m in args.models:
@@ -384,6 +490,8 @@ def main(argv=None):
         if args.export and exported:
             Path(args.export).mkdir(parents=True, exist_ok=True)
             shutil.copy2(out / exported / m / "model.safetensors", Path(args.export) / f"{m}.safetensors")
+            # (a base with other heads has another config; install copies it with the weights)
+            shutil.copy2(out / exported / m / "config.json", Path(args.export) / f"{m}.config.json")
             summary["models"][m]["exported"] = exported
             summary["models"][m]["exported_sha256"] = sha256(Path(args.export) / f"{m}.safetensors")
             summary["models"][m]["exported_training_meta"] = json.loads(
@@ -393,6 +501,9 @@ def main(argv=None):
             summary["models"][m]["chosen_training_meta"] = json.loads(meta.read_text())
             first = out / name / f"{m}-first" / "training_meta.json"
             summary["models"][m]["chosen_first_run_meta"] = json.loads(first.read_text()) if first.exists() else None
+            if VARIANTS[name].base:
+                summary["models"][m]["chosen_base_meta"] = json.loads(
+                    (base_folder(out, VARIANTS[name].base, m) / "training_meta.json").read_text())
             shutil.rmtree(out / "chosen" / m, ignore_errors=True)
             shutil.copytree(out / name / m, out / "chosen" / m)
         print(f"{m}: chosen {name} (loosely {loose}); shipped EM {shipped['exact_match']:.4f}", flush=True)

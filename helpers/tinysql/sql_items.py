@@ -153,6 +153,10 @@ class GeneratorConfig:
     # Chance that each name in the Context is spelled as a nonce token (vocabulary.NONCE_NAMES) that the SQL copies:
     # teaches copying of any schema token, not only learnt names.
     nonce_name_p: float = 0.0
+    # Chance that a filler's word is a nonce name (one the item's schema does not hold) instead of a novel word:
+    # the nonce names are then words of the English filler *and* names, so having been seen in filler is no
+    # evidence that a token is never a name (the novel words stay filler only). 0 keeps the random stream unchanged.
+    filler_nonce_p: float = 0.0
     tables: tuple[str, ...] = tuple(V.TABLES)
     fields: tuple[str, ...] = tuple(V.FIELDS)
     words: str = "suite"  # the word set (helpers.tinysql.word_sets): synonyms, types, English templates
@@ -249,7 +253,13 @@ def generate_item(cs: int, rng: random.Random, cfg: GeneratorConfig | None = Non
                     spelling[name] = pool.pop(rng.randrange(len(pool)))
     filler = ""
     if cfg.filler_p > 0 and rng.random() < cfg.filler_p:
-        filler = rng.choice(V.FILLER_TEMPLATES).replace("[w]", rng.choice(V.NOVEL_TABLES + V.NOVEL_FIELDS))
+        filler_template = rng.choice(V.FILLER_TEMPLATES)
+        if cfg.filler_nonce_p > 0 and rng.random() < cfg.filler_nonce_p:
+            held = {spelling.get(n, n) for t in schemas for n in (t.name, *t.field_names)}
+            word = rng.choice([w for w in V.NONCE_NAMES if w not in held])
+        else:
+            word = rng.choice(V.NOVEL_TABLES + V.NOVEL_FIELDS)
+        filler = filler_template.replace("[w]", word)
     template = rng.choice(ws.select_templates)
     if spelling:
         m = lambda n: spelling.get(n, n)  # noqa: E731
