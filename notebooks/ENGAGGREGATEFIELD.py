@@ -151,11 +151,12 @@ Are the strongest cells *the* mechanism, and how do they connect? The section be
 (faithfulness curves, attention of the top heads, path patching) as it draws them
 (`helpers.circuits.figures.show_circuit_section`).
 
-On the embedded models (the default sweep: batch 4, seed 0, CS3), Llama needs one cell: L0H1 at the swapped field
-word reaches 80 % sufficiency and necessity alone (5 random cells 0.00). Path patching shows how: L0H1 sends the
-field through the *values* of L1H1 (+0.77) and L1H0 (+0.49), and those two write it into the logits at `(` (+0.21,
-+0.13). It is the same layer-0 → layer-1 value chain as ENGORDERBYFIELD on CS3 (+0.61, +0.39): one mechanism
-serves names in different SQL slots. GPT-Neo: layer-1 heads at `(` write the field directly (L1H1 +0.25, L1H6
+On the embedded models (the default sweep: batch 4, seed 0, CS3), Llama (eight heads a layer on CS3) needs two
+cells: L1H5 and L1H4 at `(` write the field into the logits (+0.32, +0.30) and reach 80 % sufficiency and necessity
+together (0.78 alone; 5 random cells 0.00). The two share one key/value head, and path patching shows what they
+read: the swapped field word, through their *values*, from L0H1 and L0H0 (+0.24 to +0.27 each; another pair sharing
+a key/value head). It is the same layer-0 → layer-1 value chain as ENGORDERBYFIELD on CS3 (+0.17 to +0.20): one
+mechanism serves names in different SQL slots. GPT-Neo: layer-1 heads at `(` write the field directly (L1H1 +0.25, L1H6
 +0.17, L1H7 +0.15), and L0H7 at `(` shapes L1H1's *query* (+0.10); 80 % at k = 3.
 
 `circuit = False` turns this section off.

@@ -149,10 +149,11 @@ Are the strongest cells *the* mechanism, and how do they connect? The section be
 (faithfulness curves, attention of the top heads, path patching) as it draws them
 (`helpers.circuits.figures.show_circuit_section`).
 
-On the embedded models (the default sweep: batch 4, seed 0, CS3) two cells restore 80 %. Llama: L1H1 at
-`SELECT`, where the function is predicted, and L0H1 at the function word ("minimum"). L0H1 feeds L1H1's *value*
-(+0.28; L0H2 adds +0.16), and L1H1 writes the function into the logits (+0.20): one head reads the English word
-and a layer-1 head copies what it read to the answer. GPT-Neo: L1H2 and L1H4 at `SELECT` (80 % sufficiency and
+On the embedded models (the default sweep: batch 4, seed 0, CS3) two cells restore 80 %. Llama (eight heads a
+layer on CS3): L1H5 and L1H4 at `SELECT`, where the function is predicted (0.49 sufficiency alone, 1.00 together).
+They share one key/value head, read the function word ("minimum") through it from L0H0 and L0H1 (+0.09 to +0.10
+each), and write the function into the logits (+0.20, +0.19): layer-0 heads read the English word and a layer-1
+pair copies what they read to the answer. GPT-Neo: L1H2 and L1H4 at `SELECT` (80 % sufficiency and
 necessity at k = 2), with direct paths of +0.11 and +0.09 and head-to-head edges of at most 0.02: the MLPs carry
 most of it.
 

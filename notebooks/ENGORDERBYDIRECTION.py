@@ -152,12 +152,13 @@ Are the strongest cells *the* mechanism, and how do they connect? The section be
 (`helpers.circuits.figures.show_circuit_section`).
 
 On the embedded models (the default sweep: batch 4, seed 0) one cell is sufficient and necessary (k = 1) in both
-families and command sets, against 0.00–0.10 for 5 random cells. Llama CS2: L1H3 *at the sort field*, the position
-that predicts `ASC`/`DESC`, reads the direction word through its value from the layer-0 heads sitting on it (L0H2
-+0.05, L0H1 +0.03). Its direct path to the logits is +0.08. The edges are small for an effect that is complete, so
-most of the translation from "descending" to `DESC` runs through the MLPs. Llama CS3: L1H1 at the sort field (+0.15
-to the logits), fed by L0H2 at the SQL's `ORDER` (+0.05). GPT-Neo: L0H0 at the SQL's `ORDER` restores the answer
-on its own, and layer-1 heads at the sort field write it (L1H6 +0.17 on CS2, L1H0 +0.13 on CS3).
+families and command sets, Llama CS3 aside (k = 2), against 0.00–0.10 for 5 random cells. Llama CS2: L1H3 *at the
+sort field*, the position that predicts `ASC`/`DESC`, reads the direction word through its value from the layer-0
+heads sitting on it (L0H2 +0.05, L0H1 +0.03). Its direct path to the logits is +0.08. The edges are small for an
+effect that is complete, so most of the translation from "descending" to `DESC` runs through the MLPs. Llama CS3
+(eight heads a layer): L1H7 at the sort field (+0.14 to the logits; 0.72 sufficiency and 0.84 necessity alone), with
+L0H2 at the Instruction's direction word, which feeds its value (+0.03). GPT-Neo: L0H0 at the SQL's `ORDER` restores
+the answer on its own, and layer-1 heads at the sort field write it (L1H6 +0.17 on CS2, L1H0 +0.13 on CS3).
 
 `circuit = False` turns this section off.
 """

@@ -57,10 +57,10 @@ patching words and template, what the released hub checkpoints were trained on);
 
 **What `use_novel_names` means here**: the Instruction then asks for a sort column the Context does not hold. The
 embedded models, with or without the novel-names fine-tune, mostly keep writing the schema's column (flip 0.00–0.05
-over the four CS2/CS3 models, 200 pairs; gpt_neo-cs3, fine-tuned, 0.24): they read the answer from the schema. The logit
-difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
-which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
-notebooks are where novel names test copying.
+on llama-cs2 and gpt_neo-cs2, 200 pairs; with the novel-names stage llama-cs3 0.10, gpt_neo-cs3 0.24): they read the
+answer from the schema. The logit difference then measures how much more the model prefers the clean column than the
+novel word, and the heatmap shows which heads carry the Instruction's word into that preference, not which heads
+carry a name into the SQL. The Def* notebooks are where novel names test copying.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags, `helpers.tinysql.pairs`):
 with the suite's words (their training vocabulary) every model answers every clean prompt (clean accuracy 1.00) and
@@ -160,10 +160,10 @@ Are the strongest cells *the* mechanism, and how do they connect? The section be
 (faithfulness curves, attention of the top heads, path patching) as it draws them
 (`helpers.circuits.figures.show_circuit_section`).
 
-On the embedded models (the default sweep: batch 4, seed 0) Llama needs one cell: 80 % sufficiency and necessity
-at k = 1 on both command sets (5 random cells: 0.00 on CS3, 0.24 on CS2). On CS3, L0H1 *at the swapped sort word*
-sends it through the *values* of L1H1 (+0.61) and L1H0 (+0.39), which write the field into the logits at `BY`
-(+0.26, +0.17). On CS2 the same chain starts one step later: L0H1 at the `###` that closes the Instruction reads
+On the embedded models (the default sweep: batch 4, seed 0) Llama needs one cell on CS2 and two on CS3 for 80 %
+sufficiency and necessity (5 random cells: 0.24 on CS2, 0.00 on CS3). On CS3 (eight heads a layer), L0H0 and L0H1
+*at the swapped sort word* send it through the *values* of L1H5 and L1H4 (+0.17 to +0.20 each; each pair shares a
+key/value head), which write the field into the logits at `BY` (+0.30, +0.25). On CS2 the same chain starts one step later: L0H1 at the `###` that closes the Instruction reads
 the sort word, feeds L1H2's value (+0.79), and L1H2 writes the field (+1.11; L1H3 pushes against it, −0.25).
 ENGAGGREGATEFIELD shows the same layer-0 → layer-1 value chain for a name in another SQL slot.
 GPT-Neo needs 2–3 cells at `BY` (layer-0 L0H2 and L0H5 on CS2, L0H4 on CS3, then layer-1 heads). Its head-to-head

@@ -85,12 +85,16 @@ def test_shipped_data_recipe_is_the_default(embedded):
     """`make train FAMILY=.. CS=..` trains on the same data options as the shipped model."""
     import json
 
-    from helpers.models.training import recipe_generator
+    from helpers.models.training import recipe_generator, recipe_model
 
-    family, cs, folder, _, _ = embedded
+    family, cs, folder, model, _ = embedded
     meta = json.loads((folder / "training_meta.json").read_text())
     assert meta["train_config"]["generator"] == recipe_generator(family, cs)
     assert meta["train_config"].get("init_from") is None  # stage 1 starts from random weights
+    # and on the recipe's architecture (llama-cs3: eight heads), which is the shipped config's
+    overrides = meta["train_config"].get("model_overrides") or {}
+    assert overrides == recipe_model(family, cs)
+    assert all(getattr(model.config, k) == v for k, v in overrides.items())
 
 
 def test_fine_tune_stage_is_documented(embedded):
@@ -165,6 +169,13 @@ def test_novel_names_stage_is_documented(embedded):
     if variant.settle_steps:
         want.update(dict(variant.settle_generator))
     assert {k: last["generator"].get(k) for k in want} == want
+    if variant.base:  # a new model: its first stage (the folder's train_config) is the variant's base
+        base = script.BASES[variant.base]
+        first = meta["train_config"]
+        assert (first["seed"], first["lr"], first["warmup"], first["max_minutes"], first["init_from"]) == \
+            (base.seed, base.lr, base.warmup, base.max_minutes, None)
+        assert first["model_overrides"] == dict(base.overrides) and stage["base_config"]["seed"] == base.seed
+        assert first["generator"] == script.base_generator(family, cs)
     ev = stage["evaluation"]
     assert script.choose(ev["shipped_before"], {stage["variant"]: ev["chosen"]}, ev["n_items"], ev["n_pairs"]) == \
         stage["variant"]

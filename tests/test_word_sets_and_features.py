@@ -525,13 +525,36 @@ def test_zero_filler_and_nonce_leave_the_random_stream_unchanged(cs):
     for family in ("llama", "gpt_neo"):
         recipe = recipe_generator(family, cs)
         plain = generate_items(cs, 500, 7, GeneratorConfig(**recipe))
-        zero = generate_items(cs, 500, 7, GeneratorConfig(**recipe, filler_p=0.0, nonce_name_p=0.0))
+        zero = generate_items(cs, 500, 7, GeneratorConfig(**recipe, filler_p=0.0, nonce_name_p=0.0,
+                                                           filler_nonce_p=0.0))
         assert [(a.prompt, a.sql) for a in plain] == [(b.prompt, b.sql) for b in zero] and plain == zero
         assert not any(it.filler for it in zero)
         on = generate_items(cs, 500, 7, GeneratorConfig(**recipe, filler_p=0.3, nonce_name_p=0.2))
         assert [it.prompt for it in on] != [it.prompt for it in plain]  # (the knobs do something when on)
     items = generate_items(cs, 300, 0, GeneratorConfig(**LLAMA_RECIPE[cs], filler_p=0.0, nonce_name_p=0.0))
     assert digest(items) == GENERATOR_DIGESTS[cs], "the generator's random stream changed for existing configs"
+
+
+def test_filler_nonce_names_are_filler_words_and_names_but_novel_words_stay_filler_only():
+    """filler_nonce_p: some fillers hold a nonce name (never one of the item's own names), so nonce names are words of
+    the filler and names both; the novel words are still never names nor in the SQL, and the share with filler is
+    unchanged. Off, the items equal those without the knob."""
+    gen = dict(recipe_generator("llama", 2), filler_p=0.3, nonce_name_p=0.2)
+    items = generate_items(2, 3000, 0, GeneratorConfig(**gen, filler_nonce_p=0.5))
+    with_filler = [it for it in items if it.filler]
+    assert 0.2 < len(with_filler) / len(items) < 0.4
+    nonce_fillers = [it for it in with_filler if set(words(it.filler)) & set(V.NONCE_NAMES)]
+    assert 0.35 < len(nonce_fillers) / len(with_filler) < 0.65
+    for it in nonce_fillers:
+        word = (set(words(it.filler)) & set(V.NONCE_NAMES)).pop()
+        assert word not in names_of(it) and word not in words(it.sql), (it.prompt, it.sql)
+    named = {n for it in items for n in names_of(it)} & set(V.NONCE_NAMES)
+    assert len({(set(words(it.filler)) & set(V.NONCE_NAMES)).pop() for it in nonce_fillers} & named) > 50
+    for it in items:
+        assert not names_of(it) & (NOVEL | HELD_OUT) and not set(words(it.sql)) & (NOVEL | HELD_OUT)
+        assert set(words(it.prompt)) & NOVEL <= set(words(it.filler))
+    off = generate_items(2, 300, 0, GeneratorConfig(**gen, filler_nonce_p=0.0))
+    assert off == generate_items(2, 300, 0, GeneratorConfig(**gen))
 
 
 def test_held_out_token_ids_never_occur_in_tokenized_training_text(training_items, project_tokenizer):

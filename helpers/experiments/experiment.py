@@ -349,10 +349,10 @@ class ExperimentResult:
                    "model that reads the schema keeps writing the schema's name.")
         elif self.settings.use_novel_names and self.settings.novel_words == "held_out":
             why = (" The held-out novel words occur in no training text of the embedded models; even those with the "
-                   "novel-names fine-tune copy them in only 0.26-0.87 of pairs (helpers/models/embedded/README.md).")
+                   "novel-names stage copy them in only 0.26-0.87 of pairs (helpers/models/embedded/README.md).")
         elif self.settings.use_novel_names and self.spec.is_embedded:
-            why = (" The embedded models without the novel-names fine-tune (llama-cs2, llama-cs3) never write a "
-                   "novel name (helpers/models/embedded/README.md).")
+            why = (" The embedded model without the novel-names stage (llama-cs2) never writes a novel name, and "
+                   "the others copy novel fields in 0.90-1.00 of pairs (helpers/models/embedded/README.md).")
         return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
                 "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what "
                 "restores the model's confidence rather than what carries the name into the answer." + why)
