@@ -16,9 +16,12 @@ pairs per feature and flag setting) and one candidate per model is chosen:
 - best: the highest min(DEFTABLENAME, DEFFIELDNAME) flip with novel names at the notebook defaults
   (``novel_syn_own``), then the same without synonyms (``novel``), then exact match.
 
-    git worktree add /tmp/pre 2e3b59c                # the embedded models before the stage (four now carry it)
+Round 7 on, a variant may fine-tune a new model instead (``Variant.base``: ``BASES``, trained first from scratch on
+the shipped data, e.g. with eight heads); its runs wait for that base's run.
+
+    git worktree add /tmp/pre 2e3b59c                # the embedded models before the stage (five now carry it)
     python scripts/novel_names_fine_tune.py --init-root /tmp/pre/helpers/models/embedded --out /tmp/ft --round 5 \
-        --export /tmp/ft/export                      # /tmp/ft/chosen/<model>/, summary.json; --round 1..6 as recorded
+        --export /tmp/ft/export                      # /tmp/ft/chosen/<model>/, summary.json; --round 1..10 as recorded
     python scripts/novel_names_fine_tune.py --install /tmp/ft/export --models gpt_neo-cs1   # over the weights before
 """
 from __future__ import annotations
@@ -215,7 +218,8 @@ NOVEL_BAR = 0.90  # the issue's bar for novel DEFTABLENAME and DEFFIELDNAME flip
 
 
 def base_generator(family: str, cs: int) -> dict:
-    """The data of the shipped model's last stage: its fine-tune's generator where it had one (llama-cs3)."""
+    """The data of the shipped model's last stage before the novel-names one: its fine-tune's generator where it had
+    one (RECIPE_FINE_TUNE, empty since llama-cs3's replacement), else its recipe's."""
     from helpers.models.training import RECIPE_FINE_TUNE, recipe_generator
 
     return dict(RECIPE_FINE_TUNE.get((family, cs), {}).get("generator") or recipe_generator(family, cs))
@@ -246,9 +250,9 @@ def train_all(variants, models, out: Path, device: str, max_procs: int, init_roo
     """Every (variant, model) run, at most ``max_procs`` at once sharing the GPU; a settling run follows its first,
     and a variant with a ``base`` starts once that base's run (one per base and model, shared by its variants) has
     finished. Every run's folders are cleared before it starts, so nothing stale is evaluated; returns the keys
-    ("variant-model", "base:<base>-model") whose runs failed (or whose base failed), which are not evaluated."""
+    ("variant-model", "base_<base>-model") whose runs failed (or whose base failed), which are not evaluated."""
     jobs = []  # (key, bash script, key of the run it waits for or None)
-    bases_done: set[str] = set()
+    bases_queued: set[str] = set()
 
     def script(cmds):
         return " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)
@@ -261,9 +265,9 @@ def train_all(variants, models, out: Path, device: str, max_procs: int, init_roo
             family, cs = m.rsplit("-cs", 1)
             after = None
             if v.base:
-                b, after = BASES[v.base], f"base:{v.base}-{m}"
-                if after not in bases_done:
-                    bases_done.add(after)
+                b, after = BASES[v.base], f"base_{v.base}-{m}"
+                if after not in bases_queued:
+                    bases_queued.add(after)
                     folder = base_folder(out, v.base, m)
                     shutil.rmtree(folder, ignore_errors=True)
                     jobs.append((after, script([_train_cmd(
@@ -275,13 +279,15 @@ def train_all(variants, models, out: Path, device: str, max_procs: int, init_roo
             for folder in {first, out / name / m}:  # a rerun into the same --out starts clean
                 shutil.rmtree(folder, ignore_errors=True)
             init = None if v.from_scratch else base_folder(out, v.base, m) if v.base else init_root / m
+            # (from scratch: the family's default architecture, as round 6 ran, not the shipped recipe's)
             cmds = [_train_cmd(family, cs, init, first, v, v.lr, v.steps, device, gen, v.max_minutes, v.warmup,
-                               v.filler_loss)]
+                               v.filler_loss, overrides={} if v.from_scratch else None)]
             if v.settle_steps:
                 cmds.append(_train_cmd(family, cs, first, out / name / m, v, v.settle_lr, v.settle_steps, device,
                                        {**gen, **dict(v.settle_generator)}, filler_loss=v.filler_loss))
             jobs.append((f"{name}-{m}", script(cmds), after))
-    jobs.sort(key=lambda j: j[2] is not None)  # the bases first: everything else waits for them
+    # the bases first (runs wait for them), then the runs that need none, then those that wait
+    jobs.sort(key=lambda j: 0 if j[0] in bases_queued else 1 if j[2] is None else 2)
     running: list = []
     finished: set[str] = set()
     failed: set[str] = set()
@@ -371,10 +377,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def expected_architecture(family: str, overrides: dict) -> dict:
+    """The config fields a model of ``family`` built with ``overrides`` has (helpers.models.training.MODEL_DEFAULTS)."""
+    from helpers.models.training import MODEL_DEFAULTS
+
+    return {k: v for k, v in {**MODEL_DEFAULTS[family], **overrides}.items() if k != "rope_theta"}
+
+
+def check_config(m: str, config: Path, want: dict) -> None:
+    """Refuse a config whose architecture differs from ``want``: eight heads of 32 and four of 64 have the same
+    weight shapes, so a wrong config would load those weights without an error and compute another model."""
+    got = json.loads(config.read_text())
+    wrong = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if wrong:
+        raise SystemExit(f"{m}: {config} differs from the run's architecture (got, want): {wrong}; nothing installed")
+
+
 def install(export: Path, models, round_: int) -> None:
-    """Copy ``export``'s chosen weights over the shipped models' and record the stage in their training_meta.json
-    under ``"novel_names_fine_tune"``: the variant as it ran, its evaluation, its last run's own meta and the
-    installed file's sha256. Every model is checked before anything is copied."""
+    """Copy ``export``'s chosen weights (and config) over the shipped models' and record the stage in their
+    training_meta.json under ``"novel_names_fine_tune"``: the variant as it ran, its evaluation, its runs' own meta
+    and the installed file's sha256. A candidate of a new model (``base``) replaces the folder's meta with the
+    base's (the model before kept under ``"replaced_model"``) and needs its exported config, whose architecture must
+    be the base's. Every model is checked before anything is copied."""
     summary = json.loads((export / "summary.json").read_text())
     round_ = summary.get("round", round_)
     plan = []
@@ -394,6 +418,19 @@ def install(export: Path, models, round_: int) -> None:
         dst = REPO / "helpers" / "models" / "embedded" / m
         if already_fine_tuned(dst):
             raise SystemExit(f"{m}: {dst} already carries the novel-names stage; nothing installed")
+        config, base = export / f"{m}.config.json", summary["variants"][name].get("base")
+        family = m.rsplit("-cs", 1)[0]
+        if entry.get("exported_config_sha256") and (not config.exists()
+                                                    or sha256(config) != entry["exported_config_sha256"]):
+            raise SystemExit(f"{m}: {config} is not the config the run exported; nothing installed")
+        if base:  # a new model: its config must come along, with the base's architecture
+            if not config.exists():
+                raise SystemExit(f"{m}: {config} is missing, and {name} is a new model (base {base}); nothing "
+                                 "installed")
+            check_config(m, config, expected_architecture(family, dict(summary["bases"][base]["overrides"])))
+        elif config.exists():  # a fine-tune keeps the folder's architecture
+            check_config(m, config, {k: v for k, v in json.loads((dst / "config.json").read_text()).items()
+                                     if k in expected_architecture(family, {})})
         plan.append((m, name, entry, weights, dst))
     for m, name, entry, weights, dst in plan:
         ran = summary["variants"][name]  # the variant as it ran (VARIANTS may have changed since)
@@ -404,13 +441,18 @@ def install(export: Path, models, round_: int) -> None:
         last["train_config"]["init_from"] = (
             f"the first run's output ({ran['steps']} steps at lr {ran['lr']})" if ran["settle_steps"]
             else None if scratch else f"base {base}" if base else f"helpers/models/embedded/{m}")
+        first = entry.get("chosen_first_run_meta")
+        if first is not None:  # (run folders of the machine that trained it say nothing here)
+            first["train_config"]["out_dir"] = None
+            if base:
+                first["train_config"]["init_from"] = f"base {base}"
         if scratch or base:
             # new weights from random ones: the folder's meta becomes the new model's own (the base's, which is its
             # first stage, where there is one); the model before is kept as a record only (its stages no longer
-            # describe these weights)
+            # describe these weights), with the sha256 of the weights it had
             top = entry["chosen_base_meta"] if base else last
-            meta = {**top, "replaced_model": {k: meta.get(k) for k in ("train_config", "steps_done", "minutes",
-                                                                       "fine_tune") if k in meta}}
+            before = {**meta, "sha256": sha256(dst / "model.safetensors")}
+            meta = {**top, "replaced_model": before}
             if base:
                 meta["train_config"]["out_dir"] = None
         how = ("trained from scratch on the novel-names data" if scratch
@@ -422,7 +464,7 @@ def install(export: Path, models, round_: int) -> None:
             "variant": name, "round": round_, **ran,
             "evaluation": {"shipped_before": entry["shipped"], "chosen": entry["candidates"][name],
                            "n_items": summary["n_items"], "n_pairs": summary["n_pairs"]},
-            "first_run": entry.get("chosen_first_run_meta"),
+            "first_run": first,
             **({"base_config": summary["bases"][base]} if base else {}),
             "last_run": last,
             "sha256": sha256(weights),
@@ -505,6 +547,7 @@ def main(argv=None):
             shutil.copy2(out / exported / m / "model.safetensors", Path(args.export) / f"{m}.safetensors")
             # (a base with other heads has another config; install copies it with the weights)
             shutil.copy2(out / exported / m / "config.json", Path(args.export) / f"{m}.config.json")
+            summary["models"][m]["exported_config_sha256"] = sha256(Path(args.export) / f"{m}.config.json")
             summary["models"][m]["exported"] = exported
             summary["models"][m]["exported_sha256"] = sha256(Path(args.export) / f"{m}.safetensors")
             summary["models"][m]["exported_training_meta"] = json.loads(

@@ -36,12 +36,14 @@ def _signature(kernel, dtype: str) -> dict:
 def configurations():
     """(kernel, element type, constexprs, warps): what the launch wrappers pass, for the shapes the sweep meets."""
     for dtype in ("bf16", "fp32"):
-        for d_head in (16, 64, 128):
+        for d_head in (16, 32, 64, 128):
             yield tk._rotary_kernel, dtype, dict(HALF=d_head // 2, BLOCK_R=tk._BLOCK_R), 4
             yield tk._merge_kernel, dtype, dict(D=d_head, BLOCK_R=tk._BLOCK_R), 4
         yield tk._silu_mul_kernel, dtype, dict(BLOCK_R=1, BLOCK_C=1024), 4
-    # llama (4 query heads a key/value head), qwen2 (7), the tiny test models (2, head size 16), head size 128
-    for group, d_head, q_lens in ((4, 64, (3, 9, 60, 128)), (7, 64, (2, 33)), (2, 16, (12,)), (1, 128, (100, 128))):
+    # llama (4 query heads a key/value head), qwen2 (7), the tiny test models (2, head size 16), the embedded
+    # llama-cs3 (2, head size 32), head size 128
+    for group, d_head, q_lens in ((4, 64, (3, 9, 60, 128)), (7, 64, (2, 33)), (2, 16, (12,)), (2, 32, (12, 60)),
+                                  (1, 128, (100, 128))):
         for q_len in q_lens:
             assert tk.row_attention_applies(q_len, d_head)
             block_m, block_j, block_k, warps = tk.row_attention_tiles(q_len, d_head, group)

@@ -8,12 +8,13 @@ The recipe (used by ``scripts/train.py`` / ``make train``):
 - Optimiser: AdamW (betas 0.9/0.98, weight decay 0.01), gradient clipping 1.0, linear warmup then cosine
   decay to ``min_lr_ratio``. Progress is ``max(step / steps, elapsed / max_minutes)`` so a time-bounded run
   still finishes its schedule (with ``max_minutes=None`` the run is fully determined by the seed).
-- Families: ``llama`` (rotary, grouped-query attention 4 heads / 2 KV heads, tied embeddings) and ``gpt_neo``
+- Families: ``llama`` (rotary, grouped-query attention 4 heads / 2 KV heads, tied embeddings; llama-cs3: 8 / 4,
+  ``RECIPE_MODEL``) and ``gpt_neo``
   (shaped like upstream BM1, TinyStories-Instruct-2Layers-33M: learned positions, alternating global and
   local attention, no attention scaling; eager attention only).
 - The same code runs on CPU and GPU; held-out greedy accuracy is logged every ``eval_every`` steps.
-- Novel names (a last stage of four shipped models, not of ``make train``; helpers/models/embedded/README.md,
-  "Novel names"): the generator's ``filler_p``, ``nonce_name_p`` and ``field_rename_sorted_p`` and
+- Novel names (a last stage of five shipped models, not of ``make train``; helpers/models/embedded/README.md,
+  "Novel names"): the generator's ``filler_p``, ``nonce_name_p``, ``field_rename_sorted_p`` and ``filler_nonce_p`` and
   ``TrainConfig.filler_loss`` make the novel words familiar English words that are never names, and teach copying
   of any schema token; ``scripts/novel_names_fine_tune.py`` fine-tunes the models with them and picks one candidate
   per model.

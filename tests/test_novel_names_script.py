@@ -1,0 +1,168 @@
+"""scripts/novel_names_fine_tune.py without a GPU: the order its runs start in (bases first, their variants only
+after them, nothing after a failed base), the commands it builds, and what --install writes or refuses."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    path = REPO / "scripts" / "novel_names_fine_tune.py"
+    spec = importlib.util.spec_from_file_location("novel_names_fine_tune", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeRuns:
+    """Popen stand-in: each run finishes at the second poll after it started, with rc 1 if its script trains into
+    a folder named in ``fail``. Records the order runs start in, and which had finished before each start."""
+
+    def __init__(self, fail=()):
+        self.fail, self.started, self.finished, self.live = fail, [], [], []
+
+    def popen(self, args, **kwargs):
+        runs = self
+
+        class Proc:
+            def __init__(self):
+                self.script, self.polls, self.returncode = args[2], 0, None
+                runs.started.append((self.script, list(runs.finished)))
+
+            def poll(self):
+                self.polls += 1
+                if self.polls >= 2 and self.returncode is None:
+                    self.returncode = 1 if any(f in self.script for f in runs.fail) else 0
+                    runs.finished.append(self.script)
+                return self.returncode
+        return Proc()
+
+
+def out_dir(cmd: str) -> str:
+    return cmd.split(" --out ")[1].split()[0]
+
+
+def run_round(script, monkeypatch, tmp_path, fail=(), max_procs=3):
+    runs = FakeRuns(fail)
+    monkeypatch.setattr(script.subprocess, "Popen", runs.popen)
+    monkeypatch.setattr(script.time, "sleep", lambda s: None)
+    failed = script.train_all(["h8_s0_ft", "h4_s0_ft", "fn5_s300_n10_settle"], ["llama-cs2"], tmp_path, "cpu",
+                              max_procs, REPO / "helpers" / "models" / "embedded")
+    return runs, failed
+
+
+def test_variants_start_after_their_base_and_bases_first(script, monkeypatch, tmp_path):
+    runs, _ = run_round(script, monkeypatch, tmp_path, max_procs=2)
+    first_two = [out_dir(cmd) for cmd, _ in runs.started[:2]]
+    assert all("/bases/" in d for d in first_two)  # with 2 at once, the bases take the first places
+    runs, failed = run_round(script, monkeypatch, tmp_path, max_procs=5)  # room for every run at once
+    assert not failed and len(runs.started) == 5  # two bases, two variants on them, one fine-tune of the shipped model
+    for cmd, done_before in runs.started:
+        if "--init-from" in cmd and "/bases/" in cmd.split("--init-from ")[1].split()[0]:
+            base = cmd.split("--init-from ")[1].split()[0]
+            assert any(out_dir(d) == base for d in done_before), "a variant started before its base finished"
+
+
+def test_a_failed_base_skips_its_variants_only(script, monkeypatch, tmp_path):
+    runs, failed = run_round(script, monkeypatch, tmp_path, fail=("bases/h8_s0/",))
+    assert failed == {"base_h8_s0-llama-cs2", "h8_s0_ft-llama-cs2"}
+    started = [out_dir(cmd) for cmd, _ in runs.started]
+    assert not any("h8_s0_ft" in d for d in started)  # never started
+    assert any("h4_s0_ft" in d for d in started) and any("fn5_s300_n10_settle" in d for d in started)
+
+
+def test_commands_carry_the_architecture(script, tmp_path):
+    """A base trains with its overrides (eight heads, or explicitly none: the family defaults, not the recipe's);
+    a from-scratch variant (round 6) with none; a fine-tune passes none (it keeps its model's)."""
+    v6, v7 = script.VARIANTS["scratch_n10"], script.VARIANTS["h8_s0_ft"]
+    b8, b4 = script.BASES["h8_s0"], script.BASES["h4_s0"]
+    cmd = script._train_cmd("llama", "3", None, tmp_path, b8, b8.lr, 60_000, "cpu", {}, overrides=dict(b8.overrides))
+    assert json.loads(cmd[cmd.index("--model") + 1]) == {"num_attention_heads": 8, "num_key_value_heads": 4,
+                                                         "head_dim": 32}
+    cmd = script._train_cmd("llama", "3", None, tmp_path, b4, b4.lr, 60_000, "cpu", {}, overrides=dict(b4.overrides))
+    assert json.loads(cmd[cmd.index("--model") + 1]) == {}
+    cmd = script._train_cmd("llama", "3", tmp_path, tmp_path, v7, v7.lr, v7.steps, "cpu", {})
+    assert "--model" not in cmd
+    assert v6.from_scratch  # train_all passes overrides={} for it (checked through the fake runs below)
+
+
+def test_a_from_scratch_variant_keeps_the_family_architecture(script, monkeypatch, tmp_path):
+    runs = FakeRuns()
+    monkeypatch.setattr(script.subprocess, "Popen", runs.popen)
+    monkeypatch.setattr(script.time, "sleep", lambda s: None)
+    script.train_all(["scratch_n10"], ["llama-cs3"], tmp_path, "cpu", 2, REPO / "helpers" / "models" / "embedded")
+    (cmd, _), = runs.started
+    assert "--model '{}'" in cmd  # not the eight heads llama-cs3's recipe now has
+
+
+# ---------------------------------------------------------------------------------------------- --install
+
+
+def fake_export(script, tmp_path, heads: int | None):
+    """A repo with a llama-cs3 folder (four heads, no stage) and an export whose chosen candidate is round 9's kind:
+    a new eight-head model (base h8_s0)."""
+    repo = tmp_path / "repo"
+    dst = repo / "helpers" / "models" / "embedded" / "llama-cs3"
+    dst.mkdir(parents=True)
+    src = REPO / "helpers" / "models" / "embedded" / "llama-cs2"  # (a four-head llama folder to start from)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy2(src / f, dst / f)
+    (dst / "training_meta.json").write_text(json.dumps({"train_config": {"seed": 0}, "steps_done": 7}))
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "llama-cs3.safetensors").write_bytes(b"new weights")
+    if heads is not None:
+        config = json.loads((src / "config.json").read_text())
+        config.update(num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=256 // heads)
+        (export / "llama-cs3.config.json").write_text(json.dumps(config))
+    variant = "h8_s0_fn5_s600_n20_sorted_settle"
+    from dataclasses import asdict
+    ev = {"exact_match": 0.99, "flips": {}}
+    summary = {
+        "round": 9, "variants": {variant: asdict(script.VARIANTS[variant])},
+        "bases": {"h8_s0": asdict(script.BASES["h8_s0"])}, "n_items": 10, "n_pairs": 5,
+        "models": {"llama-cs3": {
+            "chosen": variant, "exported": variant, "exported_sha256": script.sha256(export / "llama-cs3.safetensors"),
+            "shipped": ev, "candidates": {variant: ev},
+            "chosen_training_meta": {"train_config": {"out_dir": "/tmp/ft9/x", "init_from": "/tmp/ft9/y"}},
+            "chosen_first_run_meta": {"train_config": {"out_dir": "/tmp/ft9/z", "init_from": "/tmp/ft9/bases/w"}},
+            "chosen_base_meta": {"train_config": {"out_dir": "/tmp/ft9/bases/w", "init_from": None,
+                                                  "model_overrides": dict(script.BASES["h8_s0"].overrides)},
+                                 "steps_done": 2886}}}}
+    (export / "summary.json").write_text(json.dumps(summary))
+    return repo, dst, export
+
+
+def test_install_of_a_new_model_replaces_meta_and_config(script, monkeypatch, tmp_path):
+    repo, dst, export = fake_export(script, tmp_path, heads=8)
+    monkeypatch.setattr(script, "REPO", repo)
+    old_sha = script.sha256(dst / "model.safetensors")
+    script.install(export, ["llama-cs3"], 9)
+    meta = json.loads((dst / "training_meta.json").read_text())
+    assert (dst / "model.safetensors").read_bytes() == b"new weights"
+    assert json.loads((dst / "config.json").read_text())["num_attention_heads"] == 8
+    assert meta["steps_done"] == 2886 and meta["train_config"]["out_dir"] is None  # the base's meta on top
+    assert meta["replaced_model"]["steps_done"] == 7 and meta["replaced_model"]["sha256"] == old_sha
+    stage = meta["novel_names_fine_tune"]
+    assert stage["first_run"]["train_config"] == {"out_dir": None, "init_from": "base h8_s0"}
+    assert stage["last_run"]["train_config"]["out_dir"] is None and stage["base_config"]["seed"] == 0
+
+
+@pytest.mark.parametrize("heads", [4, None])
+def test_install_refuses_a_new_model_without_its_architecture(script, monkeypatch, tmp_path, heads):
+    """Four heads of 64 and eight of 32 have the same weight shapes: a wrong (or missing) config would load."""
+    repo, dst, export = fake_export(script, tmp_path, heads=heads)
+    monkeypatch.setattr(script, "REPO", repo)
+    before = {f: (dst / f).read_bytes() for f in ("config.json", "model.safetensors", "training_meta.json")}
+    with pytest.raises(SystemExit, match="differs from the run's architecture" if heads else "is missing"):
+        script.install(export, ["llama-cs3"], 9)
+    assert {f: (dst / f).read_bytes() for f in before} == before  # nothing installed
