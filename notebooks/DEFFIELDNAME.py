@@ -57,13 +57,12 @@ name*: llama-cs1 (the default; flip 1.00), llama-cs3 (0.90), gpt_neo-cs1 (0.95),
 carries the name, and the notebook warns. `novel_words = "held_out"` takes words no training text holds, the
 stricter case: 0.79 / 0.44 / 0.40 / 0.39 / 0.86.
 
-**Word sets, measured** on the six embedded models (llama-cs3: the four-head model it replaced; 50 pairs each, this
-notebook's default flags, `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model
-answers every clean prompt (clean accuracy 1.00) and the corruption flips 0.90–1.00 of them. With `vocabulary =
-"upstream"` the same models answer 0.60–0.72 of the clean prompts (upstream's words are not names they were trained
-on) and flip 0.76–0.92. Upstream's words are meant for the released hub checkpoints, which were trained on
-upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean prompt stay out of the
-averages unless `keep_incorrect` is set.
+**Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
+`helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt
+(clean accuracy 1.00) and the corruption flips all of them. With `vocabulary = "upstream"` the same models answer
+0.46–0.70 of the clean prompts (upstream's words are not names they were trained on) and flip 0.76–0.92. Upstream's
+words are meant for the released hub checkpoints, which were trained on upstream's data and cannot be run offline
+here. Examples a model answers wrongly on the clean prompt stay out of the averages unless `keep_incorrect` is set.
 """
 
 # %% tags=["parameters"]

@@ -53,13 +53,12 @@ name) and is refused. The synonym flags change only how the rest of the request 
 word set: "suite" (this project's words, what the embedded models know) or "upstream" (upstream TinySQL's
 patching words and template, what the released hub checkpoints were trained on); `None` takes the model's own.
 
-**Word sets, measured** on the six embedded models (llama-cs3: the four-head model it replaced; 50 pairs each, this
-notebook's default flags, `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model
-answers every clean prompt (clean accuracy 1.00) and the corruption flips 0.90–1.00 of them. With `vocabulary =
-"upstream"` the same models answer 0.86–1.00 of the clean prompts (upstream's words are not names they were trained
-on) and flip 0.94–1.00. Upstream's words are meant for the released hub checkpoints, which were trained on
-upstream's data and cannot be run offline here. Examples a model answers wrongly on the clean prompt stay out of the
-averages unless `keep_incorrect` is set.
+**Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
+`helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt
+(clean accuracy 1.00) and the corruption flips all of them. With `vocabulary = "upstream"` the same models answer
+0.86–1.00 of the clean prompts (upstream's words are not names they were trained on) and flip 0.94–1.00. Upstream's
+words are meant for the released hub checkpoints, which were trained on upstream's data and cannot be run offline
+here. Examples a model answers wrongly on the clean prompt stay out of the averages unless `keep_incorrect` is set.
 """
 
 # %% tags=["parameters"]

@@ -3,6 +3,8 @@
 
 ``python scripts/evaluate.py`` evaluates every helpers/models/embedded/<family>-cs<N>/ folder found
 (1,000 held-out items per CS, 200 pairs per feature and flag setting, CS1 models also on CS2 prompts).
+``--word-sets`` instead prints clean accuracy / flip rate with the suite's and upstream's words (50 pairs per model
+and feature at the default flags), the table of helpers/models/embedded/README.md.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.models.evaluation import evaluate_folder, markdown_tables  # noqa: E402
+from helpers.models.evaluation import evaluate_folder, evaluate_word_sets, markdown_tables, word_set_table  # noqa: E402
 from helpers.models.checkpoints import EMBEDDED_DIR  # noqa: E402
 
 
@@ -44,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default="outputs/embedded_models_eval.json")
     ap.add_argument("--merge", nargs="+", help="merge JSON files written by earlier runs instead of evaluating")
+    ap.add_argument("--word-sets", action="store_true", help="only the word-set table (suite and upstream words)")
     args = ap.parse_args(argv)
     if args.merge:
         merged = {}
@@ -62,6 +65,15 @@ def main(argv=None):
     folders = [Path(f) for f in args.folders] or sorted(p for p in Path(args.root).iterdir()
                                                          if re.fullmatch(r"(llama|gpt_neo)-cs\d", p.name))
     results = {}
+    if args.word_sets:
+        from helpers.models.checkpoints import load_trained
+
+        for folder in folders:
+            cs = int(re.search(r"cs(\d)", folder.name).group(1))
+            model, tok = load_trained(folder, device)
+            results[folder.name] = evaluate_word_sets(model, tok, cs)
+        print(word_set_table(results))
+        return
     for folder in folders:
         m = re.search(r"cs(\d)", folder.name)
         cs = int(m.group(1)) if m else 1

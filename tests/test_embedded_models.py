@@ -209,3 +209,22 @@ def test_cuda_experiment_equals_the_cpu_one(family, row_attention_calls):
             # llama: the sweep's attention went through row_attention, each row reading its own example's prefix
             per_example = [args[6] is not None for args, _ in row_attention_calls]  # (args[6]: row_example)
             assert any(per_example) if family == "llama" else not per_example
+
+
+def test_word_set_table_spans_the_models():
+    """evaluate_word_sets (scripts/evaluate.py --word-sets): every feature the command set holds, both word sets,
+    the suite's words answered and flipped by the embedded model; word_set_table prints each range over models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.models.evaluation import evaluate_word_sets, word_set_table
+
+    folder = ROOT / "llama-cs1"
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    r = evaluate_word_sets(model, tok, 1, seeds=(900,))
+    assert set(r) == {"ENGTABLENAME", "ENGFIELDNAME", "DEFTABLENAME", "DEFFIELDNAME"}
+    assert all(r[f]["suite"] == {"n": 10, "clean_accuracy": 1.0, "flip_rate": 1.0} for f in r)
+    assert all(r[f]["upstream"]["n"] == 10 for f in r)
+    other = {f: {v: {"n": 10, "clean_accuracy": 0.5, "flip_rate": 0.25} for v in ("suite", "upstream")} for f in r}
+    table = word_set_table({"a": r, "b": other})
+    assert "| DEFTABLENAME | 0.50–1.00 / 0.25–1.00 |" in table and "ENGORDERBYFIELD" not in table

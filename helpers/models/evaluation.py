@@ -204,6 +204,49 @@ def evaluate_features(model, tokenizer, cs: int, n_pairs: int = 200, settings=tu
     return out
 
 
+WORD_SET_SEEDS = tuple(range(900, 905))  # one make_pairs batch of PAIRS_PER_BATCH per seed
+
+
+def evaluate_word_sets(model, tokenizer, cs: int, vocabularies=("suite", "upstream"), seeds=WORD_SET_SEEDS,
+                       features=FEATURES) -> dict:
+    """Clean accuracy and flip rate (every pair counted) per feature that ``cs`` can express and word set, at the
+    feature's default flags (helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS): what the notebooks' "Word sets, measured"
+    and helpers/models/embedded/README.md quote."""
+    from dataclasses import asdict
+
+    from helpers.tinysql.pairs import DEFAULT_PAIR_OPTIONS
+
+    out: dict = {}
+    for feature in features:
+        if cs not in feature.command_sets:
+            continue
+        opts = asdict(DEFAULT_PAIR_OPTIONS[feature])
+        for vocabulary in vocabularies:
+            pairs = [p for seed in seeds for p in make_pairs(feature, tokenizer, cs_num=cs, batch_size=PAIRS_PER_BATCH,
+                                                             seed=seed, vocabulary=vocabulary, **opts)]
+            m = feature_metrics(model, tokenizer, pairs)
+            out.setdefault(feature.value, {})[vocabulary] = {k: m[k] for k in ("n", "clean_accuracy", "flip_rate")}
+    return out
+
+
+def word_set_table(results: dict, vocabularies=("suite", "upstream")) -> str:
+    """Markdown: per feature, the range over the models (``results``: model -> evaluate_word_sets) of clean
+    accuracy / flip rate with each word set."""
+    def span(xs):
+        lo, hi = f"{min(xs):.2f}", f"{max(xs):.2f}"
+        return lo if lo == hi else f"{lo}–{hi}"
+
+    lines = ["| feature | " + " | ".join(f"{v} words" for v in vocabularies) + " |",
+             "|---" * (len(vocabularies) + 1) + "|"]
+    for feature in FEATURES:
+        per = [r[feature.value] for r in results.values() if feature.value in r]
+        if per:
+            lines.append(f"| {feature.value} | " + " | ".join(
+                f"{span([x[v]['clean_accuracy'] for x in per])} / {span([x[v]['flip_rate'] for x in per])}"
+                for v in vocabularies) + " |")
+    return "\n".join(lines)
+
+
 def evaluate_model(model, tokenizer, cs: int, n_items: int = 1000, n_pairs: int = 200, transfer_cs=None,
                    seed: int = EVAL_SEED, settings=tuple(FLAG_SETTINGS)) -> dict:
     """Everything for one model: generation on its own CS (and ``transfer_cs``) and the feature table."""
