@@ -67,3 +67,18 @@ def splitting_bos_tokenizer():
 @pytest.fixture(scope="session", params=["project", "splitting_bos"])
 def any_tokenizer(request, project_tokenizer, splitting_bos_tokenizer):
     return {"project": project_tokenizer, "splitting_bos": splitting_bos_tokenizer}[request.param]
+
+
+@pytest.fixture(scope="session")
+def novel_names_script():
+    """scripts/novel_names_fine_tune.py as a module (its variants, choice rule, scheduler and install)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "novel_names_fine_tune.py"
+    spec = importlib.util.spec_from_file_location("novel_names_fine_tune", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module

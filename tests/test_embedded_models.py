@@ -117,18 +117,6 @@ def test_fine_tune_stage_is_documented(embedded):
     assert {k: cfg[k] for k in want} == want
 
 
-def _fine_tune_script():
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "novel_names_fine_tune.py"
-    spec = importlib.util.spec_from_file_location("novel_names_fine_tune", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _novel_flips(model, tok, cs: int) -> int:
     """How many of 30 DEFTABLENAME pairs with novel names (and table synonyms, the notebook default) flip: three
     batches, so three templates and schemas."""
@@ -141,7 +129,7 @@ def _novel_flips(model, tok, cs: int) -> int:
     return flips
 
 
-def test_novel_names_stage_is_documented(embedded):
+def test_novel_names_stage_is_documented(embedded, novel_names_script):
     """A model shipped with the novel-names fine-tune holds the installed file, records the script's variant as it
     ran, and was chosen by the script's rule against the model before it; its weights copy novel names (24 or more
     of 30 pairs; the shipped ones 28-30), and a model without the stage does not (2 or fewer; the shipped ones 0)."""
@@ -157,7 +145,7 @@ def test_novel_names_stage_is_documented(embedded):
         return
     assert flips >= 24, f"the novel-names stage is recorded, but only {flips} of 30 novel-name pairs flip"
     assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == stage["sha256"]
-    script = _fine_tune_script()
+    script = novel_names_script
     variant = script.VARIANTS[stage["variant"]]
     assert f"{family}-cs{cs}" in variant.models
     fields = ("steps", "nonce_name_p", "filler_p", "filler_loss", "lr", "settle_steps", "seed")

@@ -2,10 +2,8 @@
 after them, nothing after a failed base), the commands it builds, and what --install writes or refuses."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def script():
-    path = REPO / "scripts" / "novel_names_fine_tune.py"
-    spec = importlib.util.spec_from_file_location("novel_names_fine_tune", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def script(novel_names_script):
+    return novel_names_script
 
 
 class FakeRuns:
