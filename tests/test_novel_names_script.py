@@ -159,3 +159,137 @@ def test_install_refuses_a_new_model_without_its_architecture(script, monkeypatc
     with pytest.raises(SystemExit, match="differs from the run's architecture" if heads else "is missing"):
         script.install(export, ["llama-cs3"], 9)
     assert {f: (dst / f).read_bytes() for f in before} == before  # nothing installed
+
+
+# ------------------------------------------------------------------------------------- interpolation (round 11)
+
+
+def shifted_copy(src: Path, dst: Path, shift: float) -> None:
+    """``src``'s folder with every weight + ``shift`` and a meta of its own."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    save_file({k: v + shift for k, v in load_file(src / "model.safetensors").items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    (dst / "training_meta.json").write_text(json.dumps({"train_config": {"out_dir": str(dst), "init_from": "x"},
+                                                        "steps_done": 600}))
+
+
+def test_interpolated_weights_lie_between_and_load(script, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    before = REPO / "helpers" / "models" / "embedded" / "llama-cs2"
+    shifted_copy(before, tmp_path / "after", 1.0)
+    script.interpolate_weights(before, tmp_path / "after", 0.25, tmp_path / "mid")
+    w0, w = load_file(before / "model.safetensors"), load_file(tmp_path / "mid" / "model.safetensors")
+    assert w.keys() == w0.keys()
+    for k in w0:
+        assert (w[k] - (w0[k] + 0.25)).abs().max() < 1e-6, k
+    meta = json.loads((tmp_path / "mid" / "training_meta.json").read_text())
+    assert meta["interpolation"]["weight"] == 0.25 and meta["steps_done"] == 600  # the fine-tune's meta, recorded
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "mid")
+    emb = model.get_input_embeddings().weight.detach()
+    assert (emb - (w0["model.embed_tokens.weight"] + 0.25)).abs().max() < 1e-6
+
+
+def test_interpolation_refuses_other_architectures_and_tensors(script, tmp_path):
+    before = REPO / "helpers" / "models" / "embedded" / "llama-cs2"
+    shifted_copy(before, tmp_path / "heads", 0.0)
+    config = json.loads((before / "config.json").read_text())
+    config.update(num_attention_heads=8, num_key_value_heads=4, head_dim=32)  # same weight shapes
+    (tmp_path / "heads" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="other architectures"):
+        script.interpolate_weights(before, tmp_path / "heads", 0.5, tmp_path / "x")
+    from safetensors.torch import load_file, save_file
+    shifted_copy(before, tmp_path / "fewer", 0.0)
+    w = load_file(before / "model.safetensors")
+    w.pop(next(iter(w)))
+    save_file(w, str(tmp_path / "fewer" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="other tensors"):
+        script.interpolate_weights(before, tmp_path / "fewer", 0.5, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_variants_refuse_interpolation_without_weights_before(script):
+    with pytest.raises(ValueError, match="from-scratch"):
+        script.Variant(100, 0.1, from_scratch=True, interpolate=(0.5,))
+    with pytest.raises(ValueError, match="strictly between"):
+        script.Variant(100, 0.1, interpolate=(1.0,))
+
+
+def test_reuse_runs_only_what_is_not_finished(script, monkeypatch, tmp_path):
+    runs = FakeRuns()
+    monkeypatch.setattr(script.subprocess, "Popen", runs.popen)
+    monkeypatch.setattr(script.time, "sleep", lambda s: None)
+    done = tmp_path / "fn5_s300_n10_settle" / "llama-cs2"
+    shifted_copy(REPO / "helpers" / "models" / "embedded" / "llama-cs2", done, 0.0)
+    init = REPO / "helpers" / "models" / "embedded"
+    script.train_all(["fn5_s300_n10_settle", "fn5_s300_n10_settle_s4"], ["llama-cs2"], tmp_path, "cpu", 2, init,
+                     reuse=True)
+    assert [out_dir(cmd).split("/")[-2] for cmd, _ in runs.started] == ["fn5_s300_n10_settle_s4"]
+    assert (done / "model.safetensors").exists()  # kept, not cleared
+    script.train_all(["fn5_s300_n10_settle"], ["llama-cs2"], tmp_path, "cpu", 2, init)  # without reuse: run again
+    assert len(runs.started) == 2 and not (done / "model.safetensors").exists()
+
+
+def test_a_round_chooses_among_interpolations_exports_and_installs_one(script, monkeypatch, tmp_path):
+    """main() over one variant with interpolation weights (training and evaluation faked, the interpolation real):
+    each weight is a candidate, the chosen one is exported and installed with its recipe and weight recorded."""
+    name = "wise_fn5_s600_n10_lr2e4_settle600_s3"
+    init = tmp_path / "init"
+    shifted_copy(REPO / "helpers" / "models" / "embedded" / "llama-cs2", init / "llama-cs2", 0.0)
+    (init / "llama-cs2" / "training_meta.json").write_text(json.dumps({"train_config": {"seed": 0}}))
+
+    def fake_train(variants, models, out, *args, **kwargs):
+        shifted_copy(init / "llama-cs2", out / name / "llama-cs2-first", 0.5)
+        shifted_copy(init / "llama-cs2", out / name / "llama-cs2", 1.0)
+        return set()
+
+    def fake_evaluate(folder, cs, device, n_items, n_pairs):
+        # the model before: no novel flips; the fine-tune: copies, 10 items fewer; weight 0.7: copies, 2 fewer
+        weight = json.loads((folder / "training_meta.json").read_text()).get("interpolation", {}).get("weight")
+        tuned = "wise" in str(folder)
+        em = 0.99 - (0.001 if weight == 0.7 else 0.005 if tuned else 0.0)
+        novel = 0.95 if tuned and weight in (None, 0.7, 0.85) else 0.5 if tuned else 0.0
+        flips = {f: {s: (novel if s.startswith("novel") else 1.0) for s in script.SETTINGS}
+                 for f in ("DEFTABLENAME", "DEFFIELDNAME")}
+        return {"exact_match": em, "flips": flips}
+
+    class InProcess:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, jobs):
+            return map(fn, jobs)
+
+    monkeypatch.setattr(script, "train_all", fake_train)
+    monkeypatch.setattr(script, "evaluate", fake_evaluate)
+    monkeypatch.setattr(script, "ProcessPoolExecutor", InProcess)
+    out, export = tmp_path / "out", tmp_path / "export"
+    script.main(["--out", str(out), "--variants", name, "--models", "llama-cs2", "--device", "cpu", "--n-items", "2000",
+                 "--init-root", str(init), "--export", str(export)])
+    summary = json.loads((export / "summary.json").read_text())
+    entry = summary["models"]["llama-cs2"]
+    assert set(entry["candidates"]) == {name, f"{name}@0.5", f"{name}@0.7", f"{name}@0.85"}
+    assert entry["chosen"] == f"{name}@0.7"  # the fine-tune itself: 10 items fewer; 0.5: no copying
+    assert summary["variants"][f"{name}@0.7"]["interpolation_weight"] == 0.7
+    assert entry["exported_sha256"] == script.sha256(out / f"{name}@0.7" / "llama-cs2" / "model.safetensors")
+    assert entry["chosen_first_run_meta"]["steps_done"] == 600  # the variant's first run, found by its name
+
+    repo = tmp_path / "repo"
+    dst = repo / "helpers" / "models" / "embedded" / "llama-cs2"
+    shutil.copytree(init / "llama-cs2", dst)
+    monkeypatch.setattr(script, "REPO", repo)
+    script.install(export, ["llama-cs2"], 11)
+    meta = json.loads((dst / "training_meta.json").read_text())
+    stage = meta["novel_names_fine_tune"]
+    assert "interpolated" in stage["note"] and stage["interpolation_weight"] == 0.7 and stage["variant"].endswith("@0.7")
+    assert "interpolation" not in stage["last_run"]  # (its paths were the training machine's)
+    assert script.sha256(dst / "model.safetensors") == entry["exported_sha256"]
