@@ -26,6 +26,14 @@ def local_ray():
     ray.shutdown()
 
 
+def _cmdline_has(process: psutil.Process, *words: str) -> bool:
+    try:
+        cmdline = " ".join(process.cmdline())
+    except psutil.Error:  # (gone, or a zombie)
+        return False
+    return all(w in cmdline for w in words)
+
+
 def test_cells_run_as_ray_tasks_and_their_files_come_back(local_ray, tmp_path):
     path = _grid(tmp_path, ("DEFTABLENAME", "ENGTABLENAME"))
     config = C.load_config(path)
@@ -102,9 +110,11 @@ def test_sigterm_cancels_the_ray_tasks(local_ray, tmp_path):
     try:
         def papermill_running():
             assert sweep.poll() is None, sweep.communicate()[0].decode(errors="replace")
-            found = [p for p in psutil.process_iter(["cmdline"])  # (the worker runs it in its own temporary folder)
-                     if "papermill" in " ".join(p.info["cmdline"] or []) and "tinysql-cell-" in " ".join(
-                         p.info["cmdline"] or [])]
+            # the sweep's own papermill only: a descendant of the sweep (its local Ray's worker runs it, in a
+            # temporary folder). Searching every process, as before, found another test run's papermill on the
+            # same machine, and the cleanup below SIGKILLed it (two CI runs at once each failed a Ray test).
+            found = [p for p in psutil.Process(sweep.pid).children(recursive=True)
+                     if _cmdline_has(p, "papermill", "tinysql-cell-")]
             return found if found and found[0].children(recursive=True) else None
 
         papermills = _wait(papermill_running, 180, "papermill and its kernel on the Ray worker")
