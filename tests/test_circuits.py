@@ -214,6 +214,24 @@ def test_head_attention_by_role(project_tokenizer, pairs):
         assert [len(row) for row in getattr(out, side)] == [p.corrupted_position + 1 for p in pairs]
 
 
+def test_head_attention_refuses_tokens_heads_and_queries_that_do_not_fit(project_tokenizer, pairs):
+    """Review findings: fewer token lists than pairs dropped examples (by_role summed to 2/3), short token lists
+    dropped positions (by_role 0), head -1 was head 3 under another label, an unknown query meant "corrupted"."""
+    from helpers.circuits.attention import head_attention
+
+    model = tiny_model("gpt_neo", vocab_size=len(project_tokenizer))
+    tokens = [[project_tokenizer.decode([i]) for i in p.clean_ids] for p in pairs]
+    for bad in (tokens[:2], [t[:10] for t in tokens]):
+        with pytest.raises(ValueError, match="token texts"):
+            head_attention(model, pairs, bad, [(1, 2)])
+    for heads in ([(1, -1)], [(1, 7)], [(2, 0)]):
+        with pytest.raises(ValueError, match="outside the model"):
+            head_attention(model, pairs, tokens, heads)
+    with pytest.raises(ValueError, match="unknown queries"):
+        head_attention(model, pairs, tokens, [(1, 2)], ("corrupt",))
+    (ok,) = head_attention(model, pairs, tokens, [(1, 2)])
+    assert abs(sum(ok.by_role["clean"].values()) - 1) < 1e-5
+
 def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     from test_notebooks import model_settings
 
@@ -311,6 +329,40 @@ def test_the_receiver_norm_is_recomputed_from_the_modified_input():
     assert not torch.allclose(receiver_input(norm, x, delta), frozen, atol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_path_patching_and_cell_sets_match_their_references_on_examples_of_different_lengths(family,
+                                                                                           project_tokenizer):
+    """Examples of two lengths, corrupted at different tokens, end-aligned in one frame (the fixture's pairs have
+    one length): senders in columns that the shorter examples lack, and before either corruption."""
+    from helpers.circuits.cell_patching import patch_cell_sets, patch_cell_sets_reference
+    from helpers.circuits.path_patching import all_edges, path_patching, path_patching_reference
+
+    mixed = (make_pairs("DEFFIELDNAME", project_tokenizer, cs_num=1, batch_size=2, seed=3)
+             + make_pairs("DEFFIELDNAME", project_tokenizer, cs_num=2, batch_size=2, seed=3))
+    lengths = sorted({len(p.clean_ids) for p in mixed})
+    assert len(lengths) == 2 and len({p.corrupted_position for p in mixed}) == 2
+    T = lengths[-1]
+    model = tiny_model(family, vocab_size=len(project_tokenizer), n_layers=4)
+    heads = head_geometry(model.config).n_heads
+    senders = [Cell(l, h, c) for l in range(3) for h in (0, heads - 1) for c in (1, T - lengths[0] + 2, T - 8, T - 1)]
+    edges = all_edges(senders, [(1, 2), (3, 1)], answer_column=T - 1)
+    kw = dict(keep_incorrect=True, min_denominator=0.0)
+    ref = path_patching_reference(model, mixed, edges, **kw)
+    assert ref.patched_logit_diff.isnan().any() and not ref.patched_logit_diff.isnan().all()  # columns some lack
+    for options in ({}, {"bucket_size": 1}):
+        fast = path_patching(model, mixed, edges, **options, **kw)
+        assert torch.equal(fast.patched_logit_diff.isnan(), ref.patched_logit_diff.isnan())
+        assert torch.allclose(fast.patched_logit_diff.nan_to_num(), ref.patched_logit_diff.nan_to_num(), atol=1e-5,
+                              rtol=0)
+    rng = random.Random(0)
+    cells = [Cell(l, h, c) for l in range(4) for h in range(heads) for c in range(T - 25, T)]
+    sets = [rng.sample(cells, k) for k in (1, 10, 40)]
+    for direction in ("sufficiency", "necessity"):
+        fast = patch_cell_sets(model, mixed, sets, direction, **kw)
+        ref = patch_cell_sets_reference(model, mixed, sets, direction, **kw)
+        assert torch.allclose(fast.patched_logit_diff, ref.patched_logit_diff, atol=1e-5, rtol=0)
+
+
 def test_path_patching_refuses_bad_edges(project_tokenizer, pairs):
     from helpers.circuits.path_patching import Edge, path_patching
 
@@ -323,6 +375,27 @@ def test_path_patching_refuses_bad_edges(project_tokenizer, pairs):
         path_patching(model, pairs, [Edge(Cell(0, 0, 5), (1, 2), "logits")])
     with pytest.raises(ValueError, match="no receiver head"):
         path_patching(model, pairs, [Edge(Cell(0, 0, 5), None, "q")])
+
+
+@pytest.mark.parametrize("kernel", ["path_patching", "path_patching_reference", "edge_attribution"])
+def test_edges_from_cells_outside_the_model_or_frame_are_refused(project_tokenizer, pairs, kernel):
+    """Review findings: negative layers and heads meant the last ones (and the fast path and its reference disagreed
+    on head -1), an out-of-range position scored NaN, a logits edge from a position other than the answer got a
+    score for a path that does not exist, and a narrow frame moved every sender onto another token."""
+    from helpers.circuits import edge_attribution as EA, path_patching as PP
+    from helpers.circuits.path_patching import Edge
+
+    fn = getattr(EA if kernel == "edge_attribution" else PP, kernel)
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    T = len(pairs[0].clean_ids)
+    for sender in (Cell(-1, 0, T - 1), Cell(0, -1, 5), Cell(0, 4, 5), Cell(0, 0, T), Cell(0, 0, -3)):
+        edge = Edge(sender, None, "logits") if sender.layer < 0 else Edge(sender, (1, 2), "v")
+        with pytest.raises(ValueError, match="outside the model"):
+            fn(model, pairs, [edge], keep_incorrect=True)
+    with pytest.raises(ValueError, match="reaches the logits"):
+        fn(model, pairs, [Edge(Cell(0, 0, T - 8), None, "logits")], keep_incorrect=True)
+    with pytest.raises(ValueError, match="shorter than the longest example"):
+        fn(model, pairs, [Edge(Cell(0, 1, 5), (1, 2), "k")], n_columns=T - 6, keep_incorrect=True)
 
 
 def test_the_edges_graph_and_table_redraw_from_a_circuit_dict():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers.models.architectures import blocks, family_spec, get_submodule
+from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, unwrap_model
 
 #: prompt keywords that get a role of their own (matched on the token's text, stripped)
@@ -193,6 +193,14 @@ def head_attention(model, pairs, tokens: list[list[str]], heads: list[tuple[int,
     "corrupted": the corrupted token), clean and corrupt, per example and by role (``tokens``: each example's
     token texts, for the roles)."""
     pairs = list(pairs)
+    if len(tokens) != len(pairs) or any(len(t) != len(p.clean_ids) for t, p in zip(tokens, pairs)):
+        raise ValueError(f"tokens must hold each example's token texts: {len(tokens)} lists for {len(pairs)} pairs, "
+                         f"lengths {[len(t) for t in tokens]} for {[len(p.clean_ids) for p in pairs]}")
+    if unknown_queries := [q for q in queries if q not in ("answer", "corrupted")]:
+        raise ValueError(f"unknown queries {unknown_queries}; known: ('answer', 'corrupted')")
+    geo = head_geometry(unwrap_model(model).config)
+    if wrong := [h for h in heads if not (0 <= h[0] < geo.n_layers and 0 <= h[1] < geo.n_heads)]:
+        raise ValueError(f"heads {wrong} are outside the model ({geo.n_layers} layers x {geo.n_heads} heads)")
     probs = [(attention_probabilities(model, p.clean_ids), attention_probabilities(model, p.corrupt_ids))
              for p in pairs]
     roles = [token_roles(t, p.corrupted_position) for t, p in zip(tokens, pairs)]

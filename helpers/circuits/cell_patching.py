@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from helpers.circuits.types import Cell, check_direction, token_index
+from helpers.circuits.types import Cell, check_cell, check_direction, frame_columns, token_index
 from helpers.models.architectures import head_geometry
 from helpers.patching.chunking import run_chunked
 from helpers.patching.example_runs import clean_and_corrupt_z
@@ -80,9 +80,7 @@ def _check_cells(cell_sets, geo, n_columns: int) -> list[list[Cell]]:
     sets = [[c if isinstance(c, Cell) else Cell(*c) for c in s] for s in cell_sets]
     for s in sets:
         for c in s:
-            if not (0 <= c.layer < geo.n_layers and 0 <= c.head < geo.n_heads and 0 <= c.position < n_columns):
-                raise ValueError(f"cell {c} is outside the model ({geo.n_layers} layers x {geo.n_heads} heads) or "
-                                 f"the {n_columns} columns")
+            check_cell(c, geo.n_layers, geo.n_heads, n_columns)
     return sets
 
 
@@ -92,9 +90,7 @@ def _prepare(model, pairs, cell_sets, direction, n_columns):
     pairs = list(pairs)
     for i, p in enumerate(pairs):
         validate_pair(p, i)
-    n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
-    if any(len(p.clean_ids) > n_columns for p in pairs):
-        raise ValueError(f"n_columns={n_columns} is shorter than the longest example")
+    n_columns = frame_columns(pairs, n_columns)
     geo = head_geometry(model.config)
     return model, pairs, _check_cells(cell_sets, geo, n_columns), n_columns, geo
 

@@ -39,8 +39,7 @@ def edge_attribution(model, pairs, edges: Sequence[Edge], *, n_columns: int | No
                      min_denominator: float = DEFAULT_MIN_DENOMINATOR) -> EdgeScores:
     """EAP estimates of ``edges`` on every example, as an EdgeScores (``patched_logit_diff`` = corrupt + estimate)."""
     edges = list(edges)
-    model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
-    n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
+    model, pairs, firsts, geo, n_columns = prepare_edges(model, pairs, edges, n_columns)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
     slices = channel_slices(model, geo)

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from helpers.circuits.types import Cell, token_index
+from helpers.circuits.types import Cell, check_cell, frame_columns, token_index
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 from helpers.patching.aligned_batch import AlignedBatch
 from helpers.patching.caches import expanded, is_plain, prefix_caches
@@ -129,20 +129,28 @@ def channel_slices(model, geo) -> dict[str, tuple[str, slice]]:
     return {c: (spec.qkv[0], slice(i * width, (i + 1) * width)) for i, c in enumerate(INPUTS)}
 
 
-def prepare_edges(model, pairs, edges):
+def prepare_edges(model, pairs, edges, n_columns: int | None = None):
+    """(model, pairs, each pair's first difference, head geometry, the frame's width) with every edge checked: its
+    input known, its sender a cell of the model and the frame, its receiver a head of a later layer, and a logits
+    edge's sender at the answer column (the only position whose output reaches the logits)."""
     model = unwrap_model(model)
     pairs = list(pairs)
     firsts = [validate_pair(p, i) for i, p in enumerate(pairs)]
     geo = head_geometry(model.config)
+    n_columns = frame_columns(pairs, n_columns)
     for e in edges:
         if e.input not in INPUTS + ("logits",):
             raise ValueError(f"unknown input {e.input!r}; known: {INPUTS + ('logits',)}")
         if (e.receiver is None) != (e.input == "logits"):
             raise ValueError(f"edge {e}: a logits edge has no receiver head, a q/k/v edge has one")
+        check_cell(e.sender, geo.n_layers, geo.n_heads, n_columns, what=f"edge {e}: sender")
         if e.receiver is not None and not (e.sender.layer < e.receiver[0] < geo.n_layers
                                            and 0 <= e.receiver[1] < geo.n_heads):
             raise ValueError(f"edge {e}: the receiver must be a head of a later layer than the sender")
-    return model, pairs, firsts, geo
+        if e.input == "logits" and e.sender.position != n_columns - 1:
+            raise ValueError(f"edge {e}: only a sender at the answer column ({n_columns - 1}) reaches the logits "
+                             "directly")
+    return model, pairs, firsts, geo, n_columns
 
 
 def edge_scores(edges, patched: torch.Tensor, pre, keep_incorrect: bool, min_denominator: float) -> EdgeScores:
@@ -203,8 +211,7 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
     every row instead of copied into it; the receiver's input edited in the fused q|k|v projection, ``qkv_edit``).
     """
     edges = list(edges)
-    model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
-    n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
+    model, pairs, firsts, geo, n_columns = prepare_edges(model, pairs, edges, n_columns)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
     slices = channel_slices(model, geo)
@@ -380,8 +387,7 @@ def path_patching_reference(model, pairs, edges: Sequence[Edge], *, n_columns: i
     layer's out_proj input is the corrupt run's z except the receiver head's. A logits edge: the contribution added
     before the final norm."""
     edges = list(edges)
-    model, pairs, firsts, geo = prepare_edges(model, pairs, edges)
-    n_columns = n_columns or max((len(p.clean_ids) for p in pairs), default=0)
+    model, pairs, firsts, geo, n_columns = prepare_edges(model, pairs, edges, n_columns)
     calls, site = ModelCalls.of(model), site_of(model, "heads")
     spec = family_spec(model.config)
     slices = channel_slices(model, geo)

@@ -38,6 +38,24 @@ def token_index(column: int, length: int, n_columns: int) -> int | None:
     return index if 0 <= index < length else None
 
 
+def frame_columns(pairs, n_columns: int | None) -> int:
+    """The frame's width: ``n_columns``, or the longest example's length. A narrower frame would move every column
+    of the longer examples onto other tokens, so it is refused."""
+    longest = max((len(p.clean_ids) for p in pairs), default=0)
+    n_columns = n_columns or longest
+    if n_columns < longest:
+        raise ValueError(f"n_columns={n_columns} is shorter than the longest example ({longest} tokens)")
+    return n_columns
+
+
+def check_cell(cell: Cell, n_layers: int, n_heads: int, n_columns: int, what: str = "cell") -> None:
+    """A clear error for a cell outside the model or the frame (negative indices too: they would silently mean
+    the last layer or head)."""
+    if not (0 <= cell.layer < n_layers and 0 <= cell.head < n_heads and 0 <= cell.position < n_columns):
+        raise ValueError(f"{what} {cell} is outside the model ({n_layers} layers x {n_heads} heads) or the "
+                         f"{n_columns} columns")
+
+
 def check_direction(direction: str) -> str:
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; known: {DIRECTIONS}")
