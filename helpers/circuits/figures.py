@@ -11,12 +11,13 @@ from helpers.circuits.analysis import edge_label
 INPUT_COLORS = {"q": "royalblue", "k": "seagreen", "v": "darkorange", "logits": "purple"}
 
 
-def _band(fig, x, mean, std, name, color, row=None, col=None):
+def _band(fig, x, mean, std, name, color, row=None, col=None, legend: bool = False):
+    """mean ± std as a shaded band; ``legend``: listed under ``name`` (say what the spread is over)."""
     upper = [m + s if m is not None and s is not None else None for m, s in zip(mean, std)]
     lower = [m - s if m is not None and s is not None else None for m, s in zip(mean, std)]
     kw = {} if row is None else dict(row=row, col=col)
     fig.add_trace(go.Scatter(x=x + x[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color, opacity=0.15,
-                             line=dict(width=0), hoverinfo="skip", showlegend=False, name=name), **kw)
+                             line=dict(width=0), hoverinfo="skip", showlegend=legend, name=name), **kw)
 
 
 def faithfulness_figure(circuit: dict, title: str = "Faithfulness of the top cells") -> go.Figure:
@@ -24,8 +25,10 @@ def faithfulness_figure(circuit: dict, title: str = "Faithfulness of the top cel
     f = circuit["faithfulness"]
     k = f["k"]
     fig = go.Figure()
-    _band(fig, k, f["random_sufficiency_mean"], f["random_sufficiency_std"], "random", "gray")
-    _band(fig, k, f["sufficiency"], f["sufficiency_std"], "sufficiency", "royalblue")
+    # (two different spreads: the examples' around the top cells, the draws' around the random sets)
+    _band(fig, k, f["random_sufficiency_mean"], f["random_sufficiency_std"], "± 1 std over the random draws", "gray",
+          legend=True)
+    _band(fig, k, f["sufficiency"], f["sufficiency_std"], "± 1 std over the examples", "royalblue", legend=True)
     fig.add_trace(go.Scatter(x=k, y=f["sufficiency"], mode="lines+markers", name="sufficiency (top k patched into "
                              "corrupt)", line=dict(color="royalblue")))
     fig.add_trace(go.Scatter(x=k, y=f["necessity"], mode="lines+markers", name="necessity (top k removed from clean)",
