@@ -254,6 +254,10 @@ def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     assert f["k"][0] == 1 and len(f["sufficiency"]) == len(f["necessity"]) == len(f["random_sufficiency_mean"])
     assert [a["query"] for a in circuit["attention"]][:2] == ["answer", "corrupted"]  # a Def* feature
     assert figures.faithfulness_figure(circuit).data and figures.attention_roles_figure(circuit).data
+    # an example's token labels name the heatmap's columns: a shorter example's first token is a later column
+    tokens = exp.tokens[0]
+    labels = figures.attention_example_figure(circuit, tokens, first_column=3).data[0].x
+    assert list(labels) == [f"{t}_{3 + i}" for i, t in enumerate(tokens)]
     # the reading guide every notebook shows names the corrupted token's attention only where it is drawn
     assert "(and from the corrupted token)" in figures.reading_guide(circuit)
     answer_only = {**circuit, "attention": [a for a in circuit["attention"] if a["query"] == "answer"]}

@@ -63,8 +63,11 @@ def attention_roles_figure(circuit: dict, title: str = "Where the top heads look
     return fig
 
 
-def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0) -> go.Figure | None:
-    """Every top head's attention over one example's tokens (clean and corrupt rows), from its query position."""
+def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0,
+                             first_column: int = 0) -> go.Figure | None:
+    """Every top head's attention over one example's tokens (clean and corrupt rows), from its query position.
+    ``first_column``: the end-aligned column of the example's first token, so that a token's label ``{tok}_{c}``
+    names the same column as in the heatmap, the edge table and the graph (a shorter example starts later)."""
     heads = circuit.get("attention") or []
     if not heads:
         return None
@@ -74,7 +77,7 @@ def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0)
             row = h[side][example]
             z.append(row + [None] * (len(tokens) - len(row)))
             labels.append(f"L{h['layer']}H{h['head']} {h['query']} {side}")
-    fig = go.Figure(go.Heatmap(z=z, x=[f"{t}_{i}" for i, t in enumerate(tokens)], y=labels, colorscale="Blues",
+    fig = go.Figure(go.Heatmap(z=z, x=[f"{t}_{first_column + i}" for i, t in enumerate(tokens)], y=labels, colorscale="Blues",
                                zmin=0, colorbar=dict(title="attention")))
     fig.update_layout(title="Attention of the top heads over one example", height=140 + 28 * len(labels),
                       width=1200, yaxis=dict(autorange="reversed"), xaxis_tickangle=-60)
@@ -186,7 +189,7 @@ def show_circuit_section(exp) -> None:
     first = circuit["settings"]["examples"][0]  # the attention lists hold the included examples, in order
     labels = exp.token_labels()
     for fig in (faithfulness_figure(circuit), attention_roles_figure(circuit),
-                attention_example_figure(circuit, exp.tokens[first]),
+                attention_example_figure(circuit, exp.tokens[first], first_column=exp.offset(first)),
                 circuit_graph_figure(circuit, exp.geometry.n_layers, labels)):
         if fig is not None:
             fig.show()
