@@ -160,7 +160,7 @@ def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
                            output_root=tmp_path)
     barrier, lock, seen = threading.Barrier(2, timeout=20), threading.Lock(), []
 
-    def fake_run_cell(cell, config, env_extra=None, cell_dir=None, guard=None, takeover=False):
+    def fake_run_cell(cell, config, env_extra=None, cell_dir=None, guard=None, **how):
         with lock:
             first_two = len(seen) < 2
             seen.append(env_extra["CUDA_VISIBLE_DEVICES"])
@@ -188,7 +188,7 @@ def test_force_reruns_finished_cells_and_only_selects(tmp_path, monkeypatch):
     for cell in cells:  # both cells finished earlier
         _finish(config, cell)
     ran = []
-    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None, guard=None, takeover=False: ran.append(cell.label) or
+    monkeypatch.setattr(S, "run_cell", lambda cell, config, env_extra=None, cell_dir=None, guard=None, **how: ran.append(cell.label) or
                         C.Outcome(cell, "ok", cell_dir))
     monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
     assert [o.status for o in S.run_sweep(config, progress=False)] == ["skipped", "skipped"] and ran == []
@@ -443,3 +443,146 @@ def test_word_set_settings_are_canonical_and_old_finished_cells_still_count(tmp_
     # a marker written before word sets existed (its settings had no vocabulary) is this cell's
     before = {k: v for k, v in plain.resolved.items() if k not in ("vocabulary", "novel_words")}
     assert C.params_hash(before) == plain.params_hash != cells[1].params_hash
+
+
+def test_a_hub_cell_is_not_served_a_result_made_with_the_suites_words_before_word_sets(tmp_path):
+    """Review finding: a hub model's unset word set means upstream's words now and meant the suite's words before
+    word sets existed, under the same hash; a marker from then (its settings lack vocabulary) is not this cell's.
+    (An embedded model's old markers still count: the suite's words are its own.)"""
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid:\n  model_num: [1]\n  cs_num: [1]\n  feature_name: [DEFTABLENAME]\n"
+                    "  vocabulary: [null]\n")
+    upstream, = C.expand(C.load_config(path, output_root=tmp_path / "out"))
+    old_resolved = {k: v for k, v in upstream.resolved.items() if k not in ("vocabulary", "novel_words")}
+    old = {"params_hash": C.params_hash(old_resolved), "resolved": old_resolved}
+    assert old["params_hash"] == upstream.params_hash  # the hash alone cannot tell them apart
+    assert not C.marker_matches(old, upstream)
+    new = {"params_hash": upstream.params_hash, "resolved": upstream.resolved}  # written since: has vocabulary
+    assert C.marker_matches(new, upstream)
+    embedded = C.expand(C.load_config(_write(tmp_path / "e.yaml", "name: e\ngrid:\n  cs_num: [1]\n"
+                                                                   "  feature_name: [DEFTABLENAME]\n"),
+                                      output_root=tmp_path / "out"))[0]
+    before = {k: v for k, v in embedded.resolved.items() if k not in ("vocabulary", "novel_words")}
+    assert C.marker_matches({"params_hash": C.params_hash(before), "resolved": before}, embedded)  # suite's words
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ second review (each failed before)
+
+
+def test_a_cell_another_sweep_finished_meanwhile_is_not_run_again(tmp_path, fake_papermill):
+    """Cells are picked at the sweep's start; one that another sweep finishes before its turn comes is skipped
+    when it is claimed (its result and _DONE.json kept), not run again, unless forced."""
+    config = _one_cell(tmp_path)
+    cell = C.expand(config)[0]
+    d = C.folder_for(config, cell)
+    S.run_sweep(config, progress=False)  # "the other sweep"
+    kept = _snapshot(d)
+    record = cell_runs.cell_record(cell, d, config)
+    out = cell_runs.begin_cell(config, cell, d, record, 0.0, keep_finished=True)  # as a sweep without --force
+    assert isinstance(out, C.Outcome) and out.status == "skipped"
+    assert _snapshot(d) == kept and not (d / C.RUNNING).exists()  # nothing touched, the claim given back
+    begun = cell_runs.begin_cell(config, cell, d, record, 0.0, force=True)  # --force, or run_cell called directly
+    assert begun[0] == "DEFTABLENAME" and not (d / C.DONE).exists()
+    cell_runs.release_cell(d)
+
+
+def test_a_run_that_dies_early_reports_its_own_error_not_the_last_runs(tmp_path, monkeypatch):
+    """An earlier run's executed notebook (its traceback) is moved aside when the cell runs again, so a run that
+    dies before writing its own gets its own error (papermill's log) and no stale notebook; an earlier result JSON
+    does not make a run that wrote none done."""
+    class DiesEarly:
+        def __init__(self, cmd, stdout=None, **kw):
+            stdout.write(b"NoSuchKernel: No such kernel named python4\n")
+            stdout.flush()
+            self.pid, self.returncode = None, 1
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", DiesEarly)
+    monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
+    config = _one_cell(tmp_path)
+    cell = C.expand(config)[0]
+    d = C.folder_for(config, cell)
+    d.mkdir(parents=True)
+    stale = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "error", "ename": "ModelLoadError",
+                                                         "evalue": "model folder '/old/path' does not exist"}]}]}
+    (d / f"DEFTABLENAME{C.EXECUTED_SUFFIX}").write_text(json.dumps(stale))
+    [out] = S.run_sweep(config, progress=False)
+    assert out.status == "failed" and "No such kernel" in out.error and "ModelLoadError" not in out.error
+    assert not list(d.glob(f"*{C.EXECUTED_SUFFIX}"))
+    assert json.loads((d / f"DEFTABLENAME{cell_runs.PREVIOUS_SUFFIX}").read_text()) == stale  # kept, aside
+    # a run that exits 0 but writes no result: an earlier run's JSON does not make it done
+    (d / "activation_patching_old.json").write_text("{}")
+    DiesEarly.__init__ = lambda self, cmd, stdout=None, **kw: setattr(self, "returncode", 0) or setattr(self, "pid", None)
+    [out] = S.run_sweep(config, progress=False)
+    assert out.status == "failed" and "wrote no result JSON" in out.error
+
+
+def test_force_only_keeps_the_other_finished_cells_done_in_the_index(tmp_path, fake_papermill):
+    config = C.SweepConfig(name="f", grids=[{"cs_num": [1, 2], "feature_name": ["DEFTABLENAME"]}], output_root=tmp_path)
+    S.run_sweep(config, progress=False)
+    outcomes = S.run_sweep(config, force=True, progress=False, only="cs2")
+    assert [o.status for o in outcomes] == ["skipped", "ok"]  # cs1: still done, listed as done (earlier)
+
+
+def test_ray_cells_on_cuda_are_not_checked_against_the_drivers_gpus():
+    """A Ray cluster's head node often has no GPU: a cell's CUDA device is the worker's. Its spelling is still
+    checked."""
+    cell = C.Cell({"device": "cuda", "feature_name": "DEFTABLENAME"}, C.setting_defaults(), {})
+    if not __import__("torch").cuda.is_available():
+        assert "no CUDA GPU" in S.settings_error(cell)
+    assert S.settings_error(cell, remote=True) is None
+    typo = C.Cell({"device": "cdua", "feature_name": "DEFTABLENAME"}, C.setting_defaults(), {})
+    assert "not a device" in S.settings_error(typo, remote=True)
+
+
+def test_force_reaches_the_ray_executor(tmp_path, monkeypatch):
+    """--force --executor ray takes over a crashed machine's _RUNNING.json, as the local executor does."""
+    from helpers.experiments import ray_executor as R
+
+    submitted = []
+
+    class FakeRay:
+        def cluster_resources(self):
+            return {"CPU": 4}
+
+        def remote(self, **kw):
+            class Task:
+                def options(self, **o):
+                    return self
+
+                def remote(self, payload):
+                    submitted.append(payload["params"])
+                    raise RuntimeError("stop here: submitted")
+            return lambda f: Task()
+
+    monkeypatch.setattr(R, "_connect", lambda address, settings: (FakeRay(), False))
+    monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
+    config = _one_cell(tmp_path)
+    cell = C.expand(config)[0]
+    d = C.folder_for(config, cell)
+    d.mkdir(parents=True)
+    crashed = json.dumps({"params_hash": cell.params_hash, "host": "old-head-node", "pid": 1234})
+    (d / C.RUNNING).write_text(crashed)
+    [out] = S.run_sweep(config, progress=False, executor="ray")
+    assert out.status == "running elsewhere" and not submitted
+    [out] = S.run_sweep(config, force=True, progress=False, executor="ray")
+    assert len(submitted) == 1 and "submitted" in out.error  # taken over and submitted
+
+
+def test_a_marker_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+    """A pid is reused after a reboot or in a new container: the marker's recorded start time tells them apart."""
+    import os
+
+    from helpers.experiments.run_guard import marker_is_live, process_started
+
+    me = {"host": __import__("socket").gethostname(), "pid": os.getppid()}
+    assert marker_is_live(me)  # (an old marker without start times: the pid alone)
+    assert marker_is_live({**me, "pid_started": process_started(os.getppid())})
+    assert not marker_is_live({**me, "pid_started": process_started(os.getppid()) - 3600})

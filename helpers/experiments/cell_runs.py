@@ -19,6 +19,7 @@ from helpers.experiments.results import find_results
 from helpers.experiments.run_guard import claim_cell, kill_tree, release_cell
 from helpers.experiments.sweep_cells import (
     DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, dir_label,
+    is_finished,
 )
 
 
@@ -68,17 +69,45 @@ def cell_notebook(config: SweepConfig, cell: Cell) -> tuple[str, Path]:
     return feature.value, notebook
 
 
+PREVIOUS_SUFFIX = ".previous-run.ipynb"  # an earlier run's executed notebook, moved aside when the cell runs again
+_EARLIER_RESULTS = "_earlier_results"  # (in the run's record until it finishes; never written to a marker)
+
+
+def _result_files(cell_dir: Path, files=None) -> dict:
+    """{name: [inode, mtime_ns, size]} of the result JSONs (``files``, else all in ``cell_dir``): a file written
+    again (atomically: a new inode) or anew differs from what was there before."""
+    out = {}
+    for p in (files if files is not None else find_results(cell_dir)):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out[p.name] = [st.st_ino, st.st_mtime_ns, st.st_size]
+    return out
+
+
 def begin_cell(config: SweepConfig, cell: Cell, cell_dir: Path, record: dict, t0: float,
-               force: bool = False) -> tuple[str, Path] | Outcome:
+               force: bool = False, keep_finished: bool = False) -> tuple[str, Path] | Outcome:
     """Claim the cell (helpers.experiments.run_guard; ``force``: also another machine's marker) and clear its other
-    markers: (feature, notebook) to run, or the Outcome that ends it here ("running elsewhere", or failed for want
-    of a notebook, its claim released)."""
+    markers: (feature, notebook) to run, or the Outcome that ends it here ("running elsewhere"; "skipped" where
+    ``keep_finished`` and the cell is finished, as when another sweep finished it since this one looked; or failed
+    for want of a notebook; its claim released)."""
     busy = claim_cell(cell_dir, record, force=force)
     if busy is not None:
         return Outcome(cell, "running elsewhere", cell_dir, error=busy)
+    if keep_finished and is_finished(cell_dir, cell):  # another sweep finished it since this one looked: keep its result
+        (cell_dir / RUNNING).unlink(missing_ok=True)
+        release_cell(cell_dir)
+        return Outcome(cell, "skipped", cell_dir)
     for other in MARKERS:
         if other != RUNNING:
             (cell_dir / other).unlink(missing_ok=True)
+    # An earlier run's executed notebook is kept, aside: if this run dies before writing its own, that one must not
+    # give this run's error or be linked as its notebook. The result files that are already there are noted, so
+    # that only one this run writes (or rewrites) can make it done.
+    for old in cell_dir.glob(f"*{EXECUTED_SUFFIX}"):
+        os.replace(old, old.with_name(old.name[: -len(EXECUTED_SUFFIX)] + PREVIOUS_SUFFIX))
+    record[_EARLIER_RESULTS] = _result_files(cell_dir)
     try:
         return cell_notebook(config, cell)
     except ValueError as err:
@@ -130,7 +159,8 @@ def finish_cell(cell: Cell, config: SweepConfig, cell_dir: Path, record: dict, t
     """The outcome of a finished papermill run whose files are in ``cell_dir``: its marker, and the Outcome.
     ``stopped_by``: the signal that stopped the sweep (the cell is interrupted: neither done nor failed)."""
     duration = time.perf_counter() - t0
-    record = {**record, **(extra or {}), "notebook": executed.name}
+    earlier = record.get(_EARLIER_RESULTS) or {}
+    record = {k: v for k, v in {**record, **(extra or {}), "notebook": executed.name}.items() if k != _EARLIER_RESULTS}
     if stopped_by is not None:
         write_marker(cell_dir, INTERRUPTED, {**record, "status": "interrupted", "duration_s": duration,
                                              "signal": stopped_by})
@@ -147,7 +177,7 @@ def finish_cell(cell: Cell, config: SweepConfig, cell_dir: Path, record: dict, t
             tail = (cell_dir / "papermill.log").read_text(errors="replace").strip().splitlines()[-5:]
             error = " | ".join(tail) or f"papermill exited with {returncode}"
         return fail(error)
-    found = find_results(cell_dir)
+    found = [p for p in find_results(cell_dir) if _result_files(cell_dir, [p]) != {p.name: earlier.get(p.name)}]
     if not found:
         return fail("the notebook ran but wrote no result JSON")
     write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name, "duration_s": duration,

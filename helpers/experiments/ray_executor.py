@@ -86,10 +86,11 @@ def _connect(address: str | None, settings: dict):
 
 def run_on_ray(config: SweepConfig, items: list[tuple[int, Cell, Path]], guard: StopSignals,
                on_outcome: Callable[[int, Outcome], None], address: str | None = None,
-               max_in_flight: int | None = None) -> None:
+               max_in_flight: int | None = None, force: bool = False) -> None:
     """Run ``items`` ((index, cell, folder)) as Ray tasks, at most ``max_in_flight`` at once (default: what the
     cluster can run at once); ``on_outcome(index, Outcome)`` as each ends. Raises SweepInterrupted after cancelling
-    the running tasks when a signal stops the sweep."""
+    the running tasks when a signal stops the sweep. ``force``: as the local executor's (rerun finished cells, take
+    over another machine's ``_RUNNING.json``)."""
     guard.raise_in_handler = False  # (the loop below polls the stop flag; an exception inside Ray's calls breaks them)
     ray, started = None, False
     pending, running = list(items), {}
@@ -107,7 +108,7 @@ def run_on_ray(config: SweepConfig, items: list[tuple[int, Cell, Path]], guard: 
             while pending and len(running) < max_in_flight and not guard.stop.is_set():
                 i, cell, cell_dir = pending.pop(0)
                 try:
-                    submitted = _submit(config, cell, cell_dir, remote, cluster, on_outcome, i)
+                    submitted = _submit(config, cell, cell_dir, remote, cluster, on_outcome, i, force)
                 except Exception as err:  # (a cell's own trouble is its failure, not the sweep's)
                     release_cell(cell_dir)
                     on_outcome(i, record_failure(cell, cell_dir, f"could not submit to Ray: {type(err).__name__}: "
@@ -140,12 +141,12 @@ def run_on_ray(config: SweepConfig, items: list[tuple[int, Cell, Path]], guard: 
             ray.shutdown()
 
 
-def _submit(config, cell, cell_dir, remote, cluster, on_outcome, i):
+def _submit(config, cell, cell_dir, remote, cluster, on_outcome, i, force: bool = False):
     """Claim a cell and submit its task: (ref, record, t0, feature), or None (its outcome already reported)."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     record = {**cell_record(cell, cell_dir, config), "executor": "ray"}
-    begun = begin_cell(config, cell, cell_dir, record, t0)
+    begun = begin_cell(config, cell, cell_dir, record, t0, force=force, keep_finished=not force)
     if isinstance(begun, Outcome):
         on_outcome(i, begun)
         return None

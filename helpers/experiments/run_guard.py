@@ -2,7 +2,7 @@
 SIGINT.
 
 - ``claim_cell``: ``_RUNNING.json`` is a lock, created atomically (``O_EXCL``) with the host, the sweep's pid and
-  (once started) its papermill child's pid. A cell whose marker belongs to a live process (same host and either
+  (once started) its papermill child's pid, each with its start time (a pid reused by another process is not it). A cell whose marker belongs to a live process (same host and either
   pid alive; another host: assumed alive, it cannot be checked from here) is not started a second time; a marker
   whose processes are all dead is stale and taken over, with a message.
 - ``StopSignals``: while a sweep runs in the main thread, those signals set a stop flag, kill every registered child
@@ -33,8 +33,19 @@ class SweepInterrupted(BaseException):
         self.signum = signum
 
 
-def pid_alive(pid) -> bool:
-    """Is process ``pid`` running (a zombie is not)?"""
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None where that cannot be read."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def pid_alive(pid, started: float | None = None) -> bool:
+    """Is process ``pid`` running (a zombie is not)? ``started``: when the process meant started (recorded with its
+    pid), so that another process that got the same pid since (after a reboot, in a new container) is not it."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -42,11 +53,14 @@ def pid_alive(pid) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: it exists
-        return True
+        pass
     try:
         import psutil
 
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - started) < 1.0
     except Exception:
         return True
 
@@ -65,8 +79,9 @@ def marker_is_live(marker: dict | None, cell_dir: Path | None = None) -> bool:
     if marker.get("pid") == os.getpid():
         with _HELD_LOCK:
             held = cell_dir is not None and str(cell_dir.resolve()) in _HELD
-        return held or pid_alive(marker.get("child_pid"))
-    return pid_alive(marker.get("pid")) or pid_alive(marker.get("child_pid"))
+        return held or pid_alive(marker.get("child_pid"), marker.get("child_started"))
+    return (pid_alive(marker.get("pid"), marker.get("pid_started"))
+            or pid_alive(marker.get("child_pid"), marker.get("child_started")))
 
 
 @contextmanager
@@ -92,7 +107,8 @@ def claim_cell(cell_dir: Path, record: dict, log: Callable[[str], None] = print,
     process). A stale marker (its processes dead) is taken over, with a message; ``force`` also takes over another
     machine's marker, which cannot be checked from here (a crashed node's would otherwise hold the cell forever)."""
     path = cell_dir / RUNNING
-    data = {**record, "status": "running", "host": socket.gethostname(), "pid": os.getpid()}
+    data = {**record, "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_started": process_started(os.getpid())}
     tmp = cell_dir / f".{RUNNING}.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(data, indent=1))
     try:
@@ -128,7 +144,7 @@ def note_child(cell_dir: Path, pid: int) -> None:
     path = cell_dir / RUNNING
     marker = read_marker(path)
     if marker is not None and marker.get("pid") == os.getpid():
-        atomic_write_json(path, {**marker, "child_pid": pid})
+        atomic_write_json(path, {**marker, "child_pid": pid, "child_started": process_started(pid)})
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

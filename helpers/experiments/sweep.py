@@ -24,20 +24,21 @@ from helpers.experiments.sweep_index import write_summary
 
 
 def run_cell(cell: Cell, config: SweepConfig, env_extra: dict | None = None, cell_dir: Path | None = None,
-             guard: StopSignals | None = None, takeover: bool = False) -> Outcome:
+             guard: StopSignals | None = None, takeover: bool = False, keep_finished: bool = False) -> Outcome:
     """Execute one cell's notebook with papermill in a subprocess; record the outcome in its folder.
 
     ``_RUNNING.json`` is claimed first (helpers.experiments.run_guard: a cell a live process runs is not started a
     second time), then the other markers are removed, so a run killed half way never looks finished. ``guard``:
     the sweep's stop flag and children (a stopped sweep marks the cell interrupted). ``takeover``: also take over
-    another machine's ``_RUNNING.json`` (``force``)."""
+    another machine's ``_RUNNING.json`` (``force``). ``keep_finished``: a cell found finished once claimed (another
+    sweep finished it meanwhile) is "skipped", not run again (a sweep without ``force``)."""
     cell_dir = cell_dir if cell_dir is not None else folder_for(config, cell)
     cell_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     record = cell_record(cell, cell_dir, config)
     if guard is not None and guard.stop.is_set():
         return Outcome(cell, "not run", cell_dir)
-    begun = begin_cell(config, cell, cell_dir, record, t0, force=takeover)
+    begun = begin_cell(config, cell, cell_dir, record, t0, force=takeover, keep_finished=keep_finished)
     if isinstance(begun, Outcome):
         return begun
     feature, notebook = begun
@@ -76,15 +77,32 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def settings_error(cell: Cell) -> str | None:
+def _is_device_name(device) -> bool:
+    """A device torch can name ("auto", "cpu", "cuda", "cuda:1", ...), whether or not this machine has it."""
+    if device is None or str(device).strip().lower() in ("", "auto"):
+        return True
+    try:
+        import torch
+
+        torch.device(str(device))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def settings_error(cell: Cell, remote: bool = False) -> str | None:
     """Why ``helpers.experiments.experiment.validate`` refuses this cell's settings (an unknown feature, a model or command
     set outside the registry, a bad value), or None. Nothing is loaded; run_sweep asks it of every cell first, so
-    a typo in the grid is reported at once instead of when its cell's turn comes."""
+    a typo in the grid is reported at once instead of when its cell's turn comes. ``remote``: the cell runs on
+    another machine (a Ray worker), so a CUDA device is not checked against this machine's GPUs."""
     from helpers.experiments.experiment import ExperimentSettings, validate
 
     fields = setting_defaults()
+    values = {k: v for k, v in cell.resolved.items() if k in fields}
+    if remote and _is_device_name(values.get("device")):
+        values["device"] = "cpu"  # (the worker's GPUs, not this machine's: only the spelling is checked here)
     try:
-        validate(ExperimentSettings(**{k: v for k, v in cell.resolved.items() if k in fields}))
+        validate(ExperimentSettings(**values))
     except ValueError as err:
         return str(err)
     return None
@@ -116,10 +134,11 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
         if not force and is_finished(dirs[i], cell):
             outcomes[i] = Outcome(cell, "skipped", dirs[i])
         elif only is not None and only not in cell.label and only not in dir_label(config, dirs[i]):
-            outcomes[i] = Outcome(cell, "not run", dirs[i])  # still listed in the index
+            # still listed in the index (as done where finished: --force --only reruns the selected cells only)
+            outcomes[i] = Outcome(cell, "skipped" if is_finished(dirs[i], cell) else "not run", dirs[i])
         else:
             todo.append(i)
-    refused = {i: why for i in todo if (why := settings_error(cells[i])) is not None}
+    refused = {i: why for i in todo if (why := settings_error(cells[i], remote=executor == "ray")) is not None}
     for i, why in refused.items():  # recorded like any failed run, without starting a kernel
         outcomes[i] = record_failure(cells[i], dirs[i], f"settings refused before running: {why}", config=config)
     todo = [i for i in todo if i not in refused]
@@ -144,7 +163,8 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
                 extra["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
                 extra["OMP_NUM_THREADS"] = str(threads)
-            return run_cell(cells[i], config, extra, cell_dir=dirs[i], guard=guard, takeover=force)
+            return run_cell(cells[i], config, extra, cell_dir=dirs[i], guard=guard, takeover=force,
+                            keep_finished=not force)
         except Exception as err:  # a crash of the runner itself is still a recorded failure of this cell
             message = f"the sweep runner crashed: {type(err).__name__}: {err}"
             try:
@@ -177,7 +197,7 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
         try:
             if executor == "ray":
                 run_on_ray(config, [(i, cells[i], dirs[i]) for i in todo], guard, report, address=address,
-                           max_in_flight=ray_jobs)
+                           max_in_flight=ray_jobs, force=force)
             else:
                 futures = {pool.submit(work, i): i for i in todo}
                 for fut in cf.as_completed(futures):

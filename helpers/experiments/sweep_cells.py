@@ -402,10 +402,28 @@ def read_marker(path: Path) -> dict | None:
     return data if isinstance(data, dict) else {}
 
 
+def _ran_before_word_sets(marker: dict) -> bool:
+    """A marker of a run from before the ``vocabulary`` setting (its recorded settings lack it): the suite's words."""
+    recorded = marker.get("resolved")
+    return isinstance(recorded, dict) and "vocabulary" not in recorded
+
+
+def _word_set(cell: Cell) -> str | None:
+    """The word set ``cell`` runs (None where its setting is unknown: validation fails the cell)."""
+    from helpers.tinysql.word_sets import resolve_vocabulary
+
+    try:
+        return resolve_vocabulary(cell.resolved.get("vocabulary"), cell.resolved.get("model_num"))
+    except ValueError:
+        return None
+
+
 def marker_matches(marker: dict | None, cell: Cell) -> bool:
     """Whether a marker was written for ``cell``'s settings (by hash; an older marker through its params)."""
     if not marker:
         return False
+    if _ran_before_word_sets(marker) and _word_set(cell) != "suite":
+        return False  # (the same hash: a hub model's unset word set meant the suite's words then, upstream's now)
     if "params_hash" in marker:
         return marker["params_hash"] == cell.params_hash
     if isinstance(marker.get("params"), dict):  # written before the hash: its params were the explicit ones
