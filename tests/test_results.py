@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import stat
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import plotly.express as px
@@ -89,6 +91,10 @@ def test_added_fields(saved, exp):
     assert meta["feature_name"] == data["feature_name"] == "DEFFIELDNAME"
     assert meta["seed"] == 0 and meta["model_id"] and meta["model_revision"]
     assert set(meta["versions"]) >= {"python", "torch", "transformers", "nnsight"}
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    if head:  # (a checkout: the commit that produced it, beside the package version, which commits do not change)
+        assert meta["versions"]["tinysql-patching-commit"].removesuffix("-dirty") == head
     assert meta["started_at"] <= meta["finished_at"]
     assert len(data["examples"]) == len(exp.pairs)
     for ex, pair in zip(data["examples"], exp.pairs):

@@ -586,3 +586,57 @@ def test_a_marker_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
     assert marker_is_live(me)  # (an old marker without start times: the pid alone)
     assert marker_is_live({**me, "pid_started": process_started(os.getppid())})
     assert not marker_is_live({**me, "pid_started": process_started(os.getppid()) - 3600})
+
+
+def test_a_result_of_weights_since_retrained_is_not_served(tmp_path, fake_papermill, monkeypatch):
+    """A local model folder (the embedded models, a local model_path) retrained after a run: the settings are the
+    same, the result is not; the cell runs again, beside the older result, which stays."""
+    from helpers.experiments.result_json import folder_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights v1")
+
+    class Recording(FakePapermill):  # writes the weights' hash into the result's metadata, as the notebook does
+        def __init__(self, cmd, **kw):
+            super().__init__(cmd, **kw)
+            params = yaml.safe_load(cmd[cmd.index("-y") + 1])
+            (Path(params["output_dir"]) / "activation_patching_r.json").write_text(
+                json.dumps({"metadata": {"model_revision": folder_fingerprint(params["model_path"])}}))
+
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", Recording)
+    config = _one_cell(tmp_path, model_path=str(model))
+    first = S.run_sweep(config, progress=False)[0]
+    assert first.status == "ok"
+    assert json.loads((first.dir / C.DONE).read_text())["model_revision"] == folder_fingerprint(str(model))
+    assert S.run_sweep(config, progress=False)[0].status == "skipped"
+    kept = _snapshot(first.dir)
+    (model / "model.safetensors").write_bytes(b"weights v2, retrained")
+    second = S.run_sweep(config, progress=False)[0]
+    assert second.status == "ok" and second.dir.name.startswith(first.dir.name + C.ALT_PREFIX)
+    assert _snapshot(first.dir) == kept  # the older weights' result survives
+    again = S.run_sweep(config, progress=False)[0]
+    assert again.status == "skipped" and again.dir == second.dir
+    # A marker from before the hash was copied into it: the result JSON's metadata says which weights ran.
+    for d in (first.dir, second.dir):
+        done = json.loads((d / C.DONE).read_text())
+        del done["model_revision"]
+        (d / C.DONE).write_text(json.dumps(done))
+    again = S.run_sweep(config, progress=False)[0]
+    assert again.status == "skipped" and again.dir == second.dir
+
+
+def test_an_unreadable_result_json_does_not_cost_the_index(tmp_path, fake_papermill):
+    """The index is written for every cell even where one result JSON cannot be read (here: not a result)."""
+    from helpers.experiments import sweep_index
+
+    config = C.SweepConfig(name="u", grids=[{"model_num": ["embedded"], "cs_num": [1, 2],
+                                             "feature_name": ["DEFTABLENAME"]}], output_root=tmp_path)
+    outcomes = S.run_sweep(config, progress=False)
+    (outcomes[1].dir / "activation_patching_bNone.json").write_text("{truncated")
+    paths = sweep_index.write_summary(config, outcomes)
+    md = paths["md"].read_text()
+    assert md.count("result JSON unreadable") == 2 and "cs1" in md and "cs2" in md
+    summary = json.loads((config.root / "summary.json").read_text())
+    assert len(summary["cells"]) == 2

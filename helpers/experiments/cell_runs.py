@@ -19,7 +19,7 @@ from helpers.experiments.results import find_results
 from helpers.experiments.run_guard import claim_cell, kill_tree, release_cell
 from helpers.experiments.sweep_cells import (
     DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, dir_label,
-    is_finished,
+    is_finished, recorded_weights,
 )
 
 
@@ -180,7 +180,10 @@ def finish_cell(cell: Cell, config: SweepConfig, cell_dir: Path, record: dict, t
     found = [p for p in find_results(cell_dir) if _result_files(cell_dir, [p]) != {p.name: earlier.get(p.name)}]
     if not found:
         return fail("the notebook ran but wrote no result JSON")
-    write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name, "duration_s": duration,
+    # the weights' hash, so that a later sweep finds a result of a since-retrained local model stale
+    weights = recorded_weights(cell_dir, {"json": found[0].name})
+    write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name, "model_revision": weights,
+                                  "duration_s": duration,
                                   "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return Outcome(cell, "ok", cell_dir, duration)
 

@@ -48,7 +48,26 @@ def package_versions() -> dict:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = None
+    out["tinysql-patching-commit"] = suite_commit()
     return out
+
+
+def suite_commit() -> str | None:
+    """The suite's git commit (``<sha>-dirty`` with uncommitted changes to tracked files); None outside a git
+    checkout. The package version alone does not change between commits."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
 
 
 def folder_fingerprint(model_id: str, max_bytes: int = 1 << 30) -> str | None:

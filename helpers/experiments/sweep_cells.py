@@ -39,7 +39,9 @@ cell's (a marker of an older version without the hash is compared through its re
 skips finished cells and never touches them unless ``force``, which reruns them in place after deleting the
 marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* settings (say ``parameters:``
 changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
-so both results survive. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
+so both results survive. A result of a local model folder (the embedded models, a local ``model_path``) whose
+weights have changed since (its recorded content hash differs, as after ``make train``) is not finished either:
+the cell runs again, in ``<folder>_run-<hash of settings and weights>``, and the older result stays. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
 recorded as failed before anything runs. A failure is recorded and the sweep goes on: papermill still writes
 the executed notebook, with the traceback in it. Every file is written atomically (temporary file +
 ``os.replace``).
@@ -431,25 +433,85 @@ def marker_matches(marker: dict | None, cell: Cell) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=64)
+def _fingerprint(folder: str, files: tuple) -> str | None:
+    from helpers.experiments.result_json import folder_fingerprint
+
+    return folder_fingerprint(folder)
+
+
+def model_fingerprint(cell: Cell) -> str | None:
+    """The content hash of the local folder ``cell`` loads (an embedded model, a local ``model_path``), as its
+    result JSON records it (``metadata.model_revision``); None for a hub id (its revision is a setting) or settings
+    that name no model. Cached while the folder's files keep their size and time."""
+    from helpers.models.registry import resolve_model
+
+    r = cell.resolved
+    try:
+        spec = resolve_model(r.get("model_num"), r.get("cs_num"), r.get("semantic", True), r.get("model_path"),
+                             embedded_family=r.get("embedded_family", "llama"))
+    except (ValueError, TypeError):
+        return None
+    folder = Path(spec.model_id).expanduser()
+    if not spec.is_local:
+        return None
+    try:
+        files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()))
+    except OSError:
+        return None
+    return _fingerprint(str(folder.resolve()), files)
+
+
+def recorded_weights(cell_dir: Path, marker: dict) -> str | None:
+    """The weights' content hash a finished run recorded: its ``_DONE.json`` (``model_revision``), else (a marker
+    from before it was copied there) its result JSON's metadata; None where neither says."""
+    if "model_revision" in marker:
+        return marker["model_revision"]
+    found = [cell_dir / marker["json"]] if marker.get("json") else find_results(cell_dir)
+    try:
+        return (json.loads(found[0].read_text()).get("metadata") or {}).get("model_revision")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def weights_match(cell_dir: Path, marker: dict, cell: Cell) -> bool:
+    """False only where both hashes are known and differ (a local model retrained since the run)."""
+    current = model_fingerprint(cell)
+    if current is None:
+        return True
+    recorded = recorded_weights(cell_dir, marker)
+    return recorded is None or recorded == current
+
+
 def is_finished(cell_dir: Path, cell: Cell | None = None) -> bool:
-    """A result JSON and ``_DONE.json`` in ``cell_dir``; with ``cell``, the marker must be for its settings."""
+    """A result JSON and ``_DONE.json`` in ``cell_dir``; with ``cell``, the marker must be for its settings, and
+    for the weights its local model folder holds now."""
     marker = read_marker(cell_dir / DONE)
     if marker is None or not find_results(cell_dir):
         return False
     if marker.get("json") and not (cell_dir / marker["json"]).is_file():
         return False
-    return cell is None or marker_matches(marker, cell)
+    return cell is None or (marker_matches(marker, cell) and weights_match(cell_dir, marker, cell))
 
 
 def folder_for(config: SweepConfig, cell: Cell) -> Path:
     """Where ``cell`` runs: its own folder, unless a ``_DONE.json`` or ``_RUNNING.json`` there belongs to other
-    settings; then ``<folder>_run-<hash of its settings>``, so neither run overwrites the other."""
+    settings (then ``<folder>_run-<hash of its settings>``) or a ``_DONE.json`` to other weights of its local model
+    (then ``<folder>_run-<hash of its settings and weights>``): no run overwrites another's result."""
     natural = config.root / cell.relpath
-    for name in (DONE, RUNNING):
-        marker = read_marker(natural / name)
-        if marker is not None and not marker_matches(marker, cell):
-            return natural.with_name(f"{natural.name}{ALT_PREFIX}{cell.params_hash[:10]}")
-    return natural
+    candidates = [natural, natural.with_name(f"{natural.name}{ALT_PREFIX}{cell.params_hash[:10]}")]
+    weights = model_fingerprint(cell)
+    if weights is not None:
+        key = hashlib.sha256(f"{cell.params_hash}|{weights}".encode()).hexdigest()[:10]
+        candidates.append(natural.with_name(f"{natural.name}{ALT_PREFIX}{key}"))
+    for d in candidates:
+        running, done = read_marker(d / RUNNING), read_marker(d / DONE)
+        if running is not None and not marker_matches(running, cell):
+            continue
+        if done is not None and not (marker_matches(done, cell) and weights_match(d, done, cell)):
+            continue
+        return d
+    return candidates[-1]
 
 
 def dir_label(config: SweepConfig, d: Path) -> str:

@@ -46,9 +46,15 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         found = [named] if named is not None and named.is_file() else find_results(d)
     row["json"] = row["heatmap"] = row["accuracy"] = row["k80"] = None
     row["top_heads"], row["scores"], row["circuit_figures"] = [], None, {}
+    data = None
     if found:
-        data = load_results(found[0])
-        meta = data["metadata"]
+        try:
+            data = load_results(found[0])
+            meta = data["metadata"]
+        except Exception as err:  # noqa: BLE001 - one unreadable result must not cost the index of every cell
+            data = None
+            row["error"] = f"result JSON unreadable: {type(err).__name__}: {err}"[:300]
+    if data is not None:
         row["json"] = str(found[0].relative_to(config.root))
         heat = Path(f"{figure_base(found[0])}.html")
         row["heatmap"] = str(heat.relative_to(config.root)) if heat.is_file() else None
