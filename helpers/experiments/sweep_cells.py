@@ -41,7 +41,8 @@ marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* 
 changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
 so both results survive. A result of a local model folder (the embedded models, a local ``model_path``) whose
 weights have changed since (its recorded content hash differs, as after ``make train``) is not finished either:
-the cell runs again, in ``<folder>_run-<hash of settings and weights>``, and the older result stays. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
+the cell runs again in a ``<folder>_run-<hash>`` (of its settings, or where that is taken of its settings and
+weights), and the older result stays. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
 recorded as failed before anything runs. A failure is recorded and the sweep goes on: papermill still writes
 the executed notebook, with the traceback in it. Every file is written atomically (temporary file +
 ``os.replace``).
@@ -496,8 +497,8 @@ def is_finished(cell_dir: Path, cell: Cell | None = None) -> bool:
 
 def folder_for(config: SweepConfig, cell: Cell) -> Path:
     """Where ``cell`` runs: its own folder, unless a ``_DONE.json`` or ``_RUNNING.json`` there belongs to other
-    settings (then ``<folder>_run-<hash of its settings>``) or a ``_DONE.json`` to other weights of its local model
-    (then ``<folder>_run-<hash of its settings and weights>``): no run overwrites another's result."""
+    settings or to other weights of its local model; then ``<folder>_run-<hash of its settings>``, or where that is
+    taken too ``<folder>_run-<hash of its settings and weights>``: no run overwrites another's result."""
     natural = config.root / cell.relpath
     candidates = [natural, natural.with_name(f"{natural.name}{ALT_PREFIX}{cell.params_hash[:10]}")]
     weights = model_fingerprint(cell)
