@@ -90,6 +90,9 @@ def test_added_fields(saved, exp):
     meta = data["metadata"]
     assert meta["feature_name"] == data["feature_name"] == "DEFFIELDNAME"
     assert meta["seed"] == 0 and meta["model_id"] and meta["model_revision"]
+    # a local folder: its weights' hash, which a sweep compares with the folder's now (retrained: not served)
+    assert meta["model_weights"] == result_json.weights_fingerprint(meta["model_id"]) and \
+        meta["model_weights"].startswith(result_json.WEIGHTS_SCHEME)
     assert set(meta["versions"]) >= {"python", "torch", "transformers", "nnsight"}
     head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()

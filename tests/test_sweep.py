@@ -576,7 +576,7 @@ def test_force_reaches_the_ray_executor(tmp_path, monkeypatch):
     assert len(submitted) == 1 and "submitted" in out.error  # taken over and submitted
 
 
-def test_a_marker_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+def test_a_marker_whose_pid_now_belongs_to_another_process_is_stale(tmp_path, monkeypatch):
     """A pid is reused after a reboot or in a new container: the marker's recorded start time tells them apart."""
     import os
 
@@ -584,32 +584,58 @@ def test_a_marker_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
 
     me = {"host": __import__("socket").gethostname(), "pid": os.getppid()}
     assert marker_is_live(me)  # (an old marker without start times: the pid alone)
-    assert marker_is_live({**me, "pid_started": process_started(os.getppid())})
-    assert not marker_is_live({**me, "pid_started": process_started(os.getppid()) - 3600})
+    started = process_started(os.getppid())
+    assert marker_is_live({**me, "pid_started": started})
+    if isinstance(started, str):  # Linux: boot id and start ticks, exact
+        boot, ticks = started.rsplit(":", 1)
+        assert not marker_is_live({**me, "pid_started": f"{boot}:{int(ticks) + 1}"})
+        assert not marker_is_live({**me, "pid_started": f"another-boot:{ticks}"})
+        # a clock step does not make a live process look like another (psutil's times move with the clock)
+        monkeypatch.setattr("psutil.boot_time", lambda: 0.0, raising=False)
+        assert marker_is_live({**me, "pid_started": started})
+    else:
+        assert not marker_is_live({**me, "pid_started": started - 3600})
+    # markers of the earlier format (epoch seconds) are still read
+    import psutil
+
+    assert marker_is_live({**me, "pid_started": psutil.Process(os.getppid()).create_time()})
+    assert not marker_is_live({**me, "pid_started": psutil.Process(os.getppid()).create_time() - 3600})
 
 
-def test_a_result_of_weights_since_retrained_is_not_served(tmp_path, fake_papermill, monkeypatch):
-    """A local model folder (the embedded models, a local model_path) retrained after a run: the settings are the
-    same, the result is not; the cell runs again, beside the older result, which stays."""
-    from helpers.experiments.result_json import folder_fingerprint
+class RecordingWeights(FakePapermill):
+    """Also writes the weights' hash into the result's metadata, as the notebook does."""
 
+    def __init__(self, cmd, **kw):
+        from helpers.experiments.result_json import weights_fingerprint
+
+        super().__init__(cmd, **kw)
+        params = yaml.safe_load(cmd[cmd.index("-y") + 1])
+        (Path(params["output_dir"]) / "activation_patching_r.json").write_text(
+            json.dumps({"metadata": {"model_weights": weights_fingerprint(params["model_path"])}}))
+
+
+def _local_model(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"weights v1")
+    (model / "training_meta.json").write_text('{"note": "v1"}')
+    return model
 
-    class Recording(FakePapermill):  # writes the weights' hash into the result's metadata, as the notebook does
-        def __init__(self, cmd, **kw):
-            super().__init__(cmd, **kw)
-            params = yaml.safe_load(cmd[cmd.index("-y") + 1])
-            (Path(params["output_dir"]) / "activation_patching_r.json").write_text(
-                json.dumps({"metadata": {"model_revision": folder_fingerprint(params["model_path"])}}))
 
-    monkeypatch.setattr(cell_runs.subprocess, "Popen", Recording)
+def test_a_result_of_weights_since_retrained_is_not_served(tmp_path, fake_papermill, monkeypatch):
+    """A local model folder (the embedded models, a local model_path) retrained after a run: the settings are the
+    same, the result is not; the cell runs again, beside the older result, which stays. Notes alone (the model
+    card, training_meta.json) are no retraining."""
+    from helpers.experiments.result_json import weights_fingerprint
+
+    model = _local_model(tmp_path)
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", RecordingWeights)
     config = _one_cell(tmp_path, model_path=str(model))
     first = S.run_sweep(config, progress=False)[0]
     assert first.status == "ok"
-    assert json.loads((first.dir / C.DONE).read_text())["model_revision"] == folder_fingerprint(str(model))
+    assert json.loads((first.dir / C.DONE).read_text())["model_weights"] == weights_fingerprint(str(model))
+    (model / "training_meta.json").write_text('{"note": "v1, notes edited"}')  # as commit a18e990 did
     assert S.run_sweep(config, progress=False)[0].status == "skipped"
     kept = _snapshot(first.dir)
     (model / "model.safetensors").write_bytes(b"weights v2, retrained")
@@ -621,10 +647,103 @@ def test_a_result_of_weights_since_retrained_is_not_served(tmp_path, fake_paperm
     # A marker from before the hash was copied into it: the result JSON's metadata says which weights ran.
     for d in (first.dir, second.dir):
         done = json.loads((d / C.DONE).read_text())
-        del done["model_revision"]
+        del done["model_weights"]
         (d / C.DONE).write_text(json.dumps(done))
     again = S.run_sweep(config, progress=False)[0]
     assert again.status == "skipped" and again.dir == second.dir
+
+
+def test_results_of_the_earlier_whole_folder_hash_are_compared_in_that_scheme(tmp_path, fake_papermill):
+    """Result JSONs written before ``model_weights`` record ``model_revision``, a hash of every file of the folder:
+    a result of other weights is not served; one of the same folder is."""
+    from helpers.experiments.result_json import folder_fingerprint
+
+    model = _local_model(tmp_path)
+    config = _one_cell(tmp_path, model_path=str(model))
+    cell = C.expand(config)[0]
+    d = config.root / cell.relpath
+    d.mkdir(parents=True)
+    (d / "activation_patching_old.json").write_text(
+        json.dumps({"metadata": {"model_revision": folder_fingerprint(str(model))}}))
+    (d / C.DONE).write_text(json.dumps({"params_hash": cell.params_hash, "resolved": cell.resolved,
+                                        "json": "activation_patching_old.json"}))
+    assert C.is_finished(d, cell) and C.folder_for(config, cell) == d
+    (model / "model.safetensors").write_bytes(b"weights v2, retrained")
+    assert not C.is_finished(d, cell) and C.folder_for(config, cell) != d
+
+
+def test_a_claim_never_removes_another_runs_result(tmp_path, fake_papermill):
+    """Sweep A listed a cell while its folder was empty; sweep B, with other settings, finished in that folder
+    before A claimed it: A leaves B's result alone (with or without --force) and the cell is left for A's next run,
+    which gives it a folder of its own."""
+    a_cfg, b_cfg = _one_cell(tmp_path, batch_size=4), _one_cell(tmp_path, batch_size=64)
+    a_cell, = C.expand(a_cfg)
+    a_dir = C.folder_for(a_cfg, a_cell)  # A's listing: the natural folder, empty then
+    b_out = S.run_sweep(b_cfg, progress=False)[0]
+    assert b_out.status == "ok" and b_out.dir == a_dir
+    kept = _snapshot(a_dir)
+    record = cell_runs.cell_record(a_cell, a_dir, a_cfg)
+    for how in (dict(keep_finished=True), dict(force=True)):
+        out = cell_runs.begin_cell(a_cfg, a_cell, a_dir, record, 0.0, **how)
+        assert isinstance(out, C.Outcome) and out.status == "not run" and "run the sweep again" in out.error
+        assert _snapshot(a_dir) == kept and not (a_dir / C.RUNNING).exists()
+    again = S.run_sweep(a_cfg, progress=False)[0]
+    assert again.status == "ok" and again.dir != a_dir and _snapshot(a_dir) == kept
+
+
+def test_folder_for_never_picks_a_folder_holding_another_runs_result(tmp_path):
+    """A hub cell (upstream's words now) whose own folder holds other settings' result and whose <folder>_run-<hash>
+    holds a result from before word sets (suite words, the same hash): a numbered folder, not either of those."""
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid:\n  model_num: [1]\n  cs_num: [1]\n  feature_name: [DEFTABLENAME]\n")
+    config = C.load_config(path, output_root=tmp_path / "out")
+    cell, = C.expand(config)
+    natural = config.root / cell.relpath
+    natural.mkdir(parents=True)
+    (natural / "activation_patching_x.json").write_text("{}")
+    (natural / C.DONE).write_text(json.dumps({"params_hash": "0" * 16, "resolved": {**cell.resolved, "batch_size": 64},
+                                              "json": "activation_patching_x.json"}))
+    alt = natural.with_name(natural.name + C.ALT_PREFIX + cell.params_hash[:10])
+    alt.mkdir()
+    legacy = {k: v for k, v in cell.resolved.items() if k not in ("vocabulary", "novel_words")}
+    (alt / "activation_patching_old.json").write_text("{}")
+    (alt / C.DONE).write_text(json.dumps({"params_hash": C.params_hash(legacy), "resolved": legacy,
+                                          "json": "activation_patching_old.json"}))
+    d = C.folder_for(config, cell)
+    assert d not in (natural, alt) and d.name == alt.name + "-2" and not d.exists()
+    old = {"params": dict(cell.params)}  # the oldest markers (before the settings hash) predate word sets too
+    assert not C.marker_matches(old, cell)
+
+
+def test_the_remote_device_check_refuses_devices_no_worker_has():
+    for device, ok in (("meta", False), ("mps", False), ("cuda:7", True), ("cuda", True), ("auto", True)):
+        cell = C.Cell({"device": device, "feature_name": "DEFTABLENAME"}, C.setting_defaults(), {})
+        assert (S.settings_error(cell, remote=True) is None) == ok, device
+
+
+def test_each_earlier_runs_notebook_is_kept(tmp_path, monkeypatch):
+    """Three runs of a cell that keeps failing early: every earlier run's notebook (its traceback) is kept."""
+    monkeypatch.setattr(S, "write_summary", lambda config, outcomes: None)
+    config = _one_cell(tmp_path)
+    cell, = C.expand(config)
+    d = C.folder_for(config, cell)
+    n = {"i": 0}
+
+    class Fails:
+        def __init__(self, cmd, stdout=None, **kw):
+            n["i"] += 1
+            Path(cmd[4]).write_text(json.dumps({"cells": [{"outputs": [
+                {"output_type": "error", "ename": "E", "evalue": f"run {n['i']}"}]}]}))
+            self.pid, self.returncode = None, 1
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(cell_runs.subprocess, "Popen", Fails)
+    for _ in range(3):
+        assert S.run_sweep(config, progress=False)[0].status == "failed"
+    texts = sorted(p.read_text() for p in d.glob("*.ipynb"))
+    assert len(texts) == 3 and all(any(f"run {i}" in t for t in texts) for i in (1, 2, 3))
 
 
 def test_an_unreadable_result_json_does_not_cost_the_index(tmp_path, fake_papermill):
@@ -640,3 +759,7 @@ def test_an_unreadable_result_json_does_not_cost_the_index(tmp_path, fake_paperm
     assert md.count("result JSON unreadable") == 2 and "cs1" in md and "cs2" in md
     summary = json.loads((config.root / "summary.json").read_text())
     assert len(summary["cells"]) == 2
+    # one that parses but holds the wrong types
+    (outcomes[0].dir / "activation_patching_bNone.json").write_text(json.dumps(
+        {"metadata": None, "patching_results": [[[0.1]]], "clean_logit_diff": 1, "corrupt_logit_diff": 0}))
+    assert sweep_index.write_summary(config, outcomes)["md"].read_text().count("result JSON unreadable") == 2

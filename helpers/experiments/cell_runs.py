@@ -19,7 +19,7 @@ from helpers.experiments.results import find_results
 from helpers.experiments.run_guard import claim_cell, kill_tree, release_cell
 from helpers.experiments.sweep_cells import (
     DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, dir_label,
-    is_finished, recorded_weights,
+    done_is_own, is_finished, read_marker, recorded_weights,
 )
 
 
@@ -73,6 +73,18 @@ PREVIOUS_SUFFIX = ".previous-run.ipynb"  # an earlier run's executed notebook, m
 _EARLIER_RESULTS = "_earlier_results"  # (in the run's record until it finishes; never written to a marker)
 
 
+def previous_run_path(executed: Path) -> Path:
+    """Where an earlier run's executed notebook is kept: ``<feature>.previous-run.ipynb``, else the first free
+    ``<feature>.previous-run-<k>.ipynb`` (each rerun's, none replaced)."""
+    stem = executed.name[: -len(EXECUTED_SUFFIX)]
+    path = executed.with_name(stem + PREVIOUS_SUFFIX)
+    k = 2
+    while path.exists():
+        path = executed.with_name(f"{stem}{PREVIOUS_SUFFIX[: -len('.ipynb')]}-{k}.ipynb")
+        k += 1
+    return path
+
+
 def _result_files(cell_dir: Path, files=None) -> dict:
     """{name: [inode, mtime_ns, size]} of the result JSONs (``files``, else all in ``cell_dir``): a file written
     again (atomically: a new inode) or anew differs from what was there before."""
@@ -95,10 +107,18 @@ def begin_cell(config: SweepConfig, cell: Cell, cell_dir: Path, record: dict, t0
     busy = claim_cell(cell_dir, record, force=force)
     if busy is not None:
         return Outcome(cell, "running elsewhere", cell_dir, error=busy)
-    if keep_finished and is_finished(cell_dir, cell):  # another sweep finished it since this one looked: keep its result
+    def give_back(outcome: Outcome) -> Outcome:
         (cell_dir / RUNNING).unlink(missing_ok=True)
         release_cell(cell_dir)
-        return Outcome(cell, "skipped", cell_dir)
+        return outcome
+
+    if keep_finished and is_finished(cell_dir, cell):  # another sweep finished it since this one looked: keep its result
+        return give_back(Outcome(cell, "skipped", cell_dir))
+    done = read_marker(cell_dir / DONE)
+    if done is not None and not done_is_own(cell_dir, done, cell):  # (even with force: it is not this cell's)
+        return give_back(Outcome(cell, "not run", cell_dir, error=(
+            "another run finished here, with other settings or weights, after this sweep chose the folder; its "
+            "result is kept: run the sweep again and this cell gets a folder of its own")))
     for other in MARKERS:
         if other != RUNNING:
             (cell_dir / other).unlink(missing_ok=True)
@@ -106,7 +126,7 @@ def begin_cell(config: SweepConfig, cell: Cell, cell_dir: Path, record: dict, t0
     # give this run's error or be linked as its notebook. The result files that are already there are noted, so
     # that only one this run writes (or rewrites) can make it done.
     for old in cell_dir.glob(f"*{EXECUTED_SUFFIX}"):
-        os.replace(old, old.with_name(old.name[: -len(EXECUTED_SUFFIX)] + PREVIOUS_SUFFIX))
+        os.replace(old, previous_run_path(old))
     record[_EARLIER_RESULTS] = _result_files(cell_dir)
     try:
         return cell_notebook(config, cell)
@@ -181,8 +201,9 @@ def finish_cell(cell: Cell, config: SweepConfig, cell_dir: Path, record: dict, t
     if not found:
         return fail("the notebook ran but wrote no result JSON")
     # the weights' hash, so that a later sweep finds a result of a since-retrained local model stale
-    weights = recorded_weights(cell_dir, {"json": found[0].name})
-    write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name, "model_revision": weights,
+    weights, scheme = recorded_weights(cell_dir, {"json": found[0].name})
+    write_marker(cell_dir, DONE, {**record, "status": "ok", "json": found[0].name,
+                                  "model_weights": weights if scheme == "weights" else None,
                                   "duration_s": duration,
                                   "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return Outcome(cell, "ok", cell_dir, duration)

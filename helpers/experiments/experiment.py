@@ -382,6 +382,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _weights(model_id: str) -> str | None:
+    """A content hash of a local folder's weights, config and tokenizer (a sweep's result of a model retrained since
+    is not served as finished); None for hub ids."""
+    from helpers.experiments.result_json import weights_fingerprint
+
+    return weights_fingerprint(model_id)
+
+
 def _revision(loaded) -> str | None:
     """The hub commit of the checkpoint, else a short content hash of a local folder's config and weights."""
     from helpers.experiments.result_json import folder_fingerprint
@@ -497,6 +505,7 @@ def run_experiment(model_num="embedded", cs_num: int = 1, feature_name: str = "E
         settings=settings, feature=feature, spec=spec, pairs=pairs, patching=patching, predicted_ids=predicted,
         tokens=tokens, generations={},
         model_info=dict(model_id=spec.model_id, model_name=spec.name, revision=_revision(loaded),
+                        weights=_weights(spec.model_id),
                         family=loaded.family.model_type, geometry=loaded.geometry, dtype=settings.dtype,
                         device=str(next(hf_model.parameters()).device),  # where it ran, not where it was asked
                         sweep_devices=device_list or None),

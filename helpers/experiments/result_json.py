@@ -59,6 +59,10 @@ def suite_commit() -> str | None:
 
     root = Path(__file__).resolve().parents[2]
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not top or Path(top).resolve() != root:  # (installed inside another checkout: not the suite's commit)
+            return None
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
         if not sha:
@@ -84,6 +88,38 @@ def folder_fingerprint(model_id: str, max_bytes: int = 1 << 30) -> str | None:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return "sha256:" + h.hexdigest()[:12]
+
+
+# The files of a model folder that change what a run computes (weights, architecture, tokenizer), not its notes
+# (training_meta.json, a README): editing those must not make a finished result look like another model's.
+_WEIGHT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                 "merges.txt", "special_tokens_map.json", "added_tokens.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+WEIGHTS_SCHEME = "sha256w:"
+
+
+def weights_fingerprint(model_id: str, max_bytes: int = 4 << 30) -> str | None:
+    """``sha256w:<16 hex>`` over a local folder's weights, config and tokenizer files (None for hub ids, a folder
+    without weights, one over ``max_bytes`` or one that cannot be read): the sweep's test of "the same model"."""
+    folder = Path(str(model_id)).expanduser()
+    try:
+        if not folder.is_dir():
+            return None
+        files = sorted(p for p in folder.iterdir() if p.is_file() and
+                       (p.name in _WEIGHT_FILES or p.name.endswith(_WEIGHT_SUFFIXES)))
+        if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files) or \
+                sum(p.stat().st_size for p in files) > max_bytes:
+            return None
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode() + b"\0")
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            h.update(b"\0")
+    except OSError:  # (a file removed while a training run rewrites the folder)
+        return None
+    return WEIGHTS_SCHEME + h.hexdigest()[:16]
 
 
 def _example_record(exp, i: int) -> dict:
@@ -142,6 +178,7 @@ def experiment_to_dict(exp) -> dict:
         "model_name": exp.spec.name,
         "model_id": exp.spec.model_id,
         "model_revision": exp.model_info.get("revision"),
+        "model_weights": exp.model_info.get("weights"),
         "model_path_override": s.model_path,
         "family": exp.model_info.get("family"),
         "d_head": getattr(geo, "d_head", None),

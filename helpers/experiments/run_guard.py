@@ -33,8 +33,24 @@ class SweepInterrupted(BaseException):
         self.signum = signum
 
 
-def process_started(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), or None where that cannot be read."""
+def _proc_start(pid: int) -> str | None:
+    """Linux: ``"<boot id>:<start ticks>"`` of ``pid`` from /proc: exact, and unmoved by clock changes (psutil's
+    create_time adds the boot time, which it derives from the wall clock: a clock step shifts it)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = stat[stat.rindex(")") + 2:].split()[19]  # field 22, counted after the command name
+    except (OSError, ValueError, IndexError):
+        return None
+    return f"{boot}:{ticks}"
+
+
+def process_started(pid: int) -> str | float | None:
+    """When process ``pid`` started: ``"<boot id>:<ticks>"`` on Linux, else seconds since the epoch (psutil), or
+    None where neither can be read."""
+    exact = _proc_start(pid)
+    if exact is not None:
+        return exact
     try:
         import psutil
 
@@ -43,9 +59,22 @@ def process_started(pid: int) -> float | None:
         return None
 
 
-def pid_alive(pid, started: float | None = None) -> bool:
+def _same_start(pid: int, started) -> bool:
+    if isinstance(started, str):  # recorded from /proc: compare exactly (unreadable now: assume the same)
+        now = _proc_start(pid)
+        return now is None or now == started
+    try:
+        import psutil
+
+        return abs(psutil.Process(pid).create_time() - float(started)) < 1.0
+    except Exception:
+        return True
+
+
+def pid_alive(pid, started: str | float | None = None) -> bool:
     """Is process ``pid`` running (a zombie is not)? ``started``: when the process meant started (recorded with its
-    pid), so that another process that got the same pid since (after a reboot, in a new container) is not it."""
+    pid, ``process_started``), so that another process that got the same pid since (after a reboot, in a new
+    container) is not it."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -57,12 +86,11 @@ def pid_alive(pid, started: float | None = None) -> bool:
     try:
         import psutil
 
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
             return False
-        return started is None or abs(process.create_time() - started) < 1.0
     except Exception:
-        return True
+        pass
+    return started is None or _same_start(pid, started)
 
 
 _HELD: set[str] = set()  # the cell folders this process is running now (its own markers are live only for those)

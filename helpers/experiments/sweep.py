@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import queue
+import re
 import socket
 import time
 from pathlib import Path
@@ -78,16 +79,9 @@ def visible_gpus() -> list[str]:
 
 
 def _is_device_name(device) -> bool:
-    """A device torch can name ("auto", "cpu", "cuda", "cuda:1", ...), whether or not this machine has it."""
-    if device is None or str(device).strip().lower() in ("", "auto"):
-        return True
-    try:
-        import torch
-
-        torch.device(str(device))
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return True
+    """A device a Ray worker may have, whether or not this machine has it: "auto", "cpu", "cuda", "cuda:N" (a
+    spelling check only; the worker validates it again)."""
+    return device is None or re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device).strip().lower()) is not None
 
 
 def settings_error(cell: Cell, remote: bool = False) -> str | None:
@@ -99,8 +93,11 @@ def settings_error(cell: Cell, remote: bool = False) -> str | None:
 
     fields = setting_defaults()
     values = {k: v for k, v in cell.resolved.items() if k in fields}
-    if remote and _is_device_name(values.get("device")):
-        values["device"] = "cpu"  # (the worker's GPUs, not this machine's: only the spelling is checked here)
+    if remote:  # (the worker's GPUs, not this machine's: only the spelling is checked here)
+        if not _is_device_name(values.get("device")):
+            return (f"device={values.get('device')!r} is not a device a Ray worker runs: use 'auto', 'cpu', 'cuda' or "
+                    "'cuda:N'")
+        values["device"] = "cpu"
     try:
         validate(ExperimentSettings(**values))
     except ValueError as err:

@@ -40,7 +40,8 @@ skips finished cells and never touches them unless ``force``, which reruns them 
 marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* settings (say ``parameters:``
 changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
 so both results survive. A result of a local model folder (the embedded models, a local ``model_path``) whose
-weights have changed since (its recorded content hash differs, as after ``make train``) is not finished either:
+weights, config or tokenizer have changed since (its recorded content hash differs, as after ``make train``; notes
+such as ``training_meta.json`` do not count) is not finished either:
 the cell runs again in a ``<folder>_run-<hash>`` (of its settings, or where that is taken of its settings and
 weights), and the older result stays. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
 recorded as failed before anything runs. A failure is recorded and the sweep goes on: papermill still writes
@@ -407,8 +408,8 @@ def read_marker(path: Path) -> dict | None:
 
 def _ran_before_word_sets(marker: dict) -> bool:
     """A marker of a run from before the ``vocabulary`` setting (its recorded settings lack it): the suite's words."""
-    recorded = marker.get("resolved")
-    return isinstance(recorded, dict) and "vocabulary" not in recorded
+    recorded = marker.get("resolved")  # (the oldest markers record ``params`` only: older still)
+    return "vocabulary" not in recorded if isinstance(recorded, dict) else isinstance(marker.get("params"), dict)
 
 
 def _word_set(cell: Cell) -> str | None:
@@ -434,17 +435,9 @@ def marker_matches(marker: dict | None, cell: Cell) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=64)
-def _fingerprint(folder: str, files: tuple) -> str | None:
-    from helpers.experiments.result_json import folder_fingerprint
-
-    return folder_fingerprint(folder)
-
-
-def model_fingerprint(cell: Cell) -> str | None:
-    """The content hash of the local folder ``cell`` loads (an embedded model, a local ``model_path``), as its
-    result JSON records it (``metadata.model_revision``); None for a hub id (its revision is a setting) or settings
-    that name no model. Cached while the folder's files keep their size and time."""
+def _model_folder(cell: Cell) -> Path | None:
+    """The local folder ``cell`` loads (an embedded model, a local ``model_path``), or None (a hub id, settings that
+    name no model). A relative ``model_path`` is read from the repository root, where the notebooks run."""
     from helpers.models.registry import resolve_model
 
     r = cell.resolved
@@ -454,34 +447,81 @@ def model_fingerprint(cell: Cell) -> str | None:
     except (ValueError, TypeError):
         return None
     folder = Path(spec.model_id).expanduser()
-    if not spec.is_local:
-        return None
+    if not folder.is_absolute():
+        folder = REPO / folder
+    return folder if folder.is_dir() else None
+
+
+def _stat_key(folder: Path) -> tuple | None:
     try:
-        files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()))
+        return tuple(sorted((p.name, st.st_mtime_ns, st.st_size) for p in folder.iterdir() if p.is_file()
+                            for st in [p.stat()]))
     except OSError:
         return None
-    return _fingerprint(str(folder.resolve()), files)
 
 
-def recorded_weights(cell_dir: Path, marker: dict) -> str | None:
-    """The weights' content hash a finished run recorded: its ``_DONE.json`` (``model_revision``), else (a marker
-    from before it was copied there) its result JSON's metadata; None where neither says."""
-    if "model_revision" in marker:
-        return marker["model_revision"]
-    found = [cell_dir / marker["json"]] if marker.get("json") else find_results(cell_dir)
+@functools.lru_cache(maxsize=64)
+def _hashes(folder: str, files: tuple) -> tuple[str | None, str | None]:
+    """(weights hash, whole-folder hash of the earlier scheme) of a folder in the state ``files`` describes."""
+    from helpers.experiments.result_json import folder_fingerprint, weights_fingerprint
+
     try:
-        return (json.loads(found[0].read_text()).get("metadata") or {}).get("model_revision")
-    except (OSError, ValueError, IndexError, AttributeError):
+        old = folder_fingerprint(folder)
+    except OSError:
+        old = None
+    return weights_fingerprint(folder), old
+
+
+def model_fingerprint(cell: Cell, scheme: str = "weights") -> str | None:
+    """The content hash of the local folder ``cell`` loads, as its result JSON records it: ``metadata.model_weights``
+    (weights, config and tokenizer: helpers.experiments.result_json.weights_fingerprint), or with ``scheme="folder"``
+    the earlier ``metadata.model_revision`` (every file). None for a hub id (its revision is a setting). Cached while
+    the folder's files keep their sizes and times."""
+    folder = _model_folder(cell)
+    key = _stat_key(folder) if folder is not None else None
+    if key is None:
         return None
+    weights, old = _hashes(str(folder.resolve()), key)
+    return weights if scheme == "weights" else old
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_metadata(path: str, mtime_ns: int, size: int) -> dict:
+    try:
+        meta = json.loads(Path(path).read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def recorded_weights(cell_dir: Path, marker: dict) -> tuple[str | None, str]:
+    """(hash, scheme) of the weights a finished run used: its ``_DONE.json``'s ``model_weights``; a marker written
+    before that was recorded: its result JSON's ``metadata.model_weights``, else ``metadata.model_revision`` (the
+    earlier whole-folder hash, ``scheme="folder"``). (None, "weights") where neither says."""
+    if "model_weights" in marker:
+        return marker["model_weights"], "weights"
+    found = [cell_dir / marker["json"]] if isinstance(marker.get("json"), str) else find_results(cell_dir)
+    try:
+        st = found[0].stat()
+    except (OSError, IndexError):
+        return None, "weights"
+    meta = _json_metadata(str(found[0]), st.st_mtime_ns, st.st_size)
+    if meta.get("model_weights"):
+        return meta["model_weights"], "weights"
+    revision = meta.get("model_revision")
+    if isinstance(revision, str) and revision.startswith("sha256:"):  # (a hub commit is no folder hash)
+        return revision, "folder"
+    return None, "weights"
 
 
 def weights_match(cell_dir: Path, marker: dict, cell: Cell) -> bool:
-    """False only where both hashes are known and differ (a local model retrained since the run)."""
-    current = model_fingerprint(cell)
-    if current is None:
+    """False only where the recorded hash and the folder's hash now (same scheme) are both known and differ: the
+    local model was retrained since the run."""
+    recorded, scheme = recorded_weights(cell_dir, marker)
+    if recorded is None:
         return True
-    recorded = recorded_weights(cell_dir, marker)
-    return recorded is None or recorded == current
+    current = model_fingerprint(cell, scheme)
+    return current is None or recorded == current
 
 
 def is_finished(cell_dir: Path, cell: Cell | None = None) -> bool:
@@ -492,7 +532,7 @@ def is_finished(cell_dir: Path, cell: Cell | None = None) -> bool:
         return False
     if marker.get("json") and not (cell_dir / marker["json"]).is_file():
         return False
-    return cell is None or (marker_matches(marker, cell) and weights_match(cell_dir, marker, cell))
+    return cell is None or done_is_own(cell_dir, marker, cell)
 
 
 def folder_for(config: SweepConfig, cell: Cell) -> Path:
@@ -502,17 +542,30 @@ def folder_for(config: SweepConfig, cell: Cell) -> Path:
     natural = config.root / cell.relpath
     candidates = [natural, natural.with_name(f"{natural.name}{ALT_PREFIX}{cell.params_hash[:10]}")]
     weights = model_fingerprint(cell)
+    key = (hashlib.sha256(f"{cell.params_hash}|{weights}".encode()).hexdigest()[:10] if weights is not None
+           else cell.params_hash[:10])
     if weights is not None:
-        key = hashlib.sha256(f"{cell.params_hash}|{weights}".encode()).hexdigest()[:10]
         candidates.append(natural.with_name(f"{natural.name}{ALT_PREFIX}{key}"))
-    for d in candidates:
-        running, done = read_marker(d / RUNNING), read_marker(d / DONE)
-        if running is not None and not marker_matches(running, cell):
-            continue
-        if done is not None and not (marker_matches(done, cell) and weights_match(d, done, cell)):
-            continue
-        return d
-    return candidates[-1]
+    for k in itertools.count(2):  # (all taken, as by results of older formats: numbered, never another's folder)
+        for d in candidates:
+            if free_for(d, cell):
+                return d
+        candidates = [natural.with_name(f"{natural.name}{ALT_PREFIX}{key}-{k}")]
+
+
+def free_for(d: Path, cell: Cell) -> bool:
+    """Whether ``cell`` may run in ``d``: no ``_RUNNING.json`` of other settings, no ``_DONE.json`` of other settings
+    or of other weights of its local model."""
+    running, done = read_marker(d / RUNNING), read_marker(d / DONE)
+    if running is not None and not marker_matches(running, cell):
+        return False
+    return done is None or done_is_own(d, done, cell)
+
+
+def done_is_own(d: Path, done: dict, cell: Cell) -> bool:
+    """Whether the ``_DONE.json`` ``done`` in ``d`` is ``cell``'s (its settings, its local model's weights now): no
+    other may be replaced by a run of ``cell``."""
+    return marker_matches(done, cell) and weights_match(d, done, cell)
 
 
 def dir_label(config: SweepConfig, d: Path) -> str:

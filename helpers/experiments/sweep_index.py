@@ -46,30 +46,31 @@ def _cell_row(config: SweepConfig, out: Outcome) -> dict:
         found = [named] if named is not None and named.is_file() else find_results(d)
     row["json"] = row["heatmap"] = row["accuracy"] = row["k80"] = None
     row["top_heads"], row["scores"], row["circuit_figures"] = [], None, {}
-    data = None
     if found:
         try:
-            data = load_results(found[0])
-            meta = data["metadata"]
+            row.update(_result_part(config, found[0]))
         except Exception as err:  # noqa: BLE001 - one unreadable result must not cost the index of every cell
-            data = None
             row["error"] = f"result JSON unreadable: {type(err).__name__}: {err}"[:300]
-    if data is not None:
-        row["json"] = str(found[0].relative_to(config.root))
-        heat = Path(f"{figure_base(found[0])}.html")
-        row["heatmap"] = str(heat.relative_to(config.root)) if heat.is_file() else None
-        row["accuracy"] = meta.get("clean_accuracy")
-        faith = (data.get("circuit") or {}).get("faithfulness") or {}
-        if faith:  # the circuit section ran: smallest k reaching 80 %, and its figures
-            row["k80"] = {"sufficiency": faith.get("k80_sufficiency"), "necessity": faith.get("k80_necessity")}
-            for name in CIRCUIT_FIGURES:
-                page = Path(f"{figure_base(found[0], name)}.html")
-                if page.is_file():
-                    row["circuit_figures"][name] = str(page.relative_to(config.root))
-        row["n_clean_correct"], row["n_examples"] = meta.get("n_clean_correct"), meta.get("n_examples")
-        row["top_heads"] = top_heads_from_json(data, 3)
-        row["scores"] = data["scores"]
     return row
+
+
+def _result_part(config: SweepConfig, path: Path) -> dict:
+    """What the index shows of one result JSON (raises where it is not one)."""
+    data = load_results(path)
+    meta = data["metadata"]
+    part = dict(json=str(path.relative_to(config.root)), accuracy=meta.get("clean_accuracy"),
+                n_clean_correct=meta.get("n_clean_correct"), n_examples=meta.get("n_examples"),
+                top_heads=top_heads_from_json(data, 3), scores=data["scores"], circuit_figures={}, k80=None)
+    heat = Path(f"{figure_base(path)}.html")
+    part["heatmap"] = str(heat.relative_to(config.root)) if heat.is_file() else None
+    faith = (data.get("circuit") or {}).get("faithfulness") or {}
+    if faith:  # the circuit section ran: smallest k reaching 80 %, and its figures
+        part["k80"] = {"sufficiency": faith.get("k80_sufficiency"), "necessity": faith.get("k80_necessity")}
+        for name in CIRCUIT_FIGURES:
+            page = Path(f"{figure_base(path, name)}.html")
+            if page.is_file():
+                part["circuit_figures"][name] = str(page.relative_to(config.root))
+    return part
 
 
 def _link(path: str | None, text: str) -> str:
