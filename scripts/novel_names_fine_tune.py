@@ -204,6 +204,8 @@ VARIANTS.update({
 # Round 11: llama-cs2's best copying candidates lose 6-19 items of exact match. Candidates between each fine-tune and
 # the weights before it (Variant.interpolate, WiSE-FT) may keep the copying and recover the rest; round 10's best
 # recipe over seeds (seed 3 is round 10's run), and round 9's chosen llama-cs3 recipe on eight-head llama-cs2 bases.
+# Seed 3, run on CPU (2026-12-05; embedded/README.md): interpolation recovered no exact match (0.9850-0.9860 at
+# 0.5-0.85 against 0.9880) and lost the copying (0.14-0.76 novel tables); the other seeds and bases are still to run.
 WISE = (0.5, 0.7, 0.85)
 VARIANTS.update({
     **{f"wise_fn5_s600_n10_lr2e4_settle600_s{k}": Variant(600, 0.10, lr=2e-4, seed=k, generator=FN, settle_steps=600,
