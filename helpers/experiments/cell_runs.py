@@ -102,17 +102,19 @@ def begin_cell(config: SweepConfig, cell: Cell, cell_dir: Path, record: dict, t0
                force: bool = False, keep_finished: bool = False) -> tuple[str, Path] | Outcome:
     """Claim the cell (helpers.experiments.run_guard; ``force``: also another machine's marker) and clear its other
     markers: (feature, notebook) to run, or the Outcome that ends it here ("running elsewhere"; "skipped" where
-    ``keep_finished`` and the cell is finished, as when another sweep finished it since this one looked; or failed
-    for want of a notebook; its claim released)."""
+    ``keep_finished`` and the cell is finished, as when another sweep finished it since this one looked; "not run"
+    where the folder holds another run's result, finished there since the folder was chosen; or failed for want of
+    a notebook; its claim released)."""
     busy = claim_cell(cell_dir, record, force=force)
     if busy is not None:
         return Outcome(cell, "running elsewhere", cell_dir, error=busy)
+
     def give_back(outcome: Outcome) -> Outcome:
         (cell_dir / RUNNING).unlink(missing_ok=True)
         release_cell(cell_dir)
         return outcome
 
-    if keep_finished and is_finished(cell_dir, cell):  # another sweep finished it since this one looked: keep its result
+    if keep_finished and is_finished(cell_dir, cell):  # another sweep finished it since this one looked: keep it
         return give_back(Outcome(cell, "skipped", cell_dir))
     done = read_marker(cell_dir / DONE)
     if done is not None and not done_is_own(cell_dir, done, cell):  # (even with force: it is not this cell's)

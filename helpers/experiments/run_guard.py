@@ -2,8 +2,9 @@
 SIGINT.
 
 - ``claim_cell``: ``_RUNNING.json`` is a lock, created atomically (``O_EXCL``) with the host, the sweep's pid and
-  (once started) its papermill child's pid, each with its start time (a pid reused by another process is not it). A cell whose marker belongs to a live process (same host and either
-  pid alive; another host: assumed alive, it cannot be checked from here) is not started a second time; a marker
+  (once started) its papermill child's pid, each with its start time (a pid reused by another process is not it).
+  A cell whose marker belongs to a live process (same host and either pid alive; another host: assumed alive, it
+  cannot be checked from here) is not started a second time; a marker
   whose processes are all dead is stale and taken over, with a message.
 - ``StopSignals``: while a sweep runs in the main thread, those signals set a stop flag, kill every registered child
   process tree (papermill, its kernel and their children) and raise ``SweepInterrupted`` in the main thread; the

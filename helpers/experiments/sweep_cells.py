@@ -41,9 +41,9 @@ marker. A folder whose ``_DONE.json`` (or ``_RUNNING.json``) belongs to *other* 
 changed from ``batch_size: 4`` to 64) is never overwritten: the cell runs in ``<folder>_run-<hash>`` instead,
 so both results survive. A result of a local model folder (the embedded models, a local ``model_path``) whose
 weights, config or tokenizer have changed since (its recorded content hash differs, as after ``make train``; notes
-such as ``training_meta.json`` do not count) is not finished either:
-the cell runs again in a ``<folder>_run-<hash>`` (of its settings, or where that is taken of its settings and
-weights), and the older result stays. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
+such as ``training_meta.json`` do not count) is not finished either: the cell runs again in a
+``<folder>_run-<hash>`` (of its settings, or where that is taken of its settings and weights), and the older result
+stays. Cells whose settings ``helpers.experiments.experiment.validate`` refuses (a typo in the grid) are
 recorded as failed before anything runs. A failure is recorded and the sweep goes on: papermill still writes
 the executed notebook, with the traceback in it. Every file is written atomically (temporary file +
 ``os.replace``).
