@@ -544,8 +544,9 @@ def install(export: Path, models, round_: int) -> None:
         weight = ran.get("interpolation_weight")
         if weight is not None:  # (the run folders it names are the training machine's)
             last.pop("interpolation", None)
-            how += (f", then interpolated with the weights before the fine-tune ({'the base' if base else 'the model above'}"
-                    f"): before + {weight:g} x (fine-tuned - before), tensor by tensor")
+            before = "the base" if base else "the model above"
+            how += (f", then interpolated with the weights before the fine-tune ({before}): before + {weight:g} x "
+                    "(fine-tuned - before), tensor by tensor")
         meta["novel_names_fine_tune"] = {
             "note": (f"The shipped weights: {how} by scripts/novel_names_fine_tune.py, round "
                      f"{round_}, variant {name} (chosen on {summary['n_items']} items / {summary['n_pairs']} pairs)"),
@@ -655,11 +656,12 @@ def main(argv=None):
         if name:
             meta = out / name / m / "training_meta.json"
             summary["models"][m]["chosen_training_meta"] = json.loads(meta.read_text())
-            first = out / run_of(name) / f"{m}-first" / "training_meta.json"
+            run = run_of(name)  # (an interpolated candidate's first run and base are its variant's)
+            first = out / run / f"{m}-first" / "training_meta.json"
             summary["models"][m]["chosen_first_run_meta"] = json.loads(first.read_text()) if first.exists() else None
-            if VARIANTS[run_of(name)].base:
+            if VARIANTS[run].base:
                 summary["models"][m]["chosen_base_meta"] = json.loads(
-                    (base_folder(out, VARIANTS[run_of(name)].base, m) / "training_meta.json").read_text())
+                    (base_folder(out, VARIANTS[run].base, m) / "training_meta.json").read_text())
             shutil.rmtree(out / "chosen" / m, ignore_errors=True)
             shutil.copytree(out / name / m, out / "chosen" / m)
         print(f"{m}: chosen {name} (loosely {loose}); shipped EM {shipped['exact_match']:.4f}", flush=True)

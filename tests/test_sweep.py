@@ -590,8 +590,9 @@ def test_a_marker_whose_pid_now_belongs_to_another_process_is_stale(tmp_path, mo
         boot, ticks = started.rsplit(":", 1)
         assert not marker_is_live({**me, "pid_started": f"{boot}:{int(ticks) + 1}"})
         assert not marker_is_live({**me, "pid_started": f"another-boot:{ticks}"})
-        # a clock step does not make a live process look like another (psutil's times move with the clock)
-        monkeypatch.setattr("psutil.boot_time", lambda: 0.0, raising=False)
+        # a clock step does not make a live process look like another (psutil's epoch times add a boot time read
+        # from the clock: here moved to 0)
+        monkeypatch.setattr("psutil._pslinux.boot_time", lambda: 0.0)
         assert marker_is_live({**me, "pid_started": started})
     else:
         assert not marker_is_live({**me, "pid_started": started - 3600})

@@ -77,8 +77,8 @@ def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0,
             row = h[side][example]
             z.append(row + [None] * (len(tokens) - len(row)))
             labels.append(f"L{h['layer']}H{h['head']} {h['query']} {side}")
-    fig = go.Figure(go.Heatmap(z=z, x=[f"{t}_{first_column + i}" for i, t in enumerate(tokens)], y=labels, colorscale="Blues",
-                               zmin=0, colorbar=dict(title="attention")))
+    fig = go.Figure(go.Heatmap(z=z, x=[f"{t}_{first_column + i}" for i, t in enumerate(tokens)], y=labels,
+                               colorscale="Blues", zmin=0, colorbar=dict(title="attention")))
     fig.update_layout(title="Attention of the top heads over one example", height=140 + 28 * len(labels),
                       width=1200, yaxis=dict(autorange="reversed"), xaxis_tickangle=-60)
     return fig

@@ -85,11 +85,11 @@ def previous_run_path(executed: Path) -> Path:
     return path
 
 
-def _result_files(cell_dir: Path, files=None) -> dict:
-    """{name: [inode, mtime_ns, size]} of the result JSONs (``files``, else all in ``cell_dir``): a file written
-    again (atomically: a new inode) or anew differs from what was there before."""
+def _result_files(cell_dir: Path) -> dict:
+    """{name: [inode, mtime_ns, size]} of the result JSONs in ``cell_dir``: a file written again (atomically: a new
+    inode) or anew differs from what was there before."""
     out = {}
-    for p in (files if files is not None else find_results(cell_dir)):
+    for p in find_results(cell_dir):
         try:
             st = p.stat()
         except OSError:
@@ -199,7 +199,8 @@ def finish_cell(cell: Cell, config: SweepConfig, cell_dir: Path, record: dict, t
             tail = (cell_dir / "papermill.log").read_text(errors="replace").strip().splitlines()[-5:]
             error = " | ".join(tail) or f"papermill exited with {returncode}"
         return fail(error)
-    found = [p for p in find_results(cell_dir) if _result_files(cell_dir, [p]) != {p.name: earlier.get(p.name)}]
+    now = _result_files(cell_dir)
+    found = [p for p in find_results(cell_dir) if p.name in now and now[p.name] != earlier.get(p.name)]
     if not found:
         return fail("the notebook ran but wrote no result JSON")
     # the weights' hash, so that a later sweep finds a result of a since-retrained local model stale

@@ -461,15 +461,17 @@ def _stat_key(folder: Path) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _hashes(folder: str, files: tuple) -> tuple[str | None, str | None]:
-    """(weights hash, whole-folder hash of the earlier scheme) of a folder in the state ``files`` describes."""
+def _hash(folder: str, files: tuple, scheme: str) -> str | None:
+    """The ``scheme`` hash of a folder in the state ``files`` describes (the earlier whole-folder one is computed
+    only for results that recorded it)."""
     from helpers.experiments.result_json import folder_fingerprint, weights_fingerprint
 
+    if scheme == "weights":
+        return weights_fingerprint(folder)
     try:
-        old = folder_fingerprint(folder)
+        return folder_fingerprint(folder)
     except OSError:
-        old = None
-    return weights_fingerprint(folder), old
+        return None
 
 
 def model_fingerprint(cell: Cell, scheme: str = "weights") -> str | None:
@@ -481,8 +483,7 @@ def model_fingerprint(cell: Cell, scheme: str = "weights") -> str | None:
     key = _stat_key(folder) if folder is not None else None
     if key is None:
         return None
-    weights, old = _hashes(str(folder.resolve()), key)
-    return weights if scheme == "weights" else old
+    return _hash(str(folder.resolve()), key, scheme)
 
 
 @functools.lru_cache(maxsize=1024)
