@@ -581,6 +581,8 @@ def main(argv=None):
                                      "to EXPORT/<model>.safetensors, with summary.json")
     ap.add_argument("--install", metavar="EXPORT", help="install EXPORT's chosen weights (of --round) into "
                                                        "helpers/models/embedded/ for --models, and stop")
+    ap.add_argument("--no-interpolate", action="store_true", help="evaluate no interpolated candidates (the "
+                                                                     "variants' own fine-tunes only)")
     ap.add_argument("--reuse", action="store_true", help="do not run again the runs already finished in --out "
                                                            "(evaluate them again, e.g. with other interpolations)")
     ap.add_argument("--init-root", default=str(REPO / "helpers" / "models" / "embedded"),
@@ -617,7 +619,7 @@ def main(argv=None):
                 continue
             jobs.append(((m, v), str(out / v / m), cs))
             before = base_folder(out, variant.base, m) if variant.base else init_root / m
-            for a in variant.interpolate:
+            for a in () if args.no_interpolate else variant.interpolate:
                 name = interpolated_name(v, a)
                 interpolate_weights(before, out / v / m, a, out / name / m)
                 ran[name] = {**ran[v], "interpolation_weight": a}

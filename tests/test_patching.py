@@ -155,6 +155,57 @@ def test_bucket_rows_equal_the_full_grid_filtered_by_span():
     assert seen_empty
 
 
+def test_bucket_count_trades_buckets_for_forwards_only_on_a_gpu(monkeypatch):
+    """A small sweep on a GPU takes fewer buckets than the 9-bucket minimum (its forwards' host time is the cost
+    there), a large one as many as before; on a CPU, where the arithmetic is the cost, never fewer than 9."""
+    import helpers.patching.grouping as grouping
+    from transformers import LlamaConfig
+
+    from helpers.patching.sites import site_of
+
+    config = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64)  # the SmolLM2-135M shape
+    with torch.device("meta"):
+        model = build_random_model(config)
+    site = site_of(model, "heads")
+    small, one, large = [9, 10, 11, 8, 9, 10, 11, 12, 9, 10], [61], [61] * 10
+    assert [grouping.bucket_count(model, site, s) for s in (small, one, large)] == [9, 9, 24]  # (meta: not cuda)
+    monkeypatch.setattr(grouping, "model_device", lambda m: torch.device("cuda"))
+    counts = [grouping.bucket_count(model, site, s) for s in (small, one, large)]
+    assert counts[0] < counts[1] < 9 and counts[2] == 24, counts
+    assert counts[0] >= grouping._MIN_HOST_BOUND_BUCKETS
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_clean_activations_and_prefix_caches_share_one_forward(family):
+    """The clean activations and the corrupt prefix caches of a group, from one forward of clean and corrupt rows,
+    equal those of their own two forwards (float32, 1e-5), for examples of different lengths (padded)."""
+    from helpers.patching.aligned_batch import AlignedBatch
+    from helpers.patching.caches import clean_activations_and_prefix_caches, prefix_caches
+    from helpers.patching.example_runs import clean_activations
+    from helpers.patching.model_calls import ModelCalls
+    from helpers.patching.sites import site_of
+
+    model = model_of(family)
+    calls, site, pairs = ModelCalls.of(model), site_of(model, "heads"), make_pairs(3, model)
+    corrupt = AlignedBatch([p.corrupt_ids for p in pairs], "cpu")
+    starts = [0, 3, 8, corrupt.length - 1]
+    stats: dict = {}
+    with torch.inference_mode():
+        acts, snaps = clean_activations_and_prefix_caches(model, calls, site, pairs, corrupt, starts, stats, None)
+        ref_acts = clean_activations(model, calls, site, pairs)
+        ref_snaps = prefix_caches(model, calls, corrupt, starts, {}, None)
+    assert stats["prefix_forwards"] == 1
+    assert acts.shape == ref_acts.shape and (acts - ref_acts).abs().max() <= ATOL
+    for s, snap, ref in zip(starts, snaps, ref_snaps):
+        assert (snap is None) == (ref is None) == (s == 0)
+        if snap is None:
+            continue
+        for a, b in zip(snap.layers, ref.layers):
+            assert a.keys.shape == b.keys.shape == (len(pairs), *b.keys.shape[1:2], s, b.keys.shape[-1])
+            assert (a.keys - b.keys).abs().max() <= ATOL and (a.values - b.values).abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2

@@ -5,9 +5,8 @@ import torch
 
 from helpers.models.architectures import head_geometry
 from helpers.patching.aligned_batch import AlignedBatch
-from helpers.patching.caches import expanded, is_plain, prefix_caches
+from helpers.patching.caches import clean_activations_and_prefix_caches, expanded, is_plain
 from helpers.patching.chunking import auto_chunk_rows, run_chunked
-from helpers.patching.example_runs import clean_activations
 from helpers.patching.fused_modules import per_example_prefix_applies
 from helpers.patching.grouping import SweepExample, bucket_count, bucket_rows, bucket_sizes
 from helpers.patching.hooks import ANSWER_ONLY_LAST_LAYER, sweep_hooks
@@ -60,8 +59,9 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
     state: dict = {"plan": None}
     results: list = []
     with torch.inference_mode(), two_row_output_layer(model, tokens) as two_rows, sweep_hooks(model, site, state):
-        acts = clean_activations(model, calls, site, [ex.pair for ex in group], swap)  # [E, L, T, U, w]
-        snaps = prefix_caches(model, calls, corrupt, [T - q for q in qs], stats, swap)
+        # acts: [E, L, T, U, w]; snaps: the corrupt prefix cache of each bucket (one forward for both)
+        acts, snaps = clean_activations_and_prefix_caches(model, calls, site, [ex.pair for ex in group], corrupt,
+                                                          [T - q for q in qs], stats, swap)
         # fused attention reads the corrupt prefix itself (no per-row cache copies; several examples: each row its
         # own example's, through Triton's row_attention)
         shares_prefix = (swap is not None and swap.shares_prefix and all(is_plain(c) for c in snaps if c is not None)

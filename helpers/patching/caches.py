@@ -8,8 +8,10 @@ from typing import Sequence
 import torch
 
 from helpers.patching.aligned_batch import AlignedBatch
+from helpers.patching.example_runs import clean_activations
 from helpers.patching.grouping import NotMergeable
 from helpers.patching.model_calls import ModelCalls, aligned_forward
+from helpers.patching.sites import Site, capture_site
 
 
 def snapshot(cache):
@@ -53,12 +55,13 @@ def is_plain(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
-def truncated(cache, s: int):
+def truncated(cache, s: int, rows: slice = slice(None)):
+    """Views of a plain cache's keys/values at slots < ``s`` (of its batch ``rows``)."""
     out = copy.copy(cache)
     out.layers = []
     for layer in cache.layers:
         layer = copy.copy(layer)
-        layer.keys, layer.values = layer.keys[..., :s, :], layer.values[..., :s, :]
+        layer.keys, layer.values = layer.keys[rows, ..., :s, :], layer.values[rows, ..., :s, :]
         out.layers.append(layer)
     return out
 
@@ -88,3 +91,29 @@ def prefix_caches(model, calls: ModelCalls, batch: AlignedBatch, starts: list[in
             stats["prefix_forwards"] += 1
         snaps.append(snapshot(cache))
     return snaps
+
+
+def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pairs, corrupt: AlignedBatch,
+                                        starts: list[int], stats: dict, swap) -> tuple[torch.Tensor, list]:
+    """``clean_activations`` of ``pairs`` and ``prefix_caches`` of their ``corrupt`` batch from *one* forward: the
+    clean rows and the corrupt rows in one batch (every forward costs the host ~1 ms a layer, and small models'
+    sweeps wait on the host; a batch of 2 x examples rounds like the two batches of examples apart, to float
+    rounding). Where the cache is not plain full attention (sliding windows, snapshotted over an incremental
+    pass), the two runs as before."""
+    n = len(pairs)
+    if max(starts, default=0) == 0:
+        return clean_activations(model, calls, site, pairs, swap), [None for _ in starts]
+    both = AlignedBatch([list(p.clean_ids) for p in pairs] + [list(p.corrupt_ids) for p in pairs], corrupt.ids.device)
+    if both.length != corrupt.length or both.pads[n:] != corrupt.pads:
+        raise ValueError("each pair's clean and corrupt prompts must have one length")
+    store: dict = {}
+    with torch.inference_mode(), capture_site(site, store):
+        _, cache = aligned_forward(model, calls, both, both.length, swap, use_cache=True)
+    if not is_plain(cache):
+        del cache, store
+        return (clean_activations(model, calls, site, pairs, swap),
+                prefix_caches(model, calls, corrupt, starts, stats, swap))
+    stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
+    acts = torch.stack([store[l][:n] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
+    snaps = [truncated(cache, s, slice(n, None)) if s > 0 else None for s in starts]
+    return acts.view(*acts.shape[:3], site.n_units, site.unit_width), snaps
