@@ -1,0 +1,145 @@
+"""Where the small-model sweeps spend their time: per case of scripts/bench.py's SMALL_CASES (SmolLM2-135M and
+TinyStories-2L shapes, random weights, bf16 on a GPU): wall and GPU-busy seconds at the default bucketing and at
+1-9 buckets, the sweep's phases (cProfile cumulative: metrics, clean activations and prefix caches, bucket
+forwards), the host's top functions, and with ``--kernels`` the GPU's top kernels. ``--tiles``: row_attention's
+tile choices at those shapes instead (CUDA).
+
+python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles]   (--quick: tiny shapes, CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from scripts.bench import SMALL_CASES, gpu_busy_seconds, make_pair, real_configs, quick_configs, sync, timed  # noqa
+from helpers.models.tiny_models import build_random_model  # noqa: E402
+from helpers.patching import patch_heads  # noqa: E402
+
+PHASES = ("example_metrics", "clean_activations", "prefix_caches", "run_chunked", "sweep_group", "forward")
+
+
+def phase_profile(run) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    lines = []
+    for (file, line, fn), (cc, nc, tt, ct, callers) in st.stats.items():
+        if fn in PHASES and "helpers/patching" in file:
+            lines.append(f"    {fn:20s} {os.path.basename(file)}:{line} calls {nc:5d} cum {ct:.3f} s")
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+    return "\n".join(sorted(lines)) + "\n" + "\n".join(out.getvalue().splitlines()[6:32])
+
+
+def tile_scan(device) -> None:
+    """row_attention alone at the SmolLM2-135M sweep's shapes (9 heads, 3 key/value heads, d_head 64, T 71), one
+    example's prefix: each tile choice's time and its largest difference from the default's output."""
+    from helpers.patching import triton_kernels as tk
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    for b, q in ((4000, 7), (2000, 35), (1000, 63), (4000, 11)):
+        s = 71 - q
+        qkv = torch.randn(b, q, 15, 64, device=device, dtype=torch.bfloat16, generator=gen)
+        query, key, value = qkv.split([9, 3, 3], dim=2)
+        pk, pv = (torch.randn(1, 3, s, 64, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        cos = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
+        sin = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
+        call = lambda tiles=None: tk.row_attention(query, key, value, pk, pv, 0.125, rotary=(cos, sin),  # noqa
+                                                   tiles=tiles)
+        ref = call()
+        default = tk.row_attention_tiles(q, 64, 3)
+        bj = max(16, triton_next_pow2(q))
+        options = {default}
+        for bm in (32, 64, 128):
+            for bk in (32, 64):
+                for w in (4, 8):
+                    options.add((bm, bj, bk, w))
+        rows = []
+        for tiles in sorted(options):
+            try:
+                out = call(tiles)
+                t, _ = timed(lambda: [call(tiles) for _ in range(20)], device, 3)
+                rows.append((t / 20, tiles, float((out.float() - ref.float()).abs().max())))
+            except Exception as exc:  # noqa: BLE001 (register limits of a tile choice)
+                rows.append((float("inf"), tiles, type(exc).__name__))
+        rows.sort(key=lambda r: r[0])
+        base = next(r[0] for r in rows if r[1] == default)
+        print(f"\nrow_attention b {b}, q {q}, s {s}: default {default} {base * 1e6:.0f} us; best:", flush=True)
+        for t, tiles, err in rows[:6]:
+            print(f"   {tiles}: {t * 1e6:.0f} us ({base / t:.2f}x), max diff {err}", flush=True)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shapes", default="SmolLM2,TinyStories")
+    ap.add_argument("--buckets", default="1,2,3,4,6,9")
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--tiles", action="store_true", help="only the row_attention tile scan (CUDA)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiles:
+        return tile_scan(device)
+    configs = quick_configs() if args.quick else real_configs()
+    configs = {k: v for k, v in configs.items() if args.quick or any(s in k for s in args.shapes.split(","))}
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    for name, config in configs.items():
+        with torch.device(device):
+            model = build_random_model(config, seed=0, dtype=torch.float32)
+        model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        gen = torch.Generator().manual_seed(3)
+        for label, n, T, first in SMALL_CASES:
+            if args.quick:
+                T, first = min(T, 24), min(first, 10)
+            pairs = [make_pair(gen, model.config.vocab_size, T, max(1, first + int(torch.randint(-2, 3, (1,), generator=gen))))
+                     for _ in range(n)]
+            run = lambda **kw: patch_heads(model, pairs, keep_incorrect=True, progress=False, **kw)  # noqa: E731
+            run()
+            t, res = timed(run, device, 3)
+            busy = gpu_busy_seconds(run, device) if device.type == "cuda" else float("nan")
+            s = res.stats
+            print(f"\n== {name} | {label}: {t:.3f} s, GPU busy {busy:.3f} s, forwards {s.get('forwards')}, "
+                  f"rows {s.get('rows')}, max rows/fwd {s.get('max_rows_per_forward')}, "
+                  f"rtl {s.get('row_token_layers', 0) / 1e6:.2f} M, ex/fwd {s.get('max_examples_per_forward')}",
+                  flush=True)
+            span = max(T - int(torch.nonzero(torch.tensor(p.clean_ids) != torch.tensor(p.corrupt_ids))[0]) for p in pairs)
+            for nb in [int(b) for b in args.buckets.split(",")]:
+                size = -(-span // nb)
+                run(bucket_size=size)
+                tb, rb = timed(lambda: run(bucket_size=size), device, 3)
+                bb = gpu_busy_seconds(lambda: run(bucket_size=size), device) if device.type == "cuda" else float("nan")
+                print(f"   buckets {nb:2d} (size {size:2d}): {tb:.3f} s, GPU busy {bb:.3f} s, forwards "
+                      f"{rb.stats.get('forwards')}, rtl {rb.stats.get('row_token_layers', 0) / 1e6:.2f} M", flush=True)
+            print(phase_profile(run), flush=True)
+            if args.kernels and device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+                sync(device)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run()
+                    sync(device)
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
+                                                max_name_column_width=50), flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
