@@ -155,9 +155,10 @@ def test_bucket_rows_equal_the_full_grid_filtered_by_span():
     assert seen_empty
 
 
-def test_bucket_count_trades_buckets_for_forwards_only_on_a_gpu(monkeypatch):
-    """A small sweep on a GPU takes fewer buckets than the 9-bucket minimum (its forwards' host time is the cost
-    there), a large one as many as before; on a CPU, where the arithmetic is the cost, never fewer than 9."""
+def test_bucket_count_trades_buckets_for_forwards_where_the_host_is_the_cost(monkeypatch):
+    """A small sweep takes fewer buckets than the 9-bucket minimum where its forwards' host time is the cost (a
+    GPU: the SmolLM2-135M shape's short sweeps; a CPU: the embedded models' shortest), a large one as many as
+    before; a device without a measured rate keeps the bounds."""
     import helpers.patching.grouping as grouping
     from transformers import LlamaConfig
 
@@ -169,11 +170,19 @@ def test_bucket_count_trades_buckets_for_forwards_only_on_a_gpu(monkeypatch):
         model = build_random_model(config)
     site = site_of(model, "heads")
     small, one, large = [9, 10, 11, 8, 9, 10, 11, 12, 9, 10], [61], [61] * 10
-    assert [grouping.bucket_count(model, site, s) for s in (small, one, large)] == [9, 9, 24]  # (meta: not cuda)
+    assert [grouping.bucket_count(model, site, s) for s in (small, one, large)] == [9, 9, 24]  # meta: the bounds
     monkeypatch.setattr(grouping, "model_device", lambda m: torch.device("cuda"))
     counts = [grouping.bucket_count(model, site, s) for s in (small, one, large)]
     assert counts[0] < counts[1] < 9 and counts[2] == 24, counts
     assert counts[0] >= grouping._MIN_HOST_BOUND_BUCKETS
+    # the embedded llama's shape on a CPU: a DEFFIELDNAME span (8) takes 2 buckets, an ENGTABLENAME one (58) 9
+    with torch.device("meta"):
+        embedded = build_random_model(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=768,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=64))
+    monkeypatch.setattr(grouping, "model_device", lambda m: torch.device("cpu"))
+    tiny_site = site_of(embedded, "heads")
+    assert [grouping.bucket_count(embedded, tiny_site, [s]) for s in (8, 58)] == [2, 9]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])

@@ -40,13 +40,17 @@ def pads_examples(model) -> bool:
 # Measured on an H100, bf16, 60 tokens (scripts/bench.py, before the Triton MLP and own-token kernels): Qwen2.5-0.5B
 # 0.53 s at 9 forwards, 0.57 at 13, 0.60 at 8; Llama-3.2-1B 1.30-1.34 s at 13-25 forwards, 1.36 at 9.
 _MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 9, 24, 20e12
-# On a GPU, small sweeps take fewer (down to 2): there the GPU does a forward's arithmetic faster than the host
-# launches it, so a bucket saved is ~1 ms a layer saved and its waste costs nothing. While the host launches one
-# layer (~0.8 ms), the GPU gets through ~0.24 TFLOP of a small model's sweep (~300 TFLOP/s reached); a sweep with
-# less than that per bucket and layer takes fewer buckets. Measured on an H200, bf16, SmolLM2-135M shape (30
-# layers), 10 examples of T 26: 0.124 s with 2 buckets, 0.131 s with 3, 0.186-0.206 s with 6 (the 9-bucket minimum);
-# TinyStories-2L, one example of T 71: 0.020 s with 1-2 buckets, 0.042 s with 9 (scripts/profile_small.py).
-_MIN_HOST_BOUND_BUCKETS, _FLOP_PER_LAYER_LAUNCH = 2, 0.24e12
+# Small sweeps take fewer (down to 2) where a forward's host time outweighs a bucket's waste. On a GPU the GPU does
+# a forward's arithmetic faster than the host launches it, so a bucket saved is ~1 ms a layer saved and its waste
+# costs nothing: while the host launches one layer (~0.8 ms), the GPU gets through ~0.24 TFLOP of a small model's
+# sweep (~300 TFLOP/s reached). Measured on an H200, bf16, SmolLM2-135M shape (30 layers), 10 examples of T 26:
+# 0.124 s with 2 buckets, 0.131 s with 3, 0.186-0.206 s with 6 (the 9-bucket minimum); TinyStories-2L, one example
+# of T 71: 0.020 s with 1-2 buckets, 0.042 s with 9 (scripts/profile_small.py). On a CPU host time and arithmetic
+# add up, and only the shortest sweeps gain: the embedded models (2 layers, 2 cores), 5 DEFFIELDNAME examples (span
+# 8), llama 0.126 s at 9 buckets, 0.064 s at 2, 0.054 s at 1; gpt_neo 0.287, 0.106 (3), 0.089 s; spans of 24-58
+# were as fast or faster at 9 or more.
+_MIN_HOST_BOUND_BUCKETS = 2
+_FLOP_PER_LAYER_LAUNCH = {"cuda": 0.24e12, "cpu": 0.1e9}
 
 
 def sweep_flop(model, site: Site, spans: Sequence[int]) -> float:
@@ -58,14 +62,14 @@ def sweep_flop(model, site: Site, spans: Sequence[int]) -> float:
 
 
 def bucket_count(model, site: Site, spans: Sequence[int]) -> int:
-    """Buckets (forwards) for one group of examples: its sweep's arithmetic / _FLOP_PER_FORWARD, within bounds; on
-    a GPU, fewer where the host's launches would take longer than the arithmetic (_FLOP_PER_LAYER_LAUNCH). On a
-    CPU the arithmetic is the cost, so the bucket waste is never traded for fewer forwards there."""
+    """Buckets (forwards) for one group of examples: its sweep's arithmetic / _FLOP_PER_FORWARD, within bounds, and
+    fewer where the forwards' host time would outweigh the buckets' waste (_FLOP_PER_LAYER_LAUNCH: a sweep with
+    less arithmetic than that per bucket and layer; GPU and CPU, each measured; other devices keep the bounds)."""
     flop = sweep_flop(model, site, spans)
     n = int(min(_MAX_BUCKETS, max(_MIN_BUCKETS, math.ceil(flop / _FLOP_PER_FORWARD))))
-    if model_device(model).type == "cuda":
-        host_bound = math.ceil(flop / (len(site.modules) * _FLOP_PER_LAYER_LAUNCH))
-        n = min(n, max(_MIN_HOST_BOUND_BUCKETS, host_bound))
+    per_layer = _FLOP_PER_LAYER_LAUNCH.get(model_device(model).type)
+    if per_layer is not None:
+        n = min(n, max(_MIN_HOST_BOUND_BUCKETS, math.ceil(flop / (len(site.modules) * per_layer))))
     return n
 
 
