@@ -50,12 +50,12 @@ Defaults: embedded model for command set 1, CPU, no network. `use_novel_names` r
 that is never a column ("hammer", "wolf"); `use_synonyms_field` lets the Instruction name fields by synonyms,
 and is on by default (`None`: `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`), so the schema is the one source of the name.
 
-**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): five embedded models carry the
+**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): all six embedded models carry the
 novel-names stage and write the novel column, so the heatmap then shows which heads *copy a name never seen as a
-name*: llama-cs1 (the default; flip 1.00), llama-cs3 (0.90), gpt_neo-cs1 (0.95), gpt_neo-cs2 (0.91) and gpt_neo-cs3
-(0.99). llama-cs2 never writes it (0.00): there the heatmap shows what restores the model's confidence, not what
-carries the name, and the notebook warns. `novel_words = "held_out"` takes words no training text holds, the
-stricter case: 0.79 / 0.44 / 0.40 / 0.39 / 0.86.
+name*: llama-cs1 (the default; flip 1.00), llama-cs2 (0.92), llama-cs3 (0.90), gpt_neo-cs1 (0.95), gpt_neo-cs2
+(0.91) and gpt_neo-cs3 (0.99). `novel_words = "held_out"` takes words no training text holds, the stricter case:
+0.79 / 0.235 / 0.44 / 0.40 / 0.39 / 0.86; where a corruption does not flip, the heatmap shows what restores the
+model's confidence, not what carries the name, and the notebook warns.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
 `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt

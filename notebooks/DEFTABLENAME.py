@@ -51,12 +51,12 @@ table in the vocabulary ("apple", "orange"); `use_synonyms_table` / `use_synonym
 Instruction words things, never the schema. Table synonyms are on unless set to `False` (`None` = the
 default of `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`): a model may otherwise copy the name from the Instruction.
 
-**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): five embedded models carry the
+**Novel names, measured** (`helpers/models/embedded/README.md`, 200 pairs): all six embedded models carry the
 novel-names stage and write the novel table, so the heatmap then shows which heads *copy a name never seen as a
-name*: llama-cs1 (the default; flip 1.00), llama-cs3 (1.00), gpt_neo-cs1 (0.97), gpt_neo-cs2 (0.98) and gpt_neo-cs3
-(0.91). llama-cs2 never writes it (0.00): there the heatmap shows what restores the model's confidence, not what
-carries the name, and the notebook warns. `novel_words = "held_out"` takes words no training text holds, the
-stricter case: 0.66 / 0.41 / 0.30 / 0.26 / 0.28.
+name*: llama-cs1 (the default; flip 1.00), llama-cs2 (0.935; 0.40 with table synonyms off), llama-cs3 (1.00),
+gpt_neo-cs1 (0.97), gpt_neo-cs2 (0.98) and gpt_neo-cs3 (0.91). `novel_words = "held_out"` takes words no training
+text holds, the stricter case: 0.66 / 0.20 / 0.41 / 0.30 / 0.26 / 0.28; where a corruption does not flip, the
+heatmap shows what restores the model's confidence, not what carries the name, and the notebook warns.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
 `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt

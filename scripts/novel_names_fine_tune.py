@@ -483,7 +483,7 @@ def install(export: Path, models, round_: int) -> None:
     base's (the model before kept under ``"replaced_model"``) and needs its exported config, whose architecture must
     be the base's. Every model is checked before anything is copied."""
     summary = json.loads((export / "summary.json").read_text())
-    round_ = summary.get("round", round_)
+    round_ = summary.get("round") or round_  # (a run of --variants records none: the --round given here)
     plan = []
     for m in models:
         entry = summary["models"].get(m)

@@ -150,6 +150,17 @@ def test_install_of_a_new_model_replaces_meta_and_config(script, monkeypatch, tm
     assert stage["last_run"]["train_config"]["out_dir"] is None and stage["base_config"]["seed"] == 0
 
 
+def test_install_of_a_run_of_named_variants_records_the_round_given(script, monkeypatch, tmp_path):
+    """A run of ``--variants`` records no round in its summary: the install records the ``--round`` given."""
+    repo, dst, export = fake_export(script, tmp_path, heads=8)
+    summary = json.loads((export / "summary.json").read_text())
+    (export / "summary.json").write_text(json.dumps({**summary, "round": None}))
+    monkeypatch.setattr(script, "REPO", repo)
+    script.install(export, ["llama-cs3"], 11)
+    stage = json.loads((dst / "training_meta.json").read_text())["novel_names_fine_tune"]
+    assert stage["round"] == 11 and "round 11," in stage["note"]
+
+
 @pytest.mark.parametrize("heads", [4, None])
 def test_install_refuses_a_new_model_without_its_architecture(script, monkeypatch, tmp_path, heads):
     """Four heads of 64 and eight of 32 have the same weight shapes: a wrong (or missing) config would load."""

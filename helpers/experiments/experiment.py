@@ -351,8 +351,8 @@ class ExperimentResult:
             why = (" The held-out novel words occur in no training text of the embedded models; even those with the "
                    "novel-names stage copy them in only 0.26-0.87 of pairs (helpers/models/embedded/README.md).")
         elif self.settings.use_novel_names and self.spec.is_embedded:
-            why = (" The embedded model without the novel-names stage (llama-cs2) never writes a novel name, and "
-                   "the others copy novel fields in 0.90-1.00 of pairs (helpers/models/embedded/README.md).")
+            why = (" The embedded models copy novel names in 0.90-1.00 of pairs at the notebooks' default synonyms, "
+                   "fewer without them (llama-cs2's novel tables: 0.40; helpers/models/embedded/README.md).")
         return (f"The corruption flips the model's answer in only {flipped} of {n} included examples: in the others "
                 "the corrupt run does not prefer the corrupt word over the clean one, so the heatmaps show what "
                 "restores the model's confidence rather than what carries the name into the answer." + why)
