@@ -609,6 +609,8 @@ def main(argv=None):
     failed = train_all(variants, args.models, out, args.device, args.max_procs, init_root, reuse=args.reuse)
     print(f"trained at {time.time() - t0:.0f} s", flush=True)
     jobs, ran = [], {v: asdict(VARIANTS[v]) for v in variants}  # (ran: every candidate's recipe, by its name)
+    if args.no_interpolate:  # (what ran: no interpolations, whatever the variant offers)
+        ran = {v: {**r, "interpolate": []} for v, r in ran.items()}
     for m in args.models:
         cs = int(m.rsplit("-cs", 1)[1])
         jobs.append(((m, "shipped"), str(init_root / m), cs))

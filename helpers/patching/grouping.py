@@ -47,8 +47,8 @@ _MIN_BUCKETS, _MAX_BUCKETS, _FLOP_PER_FORWARD = 9, 24, 20e12
 # 0.124 s with 2 buckets, 0.131 s with 3, 0.186-0.206 s with 6 (the 9-bucket minimum); TinyStories-2L, one example
 # of T 71: 0.020 s with 1-2 buckets, 0.042 s with 9 (scripts/profile_small.py). On a CPU host time and arithmetic
 # add up, and only the shortest sweeps gain: the embedded models (2 layers, 2 cores), 5 DEFFIELDNAME examples (span
-# 8), llama 0.126 s at 9 buckets, 0.064 s at 2, 0.054 s at 1; gpt_neo 0.287, 0.106 (3), 0.089 s; spans of 24-58
-# were as fast or faster at 9 or more.
+# 8), before and after in one run: llama 0.128 s at 9 buckets, 0.056 s at 2; gpt_neo 0.145 s, 0.082 s at 3; spans of
+# 24-58 were as fast or faster at 9 or more.
 _MIN_HOST_BOUND_BUCKETS = 2
 _FLOP_PER_LAYER_LAUNCH = {"cuda": 0.24e12, "cpu": 0.1e9}
 
