@@ -244,9 +244,11 @@ def test_reuse_runs_only_what_is_not_finished(script, monkeypatch, tmp_path):
     assert len(runs.started) == 2 and not (done / "model.safetensors").exists()
 
 
-def test_a_round_chooses_among_interpolations_exports_and_installs_one(script, monkeypatch, tmp_path):
+@pytest.mark.parametrize("no_interpolate", [False, True])
+def test_a_round_chooses_among_interpolations_exports_and_installs_one(script, monkeypatch, tmp_path, no_interpolate):
     """main() over one variant with interpolation weights (training and evaluation faked, the interpolation real):
-    each weight is a candidate, the chosen one is exported and installed with its recipe and weight recorded."""
+    each weight is a candidate, the chosen one is exported and installed with its recipe and weight recorded.
+    ``--no-interpolate``: the fine-tune is the only candidate, and the record says no weights ran."""
     name = "wise_fn5_s600_n10_lr2e4_settle600_s3"
     init = tmp_path / "init"
     shifted_copy(REPO / "helpers" / "models" / "embedded" / "llama-cs2", init / "llama-cs2", 0.0)
@@ -285,9 +287,13 @@ def test_a_round_chooses_among_interpolations_exports_and_installs_one(script, m
     monkeypatch.setattr(script, "ProcessPoolExecutor", InProcess)
     out, export = tmp_path / "out", tmp_path / "export"
     script.main(["--out", str(out), "--variants", name, "--models", "llama-cs2", "--device", "cpu", "--n-items", "2000",
-                 "--init-root", str(init), "--export", str(export)])
+                 "--init-root", str(init), "--export", str(export)] + (["--no-interpolate"] if no_interpolate else []))
     summary = json.loads((export / "summary.json").read_text())
     entry = summary["models"]["llama-cs2"]
+    if no_interpolate:
+        assert set(entry["candidates"]) == {name} and summary["variants"][name]["interpolate"] == []
+        assert entry["chosen"] is None and not list(out.glob("*@*"))  # (10 items fewer: outside the rule)
+        return
     assert set(entry["candidates"]) == {name, f"{name}@0.5", f"{name}@0.7", f"{name}@0.85"}
     assert entry["chosen"] == f"{name}@0.7"  # the fine-tune itself: 10 items fewer; 0.5: no copying
     assert summary["variants"][f"{name}@0.7"]["interpolation_weight"] == 0.7
