@@ -57,7 +57,7 @@ Context table. It is on by default (`None` takes the feature's default from
 `helpers.tinysql.pairs.DEFAULT_PAIR_OPTIONS`). `use_novel_names` corrupts with a word that was never a table name.
 
 **What `use_novel_names` means here**: the Instruction then asks for a table the Context does not hold. The
-embedded models, with or without the novel-names fine-tune, keep writing the schema's table (flip 0.00–0.01 over the
+embedded models, with or without the novel-names fine-tune, keep writing the schema's table (flip 0.00–0.05 over the
 six models, 200 pairs): they read the answer from the schema and almost never write a word it lacks. The logit
 difference then measures how much more the model prefers the clean table than the novel word, and the heatmap shows
 which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*

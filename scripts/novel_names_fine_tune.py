@@ -476,14 +476,17 @@ def check_config(m: str, config: Path, want: dict) -> None:
         raise SystemExit(f"{m}: {config} differs from the run's architecture (got, want): {wrong}; nothing installed")
 
 
-def install(export: Path, models, round_: int) -> None:
+def install(export: Path, models, round_: int | None) -> None:
     """Copy ``export``'s chosen weights (and config) over the shipped models' and record the stage in their
     training_meta.json under ``"novel_names_fine_tune"``: the variant as it ran, its evaluation, its runs' own meta
     and the installed file's sha256. A candidate of a new model (``base``) replaces the folder's meta with the
     base's (the model before kept under ``"replaced_model"``) and needs its exported config, whose architecture must
     be the base's. Every model is checked before anything is copied."""
     summary = json.loads((export / "summary.json").read_text())
-    round_ = summary.get("round") or round_  # (a run of --variants records none: the --round given here)
+    if summary.get("round") is not None:
+        round_ = summary["round"]
+    elif round_ is None:  # (a run of --variants records none: the --round given here, never a guess)
+        raise SystemExit(f"{export}'s run named its variants and records no round: give --round")
     plan = []
     for m in models:
         entry = summary["models"].get(m)
@@ -571,7 +574,9 @@ def main(argv=None):
     ap.add_argument("--out", help="where the runs, their logs and summary.json go (needed unless --install)")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--round", type=int, default=max(ROUNDS), choices=sorted(ROUNDS))
+    ap.add_argument("--round", type=int, default=None, choices=sorted(ROUNDS),
+                    help="the round to run (default: the latest); with --install, the round an export of named "
+                         "--variants ran for (its summary records none)")
     ap.add_argument("--variants", nargs="*", help="these variants instead of a round's")
     ap.add_argument("--max-procs", type=int, default=12, help="training runs at once")
     ap.add_argument("--eval-procs", type=int, default=8, help="evaluations at once")
@@ -591,6 +596,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.install:
         return install(Path(args.install), args.models, args.round)
+    args.round = max(ROUNDS) if args.round is None else args.round
     if not args.out:
         ap.error("--out is needed to train")
     init_root = Path(args.init_root)

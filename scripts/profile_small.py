@@ -24,7 +24,8 @@ from scripts.bench import SMALL_CASES, gpu_busy_seconds, make_pair, real_configs
 from helpers.models.tiny_models import build_random_model  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
 
-PHASES = ("example_metrics", "clean_activations", "prefix_caches", "run_chunked", "sweep_group", "forward")
+PHASES = ("example_metrics", "clean_activations_and_prefix_caches", "clean_activations", "prefix_caches", "run_chunked",
+          "sweep_group", "forward")
 
 
 def phase_profile(run) -> str:

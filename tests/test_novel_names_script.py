@@ -156,6 +156,8 @@ def test_install_of_a_run_of_named_variants_records_the_round_given(script, monk
     summary = json.loads((export / "summary.json").read_text())
     (export / "summary.json").write_text(json.dumps({**summary, "round": None}))
     monkeypatch.setattr(script, "REPO", repo)
+    with pytest.raises(SystemExit, match="give --round"):
+        script.install(export, ["llama-cs3"], None)  # (never a guess)
     script.install(export, ["llama-cs3"], 11)
     stage = json.loads((dst / "training_meta.json").read_text())["novel_names_fine_tune"]
     assert stage["round"] == 11 and "round 11," in stage["note"]

@@ -172,6 +172,8 @@ def test_bucket_count_trades_buckets_for_forwards_where_the_host_is_the_cost(mon
     small, one, large = [9, 10, 11, 8, 9, 10, 11, 12, 9, 10], [61], [61] * 10
     assert [grouping.bucket_count(model, site, s) for s in (small, one, large)] == [9, 9, 24]  # meta: the bounds
     monkeypatch.setattr(grouping, "model_device", lambda m: torch.device("cuda"))
+    assert [grouping.bucket_count(model, site, s) for s in (small, one, large)] == [9, 9, 24]  # float32: the bounds
+    model.to(torch.bfloat16)
     counts = [grouping.bucket_count(model, site, s) for s in (small, one, large)]
     assert counts[0] < counts[1] < 9 and counts[2] == 24, counts
     assert counts[0] >= grouping._MIN_HOST_BOUND_BUCKETS

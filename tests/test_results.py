@@ -294,15 +294,20 @@ def test_a_corruption_that_does_not_flip_the_answer_is_flagged(exp):
 @pytest.mark.skipif(not EMBEDDED, reason="a random stand-in model's flips are arbitrary")
 def test_run_experiment_warns_when_the_corruption_does_not_flip_the_answer():
     """A novel name in the Instruction names nothing in the schema, so the embedded models keep their answer
-    (ENGTABLENAME novel flips 0.00-0.05 in helpers/models/embedded/README.md): warned, with why. A novel name in the
-    schema is copied (DEFTABLENAME, the default model llama-cs1: 1.00), and is not warned about."""
+    (ENGTABLENAME novel flips 0.00-0.05 in helpers/models/embedded/README.md): warned, with why. In the schema,
+    llama-cs2 copies a novel table only with the default table synonyms (0.40 without): warned, with why. The
+    default model (llama-cs1) copies them (1.00), and is not warned about."""
     import warnings
 
     settings = dict(model_settings())  # (a copy: model_settings is cached and shared by later tests)
-    with pytest.warns(UserWarning, match="flips the model's answer in only 0 of") as record:
+    with pytest.warns(UserWarning, match=r"flips the model's answer in only \d+ of") as record:
         run_experiment(feature_name="ENGTABLENAME", use_novel_names=True, progress=False, generate=False, **settings)
     assert any("Expected with use_novel_names in the Instruction" in str(w.message) for w in record)
     if settings.get("model_num") == "embedded":
+        with pytest.warns(UserWarning, match=r"flips the model's answer in only \d+ of") as record:
+            run_experiment(feature_name="DEFTABLENAME", use_novel_names=True, use_synonyms_table=False, progress=False,
+                           generate=False, **{**settings, "embedded_family": "llama", "cs_num": 2})
+        assert any("fewer without them" in str(w.message) for w in record)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             run_experiment(feature_name="DEFTABLENAME", use_novel_names=True, progress=False, generate=False,

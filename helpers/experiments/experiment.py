@@ -348,8 +348,8 @@ class ExperimentResult:
             why = (" Expected with use_novel_names in the Instruction: the schema does not hold the novel word, and a "
                    "model that reads the schema keeps writing the schema's name.")
         elif self.settings.use_novel_names and self.settings.novel_words == "held_out":
-            why = (" The held-out novel words occur in no training text of the embedded models; even those with the "
-                   "novel-names stage copy them in only 0.26-0.87 of pairs (helpers/models/embedded/README.md).")
+            why = (" The held-out novel words occur in no training text of the embedded models; even with the "
+                   "novel-names stage they copy them in only 0.20-0.87 of pairs (helpers/models/embedded/README.md).")
         elif self.settings.use_novel_names and self.spec.is_embedded:
             why = (" The embedded models copy novel names in 0.90-1.00 of pairs at the notebooks' default synonyms, "
                    "fewer without them (llama-cs2's novel tables: 0.40; helpers/models/embedded/README.md).")

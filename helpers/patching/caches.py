@@ -99,7 +99,8 @@ def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
     clean rows and the corrupt rows in one batch (every forward costs the host ~1 ms a layer, and small models'
     sweeps wait on the host; a batch of 2 x examples rounds like the two batches of examples apart, to float
     rounding). Where the cache is not plain full attention (sliding windows, snapshotted over an incremental
-    pass), the two runs as before."""
+    pass), the prefix caches come from their own pass as before. The caches are views of the 2 x examples rows'
+    full-length keys and values (held while the group's sweep runs: small beside its batches)."""
     n = len(pairs)
     if max(starts, default=0) == 0:
         return clean_activations(model, calls, site, pairs, swap), [None for _ in starts]
@@ -109,11 +110,10 @@ def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
     store: dict = {}
     with torch.inference_mode(), capture_site(site, store):
         _, cache = aligned_forward(model, calls, both, both.length, swap, use_cache=True)
-    if not is_plain(cache):
-        del cache, store
-        return (clean_activations(model, calls, site, pairs, swap),
-                prefix_caches(model, calls, corrupt, starts, stats, swap))
-    stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
     acts = torch.stack([store[l][:n] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
-    snaps = [truncated(cache, s, slice(n, None)) if s > 0 else None for s in starts]
-    return acts.view(*acts.shape[:3], site.n_units, site.unit_width), snaps
+    acts = acts.view(*acts.shape[:3], site.n_units, site.unit_width)
+    if not is_plain(cache):  # (its clean activations stand; the prefix caches come from their own pass)
+        del cache
+        return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)
+    stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
+    return acts, [truncated(cache, s, slice(n, None)) if s > 0 else None for s in starts]

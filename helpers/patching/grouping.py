@@ -67,7 +67,10 @@ def bucket_count(model, site: Site, spans: Sequence[int]) -> int:
     less arithmetic than that per bucket and layer; GPU and CPU, each measured; other devices keep the bounds)."""
     flop = sweep_flop(model, site, spans)
     n = int(min(_MAX_BUCKETS, max(_MIN_BUCKETS, math.ceil(flop / _FLOP_PER_FORWARD))))
-    per_layer = _FLOP_PER_LAYER_LAUNCH.get(model_device(model).type)
+    device = model_device(model).type
+    per_layer = _FLOP_PER_LAYER_LAUNCH.get(device)
+    if device == "cuda" and next(model.parameters()).element_size() > 2:
+        per_layer = None  # (the GPU rate is bf16's; float32 sweeps keep the bounds, as fast as before by construction)
     if per_layer is not None:
         n = min(n, max(_MIN_HOST_BOUND_BUCKETS, math.ceil(flop / (len(site.modules) * per_layer))))
     return n
