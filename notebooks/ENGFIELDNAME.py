@@ -54,10 +54,10 @@ synonyms are on: this feature's default in `helpers.tinysql.pairs.DEFAULT_PAIR_O
 
 **What `use_novel_names` means here**: the Instruction then asks for a column the Context does not hold. The
 embedded models, with or without the novel-names fine-tune, keep writing the schema's column (flip 0.00–0.05 over
-five models and 0.17–0.205 on llama-cs2, 200 pairs): they read the answer from the schema and almost never write a word it lacks. The logit
-difference then measures how much more the model prefers the clean column than the novel word, and the heatmap shows
-which heads carry the Instruction's word into that preference, not which heads carry a name into the SQL. The Def*
-notebooks are where novel names test copying.
+five models and 0.17–0.205 on llama-cs2, 200 pairs): they read the answer from the schema and seldom write a word
+it lacks. The logit difference then measures how much more the model prefers the clean column than the novel word,
+and the heatmap shows which heads carry the Instruction's word into that preference, not which heads carry a name
+into the SQL. The Def* notebooks are where novel names test copying.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
 `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt
