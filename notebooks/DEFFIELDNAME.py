@@ -59,10 +59,11 @@ model's confidence, not what carries the name, and the notebook warns.
 
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
 `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt
-(clean accuracy 1.00) and the corruption flips all of them. With `vocabulary = "upstream"` the same models answer
-0.46–0.70 of the clean prompts (upstream's words are not names they were trained on) and flip 0.76–0.92. Upstream's
-words are meant for the released hub checkpoints, which were trained on upstream's data and cannot be run offline
-here. Examples a model answers wrongly on the clean prompt stay out of the averages unless `keep_incorrect` is set.
+(clean accuracy 1.00) and the corruption flips 0.98–1.00 of them (llama-cs2 0.98). With `vocabulary = "upstream"`
+the same models answer 0.46–0.70 of the clean prompts (upstream's words are not names they were trained on) and flip
+0.76–0.92. Upstream's words are meant for the released hub checkpoints, which were trained on upstream's data and
+cannot be run offline here. Examples a model answers wrongly on the clean prompt stay out of the averages unless
+`keep_incorrect` is set.
 """
 
 # %% tags=["parameters"]

@@ -66,7 +66,7 @@ notebooks are where novel names test copying.
 **Word sets, measured** on the six embedded models (50 pairs each, this notebook's default flags,
 `helpers.tinysql.pairs`): with the suite's words (their training vocabulary) every model answers every clean prompt
 (clean accuracy 1.00) and the corruption flips all of them. With `vocabulary = "upstream"` the same models answer
-0.66–0.76 of the clean prompts (upstream's words are not names they were trained on) and flip 0.02–0.34: upstream's
+0.66–0.76 of the clean prompts (upstream's words are not names they were trained on) and flip 0.00–0.34: upstream's
 corruption swaps in another of its tables, which the one-table Context does not hold. Upstream's words are meant for
 the released hub checkpoints, which were trained on upstream's data and cannot be run offline here. Examples a model
 answers wrongly on the clean prompt stay out of the averages unless `keep_incorrect` is set.
