@@ -126,11 +126,9 @@ def profile_sweep(model, pair, device, name):
     print(events.table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
-def print_host_profile(run, title: str, rows: int = 22) -> None:
-    """Python functions by own time over one call of ``run`` (a fast sweep): where a launch-bound sweep spends its
-    CPU (cProfile; the GPU's queue is drained inside, so its waits count)."""
+def host_profile(run):
+    """cProfile of one call of ``run`` (a fast sweep), the GPU's queue drained inside, so its waits count."""
     import cProfile
-    import pstats
 
     prof = cProfile.Profile()
     prof.enable()
@@ -138,6 +136,15 @@ def print_host_profile(run, title: str, rows: int = 22) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     prof.disable()
+    return prof
+
+
+def print_host_profile(run, title: str, rows: int = 22) -> None:
+    """Python functions by own time over one call of ``run`` (a fast sweep): where a launch-bound sweep spends its
+    CPU."""
+    import pstats
+
+    prof = host_profile(run)
     print(f"\nhost profile, {title}:", flush=True)
     pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 

@@ -9,7 +9,6 @@ python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles
 from __future__ import annotations
 
 import argparse
-import cProfile
 import io
 import os
 import pstats
@@ -20,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scripts.bench import SMALL_CASES, gpu_busy_seconds, make_pair, real_configs, quick_configs, sync, timed  # noqa
+from scripts.bench import (SMALL_CASES, gpu_busy_seconds, host_profile, make_pair, quick_configs, real_configs,  # noqa
+                           sync, timed)
 from helpers.models.tiny_models import build_random_model  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
 
@@ -29,12 +29,8 @@ PHASES = ("example_metrics", "clean_activations_and_prefix_caches", "clean_activ
 
 
 def phase_profile(run) -> str:
-    prof = cProfile.Profile()
-    prof.enable()
-    run()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    prof.disable()
+    """The sweep's phases (cumulative seconds) and the host's top functions (own time) over one call of ``run``."""
+    prof = host_profile(run)
     st = pstats.Stats(prof)
     lines = []
     for (file, line, fn), (cc, nc, tt, ct, callers) in st.stats.items():
@@ -62,7 +58,7 @@ def tile_scan(device) -> None:
                                                    tiles=tiles)
         ref = call()
         default = tk.row_attention_tiles(q, 64, 3)
-        bj = max(16, triton_next_pow2(q))
+        bj = max(16, tk.triton.next_power_of_2(q))
         options = {default}
         for bm in (32, 64, 128):
             for bk in (32, 64):
@@ -81,10 +77,6 @@ def tile_scan(device) -> None:
         print(f"\nrow_attention b {b}, q {q}, s {s}: default {default} {base * 1e6:.0f} us; best:", flush=True)
         for t, tiles, err in rows[:6]:
             print(f"   {tiles}: {t * 1e6:.0f} us ({base / t:.2f}x), max diff {err}", flush=True)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def main():

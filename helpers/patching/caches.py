@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from helpers.patching.aligned_batch import AlignedBatch
-from helpers.patching.example_runs import clean_activations
+from helpers.patching.example_runs import clean_activations, site_activations
 from helpers.patching.grouping import NotMergeable
 from helpers.patching.model_calls import ModelCalls, aligned_forward
 from helpers.patching.sites import Site, capture_site
@@ -110,8 +110,7 @@ def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
     store: dict = {}
     with torch.inference_mode(), capture_site(site, store):
         _, cache = aligned_forward(model, calls, both, both.length, swap, use_cache=True)
-    acts = torch.stack([store[l][:n] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
-    acts = acts.view(*acts.shape[:3], site.n_units, site.unit_width)
+    acts = site_activations(store, site, slice(None, n))  # the clean rows: [E, L, T, U, w]
     if not is_plain(cache):  # (its clean activations stand; the prefix caches come from their own pass)
         del cache
         return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)

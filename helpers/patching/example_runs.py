@@ -96,5 +96,10 @@ def clean_activations(model, calls: ModelCalls, site: Site, pairs, swap=None) ->
     batch = AlignedBatch([list(p.clean_ids) for p in pairs], model_device(model))
     with torch.inference_mode(), capture_site(site, store):
         aligned_forward(model, calls, batch, batch.length, swap)
-    acts = torch.stack([store[l] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
+    return site_activations(store, site)
+
+
+def site_activations(store: dict, site: Site, rows: slice = slice(None)) -> torch.Tensor:
+    """``capture_site``'s store ({layer: [batch, T, U * w]}) of batch ``rows`` as [rows, L, T, U, w]."""
+    acts = torch.stack([store[l][rows] for l in range(len(site.modules))], 1)  # [E, L, T, U * w]
     return acts.view(*acts.shape[:3], site.n_units, site.unit_width)
