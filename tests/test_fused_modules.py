@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers.patching.fused_modules as fm
-from helpers.patching.fused_modules import FUSABLE_FAMILIES, causal_additive_mask, fused_modules
+from helpers.patching.fused_modules import FUSABLE_FAMILIES, SHARED_PREFIX_FAMILIES, causal_additive_mask, fused_modules
 from helpers.models.tiny_models import TINY_FAMILIES, tiny_model
 
 torch.set_num_threads(1)
@@ -45,6 +45,9 @@ def test_fused_forward_equals_hf_modules_and_is_undone(family):
         assert ("gated_mlp x2" in swap.swapped) == (family != "granitemoe")
         assert swap.attention_layers == {0, 1}
         assert ("block x2" in swap.swapped) == (swap.blocks == {0, 1}) == (family != "granitemoe")
+    elif family == "gpt_neo":  # its attention alone, which runs its own forward outside a shared-prefix one
+        assert swap.swapped == ["gpt_neo attention x2"] and swap.attention_layers == {0, 1}
+        assert swap.window == 8 and not swap.shares_prefix  # (no causal promise here)
     else:
         assert swap.swapped == [] and not swap.shares_prefix
     assert torch.allclose(fused, plain, atol=1e-5, rtol=0), (fused - plain).abs().max()
@@ -72,12 +75,13 @@ def test_fused_attention_reads_eager_and_sdpa_masks_and_continues_a_cache(attn):
     assert torch.allclose(tail, plain[:, 5:], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", sorted(FUSABLE_FAMILIES))
-def test_a_shared_prefix_stands_in_for_a_per_row_cache(family):
-    """The sweep's forwards: no cache, the corrupt prefix's keys/values (batch 1) shared by every row."""
+@pytest.mark.parametrize("family", sorted(SHARED_PREFIX_FAMILIES))
+@pytest.mark.parametrize("s", [2, 5])
+def test_a_shared_prefix_stands_in_for_a_per_row_cache(family, s):
+    """The sweep's forwards: no cache, the corrupt prefix's keys/values (batch 1) shared by every row. (gpt_neo's
+    local layer, window 8, then masks the prefix's first positions for the last queries of the 12.)"""
     model = tiny_model(family)
     plain = _logits(model)
-    s = 5
     with fused_modules(model, compile=False, causal_flash=True) as swap, torch.no_grad():
         assert swap.shares_prefix
         prefix = model(input_ids=IDS[:, :s], use_cache=True).past_key_values
@@ -401,19 +405,12 @@ def test_with_gradients_on_the_hf_forwards_run_and_gradients_match():
     assert got is not None and torch.allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
-@pytest.mark.parametrize("per_example", [False, True])
-def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(triton_device, gpu_branches_on_cpu,
-                                                                            row_attention_calls, family, per_example):
-    """What a sweep forward runs on a GPU: the fused attention hands un-rotated query and key, its rows' rotary
-    tables and the shared prefix (one example's, or each row its own example's, end-aligned) to
-    ``triton_kernels.row_attention``. Here on a CPU under Triton's interpreter, in float32 (on a GPU this branch is
-    fp16/bf16 only, and the CUDA sweep test covers it), against HF continuing each example's own cache."""
-    if triton_device == "cuda":
-        pytest.skip("on a GPU the branch runs in fp16/bf16: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
+def _rows_continuing_caches(model, per_example: bool):
+    """A sweep forward of ``model`` with a shared prefix (one example's, or each row its own example's, end-aligned:
+    examples of 9 and 7 tokens, rows of their last 4) under ``fused_modules``, and HF's logits of the same rows from
+    each example's full run: (got, expected) [rows, 4, vocab]."""
     from types import SimpleNamespace
 
-    model = tiny_model(family)
     gen = torch.Generator().manual_seed(4)
     q = 4
     examples = [torch.randint(3, 250, (1, n), generator=gen) for n in ((9, 7) if per_example else (9,))]
@@ -438,7 +435,48 @@ def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(tri
             extra = (torch.tensor(rows), starts) if per_example else ()
             with swap.shared_prefix(SimpleNamespace(layers=layers), *extra):
                 got = model(fed, position_ids=positions).logits
+    return got, expected
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(triton_device, gpu_branches_on_cpu,
+                                                                            row_attention_calls, family, per_example):
+    """What a sweep forward runs on a GPU: the fused attention hands un-rotated query and key, its rows' rotary
+    tables and the shared prefix (one example's, or each row its own example's, end-aligned) to
+    ``triton_kernels.row_attention``. Here on a CPU under Triton's interpreter, in float32 (on a GPU this branch is
+    fp16/bf16 only, and the CUDA sweep test covers it), against HF continuing each example's own cache."""
+    if triton_device == "cuda":
+        pytest.skip("on a GPU the branch runs in fp16/bf16: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
+    got, expected = _rows_continuing_caches(tiny_model(family), per_example)
     assert len(row_attention_calls) == 2  # both layers' attention took the branch
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("window", [16, 8])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_gpt_neos_attention_reads_the_shared_prefix_in_the_row_kernel_where_its_window_covers_it(
+        triton_device, gpu_branches_on_cpu, row_attention_calls, window, per_example):
+    """GPT-Neo's swapped attention in a sweep forward on a GPU: its unscaled scores, without rotary, over the shared
+    prefix and each row's own tokens in ``row_attention``; a local layer whose window (8) does not cover prefix and
+    rows (9 positions) takes HF's formula instead, and several examples' prefixes cannot go there (the sweep does
+    not ask: ``FusedSwap.per_example_prefixes_fit``). Float32 under Triton's interpreter, against HF continuing each
+    example's own cache."""
+    if triton_device == "cuda":
+        pytest.skip("on a GPU the branch runs in fp16/bf16: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
+    from helpers.models.tiny_models import build_random_model, tiny_config
+
+    config = tiny_config("gpt_neo")
+    config.window_size, config.hidden_size = window, 64  # (head size 16: the kernel's tiles need a power of two)
+    model = build_random_model(config).eval()
+    if window == 8 and per_example:
+        with pytest.raises(ValueError, match="window"):
+            _rows_continuing_caches(model, per_example)
+        return
+    got, expected = _rows_continuing_caches(model, per_example)
+    # global layer 0 always; local layer 1 where its window covers the 9 positions
+    assert len(row_attention_calls) == (2 if window == 16 else 1)
+    assert all(kw.get("rotary") is None and args[5] == 1.0 for args, kw in row_attention_calls)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers.models.architectures import family_spec, get_submodule, out_proj_modules
 from helpers.patching.attribution import attribution_error, attribution_patching_heads
-from helpers.patching.fused_modules import FUSABLE_FAMILIES
+from helpers.patching.fused_modules import SHARED_PREFIX_FAMILIES
 from helpers.patching import patch_attention_output, patch_heads, patch_mlp_output, patch_residual
 from helpers.patching.chunking import OutOfMemoryError, run_chunked
 from helpers.patching.model_calls import unwrap_model
@@ -115,9 +115,9 @@ def test_heads_fast_equals_nnsight_reference(family, per_forward):
         assert torch.isnan(fast.patched_logit_diff[i, ..., len(pair.clean_ids):]).all()
     assert fast.stats["base_row_max_dev"] < ATOL  # the unpatched row of every forward reproduces the corrupt run
     assert fast.stats["max_examples_per_forward"] == (3 if per_forward == 3 else 1)
-    # one at a time, llama-like families ran the fused modules with the shared corrupt prefix in place of per-row
-    # caches
-    assert fast.stats["shared_prefix"] == (family in FUSABLE_FAMILIES and per_forward is None)
+    # one at a time, llama-like families and gpt_neo read the shared corrupt prefix inside their swapped attention in
+    # place of per-row caches
+    assert fast.stats["shared_prefix"] == (family in SHARED_PREFIX_FAMILIES and per_forward is None)
     # the sweep must see some effect, or the comparison above proves nothing
     assert fast.normalised.nan_to_num(0).abs().max() > 1e-3
 
@@ -572,6 +572,36 @@ def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward
     assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels (Triton) run on the GPU box only")
+@pytest.mark.parametrize("per_forward", [1, None])
+def test_cuda_gpt_neo_sweep_matches_the_reference_and_the_hf_attention(per_forward, row_attention_calls):
+    """On CUDA in bf16 GPT-Neo's swapped attention reads the shared corrupt prefix in ``row_attention`` (one example's
+    for every row, or each row its own example's); float32 keeps HF's formula on the concatenated keys (TF32 off)."""
+    config = tiny_config("gpt_neo")
+    config.window_size, config.hidden_size = 256, 64  # TinyStories-2L's window; head size 16 (a power of two)
+    model = build_random_model(config).eval()
+    pairs = make_pairs(0, model)
+    model.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                           examples_per_forward=per_forward)
+        assert_raw_close(fast, ref, atol=1e-4)
+        assert not row_attention_calls  # (float32: no Triton attention)
+        model.to(torch.bfloat16)
+        fused = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                            examples_per_forward=per_forward)
+        plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False,
+                            examples_per_forward=1)
+    assert fused.stats["shared_prefix"] and row_attention_calls
+    assert fused.stats["max_examples_per_forward"] == (1 if per_forward == 1 else 3)
+    a, b = fused.patched_logit_diff, plain.patched_logit_diff
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    scale = b.nan_to_num(0).abs().max().item()
+    assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05, ((a - b).nan_to_num(0).abs().max(), scale)
+
+
 def _cpu_flash(query, key, value, causal, scaling):
     """aten's flash attention (CUDA only) as plain torch: [batch, head, seq, d] views, grouped key/value heads,
     lower-right causal; (out [batch, seq, head, d], log-sum-exp [batch, head, seq])."""
@@ -603,6 +633,35 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
         assert any(r[0].shape[0] > 1 for r in rotaries)
     assert_raw_close(fast, ref)
     assert_normalised_close(fast, ref)
+
+
+@pytest.mark.parametrize("window", [256, 8])
+def test_gpt_neos_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(triton_device, gpu_branches_on_cpu,
+                                                                                row_attention_calls, window):
+    """GPT-Neo's sweep as a GPU runs it in fp16/bf16: the three examples merged, each row reading its own example's
+    corrupt prefix inside the swapped attention's ``row_attention`` (unscaled, no rotary), here in float32 with
+    Triton interpreted. With a local window (8) shorter than the prompts (13), several examples' prefixes cannot be
+    read there: the sweep falls back to per-row caches and HF's attention, with the same numbers."""
+    if triton_device == "cuda":
+        pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
+    if window == 8:
+        fast, ref = _heads_and_reference("gpt_neo", 3)
+    else:
+        config = tiny_config("gpt_neo")
+        config.window_size, config.hidden_size = window, 64  # (head size 16: the kernel's tiles need a power of two)
+        model = build_random_model(config).eval()
+        pairs = make_pairs(0, model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
+            fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
+                               examples_per_forward=3)
+    assert fast.stats["max_examples_per_forward"] == 3
+    assert fast.stats["shared_prefix"] == (window == 256) == bool(row_attention_calls)
+    assert all(kw.get("rotary") is None and args[5] == 1.0 for args, kw in row_attention_calls)
+    assert_raw_close(fast, ref)
+    assert_normalised_close(fast, ref)
+    assert fast.normalised.nan_to_num(0).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -41,14 +41,14 @@ def configurations():
             yield tk._merge_kernel, dtype, dict(D=d_head, BLOCK_R=tk._BLOCK_R), 4
         yield tk._silu_mul_kernel, dtype, dict(BLOCK_R=1, BLOCK_C=1024), 4
     # llama (4 query heads a key/value head), qwen2 (7), the tiny test models (2, head size 16), the embedded
-    # llama-cs3 (2, head size 32), head size 128
+    # llama-cs3 (2, head size 32), head size 128, gpt_neo (1: TinyStories-2L head size 64, the embedded ones 32)
     for group, d_head, q_lens in ((4, 64, (3, 9, 60, 128)), (7, 64, (2, 33)), (2, 16, (12,)), (2, 32, (12, 60)),
-                                  (1, 128, (100, 128))):
+                                  (1, 128, (100, 128)), (1, 64, (12, 61)), (1, 32, (20,))):
         for q_len in q_lens:
             assert tk.row_attention_applies(q_len, d_head)
             block_m, block_j, block_k, warps = tk.row_attention_tiles(q_len, d_head, group)
             for dtype, per_row, rotary in (("bf16", False, True), ("bf16", True, True), ("bf16", False, False),
-                                           ("fp16", True, True)):
+                                           ("bf16", True, False), ("fp16", True, True)):
                 yield tk._row_attention_kernel, dtype, dict(GROUP=group, BLOCK_M=block_m, BLOCK_J=block_j,
                                                             BLOCK_K=block_k, D=d_head,
                                                             PER_ROW=per_row, ROTARY=rotary), warps

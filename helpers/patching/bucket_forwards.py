@@ -65,8 +65,9 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
         # fused attention reads the corrupt prefix itself (no per-row cache copies; several examples: each row its
         # own example's, through Triton's row_attention)
         shares_prefix = (swap is not None and swap.shares_prefix and all(is_plain(c) for c in snaps if c is not None)
-                         and (E == 1 or per_example_prefix_applies(next(model.parameters()), max(spans),
-                                                               head_geometry(model.config).d_head)))
+                         and (E == 1 or (per_example_prefix_applies(next(model.parameters()), max(spans),
+                                                                head_geometry(model.config).d_head)
+                                             and swap.per_example_prefixes_fit(T))))
         starts = torch.tensor(corrupt.pads, device=device) if shares_prefix and E > 1 else None
         stats["shared_prefix"] = shares_prefix
         stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)

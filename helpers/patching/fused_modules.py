@@ -29,7 +29,9 @@ and with ``compile=True``, the plain formulas are ``torch.compile(dynamic=True)`
 least ``_COMPILE_MIN_NUMEL`` elements: below that a compiled call's host cost exceeds its saving); if compilation
 fails the plain function is used, with one warning.
 Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``
-(gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward. Hooks on swapped modules still run:
+(gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward, except GPT-Neo's attention, which
+reads a shared prefix in place (helpers.patching.fused_gpt_neo: the Triton row kernel, or HF's formula on the
+concatenated keys) and otherwise runs its own forward. Hooks on swapped modules still run:
 only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated, detached copies, held while
 inside (for Llama-3.2-1B in bf16, 1.3 GB); with gradients enabled the attention and MLP run their own forwards.
 """
@@ -45,9 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers.patching import triton_kernels
+from helpers.patching.fused_gpt_neo import attention_window, gpt_neo_attention_forward, is_gpt_neo_attention
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 
 FUSABLE_FAMILIES = frozenset({"llama", "qwen2", "granite", "granitemoe"})
+# families whose every attention can read a shared prefix in place (FusedSwap.shares_prefix under causal_flash)
+SHARED_PREFIX_FAMILIES = FUSABLE_FAMILIES | {"gpt_neo"}
 _SILU = frozenset({"silu", "swish"})
 
 
@@ -283,6 +288,13 @@ class FusedSwap:
     # called as qkv_edit(layer, qkv) with a fused attention's projection output before rotary, [batch, q, heads +
     # 2 kv_heads, d_head] (q | k | v), to edit in place: where path patching changes one input of a receiver head
     qkv_edit: Callable | None = None
+    # the smallest window of a swapped local (sliding-window) attention, which reads several examples' prefixes only
+    # where the window covers them (GPT-Neo's local layers); None: no such layer
+    window: int | None = None
+
+    def per_example_prefixes_fit(self, length: int) -> bool:
+        """Can every swapped attention read several examples' prefixes in forwards of ``length`` slots?"""
+        return self.window is None or length <= self.window
 
     @property
     def shares_prefix(self) -> bool:
@@ -481,7 +493,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
     ``FUSABLE_FAMILIES``.
     """
     swap = FusedSwap(n_layers=len(blocks(model)), causal_flash=causal_flash)
-    if not is_fusable(model):
+    if getattr(model.config, "model_type", None) not in SHARED_PREFIX_FAMILIES:
         yield swap
         return
     if compile is None:
@@ -498,6 +510,21 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         module.forward = forward
 
     try:
+        if not is_fusable(model):  # gpt_neo: its attention reads a shared prefix in place (fused_gpt_neo)
+            for block in blocks(model):
+                attention = getattr(get_submodule(block, spec.attention), "attention", None)
+                if is_gpt_neo_attention(attention):
+                    swap_forward(attention, gpt_neo_attention_forward(
+                        attention, swap, attention.forward, lambda like, d: _flash_applies(like, d)))
+                    swap.attention_layers.add(attention.layer_id)
+                    window = attention_window(attention)
+                    if window is not None:
+                        swap.window = window if swap.window is None else min(swap.window, window)
+            swap.swapped = [f"gpt_neo attention x{len(swap.attention_layers)}"] if swap.attention_layers else []
+            if causal_flash and swap.attention_layers:
+                swap.swapped.append("shared-prefix row_attention (CUDA fp16/bf16)")
+            yield swap
+            return
         for module in model.modules():
             if _is_rms_norm(module):
                 swap_forward(module, lambda x, _m=module: norm_fn(x, _m.weight, _m.variance_epsilon))
