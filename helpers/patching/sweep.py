@@ -13,7 +13,8 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
    run's cache of positions ``< s`` (computed once per bucket start, batch 1), with explicit ``position_ids``. Each
    batch row is one patch, applied by a hook at its own relative position in its own layer. Fused llama-like models
    share that batch-1 cache with every row inside their attention (``FusedSwap.shared_prefix``: one flash call over
-   all rows' queries, merged exactly with the causal part); other families get it as an expanded view per layer.
+   all rows' queries, merged exactly with the causal part), and so does GPT-Neo's swapped attention
+   (helpers.patching.fused_gpt_neo); other families get it as an expanded view per layer.
 3. **Rows join at their layer.** Layers before a patch's layer compute exactly the corrupt activations. The
    forward starts with *one* row (the unpatched corrupt run, which is also a self-check of the machinery); a
    forward pre-hook on block ``l`` appends copies of that row for the patches joining there (rows are sorted by
@@ -30,8 +31,9 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
 sweep leaves it waiting for the host). They run end-aligned (helpers.patching.aligned_batch): a bucket feeds every example's
 last q tokens, so the answer is the last position for all; rows 0 .. E-1 are the examples' unpatched corrupt runs
 and each patch row copies its own example's; each block gets the padding mask, rotary tables and cache gathered to
-its rows. Fused llama-like models on a GPU share the examples' prefixes inside attention (helpers.patching.triton_kernels'
-``row_attention``: each row reads its own example's), with no padding mask at all. A group's longest span must
+its rows. Fused llama-like models and GPT-Neo on a GPU (fp16/bf16) share the examples' prefixes inside attention
+(helpers.patching.triton_kernels' ``row_attention``: each row reads its own example's), with no padding mask at all
+(GPT-Neo where its local layers' window covers the prompts). A group's longest span must
 fit in its shortest example; models with sliding-window layers run one example at a time.
 
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
