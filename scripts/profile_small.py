@@ -41,42 +41,56 @@ def phase_profile(run) -> str:
     return "\n".join(sorted(lines)) + "\n" + "\n".join(out.getvalue().splitlines()[6:32])
 
 
+# (name, query heads, key/value heads, [(rows, fed tokens q)]): sweep-like row_attention calls, T 71 (prefix 71 - q)
+TILE_SHAPES = (("SmolLM2-135M", 9, 3, ((4000, 7), (2000, 35), (1000, 63), (4000, 11))),
+               ("Qwen2.5-0.5B", 14, 2, ((2000, 9), (1000, 35), (600, 63))),
+               ("Llama-3.2-1B", 32, 8, ((1500, 9), (800, 35), (400, 63))))
+
+
 def tile_scan(device) -> None:
-    """row_attention alone at the SmolLM2-135M sweep's shapes (9 heads, 3 key/value heads, d_head 64, T 71), one
-    example's prefix: each tile choice's time and its largest difference from the default's output."""
+    """row_attention alone at sweep shapes (``TILE_SHAPES``, d_head 64, one example's prefix): each tile choice's
+    time, head-major and position-major (``RowTiles``), and its largest difference from the default's output."""
     from helpers.patching import triton_kernels as tk
 
     gen = torch.Generator(device=device).manual_seed(0)
-    for b, q in ((4000, 7), (2000, 35), (1000, 63), (4000, 11)):
-        s = 71 - q
-        qkv = torch.randn(b, q, 15, 64, device=device, dtype=torch.bfloat16, generator=gen)
-        query, key, value = qkv.split([9, 3, 3], dim=2)
-        pk, pv = (torch.randn(1, 3, s, 64, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
-        cos = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
-        sin = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
-        call = lambda tiles=None: tk.row_attention(query, key, value, pk, pv, 0.125, rotary=(cos, sin),  # noqa
-                                                   tiles=tiles)
-        ref = call()
-        default = tk.row_attention_tiles(q, 64, 3)
-        bj = max(16, tk.triton.next_power_of_2(q))
-        options = {default}
-        for bm in (32, 64, 128):
-            for bk in (32, 64):
+    for name, heads, kv, shapes in TILE_SHAPES:
+        group = heads // kv
+        for b, q in shapes:
+            s = 71 - q
+            qkv = torch.randn(b, q, heads + 2 * kv, 64, device=device, dtype=torch.bfloat16, generator=gen)
+            query, key, value = qkv.split([heads, kv, kv], dim=2)
+            pk, pv = (torch.randn(1, kv, s, 64, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+            cos = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
+            sin = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
+            call = lambda tiles=None: tk.row_attention(query, key, value, pk, pv, 0.125, rotary=(cos, sin),  # noqa
+                                                       tiles=tiles)
+            ref = call(tk.row_attention_tiles(q, 64, group, position_major=False))
+            default = tk.row_attention_tiles(q, 64, group, position_major=False)
+            options = {default, tk.row_attention_tiles(q, 64, group, position_major=True)}
+            # (head-major's tile choices were within ~20 % of each other at these shapes: 2026-12-05's scan)
+            bj = max(16, tk.triton.next_power_of_2(q))
+            for bm in (64, 128):
                 for w in (4, 8):
-                    options.add((bm, bj, bk, w))
-        rows = []
-        for tiles in sorted(options):
-            try:
-                out = call(tiles)
-                t, _ = timed(lambda: [call(tiles) for _ in range(20)], device, 3)
-                rows.append((t / 20, tiles, float((out.float() - ref.float()).abs().max())))
-            except Exception as exc:  # noqa: BLE001 (register limits of a tile choice)
-                rows.append((float("inf"), tiles, type(exc).__name__))
-        rows.sort(key=lambda r: r[0])
-        base = next(r[0] for r in rows if r[1] == default)
-        print(f"\nrow_attention b {b}, q {q}, s {s}: default {default} {base * 1e6:.0f} us; best:", flush=True)
-        for t, tiles, err in rows[:6]:
-            print(f"   {tiles}: {t * 1e6:.0f} us ({base / t:.2f}x), max diff {err}", flush=True)
+                    for bn in (16, 32, 64):
+                        if bn <= bj:
+                            options.add(tk.RowTiles(bm, bn, 64, w, True))
+            rows = []
+            for tiles in sorted(options):
+                try:
+                    out = call(tiles)
+                    t, _ = timed(lambda: [call(tiles) for _ in range(20)], device, 3)
+                    rows.append((t / 20, tiles, float((out.float() - ref.float()).abs().max())))
+                except Exception as exc:  # noqa: BLE001 (register limits of a tile choice)
+                    rows.append((float("inf"), tiles, type(exc).__name__))
+            rows.sort(key=lambda r: r[0])
+            base = next(r[0] for r in rows if r[1] == default)
+            pos_default = tk.row_attention_tiles(q, 64, group, position_major=True)
+            pos = next(r[0] for r in rows if r[1] == pos_default)
+            print(f"\nrow_attention {name} b {b}, q {q}, s {s}: head-major default {tuple(default)} {base * 1e6:.0f} us;"
+                  f" position-major default {tuple(pos_default)} {pos * 1e6:.0f} us ({base / pos:.2f}x); best:",
+                  flush=True)
+            for t, tiles, err in rows[:5]:
+                print(f"   {tuple(tiles)}: {t * 1e6:.0f} us ({base / t:.2f}x), max diff {err}", flush=True)
 
 
 def main():

@@ -349,8 +349,14 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
                                                 rotary=(cos, sin))
     small = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                          rotary=(cos, sin), tiles=(16, max(16, 1 << (q - 1).bit_length()), 16, 4))
+    # both stackings' default tiles (position-major: own keys in causal steps), and position-major's smallest ones
+    # (16 a step, 16 stacked queries: tiles straddle positions)
+    variants = [triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
+                                             rotary=(cos, sin), tiles=tiles)
+                for tiles in (*(triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads, position_major=major)
+                                for major in (False, True)), (16, 16, 16, 4, True))]
     expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
-    for z in (got, got_rotating, small):
+    for z in (got, got_rotating, small, *variants):
         assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype
         assert (z.float().cpu() - expected).abs().max().item() < 2e-2
     if not per_example and triton_device == "cuda":  # what the longer rows' path (flash on the prefix and on the own

@@ -46,12 +46,13 @@ def configurations():
                                   (1, 128, (100, 128)), (1, 64, (12, 61)), (1, 32, (20,))):
         for q_len in q_lens:
             assert tk.row_attention_applies(q_len, d_head)
-            block_m, block_j, block_k, warps = tk.row_attention_tiles(q_len, d_head, group)
-            for dtype, per_row, rotary in (("bf16", False, True), ("bf16", True, True), ("bf16", False, False),
-                                           ("bf16", True, False), ("fp16", True, True)):
-                yield tk._row_attention_kernel, dtype, dict(GROUP=group, BLOCK_M=block_m, BLOCK_J=block_j,
-                                                            BLOCK_K=block_k, D=d_head,
-                                                            PER_ROW=per_row, ROTARY=rotary), warps
+            for position_major in (False, True):
+                t = tk.row_attention_tiles(q_len, d_head, group, position_major)
+                for dtype, per_row, rotary in (("bf16", False, True), ("bf16", True, True), ("bf16", False, False),
+                                               ("bf16", True, False), ("fp16", True, True)):
+                    yield tk._row_attention_kernel, dtype, dict(GROUP=group, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                                                BLOCK_K=t.block_k, D=d_head, PER_ROW=per_row,
+                                                                ROTARY=rotary, POS_MAJOR=position_major), t.warps
 
 
 def main() -> int:

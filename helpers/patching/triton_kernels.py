@@ -17,6 +17,7 @@ compare the two on the GPU box. No autograd: callers use them under no_grad / in
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -113,17 +114,30 @@ if triton is not None:
         # (probabilities rounded to the values' dtype, as flash does)
         return m_new, total * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
 
+    @triton.jit
+    def _own_step(q, i, j, k_base, v_base, cos_ptr, sin_ptr, k_sq, v_sq, cs_row, cs_sq, q_len, scale, m, total, acc,
+                  D: tl.constexpr, ROTARY: tl.constexpr):
+        # queries at positions i against the row's own keys j (those < q_len; causal: j <= i), rotated as loaded
+        own_ok = j < q_len
+        k = _rotated(k_base, cos_ptr, sin_ptr, j * k_sq, cs_row + j * cs_sq, own_ok, D, ROTARY)
+        v = tl.load(v_base + j[:, None] * v_sq + tl.arange(0, D)[None, :], mask=own_ok[:, None], other=0.0)
+        return _softmax_step(q, k, v, (j[None, :] <= i[:, None]) & own_ok[None, :], scale, m, total, acc)
+
     @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq",
                                    "v_sh", "pk_sb", "pk_sh", "pk_ss", "pv_sb", "pv_sh", "pv_ss", "cs_sb", "cs_sq"])
     def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, cos_ptr, sin_ptr, z_ptr,
                               q_len, s_len, scale, q_sb, q_sq, q_sh, k_sb, k_sq, k_sh, v_sb, v_sq, v_sh,
                               pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss, cs_sb, cs_sq,
-                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
-                              BLOCK_K: tl.constexpr, D: tl.constexpr, PER_ROW: tl.constexpr, ROTARY: tl.constexpr):
+                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, D: tl.constexpr, PER_ROW: tl.constexpr, ROTARY: tl.constexpr,
+                              POS_MAJOR: tl.constexpr):
         # program (row, kv head, tile): the GROUP query heads sharing one key/value head are stacked into one query
-        # axis of GROUP * q_len (head, position) pairs, head-major, and this program takes BLOCK_M of them. They
-        # attend to the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to
-        # the row's own tokens, in one online softmax (float32 accumulators); z is written once, contiguous
+        # axis of GROUP * q_len (head, position) pairs, and this program takes BLOCK_M of them: head-major (a
+        # tile holds runs of one head's positions; its own keys are every one of the row's, BLOCK_N >= q_len, one
+        # step) or position-major (a tile holds consecutive positions, every head of the group at each; its own keys
+        # run in steps of BLOCK_N up to its last position, skipping the causal mask's empty blocks). They attend to
+        # the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to the row's own
+        # tokens, in one online softmax (float32 accumulators); z is written once, contiguous
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         if PER_ROW:
@@ -133,19 +147,20 @@ if triton is not None:
             ex = 0
             start = 0
         f = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-        g = f // q_len  # query head within the group
-        i = f % q_len  # position
-        valid = g < GROUP
+        if POS_MAJOR:
+            g = f % GROUP  # query head within the group
+            i = f // GROUP  # position
+            valid = i < q_len
+            own_end = tl.minimum(q_len, (tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP + 1)
+        else:
+            g = f // q_len
+            i = f % q_len
+            valid = g < GROUP
+            own_end = q_len
         head = kv_head * GROUP + g
         d = tl.arange(0, D)
         q = _rotated(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid, D,
                      ROTARY)
-        j = tl.arange(0, BLOCK_J)  # the row's own keys
-        own_ok = j < q_len
-        k = _rotated(k_ptr + b * k_sb + kv_head * k_sh, cos_ptr, sin_ptr, j * k_sq, b * cs_sb + j * cs_sq, own_ok, D,
-                     ROTARY)
-        v = tl.load(v_ptr + b * v_sb + kv_head * v_sh + j[:, None] * v_sq + d[None, :], mask=own_ok[:, None],
-                    other=0.0)
         pk_base = pk_ptr + ex * pk_sb + kv_head * pk_sh
         pv_base = pv_ptr + ex * pv_sb + kv_head * pv_sh
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -157,8 +172,17 @@ if triton is not None:
             pk = tl.load(pk_base + kk[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
             pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
             m, total, acc = _softmax_step(q, pk, pv, ok[None, :], scale, m, total, acc)
-        # own tokens: the diagonal is always kept, so every query ends with a finite maximum and total > 0
-        m, total, acc = _softmax_step(q, k, v, (j[None, :] <= i[:, None]) & own_ok[None, :], scale, m, total, acc)
+        # own tokens: the first step holds key 0, kept by every query, so every query's maximum is finite from then
+        # on (or from the prefix) and total > 0; a later step's masked scores then weigh exactly 0
+        if POS_MAJOR:
+            for j0 in range(0, own_end, BLOCK_N):
+                m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
+                                          v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
+                                          b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
+        else:  # (one step, straight-line code)
+            m, total, acc = _own_step(q, i, tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
+                                      v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
+                                      b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
         z_off = ((b * q_len + i) * (tl.num_programs(1) * GROUP) + head) * D
         tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
                  mask=valid[:, None])
@@ -186,7 +210,7 @@ def _on(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
-ROW_ATTENTION_MAX = 128  # longest row row_attention takes (a program holds all its own keys: one tile of BLOCK_J)
+ROW_ATTENTION_MAX = 128  # longest row row_attention takes (head-major, a program holds all its own keys in one tile)
 
 
 def row_attention_applies(q_len: int, d_head: int) -> bool:
@@ -228,21 +252,41 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return z
 
 
-def row_attention_tiles(q_len: int, d_head: int, group: int) -> tuple[int, int, int, int]:
-    """(stacked queries a program, own keys, prefix keys a step, warps) of ``row_attention`` for rows of q_len tokens
-    and ``group`` query heads per key/value head."""
+class RowTiles(NamedTuple):
+    """``row_attention``'s launch: stacked queries a program, own keys a step (head-major: all of a row's, one step),
+    prefix keys a step, warps, and the stacking of the (head, position) query axis."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    position_major: bool = False
+
+
+# position-major stacking by default (benchmarks compare the two by setting this)
+ROW_POSITION_MAJOR = True
+
+
+def row_attention_tiles(q_len: int, d_head: int, group: int, position_major: bool | None = None) -> RowTiles:
+    """``row_attention``'s tiles for rows of q_len tokens and ``group`` query heads per key/value head."""
+    position_major = ROW_POSITION_MAJOR if position_major is None else position_major
     # up to 64 stacked queries a program: on an H100 (bf16, Llama-3.2-1B and Qwen2.5-0.5B sweep shapes) faster
     # overall than 32 or 128 (more programs in flight; 128 won only for the longest rows, by a few percent)
-    block_j = max(16, triton.next_power_of_2(q_len))
     block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
+    block_k = 64 if d_head <= 64 else 32
+    if position_major:
+        # own keys 16 a step: the kernel alone 1.05-1.42x faster than head-major at SmolLM2, Qwen and Llama sweep
+        # shapes on an H200 (scripts/profile_small.py --tiles, 2026-12-05; 32 a step 1.00-1.20x)
+        return RowTiles(block_m, 16, block_k, 4, True)
+    block_j = max(16, triton.next_power_of_2(q_len))
     # (8 warps where the own-key tile is 128 x 128: with 4, ptxas spills ~4x more registers there; not timed)
-    return block_m, block_j, (64 if d_head <= 64 else 32), (8 if block_j * d_head >= 128 * 128 else 4)
+    return RowTiles(block_m, block_j, block_k, 8 if block_j * d_head >= 128 * 128 else 4)
 
 
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
                   prefix_value: torch.Tensor, scaling: float, row_example: torch.Tensor | None = None,
                   starts: torch.Tensor | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                  tiles: tuple | None = None) -> torch.Tensor:
     """Each row's queries against its prefix, then causally against its own tokens: one kernel, one softmax.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, the last q positions;
@@ -252,11 +296,12 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     (example e's keys are slots starts[e] .. s-1; the slots before are padding). fp16 or bf16 (float32 runs, but a
     GPU's ``tl.dot`` then rounds to tf32). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query and key are not
     rotated yet, and the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding; the prefix
-    is rotated already). Returns z: [batch, q, head, d_head], contiguous, in query's dtype. ``tiles``: overrides
-    ``row_attention_tiles`` (benchmarks).
+    is rotated already). Returns z: [batch, q, head, d_head], contiguous, in query's dtype. ``tiles``: a ``RowTiles``
+    (or its fields) overriding ``row_attention_tiles`` (benchmarks).
 
-    The query heads that share a key/value head are stacked into one query axis (head-major, no padding between
-    heads), so one pass over the keys serves them all with matrix products of up to 64 stacked queries. One
+    The query heads that share a key/value head are stacked into one query axis (head-major, or position-major:
+    ``RowTiles.position_major``; no padding between heads), so one pass over the keys serves them all with matrix
+    products of up to 64 stacked queries. One
     program per (row, key/value head, tile of that axis): the prefix is read in place (never copied per row), and
     the softmax runs over prefix and own keys together, so nothing is written between them (flash on the prefix, a
     causal kernel on the own tokens and a log-sum-exp merge wrote and re-read three outputs of z's size).
@@ -284,16 +329,17 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
         cs_sb, cs_sq = (cos.stride(0) if cos.shape[0] == b > 1 else 0), cos.stride(1)
     z = torch.empty(b, q, n_heads, d_head, dtype=query.dtype, device=query.device)
     group = n_heads // n_kv
-    block_m, block_j, block_k, num_warps = tiles or row_attention_tiles(q, d_head, group)
-    assert block_j >= q and min(block_m, block_j, block_k) >= 16, (tiles, q)  # (tl.dot's minimum is 16)
+    t = RowTiles(*tiles) if tiles else row_attention_tiles(q, d_head, group)
+    # (tl.dot's minimum is 16; head-major takes every own key in one step)
+    assert (t.position_major or t.block_n >= q) and min(t.block_m, t.block_n, t.block_k) >= 16, (tiles, q)
     with _on(z):
-        _row_attention_kernel[(b, n_kv, triton.cdiv(group * q, block_m))](
+        _row_attention_kernel[(b, n_kv, triton.cdiv(group * q, t.block_m))](
             query, key, value, prefix_key, prefix_value, row_example, starts, cos, sin, z, q, s, scaling,
             *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
             prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
             prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2), cs_sb, cs_sq,
-            GROUP=group, BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_K=block_k, D=d_head, PER_ROW=per_row,
-            ROTARY=rotary is not None, num_warps=num_warps)
+            GROUP=group, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, D=d_head, PER_ROW=per_row,
+            ROTARY=rotary is not None, POS_MAJOR=t.position_major, num_warps=t.warps)
     return z
 
 
