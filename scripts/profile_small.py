@@ -2,7 +2,8 @@
 TinyStories-2L shapes, random weights, bf16 on a GPU): wall and GPU-busy seconds at the default bucketing and at
 1-9 buckets, the sweep's phases (cProfile cumulative: metrics, clean activations and prefix caches, bucket
 forwards), the host's top functions, and with ``--kernels`` the GPU's top kernels. ``--tiles``: row_attention's
-tile choices at those shapes instead (CUDA).
+tile choices, head-major and position-major, at SmolLM2's, Qwen2.5-0.5B's and Llama-3.2-1B's sweep shapes instead
+(``TILE_SHAPES``; CUDA).
 
 python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles]   (--quick: tiny shapes, CPU)
 """
