@@ -370,7 +370,7 @@ def main(argv=None):
                     print(extra[-1], flush=True)
                     if merged == 1 and per_forward is None and per_forwards[1:2] == [1]:
                         break  # auto already ran one example at a time
-            if dname == "bf16" and model.config.model_type != "gpt_neo":
+            if dname == "bf16":  # (gpt_neo: its swapped attention against HF's)
                 patch_heads(model, [warm], keep_incorrect=True, progress=False, fused=False)
                 t_u, res = timed(lambda: patch_heads(model, [pair], keep_incorrect=True, progress=False,
                                                      fused=False), device, reps)

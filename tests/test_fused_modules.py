@@ -91,6 +91,24 @@ def test_a_shared_prefix_stands_in_for_a_per_row_cache(family, s):
     assert torch.allclose(tail, plain[:, s:].expand(3, -1, -1), atol=1e-5, rtol=0), (tail - plain[:, s:]).abs().max()
 
 
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_a_shared_prefix_forward_never_falls_back_to_hfs_forward(family):
+    """HF's forward would attend without the prefix (a shared-prefix forward passes no cache): attention weights asked
+    for (a config's ``output_attentions``) are not returned, and gradients raise instead of silently dropping it."""
+    model = tiny_model(family)
+    plain = _logits(model)
+    s = 5
+    with fused_modules(model, compile=False, causal_flash=True) as swap:
+        with torch.no_grad():
+            prefix = model(input_ids=IDS[:, :s], use_cache=True).past_key_values
+            with swap.shared_prefix(prefix):
+                tail = model(input_ids=IDS[:, s:], position_ids=torch.arange(s, IDS.shape[1])[None],
+                             output_attentions=family == "gpt_neo").logits
+        assert torch.allclose(tail, plain[:, s:], atol=1e-5, rtol=0)
+        with swap.shared_prefix(prefix), pytest.raises(RuntimeError, match="without gradients"):
+            model(input_ids=IDS[:, s:], position_ids=torch.arange(s, IDS.shape[1])[None])
+
+
 def test_a_shared_prefix_needs_every_attention_fused():
     model = tiny_model("llama")
     with fused_modules(model, compile=False) as swap:  # no causal promise
@@ -344,17 +362,18 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
     else:
         row_example, starts = torch.zeros(11, dtype=torch.long), torch.zeros(1, dtype=torch.long)
         extra = ()
+    assert triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads).position_major  # (the default)
     got = triton_kernels.row_attention(r_query, r_key, value, prefix_key, prefix_value, 0.125, *extra)
     got_rotating = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                                 rotary=(cos, sin))
     small = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                          rotary=(cos, sin), tiles=(16, max(16, 1 << (q - 1).bit_length()), 16, 4))
-    # both stackings' default tiles (position-major: own keys in causal steps), and position-major's smallest ones
-    # (16 a step, 16 stacked queries: tiles straddle positions)
+    # head-major's default tiles (the default is position-major: own keys in causal steps), and position-major's
+    # smallest ones (16 a step, 16 stacked queries: tiles straddle positions)
     variants = [triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                              rotary=(cos, sin), tiles=tiles)
-                for tiles in (*(triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads, position_major=major)
-                                for major in (False, True)), (16, 16, 16, 4, True))]
+                for tiles in (triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads, position_major=False),
+                              (16, 16, 16, 4, True))]
     expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
     for z in (got, got_rotating, small, *variants):
         assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype
@@ -459,7 +478,7 @@ def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(tri
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("window", [16, 8])
+@pytest.mark.parametrize("window", [16, 9, 8])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_gpt_neos_attention_reads_the_shared_prefix_in_the_row_kernel_where_its_window_covers_it(
         triton_device, gpu_branches_on_cpu, row_attention_calls, window, per_example):
@@ -476,12 +495,12 @@ def test_gpt_neos_attention_reads_the_shared_prefix_in_the_row_kernel_where_its_
     config.window_size, config.hidden_size = window, 64  # (head size 16: the kernel's tiles need a power of two)
     model = build_random_model(config).eval()
     if window == 8 and per_example:
-        with pytest.raises(ValueError, match="window"):
+        with pytest.raises(ValueError, match=r"9 positions, window 8"):
             _rows_continuing_caches(model, per_example)
         return
     got, expected = _rows_continuing_caches(model, per_example)
-    # global layer 0 always; local layer 1 where its window covers the 9 positions
-    assert len(row_attention_calls) == (2 if window == 16 else 1)
+    # global layer 0 always; local layer 1 where its window covers the 9 positions (9: exactly)
+    assert len(row_attention_calls) == (2 if window >= 9 else 1)
     assert all(kw.get("rotary") is None and args[5] == 1.0 for args, kw in row_attention_calls)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 

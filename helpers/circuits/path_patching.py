@@ -207,7 +207,7 @@ def path_patching(model, pairs, edges: Sequence[Edge], *, n_columns: int | None 
     the metric: a query edge from another position changes nothing there, so it is the corrupt run without a
     forward (exact), and the receiver layer's output projection and MLP see the answer position alone. Rows per
     forward: ``rows_per_forward`` or a memory estimate; chunks halve on out-of-memory. ``fused``: llama-like models
-    run helpers.patching.fused_modules' same-formula swap-ins, as the head sweep does (the corrupt prefix shared by
+    (and GPT-Neo's attention) run helpers.patching.fused_modules' same-formula swap-ins, as the head sweep does (the corrupt prefix shared by
     every row instead of copied into it; the receiver's input edited in the fused q|k|v projection, ``qkv_edit``).
     """
     edges = list(edges)

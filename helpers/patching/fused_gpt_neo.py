@@ -6,8 +6,7 @@ and its copies were ~38 % of the GPU's time). While a forward shares a prefix, t
 instead: on CUDA in fp16/bf16 with Triton, in ``triton_kernels.row_attention`` (scaling 1, no rotary: GPT-Neo does
 not scale its scores and has learned absolute positions), the rows' own keys and the prefix in one softmax; elsewhere
 in HF's own formula (float32 scores, the causal and local-window masks, softmax, probabilities rounded to the values'
-dtype). Outside a shared-prefix forward, and wherever the forward's promises fail (gradients, dropout, attention
-weights asked for), the module's own forward runs.
+dtype). Outside a shared-prefix forward the module's own forward runs.
 
 The one difference from HF in fp16/bf16: the Triton kernel forms the scores from fp16/bf16 products accumulated in
 float32 (HF casts query and key to float32 first: the same products, exact in float32, summed in another order) and
@@ -50,38 +49,52 @@ def neo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, w
     keep = k_pos <= q_pos
     if window is not None:
         keep &= k_pos > q_pos - window
-    scores = torch.where(keep, scores, torch.tensor(torch.finfo(scores.dtype).min, device=scores.device))
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)  # (a Python scalar: no host sync)
     # (HF then adds the model's additive mask, in the model's dtype: a float64 model's softmax runs in float64)
     scores = scores.to(torch.promote_types(scores.dtype, value.dtype))
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
-def stacked_qkv_weight(module) -> torch.Tensor:
-    """q_proj, k_proj, v_proj weights stacked (a detached copy, held while the swap lasts): one matmul for all three."""
-    return torch.cat([module.q_proj.weight.detach(), module.k_proj.weight.detach(), module.v_proj.weight.detach()])
+def stacked_qkv(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q_proj, k_proj, v_proj weights (and biases, where any) stacked, detached copies held while the swap lasts: one
+    matmul for all three."""
+    projections = [module.q_proj, module.k_proj, module.v_proj]
+    weight = torch.cat([p.weight.detach() for p in projections])
+    if all(p.bias is None for p in projections):
+        return weight, None
+    return weight, torch.cat([p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features)
+                              for p in projections])
 
 
 def gpt_neo_attention_forward(module, swap, original: Callable, half_kernels_apply: Callable) -> Callable:
     """The swapped forward of one ``GPTNeoSelfAttention``. ``swap``: the ``FusedSwap`` whose ``prefix`` (per layer
     (keys, values) [1 or examples, head, s, d_head]), ``prefix_rows`` and ``prefix_starts`` a shared-prefix forward
-    sets; ``half_kernels_apply(like, d_head)``: may fp16/bf16 kernels run on ``like``'s device and dtype."""
+    sets; ``half_kernels_apply(like, d_head)``: may fp16/bf16 kernels run on ``like``'s device and dtype.
+
+    Outside a shared-prefix forward the module's own forward runs. Inside one there is no fallback to it (it would
+    drop the prefix: the forward passes no cache): gradients or dropout raise, and attention weights asked for
+    (``output_attentions``, e.g. from the model's config) are not returned (None). The q/k/v projections run as one
+    stacked matmul there, so hooks on them do not fire (path patching edits their outputs through
+    ``FusedSwap.qkv_edit`` instead); out_proj runs as a module (the sweep's head patches are its pre-hooks)."""
     n_heads, d_head, layer = module.num_heads, module.head_dim, module.layer_id
     window = attention_window(module)
-    has_bias = any(getattr(module, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
-    weight = None if has_bias else stacked_qkv_weight(module)
+    weight, bias = stacked_qkv(module)
 
     def forward(hidden_states, attention_mask=None, layer_past=None, use_cache=False, output_attentions=False,
                 **kwargs):
         prefix = None if swap.prefix is None else swap.prefix[layer]
-        if (prefix is None or weight is None or torch.is_grad_enabled() or output_attentions
-                or (module.training and module.attn_dropout.p > 0)):
+        if prefix is None:
             return original(hidden_states, attention_mask=attention_mask, layer_past=layer_past, use_cache=use_cache,
                             output_attentions=output_attentions, **kwargs)
-        # (a cache the model made for this forward is left unfilled, as the llama-like fused attention leaves it: a
-        # shared-prefix forward is never continued)
+        if torch.is_grad_enabled() or (module.training and module.attn_dropout.p > 0):
+            raise RuntimeError("a shared-prefix forward runs without gradients and dropout (inference and eval mode)")
+        # (a cache the model made for this forward stays unfilled, as the llama-like fused attention leaves it: a
+        # shared-prefix forward is never continued; one holding earlier positions would contradict the prefix)
+        if layer_past is not None and layer_past.get_seq_length(layer) > 0:
+            raise RuntimeError("a shared-prefix forward was given a cache holding earlier positions")
         b, q_len, _ = hidden_states.shape
-        fused = F.linear(hidden_states, weight).view(b, q_len, 3 * n_heads, d_head)
+        fused = F.linear(hidden_states, weight, bias).view(b, q_len, 3 * n_heads, d_head)
         if swap.qkv_edit is not None:  # path patching's receiver inputs (q | k | v, as the llama-like fused ones)
             swap.qkv_edit(layer, fused)
         query, key, value = fused.split([n_heads, n_heads, n_heads], dim=2)  # [b, q, head, d_head] views
@@ -94,9 +107,11 @@ def gpt_neo_attention_forward(module, swap, original: Callable, half_kernels_app
             z = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 1.0, rows, swap.prefix_starts)
         else:
             if swap.prefix_rows is not None:
-                raise ValueError("several examples' prefixes need row_attention: CUDA fp16/bf16 with Triton, rows of "
-                                 f"at most {triton_kernels.ROW_ATTENTION_MAX} tokens, head size <= 128, and a local "
-                                 f"layer's window ({window}) covering prefix and rows ({s + q_len})")
+                raise ValueError(
+                    f"several examples' prefixes need row_attention (CUDA fp16/bf16 with Triton, rows of at most "
+                    f"{triton_kernels.ROW_ATTENTION_MAX} tokens, a head size that is a power of two from 16 to 128"
+                    + ("" if window is None else f", and a local layer's window covering prefix and rows: "
+                                                 f"{s + q_len} positions, window {window}") + ")")
             keys = torch.cat([prefix_key.expand(b, -1, -1, -1), key.transpose(1, 2)], dim=2)
             values = torch.cat([prefix_value.expand(b, -1, -1, -1), value.transpose(1, 2)], dim=2)
             z = neo_attention(query.transpose(1, 2), keys, values, window)

@@ -31,7 +31,8 @@ fails the plain function is used, with one warning.
 Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``
 (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward, except GPT-Neo's attention, which
 reads a shared prefix in place (helpers.patching.fused_gpt_neo: the Triton row kernel, or HF's formula on the
-concatenated keys) and otherwise runs its own forward. Hooks on swapped modules still run:
+concatenated keys; its q/k/v projections then run as one matmul, without their hooks) and otherwise runs its own
+forward. Hooks on swapped modules still run:
 only ``forward`` is replaced. The fused q/k/v and gate/up weights are concatenated, detached copies, held while
 inside (for Llama-3.2-1B in bf16, 1.3 GB); with gradients enabled the attention and MLP run their own forwards.
 """
@@ -317,7 +318,8 @@ class FusedSwap:
 
         Several examples: ``cache`` has one end-aligned prefix per example (batch = examples, example e's keys from
         slot ``starts[e]`` on), ``row_example`` [rows of the last block] says whose each row is; CUDA fp16/bf16 with
-        Triton only (``per_example_prefix_applies``)."""
+        Triton only (``per_example_prefix_applies``), and a local attention layer's window must cover the forward's
+        positions (``per_example_prefixes_fit``)."""
         if cache is not None and not self.shares_prefix:
             raise RuntimeError("shared_prefix needs every layer's attention fused and causal_flash=True")
         self.prefix = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
@@ -376,6 +378,9 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
                 or (module.training and getattr(module, "attention_dropout", 0.0))
                 or not (attention_mask is None
                         or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))):
+            if swap.prefix is not None:  # (HF's forward would drop the prefix: the forward passes no cache)
+                raise RuntimeError("a shared-prefix forward runs without gradients and dropout, with rotary tables "
+                                   "and a 4D mask or none")
             return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                             **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
         b, q_len, _ = hidden_states.shape
@@ -490,16 +495,12 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
     caller promises every forward inside is causal with no padding (the patching sweep's forwards are), so
     fp16/bf16 attention on CUDA may use flash attention and ignore HF's mask, and forwards may share a prefix
     (``FusedSwap.shared_prefix``). Yields a ``FusedSwap``; its ``swapped`` is empty for families outside
-    ``FUSABLE_FAMILIES``.
+    ``SHARED_PREFIX_FAMILIES`` (gpt_neo: its attention alone, ``fused_gpt_neo``).
     """
     swap = FusedSwap(n_layers=len(blocks(model)), causal_flash=causal_flash)
     if getattr(model.config, "model_type", None) not in SHARED_PREFIX_FAMILIES:
         yield swap
         return
-    if compile is None:
-        compile = compiles_by_default(next(model.parameters()).device, head_geometry(model.config).d_head)
-    norm_fn = rms_norm  # F.rms_norm: already one kernel, and a compiled call costs more host time than it saves
-    mlp_fn = _maybe_compiled(gated_mlp, compile)
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)
     counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0, "block": 0}
     spec = family_spec(model.config)
@@ -525,6 +526,10 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
                 swap.swapped.append("shared-prefix row_attention (CUDA fp16/bf16)")
             yield swap
             return
+        if compile is None:
+            compile = compiles_by_default(next(model.parameters()).device, head_geometry(model.config).d_head)
+        norm_fn = rms_norm  # F.rms_norm: already one kernel, and a compiled call costs more host time than it saves
+        mlp_fn = _maybe_compiled(gated_mlp, compile)
         for module in model.modules():
             if _is_rms_norm(module):
                 swap_forward(module, lambda x, _m=module: norm_fn(x, _m.weight, _m.variance_epsilon))

@@ -34,13 +34,14 @@ and each patch row copies its own example's; each block gets the padding mask, r
 its rows. Fused llama-like models and GPT-Neo on a GPU (fp16/bf16) share the examples' prefixes inside attention
 (helpers.patching.triton_kernels' ``row_attention``: each row reads its own example's), with no padding mask at all
 (GPT-Neo where its local layers' window covers the prompts). A group's longest span must
-fit in its shortest example; models with sliding-window layers run one example at a time.
+fit in its shortest example; models whose caches have sliding-window layers run one example at a time.
 
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
 and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
 out-of-memory error halves the chunk and retries instead of failing. Llama-family models run with
-helpers.patching.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash attention and Triton kernels).
+helpers.patching.fused_modules' same-formula swap-ins (``fused=True``; on CUDA with flash attention and Triton kernels),
+GPT-Neo with its attention swapped (helpers.patching.fused_gpt_neo).
 
 Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
 example, first difference at 10, full layer x head x position sweep, default settings; README "Speed"): bf16 on
@@ -97,7 +98,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
 
     ``examples_per_forward``: examples merged into the same forwards (None: see ``example_groups``; 1: each
     example alone, its unpatched metrics too, so nothing of an example depends on the others). ``fused``: run llama-like models with helpers.patching.fused_modules' same-formula swap-ins (fewer
-    kernels); ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA
+    kernels) and GPT-Neo with its attention reading the shared prefix in place; ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA
     without Triton only, ``fused_modules.compiles_by_default``).
     """
     if examples_per_forward is not None and examples_per_forward < 1:
@@ -165,7 +166,8 @@ def patch_heads(model, pairs, *, keep_incorrect: bool = False, min_denominator: 
     more for larger models). ``examples_per_forward``: examples run end-aligned in the same forwards (None: on a GPU
     up to 32 where one example's sweep does not keep it busy, else and on a CPU one at a time; 1: one at a time,
     the unpatched metrics too).
-    ``fused`` / ``compile``: helpers.patching.fused_modules' swap-ins for llama-like models (see ``patch_sweep``).
+    ``fused`` / ``compile``: helpers.patching.fused_modules' swap-ins for llama-like models and GPT-Neo's attention
+    (see ``patch_sweep``).
     """
     return patch_sweep(model, pairs, "heads", keep_incorrect=keep_incorrect, min_denominator=min_denominator,
                        chunk_size=chunk_size, bucket_size=bucket_size, examples_per_forward=examples_per_forward,

@@ -214,8 +214,8 @@ ROW_ATTENTION_MAX = 128  # longest row row_attention takes (head-major, a progra
 
 
 def row_attention_applies(q_len: int, d_head: int) -> bool:
-    """Rows short enough for ``row_attention``'s one tile of own keys, head sizes up to 128 (a tile of float32
-    accumulators lives in registers; larger ones go the flash way)."""
+    """Rows short enough for ``row_attention`` (head-major holds a row's own keys in one tile), head sizes up to 128
+    (a tile of float32 accumulators lives in registers; larger ones go the flash way)."""
     return q_len <= ROW_ATTENTION_MAX and d_head <= 128
 
 
@@ -275,8 +275,9 @@ def row_attention_tiles(q_len: int, d_head: int, group: int, position_major: boo
     block_m = max(16, min(64, triton.next_power_of_2(group * q_len)))
     block_k = 64 if d_head <= 64 else 32
     if position_major:
-        # own keys 16 a step: the kernel alone 1.05-1.42x faster than head-major at SmolLM2, Qwen and Llama sweep
-        # shapes on an H200 (scripts/profile_small.py --tiles, 2026-12-05; 32 a step 1.00-1.20x)
+        # own keys 16 a step: the kernel alone 1.00-1.42x faster than head-major at SmolLM2, Qwen and Llama sweep
+        # shapes on an H200 (scripts/profile_small.py --tiles, 2026-12-05; 32 a step 1.00-1.20x); not timed at head
+        # size 128 (where head-major takes 8 warps) nor for GPT-Neo's one query head a key/value head
         return RowTiles(block_m, 16, block_k, 4, True)
     block_j = max(16, triton.next_power_of_2(q_len))
     # (8 warps where the own-key tile is 128 x 128: with 4, ptxas spills ~4x more registers there; not timed)
