@@ -369,11 +369,11 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
     small = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                          rotary=(cos, sin), tiles=(16, max(16, 1 << (q - 1).bit_length()), 16, 4))
     # head-major's default tiles (the default is position-major: own keys in causal steps), and position-major's
-    # smallest ones (16 a step, 16 stacked queries: tiles straddle positions)
+    # small ones (16 keys a step, 32 stacked queries: with 7 query heads a key/value head, tiles straddle positions)
     variants = [triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                              rotary=(cos, sin), tiles=tiles)
                 for tiles in (triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads, position_major=False),
-                              (16, 16, 16, 4, True))]
+                              (32, 16, 16, 4, True))]
     expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
     for z in (got, got_rotating, small, *variants):
         assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype
