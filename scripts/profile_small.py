@@ -65,9 +65,9 @@ def tile_scan(device) -> None:
             sin = torch.randn(1, q, 64, device=device, generator=gen).to(torch.bfloat16)
             call = lambda tiles=None: tk.row_attention(query, key, value, pk, pv, 0.125, rotary=(cos, sin),  # noqa
                                                        tiles=tiles)
-            ref = call(tk.row_attention_tiles(q, 64, group, position_major=False))
-            default = tk.row_attention_tiles(q, 64, group, position_major=False)
-            options = {default, tk.row_attention_tiles(q, 64, group, position_major=True)}
+            head_major, pos_major = (tk.row_attention_tiles(q, 64, group, position_major=p) for p in (False, True))
+            ref = call(head_major)
+            options = {head_major, pos_major}
             # (head-major's tile choices were within ~20 % of each other at these shapes: 2026-12-05's scan)
             bj = max(16, tk.triton.next_power_of_2(q))
             for bm in (64, 128):
@@ -84,11 +84,10 @@ def tile_scan(device) -> None:
                 except Exception as exc:  # noqa: BLE001 (register limits of a tile choice)
                     rows.append((float("inf"), tiles, type(exc).__name__))
             rows.sort(key=lambda r: r[0])
-            base = next(r[0] for r in rows if r[1] == default)
-            pos_default = tk.row_attention_tiles(q, 64, group, position_major=True)
-            pos = next(r[0] for r in rows if r[1] == pos_default)
-            print(f"\nrow_attention {name} b {b}, q {q}, s {s}: head-major default {tuple(default)} {base * 1e6:.0f} us;"
-                  f" position-major default {tuple(pos_default)} {pos * 1e6:.0f} us ({base / pos:.2f}x); best:",
+            base = next(r[0] for r in rows if r[1] == head_major)
+            pos = next(r[0] for r in rows if r[1] == pos_major)
+            print(f"\nrow_attention {name} b {b}, q {q}, s {s}: head-major {tuple(head_major)} {base * 1e6:.0f} us;"
+                  f" position-major (the default) {tuple(pos_major)} {pos * 1e6:.0f} us ({base / pos:.2f}x); best:",
                   flush=True)
             for t, tiles, err in rows[:5]:
                 print(f"   {tuple(tiles)}: {t * 1e6:.0f} us ({base / t:.2f}x), max diff {err}", flush=True)

@@ -489,11 +489,7 @@ def test_gpt_neos_attention_reads_the_shared_prefix_in_the_row_kernel_where_its_
     example's own cache."""
     if triton_device == "cuda":
         pytest.skip("on a GPU the branch runs in fp16/bf16: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
-    from helpers.models.tiny_models import build_random_model, tiny_config
-
-    config = tiny_config("gpt_neo")
-    config.window_size, config.hidden_size = window, 64  # (head size 16: the kernel's tiles need a power of two)
-    model = build_random_model(config).eval()
+    model = tiny_model("gpt_neo", window_size=window, hidden_size=64)  # (head size 16: tiles need a power of two)
     if window == 8 and per_example:
         with pytest.raises(ValueError, match=r"9 positions, window 8"):
             _rows_continuing_caches(model, per_example)

@@ -543,6 +543,33 @@ def test_heads_of_deeper_models_equal_nnsight_reference(family):
     assert fast.normalised.nan_to_num(0)[:, :3].abs().max() > 1e-3  # early layers' patches reach the answer
 
 
+def _cuda_sweeps(model, per_forward, row_attention_calls=None):
+    """On CUDA: ``model``'s sweep of the three test pairs in float32 against the reference (TF32 is off: rounding
+    only), then in bf16, fused and with HF's modules; (fused, plain). ``row_attention_calls``: must stay empty in
+    float32."""
+    pairs = make_pairs(0, model)
+    model.cuda()
+    kw = dict(keep_incorrect=True, progress=False, min_denominator=0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_heads_reference(model, pairs, **kw)
+        assert_raw_close(patch_heads(model, pairs, examples_per_forward=per_forward, **kw), ref, atol=1e-4)
+        assert not row_attention_calls
+        model.to(torch.bfloat16)
+        fused = patch_heads(model, pairs, examples_per_forward=per_forward, **kw)
+        plain = patch_heads(model, pairs, fused=False, examples_per_forward=1, **kw)
+    assert fused.stats["max_examples_per_forward"] == (1 if per_forward == 1 else 3)
+    return fused, plain
+
+
+def _assert_bf16_close(fused, plain):
+    """The fused bf16 sweep against HF's modules: to bf16 rounding of the patched logit differences."""
+    a, b = fused.patched_logit_diff, plain.patched_logit_diff
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    scale = b.nan_to_num(0).abs().max().item()
+    assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05, ((a - b).nan_to_num(0).abs().max(), scale)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels (Triton, flash) run on the GPU box only")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
 @pytest.mark.parametrize("per_forward", [1, None])
@@ -550,26 +577,9 @@ def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward
     """On CUDA the fused sweep runs Triton rotary / silu-mul (fp32 and bf16). fp32, examples merged: the padded
     masked path with per-row rotary tables. bf16: the corrupt prefix shared inside attention, read by Triton's
     row_attention (one example's prefix for every row, or each row its own example's)."""
-    model = tiny_model(family)
-    pairs = make_pairs(0, model)
-    model.cuda()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
-        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
-                           examples_per_forward=per_forward)
-        assert_raw_close(fast, ref, atol=1e-4)  # fp32 on a GPU: TF32 is off, rounding only
-        model.to(torch.bfloat16)
-        fused = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
-                            examples_per_forward=per_forward)
-        plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False,
-                            examples_per_forward=1)
+    fused, plain = _cuda_sweeps(tiny_model(family), per_forward)
     assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"] and fused.stats["shared_prefix"]
-    assert fused.stats["max_examples_per_forward"] == (1 if per_forward == 1 else 3)
-    a, b = fused.patched_logit_diff, plain.patched_logit_diff
-    assert torch.equal(torch.isnan(a), torch.isnan(b))
-    scale = b.nan_to_num(0).abs().max().item()
-    assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05
+    _assert_bf16_close(fused, plain)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels (Triton) run on the GPU box only")
@@ -577,29 +587,11 @@ def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward
 def test_cuda_gpt_neo_sweep_matches_the_reference_and_the_hf_attention(per_forward, row_attention_calls):
     """On CUDA in bf16 GPT-Neo's swapped attention reads the shared corrupt prefix in ``row_attention`` (one example's
     for every row, or each row its own example's); float32 keeps HF's formula on the concatenated keys (TF32 off)."""
-    config = tiny_config("gpt_neo")
-    config.window_size, config.hidden_size = 256, 64  # TinyStories-2L's window; head size 16 (a power of two)
-    model = build_random_model(config).eval()
-    pairs = make_pairs(0, model)
-    model.cuda()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
-        fast = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
-                           examples_per_forward=per_forward)
-        assert_raw_close(fast, ref, atol=1e-4)
-        assert not row_attention_calls  # (float32: no Triton attention)
-        model.to(torch.bfloat16)
-        fused = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02,
-                            examples_per_forward=per_forward)
-        plain = patch_heads(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02, fused=False,
-                            examples_per_forward=1)
+    # TinyStories-2L's window; head size 16 (a power of two)
+    model = tiny_model("gpt_neo", window_size=256, hidden_size=64)
+    fused, plain = _cuda_sweeps(model, per_forward, row_attention_calls)
     assert fused.stats["shared_prefix"] and row_attention_calls
-    assert fused.stats["max_examples_per_forward"] == (1 if per_forward == 1 else 3)
-    a, b = fused.patched_logit_diff, plain.patched_logit_diff
-    assert torch.equal(torch.isnan(a), torch.isnan(b))
-    scale = b.nan_to_num(0).abs().max().item()
-    assert (a - b).nan_to_num(0).abs().max().item() <= 0.05 * scale + 0.05, ((a - b).nan_to_num(0).abs().max(), scale)
+    _assert_bf16_close(fused, plain)
 
 
 def _cpu_flash(query, key, value, causal, scaling):
@@ -647,9 +639,7 @@ def test_gpt_neos_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(
     if window == 8:
         fast, ref = _heads_and_reference("gpt_neo", 3)
     else:
-        config = tiny_config("gpt_neo")
-        config.window_size, config.hidden_size = window, 64  # (head size 16: the kernel's tiles need a power of two)
-        model = build_random_model(config).eval()
+        model = tiny_model("gpt_neo", window_size=window, hidden_size=64)  # (head size 16: tiles need a power of 2)
         pairs = make_pairs(0, model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

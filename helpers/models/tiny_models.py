@@ -61,8 +61,12 @@ def build_random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32
     return model.eval()
 
 
-def tiny_model(family: str, vocab_size: int = 256, seed: int = 0, n_layers: int = 2):
-    return build_random_model(tiny_config(family, vocab_size=vocab_size, n_layers=n_layers), seed=seed)
+def tiny_model(family: str, vocab_size: int = 256, seed: int = 0, n_layers: int = 2, **config_overrides):
+    """``tiny_config``'s model, random-initialised; ``config_overrides`` set config attributes (window_size=...)."""
+    config = tiny_config(family, vocab_size=vocab_size, n_layers=n_layers)
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    return build_random_model(config, seed=seed)
 
 
 # --- Shared tiny tokenizer for tests (appended; the code above is unchanged) --------------------------------

@@ -67,10 +67,11 @@ def stacked_qkv(module) -> tuple[torch.Tensor, torch.Tensor | None]:
                               for p in projections])
 
 
-def gpt_neo_attention_forward(module, swap, original: Callable, half_kernels_apply: Callable) -> Callable:
+def gpt_neo_attention_forward(module, swap, original: Callable, rows_kernel_applies: Callable) -> Callable:
     """The swapped forward of one ``GPTNeoSelfAttention``. ``swap``: the ``FusedSwap`` whose ``prefix`` (per layer
     (keys, values) [1 or examples, head, s, d_head]), ``prefix_rows`` and ``prefix_starts`` a shared-prefix forward
-    sets; ``half_kernels_apply(like, d_head)``: may fp16/bf16 kernels run on ``like``'s device and dtype.
+    sets; ``rows_kernel_applies(like, q_len, d_head)``: may ``row_attention`` take rows of ``q_len`` tokens on
+    ``like``'s device and dtype (fused_modules' ``per_example_prefix_applies``).
 
     Outside a shared-prefix forward the module's own forward runs. Inside one there is no fallback to it (it would
     drop the prefix: the forward passes no cache): gradients or dropout raise, and attention weights asked for
@@ -100,9 +101,8 @@ def gpt_neo_attention_forward(module, swap, original: Callable, half_kernels_app
         query, key, value = fused.split([n_heads, n_heads, n_heads], dim=2)  # [b, q, head, d_head] views
         prefix_key, prefix_value = prefix
         s = prefix_key.shape[2]
-        if (swap.causal_flash and half_kernels_apply(hidden_states, d_head)
-                and triton_kernels.usable(hidden_states, d_head=d_head)
-                and triton_kernels.row_attention_applies(q_len, d_head) and (window is None or s + q_len <= window)):
+        if (swap.causal_flash and rows_kernel_applies(hidden_states, q_len, d_head)
+                and (window is None or s + q_len <= window)):
             rows = None if swap.prefix_rows is None else swap.prefix_rows[:b]
             z = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 1.0, rows, swap.prefix_starts)
         else:

@@ -516,7 +516,8 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
                 attention = getattr(get_submodule(block, spec.attention), "attention", None)
                 if is_gpt_neo_attention(attention):
                     swap_forward(attention, gpt_neo_attention_forward(
-                        attention, swap, attention.forward, lambda like, d: _flash_applies(like, d)))
+                        attention, swap, attention.forward,
+                        lambda like, q, d: per_example_prefix_applies(like, q, d)))  # (looked up when called)
                     swap.attention_layers.add(attention.layer_id)
                     window = attention_window(attention)
                     if window is not None:
