@@ -435,3 +435,81 @@ def test_edge_attribution_estimates_path_patching(family, project_tokenizer, pai
     estimate = edge_attribution(model, pairs, edges, keep_incorrect=True, min_denominator=0.0)
     error = attribution_error(estimate, exact)
     assert error["correlation"] > 0.99 and error["top_k_overlap"] == 1.0 and error["relative_max_error"] < 0.02
+
+
+def test_the_circuit_section_checks_its_model_and_settings_and_reads_its_own_settings():
+    """Review findings: a model other than the experiment's was scored without complaint (another geometry, or
+    another command set's weights of the same shape); k_max 0 and negative counts were accepted (a negative
+    n_receivers sliced from the end); layer-0 receivers wasted the path-patching slots (no earlier head sends to
+    them); the reading guide quoted the default settings whatever the circuit's; the summary labelled its edges by
+    column number beside cells labelled by token."""
+    from test_notebooks import model_settings
+
+    from helpers.circuits import analyse_circuit, check_same_model, figures
+    from helpers.experiments import run_experiment
+    from helpers.models import load_model, resolve_model
+    from helpers.models.tiny_models import tiny_model
+
+    settings = model_settings()
+    exp = run_experiment(feature_name="ENGTABLENAME", progress=False, generate=False, circuit=False, **settings)
+    loaded = load_model(exp.spec, dtype=torch.float32, device="cpu", wrap=False)
+    geo = exp.geometry
+    with pytest.raises(ValueError, match="not the one the experiment ran on"):
+        check_same_model(exp, tiny_model("llama", vocab_size=len(exp.tokenizer), n_layers=geo.n_layers + 1), 0)
+    same_shape = load_model(exp.spec, dtype=torch.float32, device="cpu", wrap=False).hf_model
+    with torch.no_grad():  # other weights of the same geometry
+        for p in same_shape.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with pytest.raises(ValueError, match="logit differences are"):
+        check_same_model(exp, same_shape, 0)
+    for bad, message in ((dict(k_max=0), "k_max must be an integer >= 1"),
+                         (dict(n_receivers=-1), "n_receivers must be an integer >= 0"),
+                         (dict(n_random=1.5), "n_random must be an integer"),
+                         (dict(n_senders=0), "n_senders must be an integer >= 1"),
+                         (dict(threshold=float("nan")), "threshold must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            analyse_circuit(exp, loaded.hf_model, **bad)
+    circuit = analyse_circuit(exp, loaded, k_max=3, n_random=2, n_receivers=2, n_attention_heads=1)  # a LoadedModel
+    assert circuit.receivers and all(r["layer"] >= 1 for r in circuit.receivers) and len(circuit.receivers) <= 2
+    assert circuit.edges and any(e["receiver"] is not None for e in circuit.edges)
+    guide = figures.reading_guide(circuit.to_dict())
+    assert "k = 1..3" in guide and "2 seeded draws" in guide and "1 head of the top cells" in guide
+    assert "2 top heads at the answer position" in guide and "k = 1..20" not in guide
+    labels = exp.token_labels()
+    edges_line = circuit.summary(labels).splitlines()[-2 if circuit.edge_attribution_error else -1]
+    assert edges_line.startswith("Strongest edges") and "@pos " not in edges_line
+    assert any(f"@{label} ->" in edges_line for label in labels)
+
+
+def test_edges_take_tuples_and_name_a_receiver_outside_the_model(project_tokenizer, pairs):
+    from helpers.circuits import Edge, all_edges
+    from helpers.circuits.path_patching import path_patching
+
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    heads = head_geometry(model.config).n_heads
+    assert Edge((0, 1, 5), [1, 2], "q") == Edge(Cell(0, 1, 5), (1, 2), "q")
+    with pytest.raises(TypeError, match="sender is a Cell"):
+        Edge((0, 1), (1, 2), "q")
+    with pytest.raises(TypeError, match="receiver is a"):
+        Edge(Cell(0, 1, 5), (1, 2, 3), "q")
+    assert all_edges([(0, 1, 5)], [(1, 0)], inputs=("v",)) == [Edge(Cell(0, 1, 5), (1, 0), "v")]
+    with pytest.raises(ValueError, match="unknown inputs"):
+        all_edges([Cell(0, 1, 5)], [(1, 0)], inputs=("o",))
+    with pytest.raises(ValueError, match=f"head {heads}\\) is outside the model"):
+        path_patching(model, pairs, [Edge(Cell(0, 0, 5), (1, heads), "q")], keep_incorrect=True)
+    with pytest.raises(ValueError, match="no examples"):
+        path_patching(model, [], [Edge(Cell(0, 0, 5), (1, 0), "q")])
+    with pytest.raises(ValueError, match="no examples"):
+        patch_cell_sets(model, [], [[Cell(0, 0, 5)]])
+
+
+def test_faithfulness_refuses_a_mean_of_another_shape_and_bad_counts(project_tokenizer, pairs):
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    geo = head_geometry(model.config)
+    T = len(pairs[0].clean_ids)
+    with pytest.raises(ValueError, match=r"\[layer, head, column\] scores of this model"):
+        faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads + 1, T))
+    with pytest.raises(ValueError, match="k_max must be an integer >= 1"):
+        faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads, T), k_max=0)
+    with pytest.raises(ValueError, match="n_random must be an integer >= 0"):
+        faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads, T), n_random=-2)

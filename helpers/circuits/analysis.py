@@ -1,6 +1,6 @@
-"""From the head sweep to a circuit, for one experiment: the receivers (top heads at the answer position), the
-faithfulness curves of the top cells with their random baseline, the attention of the top heads, and exact path
-patching of every edge from an earlier-layer cell into the receivers (q, k, v) and into the logits.
+"""From the head sweep to a circuit, for one experiment: the receivers (top heads at the answer position, in layers
+1 and above), the faithfulness curves of the top cells with their random baseline, the attention of the top heads,
+and exact path patching of every edge from an earlier-layer cell into the receivers (q, k, v) and into the logits.
 
 Senders are every cell of an earlier layer at or after the first difference (columns that at least half of the
 examples have at or after their corrupted token), or the ``n_senders`` top cells of the head sweep. ``edges``
@@ -10,6 +10,7 @@ lists every edge computed, strongest first, each with its edge attribution estim
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,16 +18,19 @@ import torch
 from helpers.circuits.attention import HeadAttention, head_attention
 from helpers.circuits.edge_attribution import edge_attribution
 from helpers.circuits.path_patching import all_edges, path_patching
-from helpers.patching.attribution import attribution_error
 from helpers.circuits.faithfulness import (
     DEFAULT_K_MAX,
     DEFAULT_N_RANDOM,
     DEFAULT_THRESHOLD,
     FaithfulnessCurves,
+    check_counts,
     faithfulness_curves,
     random_pool,
     ranked_cells,
 )
+from helpers.models.architectures import head_geometry
+from helpers.patching.attribution import attribution_error
+from helpers.patching.model_calls import unwrap_model
 
 DEFAULT_N_RECEIVERS = 3
 DEFAULT_N_ATTENTION_HEADS = 3
@@ -43,6 +47,8 @@ class CircuitResult:
     edge_attribution_error: dict | None = None  # EAP against the exact edges
 
     def summary(self, position_labels=None) -> str:
+        """The section in a few lines: top cells, the smallest k reaching 80 %, the random baseline, the strongest
+        edges. ``position_labels``: the heatmap's column labels (``ExperimentResult.token_labels()``)."""
         f = self.faithfulness
         top = ", ".join(c.label(position_labels) for c in f.cells[:5])
 
@@ -53,15 +59,16 @@ class CircuitResult:
                 f"Smallest k reaching 80 %: sufficiency {f.k80_sufficiency}, necessity {f.k80_necessity} "
                 f"(of k up to {f.k[-1] if f.k else 0}). At k = {k5}: sufficiency {at(f.sufficiency, k5)}, necessity "
                 f"{at(f.necessity, k5)}, {k5} random cells {at(f.random_sufficiency_mean, k5)} "
-                f"(mean of {f.n_random} draws).\n" + self.edges_summary())
+                f"(mean of {f.n_random} draws).\n" + self.edges_summary(position_labels=position_labels))
 
-    def edges_summary(self, n: int = 5) -> str:
+    def edges_summary(self, n: int = 5, position_labels=None) -> str:
         if not self.edges_computed:
             return "Edges (path patching): not computed."
         top = [e for e in self.edges if e["score"] is not None][:n]
         if not top:
-            return "Edges (path patching): none (the receivers are in layer 0 and no sender sits at the answer)."
-        text = "Strongest edges (path patching): " + ", ".join(edge_label(e) for e in top)
+            return ("Edges (path patching): none scored (no sender cell in a layer before a receiver's, and none at "
+                    "the answer column; or no included example reaches the senders' columns).")
+        text = "Strongest edges (path patching): " + ", ".join(edge_label(e, position_labels) for e in top)
         err = self.edge_attribution_error or {}
         if err.get("correlation") is not None:
             text += (f"\nEdge attribution (EAP) against these exact edges: correlation {err['correlation']:.3f}, "
@@ -83,23 +90,66 @@ def edge_label(e: dict, position_labels=None) -> str:
     return f"L{s['layer']}H{s['head']}@{where} -> {to} ({e['score']:+.2f})"
 
 
-def top_heads_at(mean: torch.Tensor, column: int, n: int) -> list[dict]:
-    """The ``n`` heads of largest mean score at ``column`` ([layer, head, column] scores), as {layer, head}."""
-    column_only = torch.as_tensor(mean)[:, :, column:column + 1]
-    return [{"layer": c.layer, "head": c.head} for c in ranked_cells(column_only)[:n]]
+def top_heads_at(mean: torch.Tensor, column: int, n: int, min_layer: int = 0) -> list[dict]:
+    """The ``n`` heads of largest mean score at ``column`` ([layer, head, column] scores) in layers ``min_layer``
+    and above, as {layer, head}."""
+    column_only = torch.as_tensor(mean)[min_layer:, :, column:column + 1]
+    return [{"layer": c.layer + min_layer, "head": c.head} for c in ranked_cells(column_only)[:n]]
+
+
+# tolerance of the model check, (absolute, relative to the larger difference): one example's clean / corrupt logit
+# differences recomputed batch-1 against the experiment's. The same weights stay well inside (float32: rounding;
+# fp16/bf16 on a GPU: the experiment's differences came from forwards of several pairs, ~0.1 logits of noise); other
+# weights of the same shape move them by logits (embedded llama-cs2 on llama-cs1's pairs: 6.9 / -7.4 for 12.5 / -10.9)
+_SAME_MODEL_TOLERANCE = {"float32": (0.05, 0.02), "half": (0.1, 0.05)}
+
+
+def check_same_model(exp, model, example: int) -> None:
+    """A clear error where ``model`` is not the one ``exp`` ran on: another head geometry, or ``example``'s
+    unpatched clean / corrupt logit differences away from the experiment's (other weights: another command set's
+    model of the same shape, say). One batch-1 forward of each prompt."""
+    from helpers.patching.example_runs import example_metrics
+    from helpers.patching.model_calls import ModelCalls
+
+    hf = unwrap_model(model)
+    geo, want = head_geometry(hf.config), exp.geometry
+    ran_on = exp.model_info.get("model_id")
+    if (geo.n_layers, geo.n_heads) != (want.n_layers, want.n_heads):
+        raise ValueError(f"this model ({geo.n_layers} layers x {geo.n_heads} heads) is not the one the experiment ran "
+                         f"on ({ran_on}: {want.n_layers} layers x {want.n_heads} heads)")
+    [(clean, corrupt, _)] = example_metrics(hf, ModelCalls.of(hf), [exp.pairs[example]], pairs_per_forward=1)
+    recorded = (float(exp.patching.clean_logit_diff[example]), float(exp.patching.corrupt_logit_diff[example]))
+    half = next(hf.parameters()).dtype in (torch.float16, torch.bfloat16)
+    atol, rtol = _SAME_MODEL_TOLERANCE["half" if half else "float32"]
+    tol = atol + rtol * max(abs(v) for v in recorded)
+    if abs(clean - recorded[0]) > tol or abs(corrupt - recorded[1]) > tol:
+        raise ValueError(f"this model is not the one the experiment ran on ({ran_on}): example {example}'s clean / "
+                         f"corrupt logit differences are {clean:.3f} / {corrupt:.3f} here and were {recorded[0]:.3f} / "
+                         f"{recorded[1]:.3f} in the experiment (tolerance {tol:.2f})")
 
 
 def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,
                     n_random: int = DEFAULT_N_RANDOM, n_receivers: int = DEFAULT_N_RECEIVERS,
                     n_attention_heads: int = DEFAULT_N_ATTENTION_HEADS, n_senders: int | None = None,
                     edges: bool = True, progress: bool = False) -> CircuitResult:
-    """The circuit section of one experiment (``exp``: an ExperimentResult; ``model``: the model it ran on).
+    """The circuit section of one experiment (``exp``: an ExperimentResult; ``model``: the model it ran on, a HF
+    model or a ``helpers.models.LoadedModel``; another model is refused: ``check_same_model``).
 
     The random baseline is seeded with the experiment's seed. Attention is read from the answer position, and for
-    the Def* features (the corruption sits in the CREATE TABLE) also from the corrupted token."""
+    the Def* features (the corruption sits in the CREATE TABLE) also from the corrupted token. Receivers are the
+    ``n_receivers`` top heads at the answer position in layers 1 and above (a layer-0 head has no earlier head to
+    receive from)."""
+    check_counts(1, k_max=k_max, **({} if n_senders is None else {"n_senders": n_senders}))
+    check_counts(0, n_random=n_random, n_receivers=n_receivers, n_attention_heads=n_attention_heads)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    model = unwrap_model(model)
     aligned = exp.aligned
     mean, count = aligned.mean(), aligned.count()
     included = [i for i, ok in enumerate(exp.patching.included.tolist()) if ok]
+    if not included:
+        raise ValueError("no example of the experiment is included (clean-wrong or guarded): nothing to analyse")
+    check_same_model(exp, model, included[0])
     pairs = [exp.pairs[i] for i in included]
     curves = faithfulness_curves(model, pairs, mean, count=count, k_max=k_max, threshold=threshold,
                                  n_random=n_random, seed=exp.settings.seed, keep_incorrect=True, progress=progress)
@@ -109,7 +159,7 @@ def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float 
             heads.append((c.layer, c.head))
     queries = ("answer", "corrupted") if exp.feature.value.startswith("DEF") else ("answer",)
     attention = head_attention(model, pairs, [exp.tokens[i] for i in included], heads[:n_attention_heads], queries)
-    receivers = top_heads_at(mean, mean.shape[-1] - 1, n_receivers)
+    receivers = top_heads_at(mean, mean.shape[-1] - 1, n_receivers, min_layer=1)
     settings = dict(k_max=k_max, threshold=threshold, n_random=n_random, seed=exp.settings.seed,
                     n_receivers=n_receivers, n_attention_heads=n_attention_heads, n_senders=n_senders,
                     examples=included)

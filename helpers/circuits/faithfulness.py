@@ -24,6 +24,8 @@ import torch
 
 from helpers.circuits.cell_patching import patch_cell_sets
 from helpers.circuits.types import Cell
+from helpers.models.architectures import head_geometry
+from helpers.patching.model_calls import unwrap_model
 from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, validate_pair
 
 DEFAULT_K_MAX = 20
@@ -93,6 +95,14 @@ def k_values(ranked: Sequence[Cell], mean: torch.Tensor, k_max: int, threshold: 
     return ks
 
 
+def check_counts(at_least: int, **counts) -> None:
+    """A clear error for a count that is not an integer >= ``at_least``: a negative count would otherwise slice from
+    the end, and k_max = 0 would silently test the above-threshold set alone."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
+            raise ValueError(f"{name} must be an integer >= {at_least}, got {value!r}")
+
+
 def _k80(ks: list[int], values: list[float]) -> int | None:
     return next((k for k, v in zip(ks, values) if math.isfinite(v) and v >= REACHES), None)
 
@@ -109,7 +119,13 @@ def faithfulness_curves(model, pairs, mean: torch.Tensor, *, count: torch.Tensor
     (None: from the pairs).
     """
     pairs = list(pairs)
+    check_counts(1, k_max=k_max)
+    check_counts(0, n_random=n_random)
     mean = torch.as_tensor(mean, dtype=torch.float64)
+    geo = head_geometry(unwrap_model(model).config)
+    if mean.dim() != 3 or tuple(mean.shape[:2]) != (geo.n_layers, geo.n_heads):
+        raise ValueError(f"mean must be the head sweep's [layer, head, column] scores of this model "
+                         f"([{geo.n_layers}, {geo.n_heads}, columns]), got shape {list(mean.shape)}")
     L, H, C = mean.shape
     if first_columns is None:
         first_columns = [C - len(p.clean_ids) + validate_pair(p, i) for i, p in enumerate(pairs)]

@@ -6,7 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from helpers.circuits.analysis import edge_label
+from helpers.circuits.analysis import DEFAULT_N_RECEIVERS, edge_label
+from helpers.circuits.faithfulness import DEFAULT_K_MAX, DEFAULT_N_RANDOM
 
 INPUT_COLORS = {"q": "royalblue", "k": "seagreen", "v": "darkorange", "logits": "purple"}
 
@@ -88,7 +89,11 @@ def _strongest(circuit: dict, n: int) -> list[dict]:
     return [e for e in circuit.get("edges") or [] if e["score"] is not None][:n]
 
 
-def edges_table(circuit: dict, position_labels=None, n: int = 10) -> pd.DataFrame:
+# edges the circuit section shows: the graph's and the table's (the reading guide quotes both)
+GRAPH_EDGES, TABLE_EDGES = 15, 10
+
+
+def edges_table(circuit: dict, position_labels=None, n: int = TABLE_EDGES) -> pd.DataFrame:
     """The ``n`` strongest edges (path patching): sender cell, receiver and its input, mean score, std, examples, and
     the edge attribution estimate of the same score."""
     rows = []
@@ -102,7 +107,7 @@ def edges_table(circuit: dict, position_labels=None, n: int = 10) -> pd.DataFram
     return pd.DataFrame(rows, columns=["sender", "at", "receiver", "input", "score", "std", "n", "attribution (EAP)"])
 
 
-def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: int = 15,
+def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: int = GRAPH_EDGES,
                          title: str = "How the heads connect (path patching)") -> go.Figure | None:
     """Heads as nodes by layer (x) and head (y), the logits at the right; the ``n`` strongest edges as lines coloured
     by the receiver's input, width by |score| (hover: the sender's position and the score)."""
@@ -145,33 +150,42 @@ def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: 
 
 
 def reading_guide(circuit: dict) -> str:
-    """How to read the circuit section's figures (Markdown), shared by every feature notebook and the explorer."""
+    """How to read the circuit section's figures (Markdown), shared by every feature notebook and the explorer; its
+    numbers (k, draws, heads, receivers) are the circuit's own settings."""
     from_corrupted = any(a.get("query") == "corrupted" for a in circuit.get("attention", []))
+    s = circuit.get("settings", {})
+    k_max, n_random = s.get("k_max", DEFAULT_K_MAX), s.get("n_random", DEFAULT_N_RANDOM)
+    n_heads = len({(a["layer"], a["head"]) for a in circuit.get("attention", [])})
+    n_receivers = s.get("n_receivers", DEFAULT_N_RECEIVERS)
+
+    def count(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
     return f"""**How to read this section.** The heatmap says which single cell (head, position) restores the answer on its
-own. Are those cells *the* mechanism? Two curves answer it, for S_k = the k cells of largest mean score (k = 1..20):
+own. Are those cells *the* mechanism? Two curves answer it, for S_k = the k cells of largest mean score (k = 1..{k_max},
+and the set of every cell above the threshold where that is larger):
 - **sufficiency** (blue): the corrupt run with the clean z of all of S_k patched in at once,
   `(patched - corrupt) / (clean - corrupt)`: how much of the answer S_k brings back on its own;
 - **necessity** (red): the clean run with the corrupt z of all of S_k patched in,
   `(clean - patched) / (clean - corrupt)`: how much of the answer is lost without S_k.
 
-The grey band is the baseline: random sets of k cells at or after the corruption (mean ± std over 10 seeded
-draws). A mechanism found by the sweep rises to ~1 in a few cells while the random sets stay near 0; a necessity
+The grey band is the baseline: random sets of k cells at or after the corruption (mean ± std over
+{count(n_random, "seeded draw", "seeded draws")}). A mechanism found by the sweep rises to ~1 in a few cells while the random sets stay near 0; a necessity
 curve well below sufficiency means other routes carry the answer too. The summary gives the smallest k reaching 80 %.
 
-Then where the top heads look: the attention probabilities of the three heads of the top cells, from the answer
+Then where the top heads look: the attention probabilities of the {count(n_heads, "head", "heads")} of the top cells, from the answer
 position{" (and from the corrupted token)" if from_corrupted else ""}, summed by role (the corrupted word, prompt
 keywords, the Instruction / Context / Response text) and averaged over examples, clean (blue) against corrupt
 (orange); then the same heads over one example's tokens. A head whose attention sits on the swapped word and does
 not move between clean and corrupt *moves* it; one whose attention moves with the corruption *selects* by it.
 
 Then how the heads connect: exact path patching of every edge from a cell of an earlier layer (at or after the
-corruption) into one of the receivers (the three top heads at the answer position), through the receiver's query,
+corruption) into one of the receivers (the {count(n_receivers, "top head", "top heads")} at the answer position in layers 1 and above: a
+layer-0 head has no earlier head to receive from), through the receiver's query,
 key or value, and of each answer-position cell straight into the logits. An edge's score is the share of the
 clean-corrupt gap that comes back when the sender's change reaches *only* that input, everything else staying
-corrupt. The graph draws the 15 strongest (colour: the input; width: |score|; dotted: negative), the table lists the
-10 strongest, each beside its edge attribution (EAP) estimate, the gradient approximation of the same score from one
-forward and one backward; the summary gives how far EAP is from the exact edges. A receiver in layer 0 has no
-senders."""
+corrupt. The graph draws the {GRAPH_EDGES} strongest (colour: the input; width: |score|; dotted: negative), the table lists the
+{TABLE_EDGES} strongest, each beside its edge attribution (EAP) estimate, the gradient approximation of the same score from one
+forward and one backward; the summary gives how far EAP is from the exact edges."""
 
 
 def show_circuit_section(exp) -> None:

@@ -50,9 +50,22 @@ INPUTS = ("q", "k", "v")
 
 @dataclass(frozen=True)
 class Edge:
-    sender: Cell
+    sender: Cell  # (a (layer, head, position) tuple is taken as that Cell)
     receiver: tuple[int, int] | None  # (layer, head); None for the logits
     input: str  # "q" | "k" | "v" | "logits"
+
+    def __post_init__(self):
+        if not isinstance(self.sender, Cell):
+            try:
+                object.__setattr__(self, "sender", Cell(*self.sender))
+            except TypeError:
+                raise TypeError(f"an edge's sender is a Cell(layer, head, position) or such a tuple, got "
+                                f"{self.sender!r}") from None
+        if self.receiver is not None:
+            if len(tuple(self.receiver)) != 2:
+                raise TypeError(f"an edge's receiver is a (layer, head) pair or None (the logits), got "
+                                f"{self.receiver!r}")
+            object.__setattr__(self, "receiver", tuple(self.receiver))
 
 
 @dataclass
@@ -86,10 +99,23 @@ def receiver_input(norm: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) 
     return norm.forward(x + delta)
 
 
+def check_receiver(receiver: tuple[int, int], geo, what: str = "receiver") -> None:
+    """A clear error for a receiver head outside the model (negative indices too)."""
+    layer, head = receiver
+    if not (0 <= layer < geo.n_layers and 0 <= head < geo.n_heads):
+        raise ValueError(f"{what} (layer {layer}, head {head}) is outside the model ({geo.n_layers} layers x "
+                         f"{geo.n_heads} heads)")
+
+
 def all_edges(senders: Sequence[Cell], receivers: Sequence[tuple[int, int]], inputs=INPUTS,
               logits: bool = True, answer_column: int | None = None) -> list[Edge]:
     """Every (sender, receiver, input) with the sender in an earlier layer, plus the logits edges of the senders at
-    ``answer_column``. A receiver in layer 0 has no senders."""
+    ``answer_column``. A receiver in layer 0 has no senders. (Cells and heads are checked against the model where
+    the edges are used: ``path_patching``, ``edge_attribution``.)"""
+    unknown = set(inputs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"unknown inputs {sorted(unknown)}; known: {INPUTS}")
+    senders = [s if isinstance(s, Cell) else Cell(*s) for s in senders]
     edges = [Edge(s, tuple(r), c) for r in receivers for c in inputs for s in senders if s.layer < r[0]]
     if logits and answer_column is not None:
         edges += [Edge(s, None, "logits") for s in senders if s.position == answer_column]
@@ -144,9 +170,10 @@ def prepare_edges(model, pairs, edges, n_columns: int | None = None):
         if (e.receiver is None) != (e.input == "logits"):
             raise ValueError(f"edge {e}: a logits edge has no receiver head, a q/k/v edge has one")
         check_cell(e.sender, geo.n_layers, geo.n_heads, n_columns, what=f"edge {e}: sender")
-        if e.receiver is not None and not (e.sender.layer < e.receiver[0] < geo.n_layers
-                                           and 0 <= e.receiver[1] < geo.n_heads):
-            raise ValueError(f"edge {e}: the receiver must be a head of a later layer than the sender")
+        if e.receiver is not None:
+            check_receiver(e.receiver, geo, what=f"edge {e}: receiver")
+            if not e.sender.layer < e.receiver[0]:
+                raise ValueError(f"edge {e}: the receiver must be a head of a later layer than the sender")
         if e.input == "logits" and e.sender.position != n_columns - 1:
             raise ValueError(f"edge {e}: only a sender at the answer column ({n_columns - 1}) reaches the logits "
                              "directly")

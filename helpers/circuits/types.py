@@ -41,7 +41,9 @@ def token_index(column: int, length: int, n_columns: int) -> int | None:
 def frame_columns(pairs, n_columns: int | None) -> int:
     """The frame's width: ``n_columns``, or the longest example's length. A narrower frame would move every column
     of the longer examples onto other tokens, so it is refused."""
-    longest = max((len(p.clean_ids) for p in pairs), default=0)
+    if not pairs:
+        raise ValueError("no examples: pairs is empty")
+    longest = max(len(p.clean_ids) for p in pairs)
     n_columns = n_columns or longest
     if n_columns < longest:
         raise ValueError(f"n_columns={n_columns} is shorter than the longest example ({longest} tokens)")

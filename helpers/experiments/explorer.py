@@ -58,7 +58,7 @@ class Explorer:
                                  placeholder="local folder or hub id (overrides the registry)", style=style)
         self.device = W.Dropdown(options=["cpu", "auto", "cuda"], value=d["device"], description="device", style=style)
         self.keep_incorrect = W.Checkbox(value=d["keep_incorrect"], description="keep clean-incorrect examples")
-        self.circuit = W.Checkbox(value=d["circuit"], description="circuit: faithfulness, attention")
+        self.circuit = W.Checkbox(value=d["circuit"], description="circuit: faithfulness, attention, path patching")
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
         self.out = W.Output()

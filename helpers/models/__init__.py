@@ -3,7 +3,7 @@ first), the per-family architecture table every kernel goes through, tiny random
 embedded models' training, tokenizer and evaluation.
 
     from helpers.models import load_model, resolve_model
-    m = load_model(resolve_model("embedded", 1))         # m.hf_model, m.tokenizer, m.nnsight
+    m = load_model(resolve_model("embedded", 1))         # m.hf_model, m.tokenizer, m.lm (nnsight)
 
 Modules: ``registry``, ``loading``, ``architectures``, ``tiny_models``, ``checkpoints`` (a trained model's folder;
 the weights live in ``embedded/``), ``tokenizer_training``, ``training``, ``evaluation``.

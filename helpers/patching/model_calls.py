@@ -15,10 +15,11 @@ from helpers.patching.fused_modules import causal_additive_mask
 
 
 def unwrap_model(model) -> torch.nn.Module:
-    """The torch ``*ForCausalLM`` behind ``model`` (itself, or nnsight 0.8's ``._module``; ``._model`` too)."""
+    """The torch ``*ForCausalLM`` behind ``model``: itself, nnsight 0.8's ``._module`` (``._model`` too), or a
+    ``helpers.models.LoadedModel``'s ``.hf_model``."""
     if isinstance(model, torch.nn.Module):
         return model
-    for attr in ("_module", "_model"):
+    for attr in ("hf_model", "_module", "_model"):
         try:
             inner = getattr(model, attr)
         except AttributeError:

@@ -3,6 +3,8 @@ feature, and SQL scoring.
 
     from helpers.tinysql import make_pairs
     pairs = make_pairs("DEFTABLENAME", tokenizer, cs_num=1, batch_size=10, seed=0)
+    # (the suite's words and no synonyms unless told; the notebooks add the feature's DEFAULT_PAIR_OPTIONS and, for
+    # the hub models, vocabulary="upstream")
 
 Modules: ``vocabulary`` (tables, fields, synonyms, novel words), ``features`` (the eight features and the command
 sets that can express them), ``word_sets`` (the suite's words or upstream's patching words and template),
