@@ -142,12 +142,14 @@ the number of examples.
 
 After it, a role table: for each head, its mean score on each example's renamed schema column and on each
 example's prediction position, whatever index those have in that prompt.
+Only those two positions enter this table: a cell elsewhere (the heatmap's strongest can sit at another
+token, e.g. `Response`) is in the first table, not here.
 """
 
 # %%
 from IPython.display import display
 display(exp.top_heads(10))
-exp.role_table(10)
+exp.role_table(10).round(4)  # (rounded for reading: no 1e-08 noise)
 
 # %% [markdown]
 """

@@ -142,12 +142,14 @@ Heads and positions ordered by the size of their mean score; `std` and `n` tell 
 
 Below it, the role-aligned view: per head, the score at every example's own renamed `CREATE TABLE` token
 and at its own answer position, averaged; the schema token moves between columns from prompt to prompt.
+Only those two positions enter this table: a cell elsewhere (the heatmap's strongest can sit at another
+token, e.g. `Response`) is in the first table, not here.
 """
 
 # %%
 from IPython.display import display
 display(exp.top_heads(10))
-exp.role_table(10)
+exp.role_table(10).round(4)  # (rounded for reading: no 1e-08 noise)
 
 # %% [markdown]
 """

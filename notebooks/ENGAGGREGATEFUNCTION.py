@@ -134,12 +134,14 @@ plotting.example_heatmaps(exp).show()
 
 Largest mean |score| first, with the spread and how many examples contribute to each cell. Then per head, the
 mean at two positions found in each example itself: the swapped function word and the final position (`SELECT`).
+Only those two positions enter this table: a cell elsewhere (the heatmap's strongest can sit at another
+token, e.g. `Response`) is in the first table, not here.
 """
 
 # %%
 from IPython.display import display
 display(exp.top_heads(10))
-exp.role_table(10)
+exp.role_table(10).round(4)  # (rounded for reading: no 1e-08 noise)
 
 # %% [markdown]
 """

@@ -147,12 +147,14 @@ Largest mean |score| first, with the spread and how many examples contribute to 
 
 Then per head, the mean at two positions found in each example itself: the swapped field word and the
 final position that predicts the field (the swapped word lands in different columns above).
+Only those two positions enter this table: a cell elsewhere (the heatmap's strongest can sit at another
+token, e.g. `Response`) is in the first table, not here.
 """
 
 # %%
 from IPython.display import display
 display(exp.top_heads(10))
-exp.role_table(10)
+exp.role_table(10).round(4)  # (rounded for reading: no 1e-08 noise)
 
 # %% [markdown]
 """

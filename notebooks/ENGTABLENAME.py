@@ -150,12 +150,14 @@ The cells with the largest mean |score|, with their spread and the number of exa
 
 Second table: the same heads read at two roles found in each example itself: its own Instruction table
 word (which sits at a different column in each prompt), and its last position, the one after `FROM`.
+Only those two positions enter this table: a cell elsewhere (the heatmap's strongest can sit at another
+token, e.g. `Response`) is in the first table, not here.
 """
 
 # %%
 from IPython.display import display
 display(exp.top_heads(10))
-exp.role_table(10)
+exp.role_table(10).round(4)  # (rounded for reading: no 1e-08 noise)
 
 # %% [markdown]
 """

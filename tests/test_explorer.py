@@ -50,6 +50,11 @@ def test_command_set_follows_the_feature_and_the_word_set_is_a_choice():
     ex.feature.value = "ENGAGGREGATEFUNCTION"
     assert ex.cs.value == 3
     ex.feature.value = "ENGTABLENAME"
+    assert ex.cs.value == 1  # the user's own command set again (it was left at 3)
+    ex.feature.value = "ENGORDERBYFIELD"
+    assert ex.cs.value == 2
+    ex.cs.value = 3  # chosen by the user: theirs now
+    ex.feature.value = "ENGTABLENAME"
     assert ex.cs.value == 3  # every command set can express it: left alone
     ex.vocabulary.value = "upstream"
     assert ex.settings()["vocabulary"] == "upstream" and ex.settings()["cs_num"] == 3

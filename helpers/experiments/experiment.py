@@ -263,7 +263,8 @@ class ExperimentResult:
 
     def role_table(self, k: int = 10):
         """Heads ranked by their score at two positions aligned by role, not index: each example's corrupted
-        token and its last token (the one that predicts the answer). Means over the included examples."""
+        token and its last token (the one that predicts the answer). Means over the included examples (full
+        precision: the notebooks show it ``.round(4)``); cells at other positions are not in it."""
         import pandas as pd
 
         p = self.patching

@@ -47,6 +47,8 @@ class Explorer:
         self.feature = W.Dropdown(options=feature_choices(), value=E.P.parse_feature(d["feature_name"]).value,
                                   description="feature", style=style)
         self.feature.observe(self._command_set_for_feature, names="value")
+        self._moved_from = None  # the command set the user had before a feature moved it (restored when it fits)
+        self.cs.observe(self._command_set_chosen, names="value")
         self.vocabulary = W.Dropdown(options=VOCABULARY_CHOICES, value=d["vocabulary"], description="word set",
                                      style=style)
         self.flags = {name: W.Dropdown(options=FLAG_CHOICES, value=d[name], description=name, style=style)
@@ -83,10 +85,26 @@ class Explorer:
                     keep_incorrect=self.keep_incorrect.value, circuit=self.circuit.value)
 
     def _command_set_for_feature(self, change) -> None:
-        """Picking an ORDER BY or aggregate feature moves the command set to the first one that has it."""
+        """Picking an ORDER BY or aggregate feature moves the command set to the first one that has it; picking a
+        feature the user's own command set can express again moves it back."""
         needed = E.P.parse_feature(change["new"]).command_sets
-        if self.cs.value not in needed:
-            self.cs.value = next(c for c in needed if c)
+        if self._moved_from is not None and self._moved_from in needed:
+            target, self._moved_from = self._moved_from, None
+        elif self.cs.value not in needed:
+            target = next(c for c in needed if c)
+            self._moved_from = self._moved_from if self._moved_from is not None else self.cs.value
+        else:
+            return
+        self._moving = True
+        try:
+            self.cs.value = target
+        finally:
+            self._moving = False
+
+    def _command_set_chosen(self, change) -> None:
+        """The user picked a command set: that is theirs now, nothing to move back to."""
+        if not getattr(self, "_moving", False):
+            self._moved_from = None
 
     def _loaded(self, settings: dict):
         """The cached model for these settings (validated first, so a bad choice fails before loading)."""
@@ -114,11 +132,11 @@ class Explorer:
                 loaded = self._loaded(settings)
                 self.status.value = "patching ..."
                 self.result = E.run_experiment(**settings, loaded=loaded, progress=False)
-                self.status.value = html.escape(self.result.summary())
+                self.status.value = html.escape(self.result.summary()).replace("\n", "<br>")
                 plotting.setup_renderer()
                 display(plotting.mean_heatmap(self.result))
                 display(self.result.top_heads(10))
-                display(self.result.role_table(10))
+                display(self.result.role_table(10).round(4))
                 if self.result.circuit is not None:
                     show_circuit_section(self.result)
                 if self.save:

@@ -114,8 +114,9 @@ def example_heatmaps(exp, max_examples: int = 6, cols: int = 2) -> go.Figure:
         fig.add_trace(go.Heatmap(z=z, y=geo_rows, x=[f"{t.strip()}_{j}" for j, t in enumerate(exp.tokens[i])],
                                  coloraxis="coloraxis"), row=k // cols + 1, col=k % cols + 1)
     fig.update_layout(coloraxis=dict(colorscale="RdBu", cmid=0.0, colorbar_title=COLOR_LABEL),
-                      title=_title("Per example", _meta(exp)), height=max(400, 320 * rows_n))
-    fig.update_xaxes(showticklabels=False)
+                      title=_title("Per example", _meta(exp)), height=max(440, 400 * rows_n))
+    # each example's own tokens under its columns, small and upright (~60 a panel); hover names them too
+    fig.update_xaxes(tickfont=dict(size=7), tickangle=-90)
     fig.update_yaxes(tickfont=dict(size=8))
     return fig
 

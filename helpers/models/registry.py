@@ -182,7 +182,9 @@ def resolve_model(model_num, cs_num: int | None = None, semantic: bool = True, m
                          overridden=True)
 
     if model_num == EMBEDDED:
-        if embedded_family not in EMBEDDED_FAMILIES or cs_num not in EMBEDDED_CS or not semantic:
+        if embedded_family not in EMBEDDED_FAMILIES:  # (the one thing wrong: say it first, not after the hub list)
+            raise ValueError(f"embedded_family must be one of {list(EMBEDDED_FAMILIES)}, got {embedded_family!r}")
+        if cs_num not in EMBEDDED_CS or not semantic:
             raise _invalid(model_num, cs_num, semantic, embedded_family)
         folder = embedded_model_dir(embedded_family, cs_num)
         return ModelSpec(model_id=str(model_path) if model_path is not None else str(folder), model_num=EMBEDDED,
