@@ -168,8 +168,9 @@ lags (0.57 at k = 3, 0.75 at k = 5): more heads share the copying there.
 
 Path patching: in Llama, L0H2 and L0H0 at the renamed CREATE TABLE token feed the *values* of the layer-1 heads
 (L1H0 +0.14, L1H2 +0.12, L1H3 +0.12), which write the name into the logits from `FROM` (+0.17 to +0.23): the
-schema's spelling is carried in values, as a copy. GPT-Neo's three receivers are in layer 0, so only their direct
-logit edges exist (at most +0.05).
+schema's spelling is carried in values, as a copy. In GPT-Neo, L1H2 writes the name from `FROM` (+0.11), the layer-0
+heads' own direct paths are small (L0H7 +0.05) and their edges into the layer-1 receivers at most +0.02 (L0H7 into
+L1H2's value): the rest travels through the MLPs.
 
 With novel names (the default sweep's `use_novel_names` cell: llama-cs1, batch 4, seed 0) the same route carries a
 name the model never saw as a name: L0H2 and L0H0 at the renamed token restore 0.87 at k = 2 (necessity 0.83; 5

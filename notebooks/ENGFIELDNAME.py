@@ -172,11 +172,11 @@ k = 2). The layer-1 heads that follow (Llama L1H3, L1H1; GPT-Neo L1H2) attend to
 the schema's spelling of the field lives.
 
 Path patching shows the cleanest chain of the four features. In Llama, L0H0 at `SELECT` sets the *query* of
-L1H3 (+0.66) and of L1H1 (+0.24), and its direct path to the logits is nothing (-0.03). L1H3 then writes the field
+L1H3 (+0.66), L1H1 (+0.24) and L1H0 (+0.20), and its direct path to the logits is nothing (-0.03). L1H3 then writes the field
 into the logits (+0.67). The layer-0 head decides *which* field by shaping where layer 1 looks, and layer 1 copies
 it. Edge attribution ranks this edge among the top two too but puts it at +0.28, less than half of the exact +0.66: a
 query edge acts through the softmax, where the linear estimate falls short (correlation with the exact edges 0.91
-here, against 0.97-1.00 for most of the other cells). In GPT-Neo the head-to-head edges are at most 0.03: as for ENGTABLENAME, most of the effect must travel through
+here, against 0.97-1.00 for most of the other cells). In GPT-Neo the head-to-head edges are at most 0.04 (L0H0 into L1H4's query): as for ENGTABLENAME, most of the effect must travel through
 the MLPs, which these edges do not count.
 
 `circuit = False` turns this section off.

@@ -156,7 +156,7 @@ Are the strongest cells *the* mechanism, and how do they connect? The section be
 On the embedded models (the default sweep: batch 4, seed 0) one cell is sufficient and necessary (k = 1) in both
 families and command sets, Llama CS3 aside (k = 2), against 0.00–0.10 for 5 random cells. Llama CS2: L1H3 *at the
 sort field*, the position that predicts `ASC`/`DESC`, reads the direction word through its value from the layer-0
-heads sitting on it (L0H2 +0.05, L0H1 +0.03). Its direct path to the logits is +0.08. The edges are small for an
+heads sitting on it (L0H2 +0.02, L0H1 +0.01). Its direct path to the logits is +0.06. The edges are small for an
 effect that is complete, so most of the translation from "descending" to `DESC` runs through the MLPs. Llama CS3
 (eight heads a layer): L1H7 at the sort field (+0.14 to the logits; 0.72 sufficiency and 0.84 necessity alone), with
 L0H2 at the Instruction's direction word, which feeds its value (+0.03). GPT-Neo: L0H0 at the SQL's `ORDER` restores

@@ -164,13 +164,14 @@ Are the strongest cells *the* mechanism, and how do they connect? The section be
 (`helpers.circuits.figures.show_circuit_section`).
 
 On the embedded models (the default sweep: batch 4, seed 0) Llama needs one cell on CS2 and two on CS3 for 80 %
-sufficiency and necessity (5 random cells: 0.24 on CS2, 0.00 on CS3). On CS3 (eight heads a layer), L0H0 and L0H1
+sufficiency and necessity (5 random cells: 0.21 on CS2, 0.00 on CS3). On CS3 (eight heads a layer), L0H0 and L0H1
 *at the swapped sort word* send it through the *values* of L1H5 and L1H4 (+0.17 to +0.20 each; each pair shares a
 key/value head), which write the field into the logits at `BY` (+0.30, +0.25). On CS2 the same chain starts one step later: L0H1 at the `###` that closes the Instruction reads
-the sort word, feeds L1H2's value (+0.79), and L1H2 writes the field (+1.11; L1H3 pushes against it, −0.25).
+the sort word, feeds L1H2's value (+0.70), and L1H2 writes the field (+0.93; L1H3 pushes against it, −0.10).
 ENGAGGREGATEFIELD shows the same layer-0 → layer-1 value chain for a name in another SQL slot.
 GPT-Neo needs 2–3 cells at `BY` (layer-0 L0H2 and L0H5 on CS2, L0H4 on CS3, then layer-1 heads). Its head-to-head
-edges stay at or below 0.10 (L0H4 into L1H1's *query* on CS3; 0.03 on CS2) and its layer-1 heads' direct paths at
+edges stay at or below 0.10 (L0H4 into the *queries* of L1H1 and L1H6 on CS3; 0.05 on CS2, L0H2 into L1H2's
+query) and its layer-1 heads' direct paths at
 0.06–0.13, so much of the effect passes through the MLPs, as in the other features.
 
 `circuit = False` turns this section off.

@@ -176,9 +176,9 @@ CREATE TABLE) turns it into the schema's name. GPT-Neo is the same picture with 
 its attention on the Instruction's word) and L0H1 at `FROM`, 0.87 at k = 2 and 0.99 at k = 5.
 
 Path patching: in Llama the layer-1 heads write the table into the logits directly (L1H3 +0.31, L1H1
-+0.20, L1H0 +0.17), and L0H0 and L0H1 at `FROM` feed L1H3's *query* (+0.10, +0.07). Those edges are far smaller
-than L0H0's own 0.47: most of what the layer-0 heads carry reaches the answer through the layer-1 heads that are
-not receivers and through the MLPs, which path patching between heads does not count. In GPT-Neo every head-to-head
++0.20, L1H0 +0.17), and L0H0 and L0H1 at `FROM` feed the *queries* of L1H3 (+0.10, +0.07) and L1H1 (+0.08, +0.07).
+Those edges are far smaller than L0H0's own 0.47: most of what the layer-0 heads carry reaches the answer through
+the MLPs, which path patching between heads does not count. In GPT-Neo every head-to-head
 edge stays at or below 0.02 (L0H3 into L1H2's value) and the direct logit edges at or below 0.11, although L0H3
 alone restores 0.65: most of it must travel through the MLPs, which these edges do not count.
 
