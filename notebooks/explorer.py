@@ -24,8 +24,8 @@ the aggregate's function or field: the dropdown says which command sets each nee
 command set there), the prompt flags, the word set (this suite's or upstream TinySQL's) and a batch size, then
 press **Run**: the explorer builds clean/corrupt pairs, patches every attention head at every position and shows
 the mean normalised score (rows `L{layer}_H{head}`, columns `{token}_{index}`; blue restores the clean answer,
-1 = fully), the heads with the largest effect and the role table (each top head's score at the positions that
-matter: the swapped word, the last token, ...). With **circuit** ticked, the circuit section follows, with its
+1 = fully), the heads with the largest effect and the role table (each top head's score at two positions found
+in each example: the swapped word and the last token). With **circuit** ticked, the circuit section follows, with its
 own reading guide: faithfulness curves (are the top cells the mechanism?), where the top heads attend, and exact
 path patching with its edge-attribution estimate (how they connect; the slowest part, untick it for quick looks).
 When an ORDER BY or aggregate feature moves the command set, picking a feature your own command set can express

@@ -513,3 +513,31 @@ def test_faithfulness_refuses_a_mean_of_another_shape_and_bad_counts(project_tok
         faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads, T), k_max=0)
     with pytest.raises(ValueError, match="n_random must be an integer >= 0"):
         faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads, T), n_random=-2)
+
+
+def test_edge_parts_are_checked_and_the_model_check_reads_the_experiments_precision():
+    """Second review: dicts and strings became cells of strings; numpy counts were refused; a bf16 experiment
+    re-analysed in float32 got float32's tolerance."""
+    import numpy as np
+
+    from helpers.circuits import Edge, all_edges
+    from helpers.circuits.analysis import _ran_in_half
+    from helpers.circuits.faithfulness import check_counts
+
+    for sender in ({"layer": 0, "head": 1, "position": 5}, "015", (0, 1)):
+        with pytest.raises(TypeError, match="sender is a Cell"):
+            Edge(sender, (1, 2), "q")
+    for receiver in ({"layer": 1, "head": 2}, 3, (1, "2")):
+        with pytest.raises(TypeError, match="receiver is a"):
+            Edge(Cell(0, 1, 5), receiver, "q")
+    assert Edge((np.int64(0), 1, 5), (torch.tensor(1), 2), "q") == Edge(Cell(0, 1, 5), (1, 2), "q")
+    assert [e.input for e in all_edges([Cell(0, 1, 5)], [(1, 0)], inputs="v")] == ["v"]
+    check_counts(1, k_max=np.int64(5))
+    with pytest.raises(ValueError, match="k_max must be an integer >= 1"):
+        check_counts(1, k_max=np.int64(0))
+
+    class Exp:  # what _ran_in_half reads
+        def __init__(self, dtype, device):
+            self.model_info = {"dtype": dtype, "device": device}
+    assert _ran_in_half(Exp("auto", "cuda:0")) and _ran_in_half(Exp("bfloat16", "cpu"))
+    assert not _ran_in_half(Exp("auto", "cpu")) and not _ran_in_half(Exp("float32", "cuda:0"))

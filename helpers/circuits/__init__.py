@@ -11,7 +11,7 @@ batched, and its one-forward-per-edge reference), ``edge_attribution`` (EAP: the
 
     from helpers.circuits import Cell, all_edges
     from helpers.circuits.path_patching import path_patching      # (the functions are named like their modules)
-    edges = all_edges([Cell(0, 1, 28)], receivers=[(1, 3)], answer_column=28)   # q, k, v of L1H3 (+ logits)
+    edges = all_edges([Cell(0, 1, 28)], receivers=[(1, 3)], answer_column=28)   # (28: the frame's last column)
     scores = path_patching(hf_model, exp.pairs, edges)                         # .to_dicts(): mean score per edge
 """
 from helpers.circuits.analysis import CircuitResult, analyse_circuit, check_same_model

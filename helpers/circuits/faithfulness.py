@@ -16,6 +16,7 @@ smallest k whose mean reaches 0.8 (None if none does).
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -99,7 +100,7 @@ def check_counts(at_least: int, **counts) -> None:
     """A clear error for a count that is not an integer >= ``at_least``: a negative count would otherwise slice from
     the end, and k_max = 0 would silently test the above-threshold set alone."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < at_least:
             raise ValueError(f"{name} must be an integer >= {at_least}, got {value!r}")
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
+import operator
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -57,15 +58,18 @@ class Edge:
     def __post_init__(self):
         if not isinstance(self.sender, Cell):
             try:
-                object.__setattr__(self, "sender", Cell(*self.sender))
-            except TypeError:
+                assert isinstance(self.sender, (tuple, list)) and len(self.sender) == 3
+                object.__setattr__(self, "sender", Cell(*(operator.index(x) for x in self.sender)))
+            except (AssertionError, TypeError):
                 raise TypeError(f"an edge's sender is a Cell(layer, head, position) or such a tuple, got "
                                 f"{self.sender!r}") from None
         if self.receiver is not None:
-            if len(tuple(self.receiver)) != 2:
+            try:
+                assert isinstance(self.receiver, (tuple, list)) and len(self.receiver) == 2
+                object.__setattr__(self, "receiver", tuple(operator.index(x) for x in self.receiver))
+            except (AssertionError, TypeError):
                 raise TypeError(f"an edge's receiver is a (layer, head) pair or None (the logits), got "
-                                f"{self.receiver!r}")
-            object.__setattr__(self, "receiver", tuple(self.receiver))
+                                f"{self.receiver!r}") from None
 
 
 @dataclass
@@ -112,6 +116,8 @@ def all_edges(senders: Sequence[Cell], receivers: Sequence[tuple[int, int]], inp
     """Every (sender, receiver, input) with the sender in an earlier layer, plus the logits edges of the senders at
     ``answer_column``. A receiver in layer 0 has no senders. (Cells and heads are checked against the model where
     the edges are used: ``path_patching``, ``edge_attribution``.)"""
+    if isinstance(inputs, str):
+        inputs = (inputs,)
     unknown = set(inputs) - set(INPUTS)
     if unknown:
         raise ValueError(f"unknown inputs {sorted(unknown)}; known: {INPUTS}")

@@ -48,6 +48,7 @@ class Explorer:
                                   description="feature", style=style)
         self.feature.observe(self._command_set_for_feature, names="value")
         self._moved_from = None  # the command set the user had before a feature moved it (restored when it fits)
+        self._moving = False  # (set while a feature moves the command set: not the user's choice)
         self.cs.observe(self._command_set_chosen, names="value")
         self.vocabulary = W.Dropdown(options=VOCABULARY_CHOICES, value=d["vocabulary"], description="word set",
                                      style=style)
@@ -103,7 +104,7 @@ class Explorer:
 
     def _command_set_chosen(self, change) -> None:
         """The user picked a command set: that is theirs now, nothing to move back to."""
-        if not getattr(self, "_moving", False):
+        if not self._moving:
             self._moved_from = None
 
     def _loaded(self, settings: dict):

@@ -116,7 +116,7 @@ def example_heatmaps(exp, max_examples: int = 6, cols: int = 2) -> go.Figure:
     fig.update_layout(coloraxis=dict(colorscale="RdBu", cmid=0.0, colorbar_title=COLOR_LABEL),
                       title=_title("Per example", _meta(exp)), height=max(440, 400 * rows_n))
     # each example's own tokens under its columns, small and upright (~60 a panel); hover names them too
-    fig.update_xaxes(tickfont=dict(size=7), tickangle=-90)
+    fig.update_xaxes(tickfont=dict(size=7), tickangle=-90, dtick=1)
     fig.update_yaxes(tickfont=dict(size=8))
     return fig
 
