@@ -6,7 +6,7 @@ For every embedded model (gpt_neo / llama x cs1-3) and feature, ``--examples`` p
 options; the truth is the exact computation in float32. Reported, per dtype (fp32, bf16): the estimate's
 ``helpers.patching.attribution.attribution_error`` against that truth (correlation of the per-example effects,
 top-10 overlap of the mean effects), and for bf16 also the exact computation's own deviation from the fp32 truth
-(the bf16 noise floor any estimate in bf16 sits on). Edges: the top-3 receivers of the fp32 sweep at the answer
+(the bf16 noise floor any estimate in bf16 sits on). Edges: the top-3 receivers (layers 1 and up) of the fp32 sweep at the answer
 position x every sender cell at or after the first difference x q/k/v, plus the logits edges.
 
 Usage: python scripts/attribution_quality.py [--device cuda] [--examples 20] [--json outputs/attribution_quality.json]
@@ -53,7 +53,8 @@ def one(folder, cs: int, feature: str, n: int, device: str) -> dict:
     geo = head_geometry(model.config)
     kw = dict(keep_incorrect=False, progress=False)
     exact = patch_heads(model.float(), pairs, **kw)
-    receivers = [(r["layer"], r["head"]) for r in top_heads_at(exact.mean(), T - 1, 3)]
+    # the circuit section's receivers: the top 3 at the answer position in layers 1 and up (analyse_circuit)
+    receivers = [(r["layer"], r["head"]) for r in top_heads_at(exact.mean(), T - 1, 3, min_layer=1)]
     senders = random_pool(geo.n_layers, geo.n_heads, [p.corrupted_position for p in pairs], T)
     edges = all_edges(senders, receivers, answer_column=T - 1)
     exact_edges = path_patching(model, pairs, edges, keep_incorrect=False)

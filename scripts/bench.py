@@ -172,7 +172,7 @@ def sync_report(model, pair, name):
 SMALL_CASES = (("1 example, T 71", 1, 71, 10), ("10 examples, T 71", 10, 71, 10), ("10 examples, T 26", 10, 26, 17))
 SMALL_SHAPES = ("SmolLM2", "TinyStories")
 LARGE_CASES = (("1 example, T 60", 1, 60, 10),)  # the main table's case, for the other shapes under --small-only
-PEAK_TFLOPS = 790.0  # the H200's dense bf16 rate the arithmetic bound is quoted at (README "Speed")
+PEAK_TFLOPS = 790.0  # the H200's dense bf16 rate the arithmetic bound is quoted at (BENCHMARKS.md)
 
 
 def gpu_busy_seconds(fn, device) -> float:
@@ -349,7 +349,7 @@ def main(argv=None):
             t_attr, attr = timed(lambda: attribution_patching_heads(model, [pair], keep_incorrect=True,
                                                                     progress=False), device)
             rep = attribution_error(attr, fast)
-            extra.append(f"| {name} | {dname} | attribution patching (2 fwd + 1 bwd; on a random model a bf16 noise floor, README) | 1 example | – | {t_attr:.3f} | "
+            extra.append(f"| {name} | {dname} | attribution patching (2 fwd + 1 bwd; on a random model a bf16 noise floor, BENCHMARKS.md) | 1 example | – | {t_attr:.3f} | "
                          f"{t_attr:.3f} | corr {rep['correlation']:.3f}, max abs err {rep['max_abs_error']:.2e}, "
                          f"rel {rep['relative_max_error']:.2f} vs exact |")
             print(extra[-1], flush=True)

@@ -44,9 +44,9 @@ helpers.patching.fused_modules' same-formula swap-ins (``fused=True``; on CUDA w
 GPT-Neo with its attention swapped (helpers.patching.fused_gpt_neo).
 
 Measured (scripts/bench.py, H100 80GB HBM3, torch 2.11, transformers 5.17, random-init real shapes, one 60-token
-example, first difference at 10, full layer x head x position sweep, default settings; README "Speed"): bf16 on
+example, first difference at 10, full layer x head x position sweep, default settings; BENCHMARKS.md): bf16 on
 2026-11-28, TinyStories-2L 0.060-0.065 s, Qwen2.5-0.5B 0.414-0.451 s, Llama-3.2-1B 1.083-1.115 s (the nnsight
-loop, extrapolated, in the README table's run: 9.6, 791, 593 s; its own time varies 3x or more between runs); fp32
+loop, extrapolated, in BENCHMARKS.md's table: 9.6, 791, 593 s; its own time varies 3x or more between runs); fp32
 in that run 0.078, 3.48, 12.2 s. Llama's matrix products take ~73 % of its GPU time at ~720 TFLOP/s; Qwen's ~55 %,
 then ``silu(gate) * up`` 15 % and attention 12 %, and its GPU waits for the host ~16 % of the wall time. 10 examples
 (T 55-65, bf16): TinyStories 2.2x one example (merged), Qwen 9.5-9.6x (merged), Llama 9.8-9.9x (one at a time):
