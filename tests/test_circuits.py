@@ -257,7 +257,11 @@ def test_the_result_json_carries_the_circuit_and_redraws_it(tmp_path):
     # an example's token labels name the heatmap's columns: a shorter example's first token is a later column
     tokens = exp.tokens[0]
     labels = figures.attention_example_figure(circuit, tokens, first_column=3).data[0].x
-    assert list(labels) == [f"{t}_{3 + i}" for i, t in enumerate(tokens)]
+    assert list(labels) == [f"{t.strip() or repr(t)}_{3 + i}" for i, t in enumerate(tokens)]
+    # the heatmap's labels name the same columns (the reference example's tokens, "*" on mixed columns)
+    ref = exp.reference
+    drawn = figures.attention_example_figure(circuit, exp.tokens[ref], first_column=exp.offset(ref)).data[0].x
+    assert list(drawn) == [label.replace("*", "") for label in exp.token_labels()]
     # the reading guide every notebook shows names the corrupted token's attention only where it is drawn
     assert "(and from the corrupted token)" in figures.reading_guide(circuit)
     answer_only = {**circuit, "attention": [a for a in circuit["attention"] if a["query"] == "answer"]}

@@ -68,7 +68,9 @@ def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0,
                              first_column: int = 0) -> go.Figure | None:
     """Every top head's attention over one example's tokens (clean and corrupt rows), from its query position.
     ``first_column``: the end-aligned column of the example's first token, so that a token's label ``{tok}_{c}``
-    names the same column as in the heatmap, the edge table and the graph (a shorter example starts later)."""
+    (stripped as the heatmap strips them) names the same column as in the heatmap, the edge table and the graph (a
+    shorter example starts later). The tokens are this example's own: where examples differ, the heatmap's label has
+    the reference example's token and a ``*``."""
     heads = circuit.get("attention") or []
     if not heads:
         return None
@@ -78,7 +80,8 @@ def attention_example_figure(circuit: dict, tokens: list[str], example: int = 0,
             row = h[side][example]
             z.append(row + [None] * (len(tokens) - len(row)))
             labels.append(f"L{h['layer']}H{h['head']} {h['query']} {side}")
-    fig = go.Figure(go.Heatmap(z=z, x=[f"{t}_{first_column + i}" for i, t in enumerate(tokens)], y=labels,
+    fig = go.Figure(go.Heatmap(z=z, x=[f"{t.strip() or repr(t)}_{first_column + i}" for i, t in enumerate(tokens)],
+                               y=labels,
                                colorscale="Blues", zmin=0, colorbar=dict(title="attention")))
     fig.update_layout(title="Attention of the top heads over one example", height=140 + 28 * len(labels),
                       width=1200, yaxis=dict(autorange="reversed"), xaxis_tickangle=-60)
