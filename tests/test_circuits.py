@@ -473,6 +473,8 @@ def test_the_circuit_section_checks_its_model_and_settings_and_reads_its_own_set
                          (dict(threshold=float("nan")), "threshold must be a finite number")):
         with pytest.raises(ValueError, match=message):
             analyse_circuit(exp, loaded.hf_model, **bad)
+    reloaded = analyse_circuit(exp, k_max=1, n_random=0, n_attention_heads=0, edges=False)  # loads exp's model
+    assert reloaded.faithfulness.k[0] == 1 and not reloaded.edges_computed
     circuit = analyse_circuit(exp, loaded, k_max=3, n_random=2, n_receivers=2, n_attention_heads=1)  # a LoadedModel
     assert circuit.receivers and all(r["layer"] >= 1 for r in circuit.receivers) and len(circuit.receivers) <= 2
     assert circuit.edges and any(e["receiver"] is not None for e in circuit.edges)

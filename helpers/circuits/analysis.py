@@ -144,12 +144,13 @@ def check_same_model(exp, model, example: int | None = None) -> None:
                          f"{recorded[1]:.3f} in the experiment (tolerance {tol:.2f})")
 
 
-def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,
+def analyse_circuit(exp, model=None, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,
                     n_random: int = DEFAULT_N_RANDOM, n_receivers: int = DEFAULT_N_RECEIVERS,
                     n_attention_heads: int = DEFAULT_N_ATTENTION_HEADS, n_senders: int | None = None,
                     edges: bool = True, progress: bool = False) -> CircuitResult:
     """The circuit section of one experiment (``exp``: an ExperimentResult; ``model``: the model it ran on, a HF
-    model or a ``helpers.models.LoadedModel``; another model is refused: ``check_same_model``).
+    model or a ``helpers.models.LoadedModel``; another model is refused: ``check_same_model``; None: loaded again
+    from the experiment's spec, dtype and device).
 
     The random baseline is seeded with the experiment's seed. Attention is read from the answer position, and for
     the Def* features (the corruption sits in the CREATE TABLE) also from the corrupted token. Receivers are the
@@ -159,6 +160,10 @@ def analyse_circuit(exp, model, *, k_max: int = DEFAULT_K_MAX, threshold: float 
     check_counts(0, n_random=n_random, n_receivers=n_receivers, n_attention_heads=n_attention_heads)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    if model is None:
+        from helpers.models.loading import load_model
+
+        model = load_model(exp.spec, dtype=exp.settings.dtype, device=exp.settings.device, wrap=False)
     model = unwrap_model(model)
     aligned = exp.aligned
     mean, count = aligned.mean(), aligned.count()
