@@ -417,6 +417,13 @@ def test_the_edges_graph_and_table_redraw_from_a_circuit_dict():
     table = figures.edges_table(circuit, [f"t{i}" for i in range(5)])
     assert table["receiver"].tolist() == ["L1H0", "logits"] and table["at"].tolist() == ["t3", "t3"]
     fig = figures.circuit_graph_figure(circuit, n_layers=2)
+    nodes = next(t for t in fig.data if t.mode == "markers+text" and "L0H1@pos 3" in t.text)
+    assert "L1H0" in nodes.text  # a receiver: no position
+    other = {**cell, "position": 4}
+    two = {"edges_computed": True, "edges": circuit["edges"][:2] + [
+        {"sender": other, "receiver": {"layer": 1, "head": 0}, "input": "k", "score": 0.1, "std": 0.0, "n": 3}]}
+    labelled = figures.circuit_graph_figure(two, n_layers=2, position_labels=[f"t{i}" for i in range(5)])
+    assert any("L0H1@t3, t4" in (t.text or ()) for t in labelled.data if t.mode == "markers+text")
     lines = [t for t in fig.data if t.mode == "lines" and t.x[0] is not None]
     assert len(lines) == 2 and lines[1].line.dash == "dot" and lines[0].line.width > lines[1].line.width
     assert figures.circuit_graph_figure({"edges": []}, n_layers=2) is None

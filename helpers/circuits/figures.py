@@ -113,7 +113,8 @@ def edges_table(circuit: dict, position_labels=None, n: int = TABLE_EDGES) -> pd
 def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: int = GRAPH_EDGES,
                          title: str = "How the heads connect (path patching)") -> go.Figure | None:
     """Heads as nodes by layer (x) and head (y), the logits at the right; the ``n`` strongest edges as lines coloured
-    by the receiver's input, width by |score| (hover: the sender's position and the score)."""
+    by the receiver's input, width by |score| (hover: the edge and its score). A sender's label names the positions
+    it sends from (one node per head, so a head sending from two positions is one node with both)."""
     edges = _strongest(circuit, n)
     if not edges:
         return None
@@ -123,9 +124,14 @@ def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: 
     offset = {"q": -0.15, "k": 0.0, "v": 0.15, "logits": 0.0}
     heads = [e["sender"]["head"] for e in edges] + [e["receiver"]["head"] for e in edges if e["receiver"]]
     logits_y, has_logits = max(heads) / 2, False  # the logits node between the heads, off any head's row
+    sent_from: dict = {}  # head -> the positions it sends from (one node per head: the positions go in its label)
     for e in edges:
         s = (e["sender"]["layer"], e["sender"]["head"])
         nodes[s] = f"L{s[0]}H{s[1]}"
+        where = e["sender"]["position"]
+        where = position_labels[where] if position_labels is not None else f"pos {where}"
+        if where not in sent_from.setdefault(s, []):
+            sent_from[s].append(where)
         if e["receiver"] is None:
             end, has_logits = (n_layers, logits_y), True
         else:
@@ -136,8 +142,9 @@ def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: 
                                  text=edge_label(e, position_labels), showlegend=False,
                                  line=dict(color=INPUT_COLORS[e["input"]], width=1 + 9 * abs(e["score"]) / top,
                                            dash="solid" if e["score"] > 0 else "dot")))
+    text = [f"{name}@{', '.join(sent_from[k])}" if k in sent_from else name for k, name in nodes.items()]
     fig.add_trace(go.Scatter(x=[k[0] for k in nodes], y=[k[1] for k in nodes], mode="markers+text",
-                             text=list(nodes.values()), textposition="top center", showlegend=False,
+                             text=text, textposition="top center", showlegend=False,
                              marker=dict(size=14, color="white", line=dict(color="black", width=1))))
     if has_logits:
         fig.add_trace(go.Scatter(x=[n_layers], y=[logits_y], mode="markers+text", text=["logits"], showlegend=False,
@@ -147,8 +154,9 @@ def circuit_graph_figure(circuit: dict, n_layers: int, position_labels=None, n: 
                                  name=f"into {name}" if name != "logits" else "direct to the logits"))
     fig.update_layout(title=f"{title}<br><sup>{len(edges)} strongest edges; width: |score|; dotted: negative</sup>",
                       xaxis=dict(title="layer", tickvals=list(range(n_layers + 1)),
-                                 ticktext=[str(l) for l in range(n_layers)] + ["logits"]),
-                      yaxis=dict(title="head"), height=500, width=900)
+                                 ticktext=[str(l) for l in range(n_layers)] + ["logits"],
+                                 range=[-0.6, n_layers + 0.4]),  # (room for layer 0's labels)
+                      yaxis=dict(title="head", dtick=1), height=500, width=900)
     return fig
 
 
