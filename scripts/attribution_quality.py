@@ -6,8 +6,9 @@ For every embedded model (gpt_neo / llama x cs1-3) and feature, ``--examples`` p
 options; the truth is the exact computation in float32. Reported, per dtype (fp32, bf16): the estimate's
 ``helpers.patching.attribution.attribution_error`` against that truth (correlation of the per-example effects,
 top-10 overlap of the mean effects), and for bf16 also the exact computation's own deviation from the fp32 truth
-(the bf16 noise floor any estimate in bf16 sits on). Edges: the top-3 receivers (layers 1 and up) of the fp32 sweep at the answer
-position x every sender cell at or after the first difference x q/k/v, plus the logits edges.
+(the bf16 noise floor any estimate in bf16 sits on). Edges: the top-3 receivers (layers 1 and up, as the circuit
+section's) of the fp32 sweep at the answer position x every sender cell at or after the first difference x q/k/v,
+plus the logits edges.
 
 Usage: python scripts/attribution_quality.py [--device cuda] [--examples 20] [--json outputs/attribution_quality.json]
 """
