@@ -29,8 +29,10 @@ from helpers.circuits.faithfulness import (
     ranked_cells,
 )
 from helpers.models.architectures import head_geometry
+from helpers.models.loading import load_model, resolve_dtype
 from helpers.patching.attribution import attribution_error
-from helpers.patching.model_calls import unwrap_model
+from helpers.patching.example_runs import example_metrics
+from helpers.patching.model_calls import ModelCalls, eval_mode, unwrap_model
 
 DEFAULT_N_RECEIVERS = 3
 DEFAULT_N_ATTENTION_HEADS = 3
@@ -106,9 +108,11 @@ _SAME_MODEL_TOLERANCE = {"float32": (0.05, 0.02), "half": (0.5, 0.1)}
 
 
 def _ran_in_half(exp) -> bool:
-    """Did the experiment run in fp16/bf16? (its recorded dtype; "auto" is bf16 on CUDA)"""
-    dtype, device = str(exp.model_info.get("dtype") or "auto").lower(), str(exp.model_info.get("device", "cpu"))
-    return device.startswith("cuda") if dtype == "auto" else "16" in dtype
+    """Did the experiment run in fp16/bf16? Its recorded dtype ("auto": bf16 where it ran on CUDA)."""
+    dtype = exp.model_info.get("dtype") or "auto"
+    if str(dtype).strip().lower() == "auto":
+        return str(exp.model_info.get("device", "cpu")).startswith("cuda")
+    return resolve_dtype(dtype) in (torch.float16, torch.bfloat16)
 
 
 def check_same_model(exp, model, example: int | None = None) -> None:
@@ -116,9 +120,6 @@ def check_same_model(exp, model, example: int | None = None) -> None:
     clean / corrupt logit differences away from the experiment's (other weights: another command set's model of the
     same shape, say). ``example``: which (None: the first included one with finite recorded differences). One
     batch-1 forward of each prompt."""
-    from helpers.patching.example_runs import example_metrics
-    from helpers.patching.model_calls import ModelCalls, eval_mode
-
     hf = unwrap_model(model)
     geo, want = head_geometry(hf.config), exp.geometry
     ran_on = exp.model_info.get("model_id")
@@ -161,8 +162,6 @@ def analyse_circuit(exp, model=None, *, k_max: int = DEFAULT_K_MAX, threshold: f
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r}")
     if model is None:
-        from helpers.models.loading import load_model
-
         model = load_model(exp.spec, dtype=exp.settings.dtype, device=exp.settings.device, wrap=False)
     model = unwrap_model(model)
     aligned = exp.aligned

@@ -167,7 +167,7 @@ def reading_guide(circuit: dict) -> str:
     s = circuit.get("settings", {})
     k_max, n_random = s.get("k_max", DEFAULT_K_MAX), s.get("n_random", DEFAULT_N_RANDOM)
     n_heads = len({(a["layer"], a["head"]) for a in circuit.get("attention", [])})
-    n_receivers = len(circuit.get("receivers", [])) if "receivers" in circuit else DEFAULT_N_RECEIVERS
+    n_receivers = len(circuit["receivers"]) if "receivers" in circuit else DEFAULT_N_RECEIVERS
 
     def count(n: int, one: str, many: str) -> str:
         return f"{n} {one if n == 1 else many}"

@@ -57,19 +57,27 @@ class Edge:
 
     def __post_init__(self):
         if not isinstance(self.sender, Cell):
-            try:
-                assert isinstance(self.sender, (tuple, list)) and len(self.sender) == 3
-                object.__setattr__(self, "sender", Cell(*(operator.index(x) for x in self.sender)))
-            except (AssertionError, TypeError):
+            sender = _integers(self.sender, 3)
+            if sender is None:
                 raise TypeError(f"an edge's sender is a Cell(layer, head, position) or such a tuple, got "
-                                f"{self.sender!r}") from None
+                                f"{self.sender!r}")
+            object.__setattr__(self, "sender", Cell(*sender))
         if self.receiver is not None:
-            try:
-                assert isinstance(self.receiver, (tuple, list)) and len(self.receiver) == 2
-                object.__setattr__(self, "receiver", tuple(operator.index(x) for x in self.receiver))
-            except (AssertionError, TypeError):
+            receiver = _integers(self.receiver, 2)
+            if receiver is None:
                 raise TypeError(f"an edge's receiver is a (layer, head) pair or None (the logits), got "
-                                f"{self.receiver!r}") from None
+                                f"{self.receiver!r}")
+            object.__setattr__(self, "receiver", receiver)
+
+
+def _integers(value, n: int) -> tuple[int, ...] | None:
+    """``value`` as a tuple of ``n`` Python ints (numpy and torch integers too), or None where it is no such thing."""
+    if not isinstance(value, (tuple, list)) or len(value) != n:
+        return None
+    try:
+        return tuple(operator.index(x) for x in value)
+    except TypeError:
+        return None
 
 
 @dataclass

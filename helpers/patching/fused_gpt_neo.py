@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.patching import triton_kernels
+from helpers.patching.stacked_weights import stacked_linears
 
 
 def is_gpt_neo_attention(module) -> bool:
@@ -56,17 +57,6 @@ def neo_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, w
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
-def stacked_qkv(module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q_proj, k_proj, v_proj weights (and biases, where any) stacked, detached copies held while the swap lasts: one
-    matmul for all three."""
-    projections = [module.q_proj, module.k_proj, module.v_proj]
-    weight = torch.cat([p.weight.detach() for p in projections])
-    if all(p.bias is None for p in projections):
-        return weight, None
-    return weight, torch.cat([p.bias.detach() if p.bias is not None else p.weight.new_zeros(p.out_features)
-                              for p in projections])
-
-
 def gpt_neo_attention_forward(module, swap, original: Callable, rows_kernel_applies: Callable) -> Callable:
     """The swapped forward of one ``GPTNeoSelfAttention``. ``swap``: the ``FusedSwap`` whose ``prefix`` (per layer
     (keys, values) [1 or examples, head, s, d_head]), ``prefix_rows`` and ``prefix_starts`` a shared-prefix forward
@@ -80,7 +70,7 @@ def gpt_neo_attention_forward(module, swap, original: Callable, rows_kernel_appl
     ``FusedSwap.qkv_edit`` instead); out_proj runs as a module (the sweep's head patches are its pre-hooks)."""
     n_heads, d_head, layer = module.num_heads, module.head_dim, module.layer_id
     window = attention_window(module)
-    weight, bias = stacked_qkv(module)
+    weight, bias = stacked_linears([module.q_proj, module.k_proj, module.v_proj])
 
     def forward(hidden_states, attention_mask=None, layer_past=None, use_cache=False, output_attentions=False,
                 **kwargs):

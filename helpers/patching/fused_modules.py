@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from helpers.patching import triton_kernels
 from helpers.patching.fused_gpt_neo import attention_window, gpt_neo_attention_forward, is_gpt_neo_attention
+from helpers.patching.stacked_weights import stacked_linears
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 
 FUSABLE_FAMILIES = frozenset({"llama", "qwen2", "granite", "granitemoe"})
@@ -352,18 +353,10 @@ def _is_plain_attention(module) -> bool:
             and not any(hasattr(module, n) for n in ("q_norm", "k_norm")))
 
 
-def _stacked(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight.detach() for m in linears])
-    if all(m.bias is None for m in linears):
-        return weight, None
-    return weight, torch.cat([m.bias.detach() if m.bias is not None
-                              else m.weight.new_zeros(m.out_features) for m in linears])
-
-
 def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compile: bool) -> Callable:
     config = module.config
     n_heads, n_kv, d_head = config.num_attention_heads, config.num_key_value_heads, module.head_dim
-    weight, bias = _stacked([module.q_proj, module.k_proj, module.v_proj])
+    weight, bias = stacked_linears([module.q_proj, module.k_proj, module.v_proj])
     qkv = _maybe_compiled(qkv_rotary, compile, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head)
     attend = _maybe_compiled(grouped_query_attention, compile)
     merge = _maybe_compiled(merge_attention, compile)
@@ -538,7 +531,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         for block in blocks(model):
             mlp = get_submodule(block, spec.mlp)
             if _is_gated_silu_mlp(mlp, model.config):
-                w_gu, b_gu = _stacked([mlp.gate_proj, mlp.up_proj])
+                w_gu, b_gu = stacked_linears([mlp.gate_proj, mlp.up_proj])
                 swap_forward(mlp, _gated_mlp_forward(mlp, w_gu, b_gu, mlp_fn))
                 counts["gated_mlp"] += 1
             attention = get_submodule(block, spec.attention)
