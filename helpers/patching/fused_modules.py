@@ -81,21 +81,72 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
     return F.linear(F.silu(gate) * up, w_down, b_down)
 
 
+def plus_residual(y: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + y`` (broadcast), into ``out`` if given; ``y`` itself when there is no residual."""
+    if residual is None:
+        return y
+    return torch.add(residual, y) if out is None else torch.add(residual, y, out=out)
+
+
+def linear_plus_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + F.linear(x, weight, bias)``: x [..., d_in], residual [..., d_out] (broadcastable), into ``out``
+    if given. Where residual has x's leading shape and there is no bias, the addition is the matmul's own epilogue
+    (``addmm``: cuBLAS reads the residual as its C operand and rounds once), so neither the product nor a separate
+    addition kernel touches memory; otherwise the plain two steps (the last layer's answer-only rows broadcast)."""
+    if residual is None:
+        return F.linear(x, weight, bias)
+    if bias is None and residual.shape[:-1] == x.shape[:-1] and residual.is_contiguous() and x.dtype == residual.dtype:
+        d_out = residual.shape[-1]
+        flat = x.reshape(-1, x.shape[-1])
+        if out is None:
+            return torch.addmm(residual.view(-1, d_out), flat, weight.t()).view(residual.shape)
+        torch.addmm(residual.view(-1, d_out), flat, weight.t(), out=out.view(-1, d_out))
+        return out
+    return plus_residual(F.linear(x, weight, bias), residual, out)
+
+
 def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
     """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
     for large inputs and the plain formula for small ones. With gradients on, the module's own forward (the fused
-    weights are detached copies)."""
+    weights are detached copies).
+
+    ``residual`` (the fused block passes it where nothing hooks the MLP's output): return ``residual + mlp(x)``,
+    the addition folded into the down projection (``linear_plus_residual``), written into ``out`` if given."""
     down = mlp.down_proj
     original = mlp.forward
 
-    def forward(x):
+    def forward(x, residual=None, out=None):
         if torch.is_grad_enabled():
-            return original(x)
+            return plus_residual(original(x), residual, out)
         if triton_kernels.usable(x):
-            return F.linear(triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up)), down.weight, down.bias)
-        fn = mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp
-        return fn(x, w_gate_up, b_gate_up, down.weight, down.bias)
+            act = triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up))
+        elif x.numel() >= _COMPILE_MIN_NUMEL and mlp_fn is not gated_mlp:  # (compiled whole)
+            return plus_residual(mlp_fn(x, w_gate_up, b_gate_up, down.weight, down.bias), residual, out)
+        else:
+            gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return linear_plus_residual(act, down.weight, down.bias, residual, out)
     return forward
+
+
+def _out_projection_forward(o_proj: torch.nn.Linear) -> Callable:
+    """The swapped attention output projection: ``F.linear`` as before, or with ``residual`` (passed by the fused
+    attention when the fused block folds its residual addition in) ``residual + o_proj(z)`` in one ``addmm``.
+    Its pre-hooks (where heads are patched) still see and edit z."""
+    def forward(x, residual=None):
+        return linear_plus_residual(x, o_proj.weight, o_proj.bias, residual)
+    return forward
+
+
+def _output_hooked(*modules) -> bool:
+    """Does anything read or replace these modules' outputs (forward hooks, global ones included)? Then their
+    output must stay the bare attention / MLP output, with no residual folded in."""
+    return bool(torch.nn.modules.module._global_forward_hooks) or any(m._forward_hooks for m in modules)
+
+
+# the fused block folds its residual additions into the output projections' matmuls (benchmarks turn this off)
+FOLD_RESIDUAL = True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -363,7 +414,9 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
     layer = module.layer_idx
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
-                **kwargs):
+                residual=None, **kwargs):
+        # residual (from the fused block, where nothing hooks this module's or o_proj's output): the output is
+        # residual + attention, the addition folded into o_proj's matmul
         kv_cache = cache if cache is not None else past_key_values
         # the HF forward where this one's promises fail: gradients (Triton kernels and detached fused weights have
         # none), dropout, masks other than eager's / sdpa's 4D ones (flash-attention-2's 2D padding mask, flex's)
@@ -374,8 +427,9 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
             if swap.prefix is not None:  # (HF's forward would drop the prefix: the forward passes no cache)
                 raise RuntimeError("a shared-prefix forward runs without gradients and dropout, with rotary tables "
                                    "and a 4D mask or none")
-            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                            **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
+            out = original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                           **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
+            return out if residual is None else (plus_residual(out[0], residual), *out[1:])
         b, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         on_triton = triton_kernels.usable(hidden_states, d_head=d_head)
@@ -426,33 +480,47 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
             else:
                 mask = _additive_mask(mask, q_len, key.shape[2], query)
                 z = attend(query.transpose(1, 2), key, value, mask, module.scaling)
-        return module.o_proj(z.reshape(b, q_len, n_heads * d_head)), None
+        z = z.reshape(b, q_len, n_heads * d_head)
+        return (module.o_proj(z) if residual is None else module.o_proj(z, residual=residual)), None
     return forward
 
 
-def _fused_block_forward(block, attention, mlp, swap: FusedSwap) -> Callable:
+def _fused_block_forward(block, attention, mlp, swap: FusedSwap, mlp_swapped: bool) -> Callable:
     """The llama-like decoder block, same formula (``mid = x + attn * m``, ``out = mid + mlp(norm2(mid)) * m``,
     ``m``: granite's residual multiplier), with its submodules called as modules (their hooks fire), and room for
     the rows joining at the next block (``FusedSwap.extra_rows``)."""
     m = getattr(block, "residual_multiplier", None)
     layer = attention.layer_idx
+    # the residual additions fold into the output projections' matmuls (``linear_plus_residual``) where the swapped
+    # attention and MLP take a residual and nothing hooks their outputs; granite's multiplier scales the branch
+    # before the addition, so its blocks keep the plain additions
+    foldable = m is None
 
     def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         kv_cache = cache if cache is not None else past_key_values
+        fold_attn = foldable and FOLD_RESIDUAL and not _output_hooked(attention, attention.o_proj)
         attn = attention(hidden_states=block.input_layernorm(hidden_states), attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=kv_cache, use_cache=use_cache,
-                         position_embeddings=position_embeddings, **kwargs)[0]
-        mid = hidden_states + (attn if m is None else attn * m)
-        ff = mlp(block.post_attention_layernorm(mid))
-        if m is not None:
-            ff = ff * m
+                         position_embeddings=position_embeddings,
+                         **({"residual": hidden_states} if fold_attn else {}), **kwargs)[0]
+        mid = attn if fold_attn else hidden_states + (attn if m is None else attn * m)
+        fold_mlp = foldable and mlp_swapped and FOLD_RESIDUAL and not _output_hooked(mlp)
         extra = swap.extra_rows.get(layer) if swap.extra_rows else None
+        b = mid.shape[0]
         if extra is None:
-            return mid + ff
-        b, n = mid.shape[0], extra if isinstance(extra, int) else extra.shape[0]
-        out = mid.new_empty((b + n, *mid.shape[1:]))
-        torch.add(mid, ff, out=out[:b])
+            out = None
+        else:
+            n = extra if isinstance(extra, int) else extra.shape[0]
+            out = mid.new_empty((b + n, *mid.shape[1:]))
+        normed = block.post_attention_layernorm(mid)
+        if fold_mlp:
+            res = mlp(normed, residual=mid, **({} if out is None else {"out": out[:b]}))
+        else:
+            ff = mlp(normed)
+            res = plus_residual(ff if m is None else ff * m, mid, None if out is None else out[:b])
+        if extra is None:
+            return res
         if isinstance(extra, int):
             out[b:] = out[:1]
         else:
@@ -530,17 +598,19 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
                 counts["rms_norm"] += 1
         for block in blocks(model):
             mlp = get_submodule(block, spec.mlp)
-            if _is_gated_silu_mlp(mlp, model.config):
+            mlp_swapped = _is_gated_silu_mlp(mlp, model.config)
+            if mlp_swapped:
                 w_gu, b_gu = stacked_linears([mlp.gate_proj, mlp.up_proj])
                 swap_forward(mlp, _gated_mlp_forward(mlp, w_gu, b_gu, mlp_fn))
                 counts["gated_mlp"] += 1
             attention = get_submodule(block, spec.attention)
             if _is_plain_attention(attention):
                 swap_forward(attention, _fused_attention_forward(attention, swap, attention.forward, compile))
+                swap_forward(attention.o_proj, _out_projection_forward(attention.o_proj))
                 swap.attention_layers.add(attention.layer_idx)
                 counts["attention"] += 1
                 if counts["gated_mlp"] and _is_plain_block(block, attention, mlp):
-                    swap_forward(block, _fused_block_forward(block, attention, mlp, swap))
+                    swap_forward(block, _fused_block_forward(block, attention, mlp, swap, mlp_swapped))
                     swap.blocks.add(attention.layer_idx)
                     counts["block"] += 1
         swap.swapped = [f"{k} x{v}" for k, v in counts.items() if v]
