@@ -11,7 +11,9 @@ replaces, only while inside, the ``forward`` of
   attention without ``repeat_kv`` (``grouped_query_attention``: same additive mask, fp32 softmax, cast back), then
   the module's own ``o_proj`` (so hooks there still fire: it is where heads are patched).
 - every llama-like decoder block around them -> the same residual formula, its submodules called as modules, and
-  room in its output for the rows a sweep adds at the next block (``FusedSwap.extra_rows``).
+  room in its output for the rows a sweep adds at the next block (``FusedSwap.extra_rows``); where nothing hooks
+  the attention's, ``o_proj``'s or the MLP's output, its two residual additions are the ``o_proj`` and down
+  projection matmuls' own epilogue (``addmm``, ``linear_plus_residual``) instead of separate kernels.
 
 For a caller whose forwards are all causal without padding (the sweep: ``causal_flash=True``), fp16/bf16 attention
 on CUDA uses the aten flash kernel instead, and a forward may replace the KV cache by a **shared prefix**
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 
 from helpers.patching import triton_kernels
 from helpers.patching.fused_gpt_neo import attention_window, gpt_neo_attention_forward, is_gpt_neo_attention
+from helpers.patching.residual_fold import linear_plus_residual, out_projection_forward, output_hooked, plus_residual
 from helpers.patching.stacked_weights import stacked_linears
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 
@@ -81,31 +84,6 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
     return F.linear(F.silu(gate) * up, w_down, b_down)
 
 
-def plus_residual(y: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + y`` (broadcast), into ``out`` if given; ``y`` itself when there is no residual."""
-    if residual is None:
-        return y
-    return torch.add(residual, y) if out is None else torch.add(residual, y, out=out)
-
-
-def linear_plus_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + F.linear(x, weight, bias)``: x [..., d_in], residual [..., d_out] (broadcastable), into ``out``
-    if given. Where residual has x's leading shape and there is no bias, the addition is the matmul's own epilogue
-    (``addmm``: cuBLAS reads the residual as its C operand and rounds once), so neither the product nor a separate
-    addition kernel touches memory; otherwise the plain two steps (the last layer's answer-only rows broadcast)."""
-    if residual is None:
-        return F.linear(x, weight, bias)
-    if bias is None and residual.shape[:-1] == x.shape[:-1] and residual.is_contiguous() and x.dtype == residual.dtype:
-        d_out = residual.shape[-1]
-        flat = x.reshape(-1, x.shape[-1])
-        if out is None:
-            return torch.addmm(residual.view(-1, d_out), flat, weight.t()).view(residual.shape)
-        torch.addmm(residual.view(-1, d_out), flat, weight.t(), out=out.view(-1, d_out))
-        return out
-    return plus_residual(F.linear(x, weight, bias), residual, out)
-
-
 def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
     """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
     for large inputs and the plain formula for small ones. With gradients on, the module's own forward (the fused
@@ -128,21 +106,6 @@ def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
             act = F.silu(gate) * up
         return linear_plus_residual(act, down.weight, down.bias, residual, out)
     return forward
-
-
-def _out_projection_forward(o_proj: torch.nn.Linear) -> Callable:
-    """The swapped attention output projection: ``F.linear`` as before, or with ``residual`` (passed by the fused
-    attention when the fused block folds its residual addition in) ``residual + o_proj(z)`` in one ``addmm``.
-    Its pre-hooks (where heads are patched) still see and edit z."""
-    def forward(x, residual=None):
-        return linear_plus_residual(x, o_proj.weight, o_proj.bias, residual)
-    return forward
-
-
-def _output_hooked(*modules) -> bool:
-    """Does anything read or replace these modules' outputs (forward hooks, global ones included)? Then their
-    output must stay the bare attention / MLP output, with no residual folded in."""
-    return bool(torch.nn.modules.module._global_forward_hooks) or any(m._forward_hooks for m in modules)
 
 
 # the fused block folds its residual additions into the output projections' matmuls (benchmarks turn this off)
@@ -499,13 +462,13 @@ def _fused_block_forward(block, attention, mlp, swap: FusedSwap, mlp_swapped: bo
     def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         kv_cache = cache if cache is not None else past_key_values
-        fold_attn = foldable and FOLD_RESIDUAL and not _output_hooked(attention, attention.o_proj)
+        fold_attn = foldable and FOLD_RESIDUAL and not output_hooked(attention, attention.o_proj)
         attn = attention(hidden_states=block.input_layernorm(hidden_states), attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=kv_cache, use_cache=use_cache,
                          position_embeddings=position_embeddings,
                          **({"residual": hidden_states} if fold_attn else {}), **kwargs)[0]
         mid = attn if fold_attn else hidden_states + (attn if m is None else attn * m)
-        fold_mlp = foldable and mlp_swapped and FOLD_RESIDUAL and not _output_hooked(mlp)
+        fold_mlp = foldable and mlp_swapped and FOLD_RESIDUAL and not output_hooked(mlp)
         extra = swap.extra_rows.get(layer) if swap.extra_rows else None
         b = mid.shape[0]
         if extra is None:
@@ -606,7 +569,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
             attention = get_submodule(block, spec.attention)
             if _is_plain_attention(attention):
                 swap_forward(attention, _fused_attention_forward(attention, swap, attention.forward, compile))
-                swap_forward(attention.o_proj, _out_projection_forward(attention.o_proj))
+                swap_forward(attention.o_proj, out_projection_forward(attention.o_proj))
                 swap.attention_layers.add(attention.layer_idx)
                 counts["attention"] += 1
                 if counts["gated_mlp"] and _is_plain_block(block, attention, mlp):
