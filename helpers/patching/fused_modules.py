@@ -11,9 +11,7 @@ replaces, only while inside, the ``forward`` of
   attention without ``repeat_kv`` (``grouped_query_attention``: same additive mask, fp32 softmax, cast back), then
   the module's own ``o_proj`` (so hooks there still fire: it is where heads are patched).
 - every llama-like decoder block around them -> the same residual formula, its submodules called as modules, and
-  room in its output for the rows a sweep adds at the next block (``FusedSwap.extra_rows``); where nothing hooks
-  the attention's, ``o_proj``'s or the MLP's output, its two residual additions are the ``o_proj`` and down
-  projection matmuls' own epilogue (``addmm``; helpers.patching.residual_fold) instead of separate kernels.
+  room in its output for the rows a sweep adds at the next block (``FusedSwap.extra_rows``).
 
 For a caller whose forwards are all causal without padding (the sweep: ``causal_flash=True``), fp16/bf16 attention
 on CUDA uses the aten flash kernel instead, and a forward may replace the KV cache by a **shared prefix**
@@ -51,7 +49,6 @@ import torch.nn.functional as F
 
 from helpers.patching import triton_kernels
 from helpers.patching.fused_gpt_neo import attention_window, gpt_neo_attention_forward, is_gpt_neo_attention
-from helpers.patching.residual_fold import add_linear_, hooked, out_projection_forward
 from helpers.patching.stacked_weights import stacked_linears
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
 
@@ -87,33 +84,18 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
 def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
     """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
     for large inputs and the plain formula for small ones. With gradients on, the module's own forward (the fused
-    weights are detached copies).
-
-    ``residual`` (passed by the fused block where nothing hooks the MLP's output or ``residual``): add the output
-    into ``residual`` in place, the addition folded into the down projection (``add_linear_``), and return it."""
+    weights are detached copies)."""
     down = mlp.down_proj
     original = mlp.forward
 
-    def forward(x, residual=None):
+    def forward(x):
         if torch.is_grad_enabled():
-            y = original(x)
-            return y if residual is None else residual + y
+            return original(x)
         if triton_kernels.usable(x):
-            act = triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up))
-        elif x.numel() >= _COMPILE_MIN_NUMEL and mlp_fn is not gated_mlp:  # (compiled whole)
-            y = mlp_fn(x, w_gate_up, b_gate_up, down.weight, down.bias)
-            return y if residual is None else residual.add_(y)
-        else:
-            gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        if residual is None:
-            return F.linear(act, down.weight, down.bias)
-        return add_linear_(residual, act, down.weight, down.bias)
+            return F.linear(triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up)), down.weight, down.bias)
+        fn = mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp
+        return fn(x, w_gate_up, b_gate_up, down.weight, down.bias)
     return forward
-
-
-# the fused block folds its residual additions into the output projections' matmuls (benchmarks turn this off)
-FOLD_RESIDUAL = True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -381,9 +363,7 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
     layer = module.layer_idx
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
-                residual=None, out=None, **kwargs):
-        # residual (from the fused block, where nothing hooks this module's or o_proj's output): the output is
-        # residual + attention (into ``out`` if given), the addition folded into o_proj's matmul
+                **kwargs):
         kv_cache = cache if cache is not None else past_key_values
         # the HF forward where this one's promises fail: gradients (Triton kernels and detached fused weights have
         # none), dropout, masks other than eager's / sdpa's 4D ones (flash-attention-2's 2D padding mask, flex's)
@@ -394,11 +374,8 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
             if swap.prefix is not None:  # (HF's forward would drop the prefix: the forward passes no cache)
                 raise RuntimeError("a shared-prefix forward runs without gradients and dropout, with rotary tables "
                                    "and a 4D mask or none")
-            result = original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                              **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
-            if residual is None:
-                return result
-            return (torch.add(residual, result[0], **({} if out is None else {"out": out})), *result[1:])
+            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                            **({"past_key_values": kv_cache} if kv_cache is not None else {}), **kwargs)
         b, q_len, _ = hidden_states.shape
         cos, sin = position_embeddings
         on_triton = triton_kernels.usable(hidden_states, d_head=d_head)
@@ -449,49 +426,33 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
             else:
                 mask = _additive_mask(mask, q_len, key.shape[2], query)
                 z = attend(query.transpose(1, 2), key, value, mask, module.scaling)
-        z = z.reshape(b, q_len, n_heads * d_head)
-        return (module.o_proj(z) if residual is None else module.o_proj(z, residual=residual, out=out)), None
+        return module.o_proj(z.reshape(b, q_len, n_heads * d_head)), None
     return forward
 
 
-def _fused_block_forward(block, attention, mlp, swap: FusedSwap, mlp_swapped: bool) -> Callable:
+def _fused_block_forward(block, attention, mlp, swap: FusedSwap) -> Callable:
     """The llama-like decoder block, same formula (``mid = x + attn * m``, ``out = mid + mlp(norm2(mid)) * m``,
     ``m``: granite's residual multiplier), with its submodules called as modules (their hooks fire), and room for
     the rows joining at the next block (``FusedSwap.extra_rows``)."""
     m = getattr(block, "residual_multiplier", None)
     layer = attention.layer_idx
-    # the residual additions fold into the output projections' matmuls (helpers.patching.residual_fold) where the
-    # swapped attention and MLP take a residual and nothing hooks what the fold changes; granite's multiplier scales
-    # the branch before the addition, so its blocks keep the plain additions
-    foldable = m is None
 
     def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         kv_cache = cache if cache is not None else past_key_values
-        extra = swap.extra_rows.get(layer) if swap.extra_rows else None
-        b = hidden_states.shape[0]
-        out = None  # the output with room for the joining rows; mid is written in its first b rows
-        if extra is not None:
-            n = extra if isinstance(extra, int) else extra.shape[0]
-            out = hidden_states.new_empty((b + n, *hidden_states.shape[1:]))
-        dest = {} if out is None else {"out": out[:b]}
-        fold_attn = foldable and FOLD_RESIDUAL and not hooked(attention, attention.o_proj)
         attn = attention(hidden_states=block.input_layernorm(hidden_states), attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=kv_cache, use_cache=use_cache,
-                         position_embeddings=position_embeddings,
-                         **({"residual": hidden_states, **dest} if fold_attn else {}), **kwargs)[0]
-        mid = attn if fold_attn else torch.add(hidden_states, attn if m is None else attn * m, **dest)
-        # (the MLP's fold adds into mid in place: nothing else may hold it)
-        fold_mlp = (foldable and mlp_swapped and FOLD_RESIDUAL and not torch.is_grad_enabled()
-                    and not hooked(mlp) and not hooked(block.post_attention_layernorm, inputs=True))
-        normed = block.post_attention_layernorm(mid)
-        if fold_mlp:
-            res = mlp(normed, residual=mid)
-        else:
-            ff = mlp(normed)
-            res = torch.add(mid, ff if m is None else ff * m, **dest)
+                         position_embeddings=position_embeddings, **kwargs)[0]
+        mid = hidden_states + (attn if m is None else attn * m)
+        ff = mlp(block.post_attention_layernorm(mid))
+        if m is not None:
+            ff = ff * m
+        extra = swap.extra_rows.get(layer) if swap.extra_rows else None
         if extra is None:
-            return res
+            return mid + ff
+        b, n = mid.shape[0], extra if isinstance(extra, int) else extra.shape[0]
+        out = mid.new_empty((b + n, *mid.shape[1:]))
+        torch.add(mid, ff, out=out[:b])
         if isinstance(extra, int):
             out[b:] = out[:1]
         else:
@@ -569,19 +530,17 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
                 counts["rms_norm"] += 1
         for block in blocks(model):
             mlp = get_submodule(block, spec.mlp)
-            mlp_swapped = _is_gated_silu_mlp(mlp, model.config)
-            if mlp_swapped:
+            if _is_gated_silu_mlp(mlp, model.config):
                 w_gu, b_gu = stacked_linears([mlp.gate_proj, mlp.up_proj])
                 swap_forward(mlp, _gated_mlp_forward(mlp, w_gu, b_gu, mlp_fn))
                 counts["gated_mlp"] += 1
             attention = get_submodule(block, spec.attention)
             if _is_plain_attention(attention):
                 swap_forward(attention, _fused_attention_forward(attention, swap, attention.forward, compile))
-                swap_forward(attention.o_proj, out_projection_forward(attention.o_proj))
                 swap.attention_layers.add(attention.layer_idx)
                 counts["attention"] += 1
                 if counts["gated_mlp"] and _is_plain_block(block, attention, mlp):
-                    swap_forward(block, _fused_block_forward(block, attention, mlp, swap, mlp_swapped))
+                    swap_forward(block, _fused_block_forward(block, attention, mlp, swap))
                     swap.blocks.add(attention.layer_idx)
                     counts["block"] += 1
         swap.swapped = [f"{k} x{v}" for k, v in counts.items() if v]
