@@ -110,7 +110,8 @@ _SAME_MODEL_TOLERANCE = {"float32": (0.05, 0.02), "half": (0.5, 0.1)}
 
 
 def _ran_in_half(exp) -> bool:
-    """Did the experiment run in fp16/bf16? Its recorded dtype ("auto": bf16 where it ran on CUDA)."""
+    """Did the experiment run in fp16/bf16? Its recorded dtype ("auto": bf16 where it ran on CUDA; read from the
+    recorded device here, since ``resolve_dtype``'s "auto" asks this machine, which may have no GPU)."""
     dtype = exp.model_info.get("dtype") or "auto"
     if str(dtype).strip().lower() == "auto":
         return str(exp.model_info.get("device", "cpu")).startswith("cuda")
