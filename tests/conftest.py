@@ -42,13 +42,12 @@ def row_attention_calls(monkeypatch) -> list:
 
 @pytest.fixture
 def gpu_branches_on_cpu(monkeypatch) -> None:
-    """The fused modules take their CUDA fp16/bf16 branches (flash, Triton kernels, the fused gate/up matmul) on a
-    CPU, in float32: for tests that run those branches with Triton interpreted (aten's flash itself still needs CUDA)."""
+    """The fused attention takes its CUDA fp16/bf16 branches (flash, Triton kernels) on a CPU, in float32: for tests
+    that run those branches with Triton interpreted (aten's flash itself still needs CUDA)."""
     import helpers.patching.fused_modules as fm
     from helpers.patching import triton_kernels
     monkeypatch.setattr(fm, "_flash_applies", lambda like, d_head=None: True)
     monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
-    monkeypatch.setattr(triton_kernels, "gate_up_silu_applies", lambda x: True)
 
 
 @pytest.fixture(scope="session")

@@ -82,9 +82,9 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
 
 
 def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
-    """The swapped MLP forward: on CUDA Triton's ``gate_up_silu`` (fp16/bf16) or cuBLAS and ``silu_mul``, then cuBLAS's
-    down projection; else ``mlp_fn`` (compiled) for large inputs and the plain formula for small ones. With gradients
-    on, the module's own forward (the fused weights are detached copies)."""
+    """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
+    for large inputs and the plain formula for small ones. With gradients on, the module's own forward (the fused
+    weights are detached copies)."""
     down = mlp.down_proj
     original = mlp.forward
 
@@ -92,8 +92,6 @@ def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
         if torch.is_grad_enabled():
             return original(x)
         if triton_kernels.usable(x):
-            if triton_kernels.gate_up_silu_applies(x):  # (gate and up never stored: the product is their epilogue)
-                return F.linear(triton_kernels.gate_up_silu(x, w_gate_up, b_gate_up), down.weight, down.bias)
             return F.linear(triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up)), down.weight, down.bias)
         fn = mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp
         return fn(x, w_gate_up, b_gate_up, down.weight, down.bias)

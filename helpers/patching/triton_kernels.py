@@ -1,4 +1,4 @@
-"""Five steps of the fused modules as hand-written Triton kernels (CUDA only).
+"""Four steps of the fused modules as hand-written Triton kernels (CUDA only).
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
 arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
@@ -10,8 +10,6 @@ compare the two on the GPU box. No autograd: callers use them under no_grad / in
 - ``merge_attention(out_a, lse_a, out_b, lse_b)``: attention over two key sets from each one's output and
   log-sum-exp (``helpers.patching.fused_modules.merge_attention``).
 - ``silu_mul(gate_up)``: the gated MLP's ``silu(gate) * up`` (inductor's version ran at ~1.6 TB/s).
-- ``gate_up_silu(x, weight, bias)``: the gated MLP's gate and up matmuls with ``silu(gate) * up`` as their
-  epilogue, so that gate and up never reach memory (fp16/bf16: ``gate_up_silu_applies``).
 - ``row_attention(query, key, value, prefix_key, prefix_value, scaling[, row_example, starts, rotary])``: a
   sweep forward's attention, short rows that attend to a prefix (one shared, or each row its own example's) and
   causally to their own tokens, in one kernel and one softmax, rotating query and key as it loads them.
@@ -189,62 +187,6 @@ if triton is not None:
         tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
                  mask=valid[:, None])
 
-    @triton.jit(do_not_specialize=["n_rows"])
-    def _gate_up_silu_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n_rows, k_dim, width,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                             IEEE: tl.constexpr):
-        # out[r, c] = silu(gate[r, c]) * up[r, c], gate = x @ w[c] + bias[c], up = x @ w[width + c] + bias[width + c]:
-        # the two matmuls of the stacked [gate; up] weight share each loaded x tile, and the product is their epilogue
-        # (gate and up never reach memory). x: [n_rows, k_dim] and w: [2 * width, k_dim], both rows contiguous.
-        pid = tl.program_id(0)
-        n_m = tl.cdiv(n_rows, BLOCK_M)
-        n_n = tl.cdiv(width, BLOCK_N)
-        # GROUP_M consecutive row tiles per column tile, so that they find its weight tiles in L2
-        per_group = GROUP_M * n_n
-        first_m = (pid // per_group) * GROUP_M
-        size_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        row_ok = rows < n_rows
-        col_ok = cols < width
-        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * k_dim + ks[None, :]
-        g_ptrs = w_ptr + cols[None, :].to(tl.int64) * k_dim + ks[:, None]  # [BLOCK_K, BLOCK_N]: w's rows transposed
-        u_ptrs = g_ptrs + width.to(tl.int64) * k_dim
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, k_dim, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                wg = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-                wu = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                k_ok = k0 + ks < k_dim
-                x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if IEEE:  # (float32: exact products, where tl.dot would round to tf32 on a GPU)
-                acc_g = tl.dot(x, wg, acc_g, input_precision="ieee")
-                acc_u = tl.dot(x, wu, acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(x, wg, acc_g)
-                acc_u = tl.dot(x, wu, acc_u)
-            x_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc_g += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(bias_ptr + width + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # gate and up rounded to the output dtype first, as the unfused F.linear stores them for silu_mul
-        gate = acc_g.to(out_ptr.dtype.element_ty).to(tl.float32)
-        up = acc_u.to(out_ptr.dtype.element_ty).to(tl.float32)
-        out = gate / (1.0 + tl.exp(-gate)) * up
-        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * width + cols[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
     @triton.jit(do_not_specialize=["n_rows", "width", "row_stride"])
     def _silu_mul_kernel(gu_ptr, out_ptr, n_rows, width, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # out[r, c] = silu(gu[r, c]) * gu[r, width + c]: gate and up halves of the fused gate/up projection
@@ -414,50 +356,4 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     grid = (n_rows, triton.cdiv(width, 1024))
     with _on(out):
         _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=1, BLOCK_C=1024, num_warps=4)
-    return out
-
-
-class GateUpTiles(NamedTuple):
-    """``gate_up_silu``'s launch: rows and (gate, up) column pairs a program, the k step, warps, pipeline stages."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    warps: int
-    stages: int
-
-
-GATE_UP_TILES = GateUpTiles(128, 64, 64, 4, 4)
-# the fused gate/up matmul for fp16/bf16 MLPs on CUDA (benchmarks compare it with cuBLAS + silu_mul by setting this)
-FUSED_GATE_UP = True
-
-
-def gate_up_silu_applies(x: torch.Tensor) -> bool:
-    """``gate_up_silu`` serves fp16/bf16 inputs (float32 keeps cuBLAS, whose products Triton's would round to tf32)."""
-    return FUSED_GATE_UP and x.dtype in (torch.float16, torch.bfloat16)
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 tiles: tuple | None = None) -> torch.Tensor:
-    """x: [..., k], weight: [2 * inter, k] (gate's rows, then up's), bias: [2 * inter] or None ->
-    ``silu(gate) * up``: [..., inter], contiguous, in x's dtype: ``silu_mul(F.linear(x, weight, bias))`` in one
-    kernel, gate and up rounded to x's dtype before the product as that pair stores them (float32: exact products).
-    ``tiles``: a ``GateUpTiles`` (or its fields) overriding ``GATE_UP_TILES`` (benchmarks)."""
-    k_dim = x.shape[-1]
-    width = weight.shape[0] // 2
-    assert weight.shape == (2 * width, k_dim) and weight.dtype == x.dtype, (tuple(weight.shape), k_dim)
-    assert bias is None or bias.shape == (2 * width,)
-    rows = x.reshape(-1, k_dim)
-    if rows.stride() != (k_dim, 1):
-        rows = rows.contiguous()
-    weight = weight.contiguous()
-    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
-    n_rows = rows.shape[0]
-    t = GateUpTiles(*tiles) if tiles else GATE_UP_TILES
-    grid = (triton.cdiv(n_rows, t.block_m) * triton.cdiv(width, t.block_n),)
-    with _on(out):
-        _gate_up_silu_kernel[grid](rows, weight, weight if bias is None else bias, out, n_rows, k_dim, width,
-                                   BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8,
-                                   HAS_BIAS=bias is not None, EVEN_K=k_dim % t.block_k == 0,
-                                   IEEE=x.dtype == torch.float32, num_warps=t.warps, num_stages=t.stages)
     return out
