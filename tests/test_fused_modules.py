@@ -338,8 +338,8 @@ def _row_attention_reference(query, key, value, prefix_key, prefix_value, row_ex
 @pytest.mark.parametrize("per_example", [False, True])
 def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_device, dtype, q, s, heads, kv_heads,
                                                                         d_head, per_example):
-    """Un-rotated query and key with rotary tables (one for all rows, or one per row when examples are merged),
-    already rotated ones without, and an un-rotated query with a rotated key; default tiles and the smallest ones (every 16 stacked (head, position) pairs a
+    """Un-rotated query and key with rotary tables (one for all rows, or one per row when examples are merged), and
+    already rotated ones without; default tiles and the smallest ones (every 16 stacked (head, position) pairs a
     program, so tiles straddle heads). Group sizes and row lengths with and without a common factor: a wrong
     (head, position) mapping can still visit every pair once when they share none."""
     skip_rounding_checks_of_the_interpreter(triton_device, dtype)
@@ -374,9 +374,6 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
                                              rotary=(cos, sin), tiles=tiles)
                 for tiles in (triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads, position_major=False),
                               (32, 16, 16, 4, True))]
-    # keys rotated first (rotary_inplace), the kernel rotating the queries alone
-    variants.append(triton_kernels.row_attention(query, r_key, value, prefix_key, prefix_value, 0.125, *extra,
-                                                 rotary=(cos, sin), keys_rotated=True))
     expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
     for z in (got, got_rotating, small, *variants):
         assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype

@@ -389,13 +389,9 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
             fused = F.linear(hidden_states, weight, bias).view(b, q_len, n_heads + 2 * n_kv, d_head)
             if swap.qkv_edit is not None:
                 swap.qkv_edit(layer, fused)
-            in_kernel = rows_kernel and triton_kernels.ROW_ROTARY != "all_first"
-            if not in_kernel:
+            if not rows_kernel:
                 triton_kernels.rotary_inplace(fused, cos, sin, n_heads + n_kv)
             query, key, value = fused.split([n_heads, n_kv, n_kv], dim=2)
-            keys_first = in_kernel and triton_kernels.ROW_ROTARY == "keys_first"
-            if keys_first:
-                triton_kernels.rotary_inplace(key, cos, sin, n_kv)
         elif swap.qkv_edit is not None:  # (the plain formula, split at the edit)
             fused = F.linear(hidden_states, weight, bias).view(b, q_len, n_heads + 2 * n_kv, d_head)
             swap.qkv_edit(layer, fused)
@@ -408,7 +404,7 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
         if rows_kernel:
             rows = None if swap.prefix_rows is None else swap.prefix_rows[:b]
             z = triton_kernels.row_attention(query, key, value, *prefix, module.scaling, rows, swap.prefix_starts,
-                                             rotary=(cos, sin) if in_kernel else None, keys_rotated=keys_first)
+                                             rotary=(cos, sin))
         elif prefix is not None and flash:
             if swap.prefix_rows is not None:
                 raise ValueError(f"several examples' prefixes need rows of at most {triton_kernels.ROW_ATTENTION_MAX} "

@@ -130,7 +130,7 @@ if triton is not None:
                               pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss, cs_sb, cs_sq,
                               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, D: tl.constexpr, PER_ROW: tl.constexpr, ROTARY: tl.constexpr,
-                              POS_MAJOR: tl.constexpr, ROTARY_K: tl.constexpr):
+                              POS_MAJOR: tl.constexpr):
         # program (row, kv head, tile): the GROUP query heads sharing one key/value head are stacked into one query
         # axis of GROUP * q_len (head, position) pairs, and this program takes BLOCK_M of them: head-major (a
         # tile holds runs of one head's positions; its own keys are every one of the row's, BLOCK_N >= q_len, one
@@ -178,11 +178,11 @@ if triton is not None:
             for j0 in range(0, own_end, BLOCK_N):
                 m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
                                           v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
-                                          b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY_K)
+                                          b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
         else:  # (one step, straight-line code)
             m, total, acc = _own_step(q, i, tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
                                       v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
-                                      b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY_K)
+                                      b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
         z_off = ((b * q_len + i) * (tl.num_programs(1) * GROUP) + head) * D
         tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
                  mask=valid[:, None])
@@ -254,21 +254,17 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 
 class RowTiles(NamedTuple):
     """``row_attention``'s launch: stacked queries a program, own keys a step (head-major: all of a row's, one step),
-    prefix keys a step, warps, the stacking of the (head, position) query axis, and software-pipeline stages."""
+    prefix keys a step, warps, and the stacking of the (head, position) query axis."""
 
     block_m: int
     block_n: int
     block_k: int
     warps: int
     position_major: bool = False
-    stages: int = 3  # (Triton's default)
 
 
 # position-major stacking by default (benchmarks compare the two by setting this)
 ROW_POSITION_MAJOR = True
-# where a sweep forward's rotary runs around row_attention: "in_kernel" (query and key as they are loaded),
-# "keys_first" (rotary_inplace on the keys, the kernel rotates the queries), "all_first" (rotary_inplace on both)
-ROW_ROTARY = "keys_first"
 
 
 def row_attention_tiles(q_len: int, d_head: int, group: int, position_major: bool | None = None) -> RowTiles:
@@ -291,7 +287,7 @@ def row_attention_tiles(q_len: int, d_head: int, group: int, position_major: boo
 def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix_key: torch.Tensor,
                   prefix_value: torch.Tensor, scaling: float, row_example: torch.Tensor | None = None,
                   starts: torch.Tensor | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  tiles: tuple | None = None, keys_rotated: bool = False) -> torch.Tensor:
+                  tiles: tuple | None = None) -> torch.Tensor:
     """Each row's queries against its prefix, then causally against its own tokens: one kernel, one softmax.
 
     query: [batch, q, head, d_head], key/value: [batch, q, kv_head, d_head] (the fed tokens, the last q positions;
@@ -301,9 +297,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     (example e's keys are slots starts[e] .. s-1; the slots before are padding). fp16 or bf16 (float32 runs, but a
     GPU's ``tl.dot`` then rounds to tf32). ``rotary``: (cos, sin) [1 or batch, q, d_head]: query and key are not
     rotated yet, and the kernel rotates them as it loads them (``rotary_inplace``'s formula and rounding; the prefix
-    is rotated already); with ``keys_rotated`` the key is rotated already and the kernel rotates the query alone.
-    Returns z: [batch, q, head, d_head], contiguous, in query's dtype. ``tiles``: a ``RowTiles`` (or its fields)
-    overriding ``row_attention_tiles`` (benchmarks).
+    is rotated already). Returns z: [batch, q, head, d_head], contiguous, in query's dtype. ``tiles``: a ``RowTiles``
+    (or its fields) overriding ``row_attention_tiles`` (benchmarks).
 
     The query heads that share a key/value head are stacked into one query axis (head-major, or position-major:
     ``RowTiles.position_major``; no padding between heads), so one pass over the keys serves them all with matrix
@@ -345,8 +340,7 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
             prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
             prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2), cs_sb, cs_sq,
             GROUP=group, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, D=d_head, PER_ROW=per_row,
-            ROTARY=rotary is not None, POS_MAJOR=t.position_major, ROTARY_K=rotary is not None and not keys_rotated,
-            num_warps=t.warps, num_stages=t.stages)
+            ROTARY=rotary is not None, POS_MAJOR=t.position_major, num_warps=t.warps)
     return z
 
 
