@@ -3,7 +3,8 @@ TinyStories-2L shapes, random weights, bf16 on a GPU): wall and GPU-busy seconds
 1-9 buckets, the sweep's phases (cProfile cumulative: metrics, clean activations and prefix caches, bucket
 forwards), the host's top functions, and with ``--kernels`` the GPU's top kernels. ``--tiles``: row_attention's
 tile choices, head-major and position-major, at SmolLM2's, Qwen2.5-0.5B's and Llama-3.2-1B's sweep shapes instead
-(``TILE_SHAPES``; CUDA).
+(``TILE_SHAPES``; CUDA), with the default's bandwidth, its time without rotary and torch's causal attention over the
+own tokens as a reference point.
 
 python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles]   (--quick: tiny shapes, CPU)
 """
@@ -17,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -50,7 +52,8 @@ TILE_SHAPES = (("SmolLM2-135M", 9, 3, ((4000, 7), (2000, 35), (1000, 63), (4000,
 
 def tile_scan(device) -> None:
     """row_attention alone at sweep shapes (``TILE_SHAPES``, d_head 64, one example's prefix): each tile choice's
-    time, head-major and position-major (``RowTiles``), and its largest difference from the default's output."""
+    time, head-major and position-major (``RowTiles``), and its largest difference from the default's output; then
+    the default's bandwidth, its time without rotary, and torch's causal attention over the own tokens alone."""
     from helpers.patching import triton_kernels as tk
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -91,6 +94,19 @@ def tile_scan(device) -> None:
                   flush=True)
             for t, tiles, err in rows[:5]:
                 print(f"   {tuple(tiles)}: {t * 1e6:.0f} us ({base / t:.2f}x), max diff {err}", flush=True)
+            # what bounds it: the bytes it must move (queries, own keys and values read, z written; the prefix is
+            # shared), the rotary it applies as it loads (timed without), and torch's causal attention over the own
+            # tokens alone, keys repeated per query head (no prefix: a reference point, not the same arithmetic)
+            n_bytes = b * q * (2 * heads + 2 * kv) * 64 * qkv.element_size()
+            plain, _ = timed(lambda: [tk.row_attention(query, key, value, pk, pv, 0.125, tiles=pos_major)
+                                      for _ in range(20)], device, 3)
+            own = [t.transpose(1, 2)
+                   for t in (query, key.repeat_interleave(group, 2), value.repeat_interleave(group, 2))]
+            sdpa, _ = timed(lambda: [F.scaled_dot_product_attention(*own, is_causal=True) for _ in range(20)],
+                            device, 3)
+            print(f"   the default moves {n_bytes / pos / 1e9:.0f} GB/s; without rotary {plain / 20 * 1e6:.0f} us "
+                  f"({pos * 20 / plain:.2f}x); torch's causal attention over the own tokens alone "
+                  f"{sdpa / 20 * 1e6:.0f} us", flush=True)
 
 
 def main():
