@@ -399,62 +399,6 @@ def test_triton_silu_mul_equals_the_torch_formula(triton_device, dtype):
     assert ((got.float() - expected).abs() <= rel * expected.abs() + 1e-5).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("multiplier", [None, 0.22])
-def test_triton_add_rms_norm_equals_the_torch_formula(triton_device, dtype, multiplier):
-    """The residual addition (torch's roundings: granite's ``attn * m`` rounded, then the sum) and F.rms_norm after it;
-    a width that is not a power of two and a row count that is not a multiple of a program's rows."""
-    skip_rounding_checks_of_the_interpreter(triton_device, dtype)
-    from helpers.patching import triton_kernels
-    gen = torch.Generator(device=triton_device).manual_seed(0)
-    x, delta = (torch.randn(2, 3, 37, 576, generator=gen, device=triton_device) * 3).to(dtype)
-    weight = torch.randn(576, generator=gen, device=triton_device).to(dtype)
-    mid, normed = triton_kernels.add_rms_norm(x, delta, weight, 1e-5, multiplier)
-    expected_mid = x + (delta if multiplier is None else delta * multiplier)
-    assert mid.shape == normed.shape == x.shape and mid.dtype == normed.dtype == dtype
-    if dtype == torch.bfloat16:  # the same two roundings as torch's (float32: the GPU may fuse them into one)
-        assert torch.equal(mid, expected_mid)
-    assert torch.allclose(mid.float(), expected_mid.float(), rtol=1e-6, atol=1e-6)
-    x_again, x_normed = triton_kernels.add_rms_norm(x, None, weight, 1e-5)
-    assert x_again is x
-    for got, of in ((normed, expected_mid), (x_normed, x)):
-        expected = F.rms_norm(of.float(), (576,), weight.float(), 1e-5)
-        # float32 inside, rounded once: within one unit in the last place (float32: rsqrt's approximation)
-        rel = 1e-5 if dtype == torch.float32 else 2.0 ** -7
-        assert ((got.float() - expected).abs() <= rel * expected.abs() + 1e-6).all()
-    with pytest.raises(AssertionError):  # unequal shapes (the last layer's broadcast) are the caller's plain path
-        triton_kernels.add_rms_norm(x, delta[:, :, -1:], weight, 1e-5)
-
-
-@pytest.mark.parametrize("family", ["llama", "granite"])
-def test_the_fused_blocks_residual_and_norm_take_the_kernel_unless_the_norm_is_hooked(triton_device,
-                                                                                      gpu_branches_on_cpu,
-                                                                                      monkeypatch, family):
-    """In a fused block, ``mid = x + attn * m`` and the post-attention RMSNorm run as ``add_rms_norm`` (granite: with
-    its residual multiplier), equal to HF's modules; a block whose norm carries a hook calls the module, and the
-    hook fires. Float32, Triton interpreted on a CPU (on a GPU the CUDA sweep test runs it in bf16)."""
-    if triton_device == "cuda":
-        pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
-    from helpers.patching import triton_kernels
-    calls, real = [], triton_kernels.add_rms_norm
-    monkeypatch.setattr(triton_kernels, "add_rms_norm", lambda *a, **k: calls.append(a) or real(*a, **k))
-    model = tiny_model(family)
-    plain = _logits(model)
-    with fused_modules(model, compile=False) as swap:
-        fused = _logits(model)
-        assert swap.blocks == {0, 1} and len(calls) == 2
-        assert all(a[4] == getattr(model.model.layers[0], "residual_multiplier", None) for a in calls)
-        seen = []
-        handle = model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda *a: seen.append(1))
-        try:
-            hooked = _logits(model)
-        finally:
-            handle.remove()
-    assert len(calls) == 3 and seen == [1]  # layer 0 took the kernel again, layer 1 its hooked module
-    assert torch.allclose(fused, plain, atol=1e-5, rtol=0), (fused - plain).abs().max()
-    assert torch.allclose(hooked, plain, atol=1e-5, rtol=0)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU compiles and runs the kernels in the tests above")
 @pytest.mark.skipif(find_spec("triton") is None, reason="Triton is not installed (`make test` adds it)")
 def test_every_triton_kernel_compiles_for_an_h100():

@@ -29,7 +29,7 @@ def _signature(kernel, dtype: str) -> dict:
             sig[p.name] = ("*fp32" if p.name in _FLOAT32_POINTERS else "*i64" if p.name in _INT64_POINTERS
                            else f"*{dtype}")
         else:
-            sig[p.name] = "fp32" if p.name in ("scale", "eps", "mult") else "i32"
+            sig[p.name] = "fp32" if p.name == "scale" else "i32"
     return sig
 
 
@@ -40,11 +40,6 @@ def configurations():
             yield tk._rotary_kernel, dtype, dict(HALF=d_head // 2, BLOCK_R=tk._BLOCK_R), 4
             yield tk._merge_kernel, dtype, dict(D=d_head, BLOCK_R=tk._BLOCK_R), 4
         yield tk._silu_mul_kernel, dtype, dict(BLOCK_R=1, BLOCK_C=1024), 4
-        # SmolLM2 (576), the tiny models (64), Llama-3.2-1B (2,048), wide rows (8,192: 8 warps)
-        for width, add, scaled in ((576, True, False), (64, True, True), (2048, True, False), (8192, False, False)):
-            block_r, warps = tk.add_rms_norm_tiles(width)
-            yield tk._add_rms_norm_kernel, dtype, dict(ADD=add, SCALED=scaled, BLOCK_R=block_r,
-                                                       BLOCK_C=triton.next_power_of_2(width)), warps
     # llama (4 query heads a key/value head), qwen2 (7), the tiny test models (2, head size 16), the embedded
     # llama-cs3 (2, head size 32), head size 128, gpt_neo (1: TinyStories-2L head size 64, the embedded ones 32)
     for group, d_head, q_lens in ((4, 64, (3, 9, 60, 128)), (7, 64, (2, 33)), (2, 16, (12,)), (2, 32, (12, 60)),

@@ -62,17 +62,12 @@ _SILU = frozenset({"silu", "swish"})
 # The formulas (each the HF eager module's own, written as one function inductor can fuse)
 # ----------------------------------------------------------------------------------------------------------------
 
-NORM_KERNEL = False  # (benchmarks: every swapped RMSNorm as triton_kernels.add_rms_norm without the addition)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., d_model]. HF's LlamaRMSNorm: normalise in float32, cast back to x's dtype, then times weight.
 
     Where x and weight share a dtype, torch's own ``F.rms_norm`` (one fused kernel on CUDA, float32 inside; in
     float32 the same formula) computes it; HF's extra rounding before the weight is the only difference. (float64:
     HF's formula, whose float32 inside F.rms_norm would not share.)"""
-    if NORM_KERNEL and triton_kernels.add_rms_norm_applies(x, weight):
-        return triton_kernels.add_rms_norm(x, None, weight, eps)[1]
     if x.dtype == weight.dtype and x.dtype != torch.float64 and hasattr(F, "rms_norm"):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
@@ -435,29 +430,6 @@ def _fused_attention_forward(module, swap: FusedSwap, original: Callable, compil
     return forward
 
 
-# the residual addition and the RMSNorm after it as one Triton kernel where it applies (benchmarks compare by
-# setting this False)
-RESIDUAL_NORM_KERNEL = True
-
-
-def _has_hooks(module: torch.nn.Module) -> bool:
-    hooks = torch.nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
-                or hooks._global_forward_pre_hooks)
-
-
-def residual_and_norm(x: torch.Tensor, attn: torch.Tensor, norm: torch.nn.Module, m: float | None):
-    """(mid, norm(mid)) with ``mid = x + attn * m`` (``m`` None: ``x + attn``), ``norm`` a swapped RMSNorm: on CUDA one
-    Triton pass (``triton_kernels.add_rms_norm``, F.rms_norm's formula: what the swapped norm computes) where it
-    applies and nothing hooks the norm; else the addition and the norm module. (The last layer's answer-only
-    attention output, [batch, 1, d], broadcasts over positions: that takes the plain path.)"""
-    if (RESIDUAL_NORM_KERNEL and triton_kernels.add_rms_norm_applies(x, norm.weight, attn)
-            and not _has_hooks(norm)):
-        return triton_kernels.add_rms_norm(x, attn, norm.weight, norm.variance_epsilon, m)
-    mid = x + (attn if m is None else attn * m)
-    return mid, norm(mid)
-
-
 def _fused_block_forward(block, attention, mlp, swap: FusedSwap) -> Callable:
     """The llama-like decoder block, same formula (``mid = x + attn * m``, ``out = mid + mlp(norm2(mid)) * m``,
     ``m``: granite's residual multiplier), with its submodules called as modules (their hooks fire), and room for
@@ -471,8 +443,8 @@ def _fused_block_forward(block, attention, mlp, swap: FusedSwap) -> Callable:
         attn = attention(hidden_states=block.input_layernorm(hidden_states), attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=kv_cache, use_cache=use_cache,
                          position_embeddings=position_embeddings, **kwargs)[0]
-        mid, normed = residual_and_norm(hidden_states, attn, block.post_attention_layernorm, m)
-        ff = mlp(normed)
+        mid = hidden_states + (attn if m is None else attn * m)
+        ff = mlp(block.post_attention_layernorm(mid))
         if m is not None:
             ff = ff * m
         extra = swap.extra_rows.get(layer) if swap.extra_rows else None

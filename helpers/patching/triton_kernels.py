@@ -1,4 +1,4 @@
-"""Five steps of the fused modules as hand-written Triton kernels (CUDA only).
+"""Four steps of the fused modules as hand-written Triton kernels (CUDA only).
 
 torch.compile with dynamic shapes turned rotary and the merge into kernels that reached ~0.2 TB/s on an H100 (index
 arithmetic on symbolic sizes); these run near the memory bandwidth. Each computes the same formula as its plain
@@ -10,7 +10,6 @@ compare the two on the GPU box. No autograd: callers use them under no_grad / in
 - ``merge_attention(out_a, lse_a, out_b, lse_b)``: attention over two key sets from each one's output and
   log-sum-exp (``helpers.patching.fused_modules.merge_attention``).
 - ``silu_mul(gate_up)``: the gated MLP's ``silu(gate) * up`` (inductor's version ran at ~1.6 TB/s).
-- ``add_rms_norm(x, delta, weight, eps)``: a decoder block's residual addition and the RMSNorm after it, one pass.
 - ``row_attention(query, key, value, prefix_key, prefix_value, scaling[, row_example, starts, rotary])``: a
   sweep forward's attention, short rows that attend to a prefix (one shared, or each row its own example's) and
   causally to their own tokens, in one kernel and one softmax, rotating query and key as it loads them.
@@ -201,29 +200,6 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-    @triton.jit(do_not_specialize=["n_rows", "width"])
-    def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, mid_ptr, out_ptr, n_rows, width, eps, mult, ADD: tl.constexpr,
-                             SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # rows of width elements: mid = x + y * mult (ADD; y * mult rounded to x's dtype first when SCALED, as
-        # torch's two operations round), rounded to x's dtype and stored; out = mid * rsqrt(mean(mid^2) + eps) * w
-        # in float32, rounded once (F.rms_norm's formula); without ADD, out is x's norm and nothing else is stored
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        ok = (rows < n_rows)[:, None] & (cols < width)[None, :]
-        offs = rows[:, None].to(tl.int64) * width + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        if ADD:
-            y = tl.load(y_ptr + offs, mask=ok, other=0.0)
-            if SCALED:
-                y = (y.to(tl.float32) * mult).to(x.dtype)
-            x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
-            tl.store(mid_ptr + offs, x, mask=ok)
-        xf = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(xf * xf, 1) / width + eps)
-        w = tl.load(w_ptr + cols, mask=cols < width, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (xf * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty), mask=ok)
-
-
 _BLOCK_R = 32
 
 
@@ -368,9 +344,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     return z
 
 
-def silu_mul(gate_up: torch.Tensor, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """gate_up: [..., 2 * inter] (gate then up, rows contiguous) -> ``silu(gate) * up``: [..., inter], contiguous.
-    ``tiles``: (rows, columns a program, warps), overriding the default (benchmarks)."""
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [..., 2 * inter] (gate then up, rows contiguous) -> ``silu(gate) * up``: [..., inter], contiguous."""
     width = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * width)
     assert rows.stride(1) == 1
@@ -378,52 +353,7 @@ def silu_mul(gate_up: torch.Tensor, tiles: tuple[int, int, int] | None = None) -
     n_rows = rows.shape[0]
     # one row x 1024 columns a program: 2.7 TB/s on an H100 (bf16, 40,000 rows of 2 x 8192 or 2 x 4864), where
     # 4 x 1024 reached 1.8 TB/s
-    block_r, block_c, warps = tiles or (1, 1024, 4)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(width, block_c))
+    grid = (n_rows, triton.cdiv(width, 1024))
     with _on(out):
-        _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
-                               num_warps=warps)
+        _silu_mul_kernel[grid](rows, out, n_rows, width, rows.stride(0), BLOCK_R=1, BLOCK_C=1024, num_warps=4)
     return out
-
-
-ADD_RMS_NORM_MAX = 16384  # widest row add_rms_norm takes (a program holds whole rows in registers)
-
-
-def add_rms_norm_applies(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> bool:
-    """``add_rms_norm`` takes these: on CUDA with Triton, contiguous rows of at most ``ADD_RMS_NORM_MAX``, one
-    floating dtype (not float64: F.rms_norm's float32 inside), ``delta`` (if any) of x's shape."""
-    return usable(x) and _add_rms_norm_fits(x, weight, delta)
-
-
-def _add_rms_norm_fits(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None) -> bool:
-    return (x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and weight.dtype == x.dtype and weight.shape == x.shape[-1:] and x.shape[-1] <= ADD_RMS_NORM_MAX
-            and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype and delta.is_contiguous())))
-
-
-def add_rms_norm_tiles(width: int) -> tuple[int, int]:
-    """``add_rms_norm``'s (rows a program, warps) for rows of ``width``: ~4,096 elements a program."""
-    block_c = triton.next_power_of_2(width)
-    return max(1, min(16, 4096 // block_c)), 4 if block_c <= 4096 else 8
-
-
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 multiplier: float | None = None, tiles: tuple[int, int] | None = None):
-    """The residual addition and the RMSNorm after it, one pass: x, delta: [..., width] -> (mid, normed), where
-    ``mid = x + delta * multiplier`` (torch's ops and roundings; ``multiplier`` None: ``x + delta``) and ``normed =
-    F.rms_norm(mid, (width,), weight, eps)`` (float32 inside, rounded once). ``delta`` None: (x, x's norm).
-    Takes what ``add_rms_norm_applies`` takes. ``tiles``: (rows a program, warps), overriding the default
-    (benchmarks)."""
-    assert _add_rms_norm_fits(x, weight, delta), (x.shape, x.dtype, weight.shape, weight.dtype)
-    width = x.shape[-1]
-    n_rows = x.numel() // width
-    out = torch.empty_like(x)
-    mid = x if delta is None else torch.empty_like(x)
-    block_c = triton.next_power_of_2(width)
-    block_r, warps = tiles or add_rms_norm_tiles(width)
-    with _on(x):
-        _add_rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
-            x, x if delta is None else delta, weight, mid, out, n_rows, width, eps,
-            1.0 if multiplier is None else multiplier, ADD=delta is not None, SCALED=multiplier is not None,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
-    return mid, out
