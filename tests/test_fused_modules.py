@@ -368,12 +368,13 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
                                                 rotary=(cos, sin))
     small = triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                          rotary=(cos, sin), tiles=(16, max(16, 1 << (q - 1).bit_length()), 16, 4))
-    # head-major's default tiles (the default is position-major: own keys in causal steps), and position-major's
-    # small ones (16 keys a step, 32 stacked queries: with 7 query heads a key/value head, tiles straddle positions)
+    # head-major's default tiles (the default is position-major: own keys in causal steps, query and key in halves
+    # from head size 32), and position-major's small ones (16 keys a step, 32 stacked queries: with 7 query heads a
+    # key/value head, tiles straddle positions), in full width and in halves
     variants = [triton_kernels.row_attention(query, key, value, prefix_key, prefix_value, 0.125, *extra,
                                              rotary=(cos, sin), tiles=tiles)
                 for tiles in (triton_kernels.row_attention_tiles(q, d_head, heads // kv_heads, position_major=False),
-                              (32, 16, 16, 4, True))]
+                              (32, 16, 16, 4, True), (32, 16, 16, 4, True, d_head >= 32))]
     expected = _row_attention_reference(r_query, r_key, value, prefix_key, prefix_value, row_example, starts, 0.125)
     for z in (got, got_rotating, small, *variants):
         assert z.shape == (11, q, heads, d_head) and z.is_contiguous() and z.dtype == dtype
@@ -463,7 +464,7 @@ def _rows_continuing_caches(model, per_example: bool):
     return got, expected
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "granite", "llama head size 32"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(triton_device, gpu_branches_on_cpu,
                                                                             row_attention_calls, family, per_example):
@@ -473,8 +474,12 @@ def test_the_fused_attentions_row_kernel_branch_equals_hf_continuing_a_cache(tri
     fp16/bf16 only, and the CUDA sweep test covers it), against HF continuing each example's own cache."""
     if triton_device == "cuda":
         pytest.skip("on a GPU the branch runs in fp16/bf16: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
-    got, expected = _rows_continuing_caches(tiny_model(family), per_example)
+    model = tiny_model("llama", head_dim=32) if family.endswith("32") else tiny_model(family)
+    got, expected = _rows_continuing_caches(model, per_example)
     assert len(row_attention_calls) == 2  # both layers' attention took the branch
+    # (head size 16: full-width tiles, tl.dot's minimum; 32: the default's halves)
+    d_head = model.config.head_dim
+    assert fm.triton_kernels.row_attention_tiles(9, d_head, 2).halves == (d_head == 32)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 

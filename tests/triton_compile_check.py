@@ -46,13 +46,16 @@ def configurations():
                                   (1, 128, (100, 128)), (1, 64, (12, 61)), (1, 32, (20,))):
         for q_len in q_lens:
             assert tk.row_attention_applies(q_len, d_head)
-            for position_major in (False, True):
-                t = tk.row_attention_tiles(q_len, d_head, group, position_major)
+            for position_major, halves in ((False, False), (True, False), (True, True)):
+                t = tk.row_attention_tiles(q_len, d_head, group, position_major)._replace(halves=halves)
+                if halves and d_head < 32:  # (row_attention_tiles' rule: tl.dot's minimum K)
+                    continue
                 for dtype, per_row, rotary in (("bf16", False, True), ("bf16", True, True), ("bf16", False, False),
                                                ("bf16", True, False), ("fp16", True, True)):
                     yield tk._row_attention_kernel, dtype, dict(GROUP=group, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                                                 BLOCK_K=t.block_k, D=d_head, PER_ROW=per_row,
-                                                                ROTARY=rotary, POS_MAJOR=position_major), t.warps
+                                                                ROTARY=rotary, POS_MAJOR=position_major,
+                                                                HALVES=halves), t.warps
 
 
 def main() -> int:

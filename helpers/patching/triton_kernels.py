@@ -104,10 +104,35 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _halves(ptr, cos_ptr, sin_ptr, rows, cs_rows, ok, D: tl.constexpr, ROTARY: tl.constexpr):
+        # the two halves [len(rows), D/2] of the vectors at ptr + rows, with HF's rotary when ROTARY (as _rotated:
+        # x1 * cos1 - x2 * sin1 and x2 * cos2 + x1 * sin2, in float32, each rounded to x's dtype); half-width tiles
+        # keep fewer float32 temporaries live than _rotated's four full-width ones
+        h = tl.arange(0, D // 2)
+        p = ptr + rows[:, None] + h[None, :]
+        x1 = tl.load(p, mask=ok[:, None], other=0.0)
+        x2 = tl.load(p + D // 2, mask=ok[:, None], other=0.0)
+        if ROTARY:
+            cs = cs_rows[:, None] + h[None, :]
+            c = tl.load(cos_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
+            r1 = (x1.to(tl.float32) * c - x2.to(tl.float32) * s).to(x1.dtype)
+            c = tl.load(cos_ptr + cs + D // 2, mask=ok[:, None], other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + cs + D // 2, mask=ok[:, None], other=0.0).to(tl.float32)
+            x2 = (x2.to(tl.float32) * c + x1.to(tl.float32) * s).to(x1.dtype)
+            x1 = r1
+        return x1, x2
+
+    @triton.jit
     def _softmax_step(q, keys, values, keep, scale, m, total, acc):
         # one step of an online softmax: queries q [M, D] against keys [N, D] where keep ([M or 1, N]), folding the
         # values [N, D] into the running maximum m, normaliser total and float32 accumulator acc
-        scores = tl.where(keep, tl.dot(q, tl.trans(keys)) * scale, float("-inf"))
+        return _softmax_fold(tl.dot(q, tl.trans(keys)), values, keep, scale, m, total, acc)
+
+    @triton.jit
+    def _softmax_fold(dots, values, keep, scale, m, total, acc):
+        # _softmax_step from the queries' dot products with the keys [M, N]
+        scores = tl.where(keep, dots * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -123,6 +148,16 @@ if triton is not None:
         v = tl.load(v_base + j[:, None] * v_sq + tl.arange(0, D)[None, :], mask=own_ok[:, None], other=0.0)
         return _softmax_step(q, k, v, (j[None, :] <= i[:, None]) & own_ok[None, :], scale, m, total, acc)
 
+    @triton.jit
+    def _own_step_halves(q1, q2, i, j, k_base, v_base, cos_ptr, sin_ptr, k_sq, v_sq, cs_row, cs_sq, q_len, scale, m,
+                         total, acc, D: tl.constexpr, ROTARY: tl.constexpr):
+        # _own_step with queries and keys as halves: the dot product is q1 . k1 + q2 . k2
+        own_ok = j < q_len
+        k1, k2 = _halves(k_base, cos_ptr, sin_ptr, j * k_sq, cs_row + j * cs_sq, own_ok, D, ROTARY)
+        v = tl.load(v_base + j[:, None] * v_sq + tl.arange(0, D)[None, :], mask=own_ok[:, None], other=0.0)
+        dots = tl.dot(q2, tl.trans(k2), tl.dot(q1, tl.trans(k1)))
+        return _softmax_fold(dots, v, (j[None, :] <= i[:, None]) & own_ok[None, :], scale, m, total, acc)
+
     @triton.jit(do_not_specialize=["q_len", "s_len", "q_sb", "q_sq", "q_sh", "k_sb", "k_sq", "k_sh", "v_sb", "v_sq",
                                    "v_sh", "pk_sb", "pk_sh", "pk_ss", "pv_sb", "pv_sh", "pv_ss", "cs_sb", "cs_sq"])
     def _row_attention_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, ex_ptr, start_ptr, cos_ptr, sin_ptr, z_ptr,
@@ -130,7 +165,7 @@ if triton is not None:
                               pk_sb, pk_sh, pk_ss, pv_sb, pv_sh, pv_ss, cs_sb, cs_sq,
                               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, D: tl.constexpr, PER_ROW: tl.constexpr, ROTARY: tl.constexpr,
-                              POS_MAJOR: tl.constexpr):
+                              POS_MAJOR: tl.constexpr, HALVES: tl.constexpr = False):
         # program (row, kv head, tile): the GROUP query heads sharing one key/value head are stacked into one query
         # axis of GROUP * q_len (head, position) pairs, and this program takes BLOCK_M of them: head-major (a
         # tile holds runs of one head's positions; its own keys are every one of the row's, BLOCK_N >= q_len, one
@@ -159,30 +194,46 @@ if triton is not None:
             own_end = q_len
         head = kv_head * GROUP + g
         d = tl.arange(0, D)
-        q = _rotated(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid, D,
-                     ROTARY)
         pk_base = pk_ptr + ex * pk_sb + kv_head * pk_sh
         pv_base = pv_ptr + ex * pv_sb + kv_head * pv_sh
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        for k0 in range(start, s_len, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            ok = kk < s_len
-            pk = tl.load(pk_base + kk[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
-            pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
-            m, total, acc = _softmax_step(q, pk, pv, ok[None, :], scale, m, total, acc)
-        # own tokens: the first step holds key 0, kept by every query, so every query's maximum is finite from then
-        # on (or from the prefix) and total > 0; a later step's masked scores then weigh exactly 0
-        if POS_MAJOR:
+        if HALVES:  # (position-major only)
+            q1, q2 = _halves(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid,
+                             D, ROTARY)
+            for k0 in range(start, s_len, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                ok = kk < s_len
+                pk1, pk2 = _halves(pk_base, cos_ptr, sin_ptr, kk.to(tl.int64) * pk_ss, kk, ok, D, False)
+                pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
+                dots = tl.dot(q2, tl.trans(pk2), tl.dot(q1, tl.trans(pk1)))
+                m, total, acc = _softmax_fold(dots, pv, ok[None, :], scale, m, total, acc)
             for j0 in range(0, own_end, BLOCK_N):
-                m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
+                m, total, acc = _own_step_halves(q1, q2, i, j0 + tl.arange(0, BLOCK_N),
+                                                 k_ptr + b * k_sb + kv_head * k_sh, v_ptr + b * v_sb + kv_head * v_sh,
+                                                 cos_ptr, sin_ptr, k_sq, v_sq, b * cs_sb, cs_sq, q_len, scale, m,
+                                                 total, acc, D, ROTARY)
+        else:
+            q = _rotated(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid, D,
+                         ROTARY)
+            for k0 in range(start, s_len, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                ok = kk < s_len
+                pk = tl.load(pk_base + kk[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
+                pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
+                m, total, acc = _softmax_step(q, pk, pv, ok[None, :], scale, m, total, acc)
+            # own tokens: the first step holds key 0, kept by every query, so every query's maximum is finite from
+            # then on (or from the prefix) and total > 0; a later step's masked scores then weigh exactly 0
+            if POS_MAJOR:
+                for j0 in range(0, own_end, BLOCK_N):
+                    m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
+                                              v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
+                                              b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
+            else:  # (one step, straight-line code)
+                m, total, acc = _own_step(q, i, tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
                                           v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
                                           b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
-        else:  # (one step, straight-line code)
-            m, total, acc = _own_step(q, i, tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
-                                      v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
-                                      b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
         z_off = ((b * q_len + i) * (tl.num_programs(1) * GROUP) + head) * D
         tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
                  mask=valid[:, None])
@@ -261,10 +312,15 @@ class RowTiles(NamedTuple):
     block_k: int
     warps: int
     position_major: bool = False
+    halves: bool = False  # (position-major) query and key in half-width tiles, two dot products a score
 
 
 # position-major stacking by default (benchmarks compare the two by setting this)
 ROW_POSITION_MAJOR = True
+# position-major tiles take query and key in halves (head size >= 32): bitwise the same z, the kernel alone
+# 1.06-1.13x faster at Qwen, Llama and SmolLM2's longer rows, 1.33-1.36x at head size 128, equal (0.98-1.01x) at
+# SmolLM2's q 5 and 13 (an H100, bf16, 2026-12-05, BENCHMARKS.md; benchmarks compare by setting this)
+ROW_HALVES = True
 
 
 def row_attention_tiles(q_len: int, d_head: int, group: int, position_major: bool | None = None) -> RowTiles:
@@ -278,7 +334,7 @@ def row_attention_tiles(q_len: int, d_head: int, group: int, position_major: boo
         # own keys 16 a step: the kernel alone 1.00-1.42x faster than head-major at SmolLM2, Qwen and Llama sweep
         # shapes on an H200 (scripts/profile_small.py --tiles, 2026-12-05; 32 a step 1.00-1.20x); not timed at head
         # size 128 (where head-major takes 8 warps) nor for GPT-Neo's one query head a key/value head
-        return RowTiles(block_m, 16, block_k, 4, True)
+        return RowTiles(block_m, 16, block_k, 4, True, ROW_HALVES and d_head >= 32)  # (tl.dot's minimum K: 16)
     block_j = max(16, triton.next_power_of_2(q_len))
     # (8 warps where the own-key tile is 128 x 128: with 4, ptxas spills ~4x more registers there; not timed)
     return RowTiles(block_m, block_j, block_k, 8 if block_j * d_head >= 128 * 128 else 4)
@@ -302,7 +358,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
 
     The query heads that share a key/value head are stacked into one query axis (head-major, or position-major:
     ``RowTiles.position_major``; no padding between heads), so one pass over the keys serves them all with matrix
-    products of up to 64 stacked queries. One
+    products of up to 64 stacked queries (position-major: query and key as halves, ``RowTiles.halves``, whose
+    rotation keeps fewer float32 temporaries live; each score is q1 . k1 + q2 . k2). One
     program per (row, key/value head, tile of that axis): the prefix is read in place (never copied per row), and
     the softmax runs over prefix and own keys together, so nothing is written between them (flash on the prefix, a
     causal kernel on the own tokens and a log-sum-exp merge wrote and re-read three outputs of z's size).
@@ -340,7 +397,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
             prefix_key.stride(0), prefix_key.stride(1), prefix_key.stride(2),
             prefix_value.stride(0), prefix_value.stride(1), prefix_value.stride(2), cs_sb, cs_sq,
             GROUP=group, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, D=d_head, PER_ROW=per_row,
-            ROTARY=rotary is not None, POS_MAJOR=t.position_major, num_warps=t.warps)
+            ROTARY=rotary is not None, POS_MAJOR=t.position_major, HALVES=t.position_major and t.halves,
+            num_warps=t.warps)
     return z
 
 
