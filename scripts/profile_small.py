@@ -52,7 +52,8 @@ TILE_SHAPES = (("SmolLM2-135M", 9, 3, ((4000, 7), (2000, 35), (1000, 63), (4000,
 
 def tile_scan(device) -> None:
     """row_attention alone at sweep shapes (``TILE_SHAPES``, d_head 64, one example's prefix): each tile choice's
-    time, head-major and position-major (``RowTiles``), and its largest difference from the default's output; then
+    time, head-major and position-major (``RowTiles``; position-major in full width and in halves), and its largest
+    difference from the default's output; then
     the default's bandwidth, its time without rotary, and torch's causal attention over the own tokens alone."""
     from helpers.patching import triton_kernels as tk
 
@@ -77,7 +78,8 @@ def tile_scan(device) -> None:
                 for w in (4, 8):
                     for bn in (16, 32, 64):
                         if bn <= bj:
-                            options.add(tk.RowTiles(bm, bn, 64, w, True))
+                            for halves in (False, True):  # (query and key in full width or in halves)
+                                options.add(tk.RowTiles(bm, bn, 64, w, True, halves))
             rows = []
             for tiles in sorted(options):
                 try:

@@ -350,7 +350,8 @@ def test_triton_row_attention_equals_softmax_over_prefix_and_own_tokens(triton_d
     n_prefixes = 3 if per_example else 1
     prefix_key, prefix_value = torch.randn(2, n_prefixes, kv_heads, s, d_head, generator=gen,
                                            device=triton_device).to(dtype)
-    angles = torch.randn(11 if per_example else 1, q, d_head // 2, generator=gen, device=triton_device).repeat(1, 1, 2)
+    # (halves that differ: HF's tables repeat theirs, so a kernel reading the wrong half would pass with those)
+    angles = torch.randn(11 if per_example else 1, q, d_head, generator=gen, device=triton_device)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     rotated = qkv.clone()
     triton_kernels.rotary_inplace(rotated, cos, sin, heads + kv_heads)  # (its own test compares it with HF's formula)

@@ -172,7 +172,8 @@ if triton is not None:
         # step) or position-major (a tile holds consecutive positions, every head of the group at each; its own keys
         # run in steps of BLOCK_N up to its last position, skipping the causal mask's empty blocks). They attend to
         # the row's prefix keys start .. s_len - 1 (all precede every query: no mask), then causally to the row's own
-        # tokens, in one online softmax (float32 accumulators); z is written once, contiguous
+        # tokens, in one online softmax (float32 accumulators); z is written once, contiguous. HALVES (position-major,
+        # head size >= 32): query and key are taken as two halves each (_halves)
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         if PER_ROW:
@@ -199,6 +200,8 @@ if triton is not None:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
+        # prefix keys, then own tokens: the first own step holds key 0, kept by every query, so every query's maximum
+        # is finite from then on (or from the prefix) and total > 0; a later step's masked scores then weigh exactly 0
         if HALVES:  # (position-major only)
             q1, q2 = _halves(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid,
                              D, ROTARY)
@@ -223,8 +226,6 @@ if triton is not None:
                 pk = tl.load(pk_base + kk[:, None].to(tl.int64) * pk_ss + d[None, :], mask=ok[:, None], other=0.0)
                 pv = tl.load(pv_base + kk[:, None].to(tl.int64) * pv_ss + d[None, :], mask=ok[:, None], other=0.0)
                 m, total, acc = _softmax_step(q, pk, pv, ok[None, :], scale, m, total, acc)
-            # own tokens: the first step holds key 0, kept by every query, so every query's maximum is finite from
-            # then on (or from the prefix) and total > 0; a later step's masked scores then weigh exactly 0
             if POS_MAJOR:
                 for j0 in range(0, own_end, BLOCK_N):
                     m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
@@ -312,13 +313,14 @@ class RowTiles(NamedTuple):
     block_k: int
     warps: int
     position_major: bool = False
-    halves: bool = False  # (position-major) query and key in half-width tiles, two dot products a score
+    halves: bool = False  # (position-major, head size >= 32) query and key in half-width tiles, two dots a score
 
 
 # position-major stacking by default (benchmarks compare the two by setting this)
 ROW_POSITION_MAJOR = True
-# position-major tiles take query and key in halves (head size >= 32): bitwise the same z, the kernel alone
-# 1.06-1.13x faster at Qwen, Llama and SmolLM2's longer rows, 1.33-1.36x at head size 128, equal (0.98-1.01x) at
+# position-major tiles take query and key in halves (head size >= 32): the same z (bf16, an H100: no difference at
+# the four decimals printed), the kernel alone
+# 1.05-1.13x faster at Qwen, Llama and SmolLM2's longer rows, 1.33-1.36x at head size 128, equal (0.98-1.01x) at
 # SmolLM2's q 5 and 13 (an H100, bf16, 2026-12-05, BENCHMARKS.md; benchmarks compare by setting this)
 ROW_HALVES = True
 
@@ -358,8 +360,8 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
 
     The query heads that share a key/value head are stacked into one query axis (head-major, or position-major:
     ``RowTiles.position_major``; no padding between heads), so one pass over the keys serves them all with matrix
-    products of up to 64 stacked queries (position-major: query and key as halves, ``RowTiles.halves``, whose
-    rotation keeps fewer float32 temporaries live; each score is q1 . k1 + q2 . k2). One
+    products of up to 64 stacked queries (position-major from head size 32: query and key as halves,
+    ``RowTiles.halves``, whose rotation keeps fewer float32 temporaries live; each score is q1 . k1 + q2 . k2). One
     program per (row, key/value head, tile of that axis): the prefix is read in place (never copied per row), and
     the softmax runs over prefix and own keys together, so nothing is written between them (flash on the prefix, a
     causal kernel on the own tokens and a log-sum-exp merge wrote and re-read three outputs of z's size).
@@ -390,6 +392,7 @@ def row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     t = RowTiles(*tiles) if tiles else row_attention_tiles(q, d_head, group)
     # (tl.dot's minimum is 16; head-major takes every own key in one step)
     assert (t.position_major or t.block_n >= q) and min(t.block_m, t.block_n, t.block_k) >= 16, (tiles, q)
+    assert not (t.position_major and t.halves) or d_head >= 32, (tiles, d_head)  # (halves: tl.dot's K >= 16)
     with _on(z):
         _row_attention_kernel[(b, n_kv, triton.cdiv(group * q, t.block_m))](
             query, key, value, prefix_key, prefix_value, row_example, starts, cos, sin, z, q, s, scaling,
