@@ -53,8 +53,8 @@ TILE_SHAPES = (("SmolLM2-135M", 9, 3, ((4000, 7), (2000, 35), (1000, 63), (4000,
 def tile_scan(device) -> None:
     """row_attention alone at sweep shapes (``TILE_SHAPES``, d_head 64, one example's prefix): each tile choice's
     time, head-major and position-major (``RowTiles``; position-major in full width and in halves), and its largest
-    difference from the default's output; then
-    the default's bandwidth, its time without rotary, and torch's causal attention over the own tokens alone."""
+    difference from the default's output; then the default's bandwidth, its time without rotary, and torch's causal
+    attention over the own tokens alone."""
     from helpers.patching import triton_kernels as tk
 
     gen = torch.Generator(device=device).manual_seed(0)
