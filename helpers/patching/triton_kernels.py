@@ -197,6 +197,8 @@ if triton is not None:
         d = tl.arange(0, D)
         pk_base = pk_ptr + ex * pk_sb + kv_head * pk_sh
         pv_base = pv_ptr + ex * pv_sb + kv_head * pv_sh
+        k_base = k_ptr + b * k_sb + kv_head * k_sh  # (the row's own keys and values)
+        v_base = v_ptr + b * v_sb + kv_head * v_sh
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -213,10 +215,9 @@ if triton is not None:
                 dots = tl.dot(q2, tl.trans(pk2), tl.dot(q1, tl.trans(pk1)))
                 m, total, acc = _softmax_fold(dots, pv, ok[None, :], scale, m, total, acc)
             for j0 in range(0, own_end, BLOCK_N):
-                m, total, acc = _own_step_halves(q1, q2, i, j0 + tl.arange(0, BLOCK_N),
-                                                 k_ptr + b * k_sb + kv_head * k_sh, v_ptr + b * v_sb + kv_head * v_sh,
-                                                 cos_ptr, sin_ptr, k_sq, v_sq, b * cs_sb, cs_sq, q_len, scale, m,
-                                                 total, acc, D, ROTARY)
+                m, total, acc = _own_step_halves(q1, q2, i, j0 + tl.arange(0, BLOCK_N), k_base, v_base, cos_ptr,
+                                                 sin_ptr, k_sq, v_sq, b * cs_sb, cs_sq, q_len, scale, m, total, acc,
+                                                 D, ROTARY)
         else:
             q = _rotated(q_ptr + b * q_sb, cos_ptr, sin_ptr, head * q_sh + i * q_sq, b * cs_sb + i * cs_sq, valid, D,
                          ROTARY)
@@ -228,12 +229,10 @@ if triton is not None:
                 m, total, acc = _softmax_step(q, pk, pv, ok[None, :], scale, m, total, acc)
             if POS_MAJOR:
                 for j0 in range(0, own_end, BLOCK_N):
-                    m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
-                                              v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
-                                              b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
+                    m, total, acc = _own_step(q, i, j0 + tl.arange(0, BLOCK_N), k_base, v_base, cos_ptr, sin_ptr,
+                                              k_sq, v_sq, b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
             else:  # (one step, straight-line code)
-                m, total, acc = _own_step(q, i, tl.arange(0, BLOCK_N), k_ptr + b * k_sb + kv_head * k_sh,
-                                          v_ptr + b * v_sb + kv_head * v_sh, cos_ptr, sin_ptr, k_sq, v_sq,
+                m, total, acc = _own_step(q, i, tl.arange(0, BLOCK_N), k_base, v_base, cos_ptr, sin_ptr, k_sq, v_sq,
                                           b * cs_sb, cs_sq, q_len, scale, m, total, acc, D, ROTARY)
         z_off = ((b * q_len + i) * (tl.num_programs(1) * GROUP) + head) * D
         tl.store(z_ptr + z_off[:, None] + d[None, :], (acc / total[:, None]).to(z_ptr.dtype.element_ty),
@@ -319,9 +318,9 @@ class RowTiles(NamedTuple):
 # position-major stacking by default (benchmarks compare the two by setting this)
 ROW_POSITION_MAJOR = True
 # position-major tiles take query and key in halves (head size >= 32): the same z (bf16, an H100: no difference at
-# the four decimals printed), the kernel alone
-# 1.05-1.13x faster at Qwen, Llama and SmolLM2's longer rows, 1.33-1.36x at head size 128, equal (0.98-1.01x) at
-# SmolLM2's q 5 and 13 (an H100, bf16, 2026-12-05, BENCHMARKS.md; benchmarks compare by setting this)
+# the four decimals printed), the kernel alone 1.05-1.13x faster at Qwen, Llama and SmolLM2's longer rows,
+# 1.33-1.36x at head size 128, equal (0.98-1.01x) at SmolLM2's q 5 and 13 (an H100, bf16, 2026-12-05,
+# BENCHMARKS.md; benchmarks compare by setting this)
 ROW_HALVES = True
 
 
