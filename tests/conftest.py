@@ -50,6 +50,23 @@ def gpu_branches_on_cpu(monkeypatch) -> None:
     monkeypatch.setattr(triton_kernels, "usable", lambda *tensors, d_head=None: True)
 
 
+@pytest.fixture
+def epilogues_on_cpu(monkeypatch, gpu_branches_on_cpu) -> list:
+    """The fused MLP takes the gate/up matmul with its silu epilogue on a CPU (float32, Triton interpreted, small
+    tiles: the interpreter's cost grows with the tile); records each call's input shape."""
+    from helpers.patching import matmul_epilogues as me
+    calls = []
+    real = me.linear_silu_mul
+    small = me.EpilogueTiles(32, 32, 32, 2, 4, True)
+
+    def recording(x, w_interleaved, tiles=None):
+        calls.append(tuple(x.shape))
+        return real(x, w_interleaved, small if tiles is None else tiles)
+    monkeypatch.setattr(me, "available", lambda like: True)
+    monkeypatch.setattr(me, "linear_silu_mul", recording)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def project_tokenizer():
     """The embedded models' tokenizer recipe: every vocabulary word is one token, no BOS."""

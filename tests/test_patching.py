@@ -608,11 +608,12 @@ def _cpu_flash(query, key, value, causal, scaling):
 
 @pytest.mark.parametrize("family, per_forward", [("llama", 3), ("qwen2", 1)])  # (~30 s each, interpreted)
 def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(triton_device, gpu_branches_on_cpu,
-                                                                          row_attention_calls, monkeypatch, family,
-                                                                          per_forward):
-    """The sweep as a GPU runs it (fused modules with Triton's rotary, silu-mul and row_attention, the corrupt prefix
-    shared inside attention; merged, each row reading its own example's prefix), here on a CPU in float32: Triton's
-    kernels interpreted, aten's CUDA-only flash attention replaced by the same arithmetic in torch (_cpu_flash)."""
+                                                                          epilogues_on_cpu, row_attention_calls,
+                                                                          monkeypatch, family, per_forward):
+    """The sweep as a GPU runs it (fused modules with Triton's row_attention and the gate/up matmul with its silu
+    epilogue, the corrupt prefix shared inside attention; merged, each row reading its own example's prefix), here on
+    a CPU in float32: Triton's kernels interpreted, aten's CUDA-only flash attention replaced by the same arithmetic
+    in torch (_cpu_flash)."""
     if triton_device == "cuda":
         pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
     import helpers.patching.fused_modules as fm
@@ -621,6 +622,7 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
     rotaries = [kwargs["rotary"] for _, kwargs in row_attention_calls]
     assert fast.stats["shared_prefix"] and fast.stats["max_examples_per_forward"] == per_forward
     assert rotaries and all(r is not None for r in rotaries)  # every sweep forward's attention was the kernel
+    assert epilogues_on_cpu  # (the MLPs' gate/up matmuls, with silu * up as their epilogue)
     if per_forward == 3:  # merged: per-row rotary tables
         assert any(r[0].shape[0] > 1 for r in rotaries)
     assert_raw_close(fast, ref)

@@ -58,6 +58,22 @@ def configurations():
                                                                 HALVES=halves), t.warps
 
 
+def epilogue_configurations():
+    """(signature, constexprs, warps, stages) of ``matmul_epilogues``' kernel for the tiles ``epilogue_tiles`` picks
+    (SmolLM2's, Qwen's and Llama's depths) and the fallback for GPUs with less shared memory."""
+    from helpers.patching import matmul_epilogues as me
+    for t in (me.epilogue_tiles(576), me.epilogue_tiles(2048), me._SMALLER):
+        for dtype in ("bf16", "fp16"):
+            sig = {"x_desc": f"tensordesc<{dtype}[{t.block_m},{t.block_k}]>",
+                   "w_desc": f"tensordesc<{dtype}[{t.block_n},{t.block_k}]>",
+                   "out_desc": f"tensordesc<{dtype}[{t.block_m},{t.block_n // 2}]>",
+                   "n_rows": "i32", "n_cols": "i32", "k_dim": "i32"}
+            constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8, PROGRAMS=132,
+                              FLATTEN=t.flatten)
+            sig.update({k: "constexpr" for k in constexprs})
+            yield sig, constexprs, t.warps, t.stages
+
+
 def main() -> int:
     if tk.triton is None or os.environ.get("TRITON_INTERPRET") == "1":
         print("needs Triton, not in interpreter mode", file=sys.stderr)
@@ -73,6 +89,20 @@ def main() -> int:
             return 1
         n += 1
         print(f"ok {kernel.__name__} {dtype} {constexprs} warps={warps}", flush=True)
+    from helpers.patching import matmul_epilogues as me
+    if me.TensorDescriptor is not None:
+        for sig, constexprs, warps, stages in epilogue_configurations():
+            src = triton.compiler.ASTSource(fn=me._gate_up_silu_kernel, signature=sig, constexprs=constexprs)
+            try:
+                k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+            except Exception as exc:  # noqa: BLE001
+                print(f"FAILED _gate_up_silu_kernel {sig['x_desc']} {constexprs} warps={warps} stages={stages}: "
+                      f"{type(exc).__name__}: {exc}")
+                return 1
+            n += 1
+            # (an H100 has 227 KiB a block; a launch that needs more falls back to matmul_epilogues._SMALLER)
+            print(f"ok _gate_up_silu_kernel {sig['x_desc']} {constexprs} warps={warps} stages={stages} "
+                  f"shared {k.metadata.shared} bytes", flush=True)
     print(f"compiled {n} configurations for sm_90")
     return 0
 

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from helpers.patching import triton_kernels
+from helpers.patching import matmul_epilogues, triton_kernels
 from helpers.patching.fused_gpt_neo import attention_window, gpt_neo_attention_forward, is_gpt_neo_attention
 from helpers.patching.stacked_weights import stacked_linears
 from helpers.models.architectures import blocks, family_spec, get_submodule, head_geometry
@@ -81,16 +81,19 @@ def gated_mlp(x: torch.Tensor, w_gate_up, b_gate_up, w_down, b_down) -> torch.Te
     return F.linear(F.silu(gate) * up, w_down, b_down)
 
 
-def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable) -> Callable:
-    """The swapped MLP forward: Triton's ``silu_mul`` between two cuBLAS matmuls on CUDA; else ``mlp_fn`` (compiled)
-    for large inputs and the plain formula for small ones. With gradients on, the module's own forward (the fused
-    weights are detached copies)."""
+def _gated_mlp_forward(mlp, w_gate_up, b_gate_up, mlp_fn: Callable, interleaved: bool = False) -> Callable:
+    """The swapped MLP forward: on CUDA where the GPU has TMA, ``silu(gate) * up`` as the gate/up matmul's epilogue
+    (``interleaved``: ``w_gate_up`` is ``matmul_epilogues.interleave_gate_up``'s), elsewhere on CUDA Triton's
+    ``silu_mul`` between two cuBLAS matmuls; else ``mlp_fn`` (compiled) for large inputs and the plain formula for
+    small ones. With gradients on, the module's own forward (the fused weights are detached copies)."""
     down = mlp.down_proj
     original = mlp.forward
 
     def forward(x):
-        if torch.is_grad_enabled():
-            return original(x)
+        if torch.is_grad_enabled() or (interleaved and not matmul_epilogues.applies(x, w_gate_up)):
+            return original(x)  # (interleaved: x of another dtype or device than the weights, under autocast say)
+        if interleaved:
+            return F.linear(matmul_epilogues.linear_silu_mul(x, w_gate_up), down.weight, down.bias)
         if triton_kernels.usable(x):
             return F.linear(triton_kernels.silu_mul(F.linear(x, w_gate_up, b_gate_up)), down.weight, down.bias)
         fn = mlp_fn if x.numel() >= _COMPILE_MIN_NUMEL else gated_mlp
@@ -495,7 +498,7 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
         yield swap
         return
     swapped_forwards: list[tuple[torch.nn.Module, object]] = []  # (module, its own instance forward or None)
-    counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0, "block": 0}
+    counts = {"rms_norm": 0, "gated_mlp": 0, "attention": 0, "block": 0, "silu_epilogue": 0}
     spec = family_spec(model.config)
 
     def swap_forward(module, forward):
@@ -532,7 +535,11 @@ def fused_modules(model, *, compile: bool | None = None, causal_flash: bool = Fa
             mlp = get_submodule(block, spec.mlp)
             if _is_gated_silu_mlp(mlp, model.config):
                 w_gu, b_gu = stacked_linears([mlp.gate_proj, mlp.up_proj])
-                swap_forward(mlp, _gated_mlp_forward(mlp, w_gu, b_gu, mlp_fn))
+                interleaved = b_gu is None and matmul_epilogues.available(w_gu)  # (silu * up: the matmul's epilogue)
+                if interleaved:
+                    w_gu = matmul_epilogues.interleave_gate_up(w_gu)
+                    counts["silu_epilogue"] += 1
+                swap_forward(mlp, _gated_mlp_forward(mlp, w_gu, b_gu, mlp_fn, interleaved))
                 counts["gated_mlp"] += 1
             attention = get_submodule(block, spec.attention)
             if _is_plain_attention(attention):

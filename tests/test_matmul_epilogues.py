@@ -1,0 +1,103 @@
+"""The gated MLP's gate/up matmul with ``silu(gate) * up`` as its epilogue (helpers.patching.matmul_epilogues): the
+kernel against cuBLAS + ``silu_mul`` (on a GPU bit for bit, in fp16 and bf16; on a CPU under Triton's interpreter
+in float32 and fp16), and the fused MLP's use of it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.models.tiny_models import tiny_model
+from helpers.patching import matmul_epilogues as me
+from helpers.patching import triton_kernels
+from helpers.patching.fused_modules import fused_modules
+
+pytestmark = pytest.mark.skipif(me.TensorDescriptor is None, reason="this Triton has no TensorDescriptor")
+
+# the launches epilogue_tiles picks (4 stages at depths up to 1,024, 3 deeper), the fallback for GPUs with less shared
+# memory, and a small one (the interpreter's cost grows with the tile)
+TILE_CHOICES = {"shallow": me.epilogue_tiles(576), "deep": me.epilogue_tiles(2048), "fallback": me._SMALLER,
+                "small": me.EpilogueTiles(32, 32, 32, 2, 4, True)}
+
+
+def _unfused(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+    """cuBLAS's product, then ``triton_kernels.silu_mul`` (on a CPU its formula: float32 inside, rounded once)."""
+    gate_up = F.linear(x, w_gate_up)
+    if gate_up.is_cuda:
+        return triton_kernels.silu_mul(gate_up)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (gate / (1.0 + torch.exp(-gate)) * up).to(gate_up.dtype)
+
+
+@pytest.mark.parametrize("tiles", list(TILE_CHOICES))
+@pytest.mark.parametrize("shape", [(300, 64, 200), (5, 48, 96), (129, 96, 256), (0, 64, 64)])  # rows, k, inter
+def test_the_gate_up_matmul_with_its_silu_epilogue_equals_cublas_and_silu_mul(triton_device, tiles, shape):
+    """Rows, columns and depth that straddle the tiles (TMA pads loads with zeros and clips stores); on a GPU the
+    result is the unfused pair's bit for bit. (Triton's interpreter mishandles bf16 tensor descriptors and truncates
+    bf16 casts: bf16 on the GPU only.)"""
+    n_rows, k, inter = shape
+    if triton_device == "cpu" and tiles != "small" and n_rows > 5:
+        pytest.skip("large tiles under the interpreter: the small rows case covers them")
+    gen = torch.Generator().manual_seed(n_rows + k)
+    dtypes = (torch.float16, torch.bfloat16) if triton_device == "cuda" else (torch.float32, torch.float16)
+    for dtype in dtypes:
+        x = torch.randn(n_rows, k, generator=gen).to(triton_device, dtype)
+        w_gu = (torch.randn(2 * inter, k, generator=gen) / k ** 0.5).to(triton_device, dtype)
+        got = me.linear_silu_mul(x, me.interleave_gate_up(w_gu), tiles=TILE_CHOICES[tiles])
+        want = _unfused(x, w_gu)
+        assert got.shape == (n_rows, inter)
+        if triton_device == "cuda":
+            assert torch.equal(got, want), ((got != want).sum(), dtype)
+        else:
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), (got - want).abs().max()
+
+
+def test_interleaving_puts_each_gate_row_beside_its_up_row():
+    w = torch.arange(12.0).view(6, 2)  # gate rows 0-2, up rows 3-5
+    assert me.interleave_gate_up(w)[:, 0].tolist() == [0.0, 6.0, 2.0, 8.0, 4.0, 10.0]
+
+
+def test_the_epilogue_takes_rows_of_16_byte_multiples_and_copies_an_input_tma_cannot_read(triton_device,
+                                                                                           gpu_branches_on_cpu):
+    """TMA reads rows whose size is a multiple of 16 bytes from a 16-byte aligned start: the weight's k decides
+    (``available``: fp16/bf16 only); an input that is strided or starts off that alignment is copied first, with the
+    same result."""
+    assert me.available(torch.randn(64, 48, dtype=torch.float16, device=triton_device))  # rows of 96 bytes
+    assert not me.available(torch.randn(64, 44, dtype=torch.float16, device=triton_device))  # 88 bytes
+    assert not me.available(torch.randn(64, 48, device=triton_device))  # (float32: cuBLAS)
+    dtype = torch.float32 if triton_device == "cpu" else torch.bfloat16  # (a GPU's tl.dot: tf32 in float32)
+    w_gu = (torch.randn(64, 48) / 48 ** 0.5).to(triton_device, dtype)
+    w = me.interleave_gate_up(w_gu)
+    base = torch.randn(4, 9, 48).to(triton_device, dtype)
+    want = _unfused(base, w_gu)
+    shifted = torch.empty(base.numel() + 1, device=triton_device, dtype=dtype)[1:].view(4, 9, 48)  # (start off 16 B)
+    shifted.copy_(base)
+    strided = torch.empty(4, 9, 96, device=triton_device, dtype=dtype)[..., ::2]
+    strided.copy_(base)
+    for x in (base, shifted, strided):
+        assert me.applies(x, w)
+        got = me.linear_silu_mul(x, w, tiles=TILE_CHOICES["small"])
+        assert torch.allclose(got, want, atol=1e-5, rtol=0) if triton_device == "cpu" else torch.equal(got, want)
+    assert not me.applies(base.to(torch.float16 if dtype != torch.float16 else torch.float32), w)
+    assert not me.applies(base[..., :44], w)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
+def test_the_fused_mlp_takes_the_epilogue_and_equals_hfs_modules(triton_device, epilogues_on_cpu, family):
+    """Each layer's MLP runs its gate/up matmul with the silu epilogue (forced here on a CPU, in float32), and the
+    model's logits equal HF's modules'; with gradients on, the module's own forward."""
+    if triton_device == "cuda":
+        pytest.skip("forced on a CPU; on a GPU the CUDA sweep tests run the real choice")
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        with fused_modules(model, compile=False) as swap:
+            assert "silu_epilogue x2" in swap.swapped
+            got = model(input_ids=ids).logits
+    assert epilogues_on_cpu == [(3, 9, 48)] * 2
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    with fused_modules(model, compile=False):
+        model(input_ids=ids).logits.sum().backward()
+    assert len(epilogues_on_cpu) == 2 and model.model.layers[0].mlp.gate_proj.weight.grad is not None
