@@ -14,6 +14,14 @@ from helpers.patching.fused_modules import fused_modules
 
 pytestmark = pytest.mark.skipif(me.TensorDescriptor is None, reason="this Triton has no TensorDescriptor")
 
+
+@pytest.fixture
+def tma_device(triton_device) -> str:
+    """``triton_device`` where TMA is: a GPU of compute capability 9.0+, or the CPU under Triton's interpreter."""
+    if not me._has_tma(torch.device(triton_device)):
+        pytest.skip("a GPU without TMA (compute capability < 9.0): the fused MLP keeps cuBLAS + silu_mul")
+    return triton_device
+
 # the launches epilogue_tiles picks (4 stages at depths up to 1,024, 3 deeper), the fallback for GPUs with less shared
 # memory, and a small one (the interpreter's cost grows with the tile)
 TILE_CHOICES = {"shallow": me.epilogue_tiles(576), "deep": me.epilogue_tiles(2048), "fallback": me._SMALLER,
@@ -31,11 +39,12 @@ def _unfused(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("tiles", list(TILE_CHOICES))
 @pytest.mark.parametrize("shape", [(300, 64, 200), (5, 48, 96), (129, 96, 256), (0, 64, 64)])  # rows, k, inter
-def test_the_gate_up_matmul_with_its_silu_epilogue_equals_cublas_and_silu_mul(triton_device, tiles, shape):
+def test_the_gate_up_matmul_with_its_silu_epilogue_equals_cublas_and_silu_mul(tma_device, tiles, shape):
     """Rows, columns and depth that straddle the tiles (TMA pads loads with zeros and clips stores); on a GPU the
     result is the unfused pair's bit for bit. (Triton's interpreter mishandles bf16 tensor descriptors and truncates
     bf16 casts: bf16 on the GPU only.)"""
     n_rows, k, inter = shape
+    triton_device = tma_device
     if triton_device == "cpu" and tiles != "small" and n_rows > 5:
         pytest.skip("large tiles under the interpreter: the small rows case covers them")
     gen = torch.Generator().manual_seed(n_rows + k)
@@ -58,14 +67,17 @@ def test_interleaving_puts_each_gate_row_beside_its_up_row():
     assert me.interleave_gate_up(w)[:, 0].tolist() == [0.0, 6.0, 2.0, 8.0, 4.0, 10.0]
 
 
-def test_the_epilogue_takes_rows_of_16_byte_multiples_and_copies_an_input_tma_cannot_read(triton_device,
+def test_the_epilogue_takes_rows_of_16_byte_multiples_and_copies_an_input_tma_cannot_read(tma_device,
                                                                                            gpu_branches_on_cpu):
-    """TMA reads rows whose size is a multiple of 16 bytes from a 16-byte aligned start: the weight's k decides
-    (``available``: fp16/bf16 only); an input that is strided or starts off that alignment is copied first, with the
-    same result."""
-    assert me.available(torch.randn(64, 48, dtype=torch.float16, device=triton_device))  # rows of 96 bytes
-    assert not me.available(torch.randn(64, 44, dtype=torch.float16, device=triton_device))  # 88 bytes
-    assert not me.available(torch.randn(64, 48, device=triton_device))  # (float32: cuBLAS)
+    """TMA reads and writes rows whose size is a multiple of 16 bytes from 16-byte aligned starts: the weight's k
+    and inter decide (``available``: fp16/bf16 only); an input that is strided or starts off that alignment is
+    copied first, with the same result."""
+    triton_device = tma_device
+    half = dict(dtype=torch.float16, device=triton_device)
+    assert me.available(torch.randn(2 * 40, 48, **half))  # rows of 96 bytes in, 80 out
+    assert not me.available(torch.randn(2 * 40, 44, **half))  # (88 bytes in)
+    assert not me.available(torch.randn(2 * 36, 48, **half))  # (72 bytes out)
+    assert not me.available(torch.randn(2 * 40, 48, device=triton_device))  # (float32: cuBLAS)
     dtype = torch.float32 if triton_device == "cpu" else torch.bfloat16  # (a GPU's tl.dot: tf32 in float32)
     w_gu = (torch.randn(64, 48) / 48 ** 0.5).to(triton_device, dtype)
     w = me.interleave_gate_up(w_gu)
@@ -81,6 +93,33 @@ def test_the_epilogue_takes_rows_of_16_byte_multiples_and_copies_an_input_tma_ca
         assert torch.allclose(got, want, atol=1e-5, rtol=0) if triton_device == "cpu" else torch.equal(got, want)
     assert not me.applies(base.to(torch.float16 if dtype != torch.float16 else torch.float32), w)
     assert not me.applies(base[..., :44], w)
+
+
+def test_a_gpu_without_the_shared_memory_of_the_chosen_tiles_falls_back_to_smaller_ones(monkeypatch):
+    """The first launch that runs out of shared memory warns and takes ``_SMALLER`` from then on for that shape; a
+    launch that fails with those, or with tiles the caller chose, raises."""
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, **kwargs):
+                launched.append(BLOCK_N)
+                if BLOCK_N > limit[0]:
+                    raise me.triton.runtime.errors.OutOfResources(BLOCK_N, limit[0], "shared memory")
+            return launch
+    limit = [128]
+    monkeypatch.setattr(me, "_gate_up_silu_kernel", Kernel())
+    monkeypatch.setattr(me, "_OUT_OF_RESOURCES", set())
+    x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(2 * 32, 64, dtype=torch.float16)
+    with pytest.warns(UserWarning, match="more shared memory"):
+        me.linear_silu_mul(x, w)
+    me.linear_silu_mul(x, w)
+    assert launched == [256, 128, 128]  # (the chosen 256 columns once, then the fallback's 128)
+    with pytest.raises(me.triton.runtime.errors.OutOfResources):
+        me.linear_silu_mul(x, w, tiles=me.epilogue_tiles(64))
+    limit[0] = 64
+    with pytest.raises(me.triton.runtime.errors.OutOfResources):
+        me.linear_silu_mul(x, w)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
@@ -101,3 +140,22 @@ def test_the_fused_mlp_takes_the_epilogue_and_equals_hfs_modules(triton_device, 
     with fused_modules(model, compile=False):
         model(input_ids=ids).logits.sum().backward()
     assert len(epilogues_on_cpu) == 2 and model.model.layers[0].mlp.gate_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("case", ["mlp bias", "input it does not apply to"])
+def test_the_fused_mlp_keeps_the_unfused_product_where_the_epilogue_does_not_apply(triton_device, epilogues_on_cpu,
+                                                                                  monkeypatch, case):
+    """An MLP with biases keeps cuBLAS and ``silu_mul`` (the kernel adds none); an input the kernel cannot take
+    (another dtype than the weights', under autocast say: ``applies``) runs the module's own forward."""
+    if triton_device == "cuda":
+        pytest.skip("forced on a CPU")
+    model = tiny_model("llama", mlp_bias=True) if case == "mlp bias" else tiny_model("llama")
+    if case != "mlp bias":
+        monkeypatch.setattr(me, "applies", lambda x, w: False)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        with fused_modules(model, compile=False) as swap:
+            got = model(input_ids=ids).logits
+    assert ("silu_epilogue x2" in swap.swapped) == (case != "mlp bias") and not epilogues_on_cpu
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()

@@ -579,6 +579,10 @@ def test_cuda_sweep_matches_the_reference_and_the_hf_modules(family, per_forward
     row_attention (one example's prefix for every row, or each row its own example's)."""
     fused, plain = _cuda_sweeps(tiny_model(family), per_forward)
     assert "flash attention (CUDA fp16/bf16)" in fused.stats["fused"] and fused.stats["shared_prefix"]
+    # (the gate/up matmul with its silu epilogue where the GPU has TMA: helpers.patching.matmul_epilogues)
+    from helpers.patching import matmul_epilogues
+    tma = matmul_epilogues.TensorDescriptor is not None and matmul_epilogues._has_tma(torch.device("cuda"))
+    assert ("silu_epilogue x2" in fused.stats["fused"]) == tma
     _assert_bf16_close(fused, plain)
 
 
@@ -608,21 +612,23 @@ def _cpu_flash(query, key, value, causal, scaling):
 
 @pytest.mark.parametrize("family, per_forward", [("llama", 3), ("qwen2", 1)])  # (~30 s each, interpreted)
 def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(triton_device, gpu_branches_on_cpu,
-                                                                          epilogues_on_cpu, row_attention_calls,
-                                                                          monkeypatch, family, per_forward):
-    """The sweep as a GPU runs it (fused modules with Triton's row_attention and the gate/up matmul with its silu
-    epilogue, the corrupt prefix shared inside attention; merged, each row reading its own example's prefix), here on
-    a CPU in float32: Triton's kernels interpreted, aten's CUDA-only flash attention replaced by the same arithmetic
-    in torch (_cpu_flash)."""
+                                                                          row_attention_calls, monkeypatch, request,
+                                                                          family, per_forward):
+    """The sweep as a GPU runs it (fused modules with Triton's row_attention; the MLP as a Hopper runs it, the gate/up
+    matmul with its silu epilogue (llama), or as older GPUs do, cuBLAS and Triton's silu_mul (qwen2); the corrupt
+    prefix shared inside attention; merged, each row reading its own example's prefix), here on a CPU in float32:
+    Triton's kernels interpreted, aten's CUDA-only flash attention replaced by the same arithmetic in torch
+    (_cpu_flash)."""
     if triton_device == "cuda":
         pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
+    epilogues = request.getfixturevalue("epilogues_on_cpu") if family == "llama" else None
     import helpers.patching.fused_modules as fm
     monkeypatch.setattr(fm, "_flash", _cpu_flash)
     fast, ref = _heads_and_reference(family, per_forward)
     rotaries = [kwargs["rotary"] for _, kwargs in row_attention_calls]
     assert fast.stats["shared_prefix"] and fast.stats["max_examples_per_forward"] == per_forward
     assert rotaries and all(r is not None for r in rotaries)  # every sweep forward's attention was the kernel
-    assert epilogues_on_cpu  # (the MLPs' gate/up matmuls, with silu * up as their epilogue)
+    assert epilogues is None or epilogues  # (llama: the MLPs' gate/up matmuls with silu * up as their epilogue)
     if per_forward == 3:  # merged: per-row rotary tables
         assert any(r[0].shape[0] > 1 for r in rotaries)
     assert_raw_close(fast, ref)

@@ -25,8 +25,8 @@ In float32 every replacement agrees with the HF modules to rounding (tested on t
 family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attention and the longer rows' prefix
 merge run as hand-written Triton kernels (helpers.patching.triton_kernels; inductor's dynamic-shape versions were slower,
 rotary and the merge ten times); matmuls stay cuBLAS calls, but for the MLP's gate/up matmul on GPUs with TMA
-(Hopper), a Triton kernel with ``silu(gate) * up`` as its epilogue (helpers.patching.matmul_epilogues, bit for bit
-the pair it replaces). On CUDA without Triton (``compiles_by_default``), and with ``compile=True``, the plain
+(Hopper), a Triton kernel with ``silu(gate) * up`` as its epilogue (helpers.patching.matmul_epilogues; bit for bit
+the pair it replaces, as measured on an H100). On CUDA without Triton (``compiles_by_default``), and with ``compile=True``, the plain
 formulas are ``torch.compile(dynamic=True)``'d (the MLP only for inputs of at least ``_COMPILE_MIN_NUMEL``
 elements: below that a compiled call's host cost exceeds its saving); if compilation fails the plain function is
 used, with one warning.

@@ -17,6 +17,7 @@ BENCHMARKS.md.)
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -83,26 +84,33 @@ class EpilogueTiles(NamedTuple):
 def epilogue_tiles(k_dim: int) -> EpilogueTiles:
     """The fastest of 16 launches (128 or 256 columns, 3 or 4 stages, 4 or 8 warps, flattened or not) on an H100,
     bf16, at SmolLM2-135M's, Qwen2.5-0.5B's and Llama-3.2-1B's MLP shapes and 16,384 and 65,536 rows, as a rule of
-    the depth (4 stages won at depths 576 and 896 by 1-2 %, 3 at 2,048)."""
+    the depth: 4 stages were fastest at depth 896 (by 1-2.5 %) and within 1 % either way at 576, 3 at 2,048 (by
+    1-2.5 %)."""
     return EpilogueTiles(128, 256, 64, 4 if k_dim <= 1024 else 3, 8, True)
 
 
 _SMALLER = EpilogueTiles(128, 128, 64, 3, 4, True)  # (for a GPU without the shared memory of the chosen tiles)
 _OUT_OF_RESOURCES: set = set()
-_SMS: dict = {}
 
 
 def _has_tma(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9  # (a CPU: the interpreter)
 
 
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    """One program per SM (Triton's interpreter on a CPU: 4)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def available(weight: torch.Tensor) -> bool:
     """Can the kernel run with this gate/up ``weight`` [2 x inter, k]: on CUDA with compute capability 9.0+, fp16 or
-    bf16, rows of a multiple of 16 bytes (TMA's rule: k a multiple of 8), a Triton with TensorDescriptor, and
-    ``FUSED_SILU_EPILOGUE``?"""
+    bf16, input and output rows of a multiple of 16 bytes (TMA's rule: k and inter multiples of 8), a Triton with
+    TensorDescriptor, and ``FUSED_SILU_EPILOGUE``?"""
+    size = weight.element_size()
     return (FUSED_SILU_EPILOGUE and TensorDescriptor is not None and triton_kernels.usable(weight)
-            and weight.dtype in (torch.float16, torch.bfloat16) and (weight.shape[-1] * weight.element_size()) % 16 == 0
-            and _has_tma(weight.device))
+            and weight.dtype in (torch.float16, torch.bfloat16) and (weight.shape[1] * size) % 16 == 0
+            and (weight.shape[0] // 2 * size) % 16 == 0 and _has_tma(weight.device))
 
 
 def applies(x: torch.Tensor, w_interleaved: torch.Tensor) -> bool:
@@ -127,25 +135,26 @@ def linear_silu_mul(x: torch.Tensor, w_interleaved: torch.Tensor, tiles: Epilogu
     out = torch.empty(*x.shape[:-1], n_cols // 2, dtype=x.dtype, device=x.device)
     x2 = x.reshape(-1, k_dim)
     if x2.stride() != (k_dim, 1) or x2.data_ptr() % 16:  # (TMA: contiguous rows from a 16-byte aligned start)
-        x2 = x2.contiguous() if x2.data_ptr() % 16 == 0 else x2.clone(memory_format=torch.contiguous_format)
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     if x2.shape[0] == 0:
         return out
     key = (n_cols, k_dim, x.device)
     t = tiles or (_SMALLER if key in _OUT_OF_RESOURCES else epilogue_tiles(k_dim))
-    if x.is_cuda:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        sms = _SMS.get(index) or _SMS.setdefault(index, torch.cuda.get_device_properties(index).multi_processor_count)
-    else:  # (Triton's interpreter)
-        sms = 4
-    programs = min(sms, triton.cdiv(x2.shape[0], t.block_m) * triton.cdiv(n_cols, t.block_n))
+    device = x.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    sms = _programs(device)
+    # (fewer programs than SMs where there are fewer tiles; the loop's step stays the SM count, a constant per device,
+    # so the kernel compiles once per device rather than once per tile count)
+    grid = (min(sms, triton.cdiv(x2.shape[0], t.block_m) * triton.cdiv(n_cols, t.block_n)),)
     try:
         with triton_kernels._on(out):
-            _gate_up_silu_kernel[(programs,)](
+            _gate_up_silu_kernel[grid](
                 TensorDescriptor.from_tensor(x2, [t.block_m, t.block_k]),
                 TensorDescriptor.from_tensor(w_interleaved, [t.block_n, t.block_k]),
                 TensorDescriptor.from_tensor(out.view(-1, n_cols // 2), [t.block_m, t.block_n // 2]),
                 x2.shape[0], n_cols, k_dim, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8,
-                PROGRAMS=programs, FLATTEN=t.flatten, num_stages=t.stages, num_warps=t.warps)
+                PROGRAMS=sms, FLATTEN=t.flatten, num_stages=t.stages, num_warps=t.warps)
     except triton.runtime.errors.OutOfResources:
         if tiles is not None or key in _OUT_OF_RESOURCES:
             raise
