@@ -15,6 +15,9 @@ first clean/corrupt difference is at position 10. For each shape and dtype (fp32
   T 71 and 10 of T 26, against the exact sweep's arithmetic at 790 TFLOP/s, with the GPU's busy share;
   ``--small-only`` runs just those (and the main table's one-example case for the other shapes), without the
   reference loop, so without nnsight.
+- ``--deviation N``: the bf16 sweep's mean |difference| from the float32 sweep over N one-example sweeps per shape:
+  issue 18's "bf16 deviations no larger" for a change that rounds differently, on several examples (one example's
+  figure moves by ±20 % with any change of rounding).
 
 Usage: python scripts/bench.py [--quick] [--out results.md]. ``--quick`` uses tiny shapes (CPU check).
 """
@@ -218,6 +221,24 @@ def small_model_cases(name, model, device, gen, reps: int, cases=SMALL_CASES, ho
     return rows
 
 
+def low_precision_deviation(model32, device, gen, n: int, T: int, first: int, dtype=torch.bfloat16):
+    """How far the sweep in ``dtype`` lands from the float32 sweep: the mean |difference| of the patched logit
+    differences, per one-example sweep of ``n`` random pairs (length ``T``, first difference ``first`` ± 2), and
+    their mean. One example's figure moves by ±20 % with any change of rounding (BENCHMARKS.md), so a speed change
+    that rounds differently is judged on several examples. ``model32``: float32 (left as it is; a copy is cast)."""
+    import copy
+
+    low = copy.deepcopy(model32).to(dtype)
+    per_example = []
+    for _ in range(n):
+        pair = make_pair(gen, model32.config.vocab_size, T, max(1, first + int(torch.randint(-2, 3, (1,), generator=gen))))
+        ref = patch_heads(model32, [pair], keep_incorrect=True, progress=False).patched_logit_diff.float()
+        got = patch_heads(low, [pair], keep_incorrect=True, progress=False).patched_logit_diff.float()
+        per_example.append(float((got - ref).nan_to_num(0).abs().mean()))
+    del low
+    return sum(per_example) / max(1, n), per_example
+
+
 def fmt_s(x):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
 
@@ -245,6 +266,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape names to run")
     ap.add_argument("--small-cases", action=argparse.BooleanOptionalAction, default=True,
                     help="the small-model cases (SMALL_CASES, bf16) for the SmolLM2 and TinyStories shapes")
+    ap.add_argument("--deviation", type=int, default=0, metavar="N",
+                    help="also the bf16 sweep's mean |difference| from the float32 sweep over N one-example sweeps per "
+                         "shape (the exactness check of speed changes that round differently)")
     ap.add_argument("--small-only", action="store_true",
                     help="only the small-model cases (no reference loop, so no nnsight needed)")
     args = ap.parse_args(argv)
@@ -286,11 +310,21 @@ def main(argv=None):
         return time.perf_counter() - t_start > args.time_budget
 
     small_rows: list[str] = []
+    deviation_rows: list[str] = []
 
     def run_shape(name, config):
         with torch.device(device):
             model = build_random_model(config, seed=0, dtype=torch.float32)
         small = any(k in name for k in SMALL_SHAPES)
+        if args.deviation:
+            _, _, T_dev, first_dev = (SMALL_CASES if small else LARGE_CASES)[0]
+            if args.quick:
+                T_dev, first_dev = args.length, args.first_diff
+            mean, each = low_precision_deviation(model, device, torch.Generator().manual_seed(11), args.deviation,
+                                                 T_dev, first_dev)
+            deviation_rows.append(f"| {name} | T {T_dev} | {args.deviation} | {mean:.5f} | "
+                                  f"{' '.join(f'{d:.4f}' for d in each)} |")
+            print(deviation_rows[-1], flush=True)
         if args.small_cases and not args.quick and (small or args.small_only):
             model.to(torch.bfloat16)
             small_rows.extend(small_model_cases(name, model, device, torch.Generator().manual_seed(3), args.reps,
@@ -434,6 +468,9 @@ def main(argv=None):
                   "busy: kernel time over wall time):", "",
                   "| shape | dtype | case | s | row-token-layers | arithmetic | bound s | s / bound | forwards | GPU busy |",
                   "|---|---|---|---|---|---|---|---|---|---|", *small_rows, ""]
+    if deviation_rows:
+        table += ["bf16 against float32 (mean |difference| of the patched logit differences, one-example sweeps):", "",
+                  "| shape | length | examples | mean | per example |", "|---|---|---|---|---|", *deviation_rows, ""]
     text = "\n".join(table)
     print("\n" + text)
     if args.out:

@@ -32,3 +32,16 @@ def test_small_model_cases_report_each_case_against_its_arithmetic():
         assert cells[9] == "nan%"  # no GPU here: the busy share is not measured
         if bound > 0:
             assert abs(ratio - seconds / bound) <= 0.05 * ratio + 0.1
+
+
+def test_the_low_precision_deviation_compares_each_examples_sweep_with_float32():
+    """``--deviation``'s figure: one bf16 sweep per random pair against its float32 sweep; zero for float32 itself."""
+    bench = _bench()
+    model = build_random_model(tiny_config("llama", vocab_size=512, n_layers=2), seed=0, dtype=torch.float32)
+    cpu = torch.device("cpu")
+    mean, each = bench.low_precision_deviation(model, cpu, torch.Generator().manual_seed(3), 2, 12, 4)
+    assert len(each) == 2 and abs(mean - sum(each) / 2) < 1e-12 and min(each) > 0  # (bf16 rounds)
+    same, zeros = bench.low_precision_deviation(model, cpu, torch.Generator().manual_seed(3), 2, 12, 4,
+                                                dtype=torch.float32)
+    assert same == 0 and zeros == [0.0, 0.0]
+    assert next(model.parameters()).dtype == torch.float32  # (the float32 model is left as it was)
