@@ -35,13 +35,32 @@ def test_small_model_cases_report_each_case_against_its_arithmetic():
 
 
 def test_the_low_precision_deviation_compares_each_examples_sweep_with_float32():
-    """``--deviation``'s figure: one bf16 sweep per random pair against its float32 sweep; zero for float32 itself."""
+    """``--deviation``'s figure: each random pair's bf16 sweep against its own float32 sweep, the mean |difference|
+    over their entries; zero for float32 itself; the float32 model left as it was."""
+    import copy
+
+    from helpers.patching import patch_heads
     bench = _bench()
     model = build_random_model(tiny_config("llama", vocab_size=512, n_layers=2), seed=0, dtype=torch.float32)
-    cpu = torch.device("cpu")
-    mean, each = bench.low_precision_deviation(model, cpu, torch.Generator().manual_seed(3), 2, 12, 4)
-    assert len(each) == 2 and abs(mean - sum(each) / 2) < 1e-12 and min(each) > 0  # (bf16 rounds)
-    same, zeros = bench.low_precision_deviation(model, cpu, torch.Generator().manual_seed(3), 2, 12, 4,
-                                                dtype=torch.float32)
+    mean, each, bad = bench.low_precision_deviation(model, torch.Generator().manual_seed(3), 2, 12, 4)
+    assert len(each) == 2 and abs(mean - sum(each) / 2) < 1e-12 and each[0] != each[1] and bad == 0
+    # the first example by hand: the same pair (the same generator's draws), both sweeps, the mean |difference|
+    g = torch.Generator().manual_seed(3)
+    corrupted = max(1, 4 + int(torch.randint(-2, 3, (1,), generator=g)))
+    pair = bench.make_pair(g, 512, 12, corrupted)
+    kw = dict(keep_incorrect=True, progress=False)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    by_hand = (patch_heads(low, [pair], **kw).patched_logit_diff.float()
+               - patch_heads(model, [pair], **kw).patched_logit_diff.float()).abs().mean()
+    assert abs(each[0] - float(by_hand)) < 1e-9 and each[0] > 0  # (bf16 rounds)
+    same, zeros, _ = bench.low_precision_deviation(model, torch.Generator().manual_seed(3), 2, 12, 4,
+                                                   dtype=torch.float32)
     assert same == 0 and zeros == [0.0, 0.0]
-    assert next(model.parameters()).dtype == torch.float32  # (the float32 model is left as it was)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_the_deviation_table_reaches_the_printed_and_written_report(tmp_path):
+    out = tmp_path / "bench.md"
+    _bench().main(["--quick", "--small-only", "--deviation", "1", "--shapes", "llama", "--device", "cpu", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny llama | T ")]
+    assert len(rows) == 1 and float(rows[0].split("|")[4]) > 0 and rows[0].rstrip().endswith("| 0 |")

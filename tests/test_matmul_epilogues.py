@@ -3,6 +3,8 @@ kernel against cuBLAS + ``silu_mul`` (on a GPU bit for bit, in fp16 and bf16; on
 in float32 and fp16), and the fused MLP's use of it."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,12 +113,15 @@ def test_a_gpu_without_the_shared_memory_of_the_chosen_tiles_falls_back_to_small
     monkeypatch.setattr(me, "_gate_up_silu_kernel", Kernel())
     monkeypatch.setattr(me, "_OUT_OF_RESOURCES", set())
     x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(2 * 32, 64, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (tiles the caller chose: no fallback, no warning)
+        with pytest.raises(me.triton.runtime.errors.OutOfResources):
+            me.linear_silu_mul(x, w, tiles=me.epilogue_tiles(64))
+    assert launched == [256] and not me._OUT_OF_RESOURCES
     with pytest.warns(UserWarning, match="more shared memory"):
         me.linear_silu_mul(x, w)
     me.linear_silu_mul(x, w)
-    assert launched == [256, 128, 128]  # (the chosen 256 columns once, then the fallback's 128)
-    with pytest.raises(me.triton.runtime.errors.OutOfResources):
-        me.linear_silu_mul(x, w, tiles=me.epilogue_tiles(64))
+    assert launched == [256, 256, 128, 128]  # (the chosen 256 columns once, then the fallback's 128)
     limit[0] = 64
     with pytest.raises(me.triton.runtime.errors.OutOfResources):
         me.linear_silu_mul(x, w)
@@ -150,12 +155,18 @@ def test_the_fused_mlp_keeps_the_unfused_product_where_the_epilogue_does_not_app
     if triton_device == "cuda":
         pytest.skip("forced on a CPU")
     model = tiny_model("llama", mlp_bias=True) if case == "mlp bias" else tiny_model("llama")
-    if case != "mlp bias":
+    if case == "mlp bias":  # (HF initialises biases to zero: ones that count)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    proj.bias.copy_(torch.randn(proj.bias.shape, generator=torch.Generator().manual_seed(1)))
+    else:
         monkeypatch.setattr(me, "applies", lambda x, w: False)
     ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = model(input_ids=ids).logits
         with fused_modules(model, compile=False) as swap:
             got = model(input_ids=ids).logits
-    assert ("silu_epilogue x2" in swap.swapped) == (case != "mlp bias") and not epilogues_on_cpu
+    assert "gated_mlp x2" in swap.swapped and not epilogues_on_cpu
+    assert ("silu_epilogue x2" in swap.swapped) == (case != "mlp bias")
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()

@@ -621,14 +621,19 @@ def test_the_gpu_sweep_path_equals_the_reference_under_tritons_interpreter(trito
     (_cpu_flash)."""
     if triton_device == "cuda":
         pytest.skip("on a GPU: test_cuda_sweep_matches_the_reference_and_the_hf_modules")
-    epilogues = request.getfixturevalue("epilogues_on_cpu") if family == "llama" else None
     import helpers.patching.fused_modules as fm
     monkeypatch.setattr(fm, "_flash", _cpu_flash)
+    epilogues = request.getfixturevalue("epilogues_on_cpu") if family == "llama" else None
+    silu_muls = []
+    real_silu_mul = fm.triton_kernels.silu_mul
+    monkeypatch.setattr(fm.triton_kernels, "silu_mul", lambda gu: silu_muls.append(gu.shape) or real_silu_mul(gu))
     fast, ref = _heads_and_reference(family, per_forward)
     rotaries = [kwargs["rotary"] for _, kwargs in row_attention_calls]
     assert fast.stats["shared_prefix"] and fast.stats["max_examples_per_forward"] == per_forward
     assert rotaries and all(r is not None for r in rotaries)  # every sweep forward's attention was the kernel
-    assert epilogues is None or epilogues  # (llama: the MLPs' gate/up matmuls with silu * up as their epilogue)
+    # the MLP's gate/up matmul with silu * up as its epilogue (llama), or cuBLAS and Triton's silu_mul (qwen2)
+    assert bool(epilogues) == (family == "llama") and bool(silu_muls) == (family != "llama")
+    assert ("silu_epilogue" in " ".join(fast.stats["fused"])) == (family == "llama")
     if per_forward == 3:  # merged: per-row rotary tables
         assert any(r[0].shape[0] > 1 for r in rotaries)
     assert_raw_close(fast, ref)
