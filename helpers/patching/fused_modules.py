@@ -26,10 +26,10 @@ family). On CUDA, rotary, the MLP's ``silu(gate) * up``, the short rows' attenti
 merge run as hand-written Triton kernels (helpers.patching.triton_kernels; inductor's dynamic-shape versions were slower,
 rotary and the merge ten times); matmuls stay cuBLAS calls, but for the MLP's gate/up matmul on GPUs with TMA
 (Hopper), a Triton kernel with ``silu(gate) * up`` as its epilogue (helpers.patching.matmul_epilogues; bit for bit
-the pair it replaces, as measured on an H100). On CUDA without Triton (``compiles_by_default``), and with ``compile=True``, the plain
-formulas are ``torch.compile(dynamic=True)``'d (the MLP only for inputs of at least ``_COMPILE_MIN_NUMEL``
-elements: below that a compiled call's host cost exceeds its saving); if compilation fails the plain function is
-used, with one warning.
+the pair it replaces, as measured on an H100). On CUDA without Triton (``compiles_by_default``), and with
+``compile=True``, the plain formulas are ``torch.compile(dynamic=True)``'d (the MLP only for inputs of at least
+``_COMPILE_MIN_NUMEL`` elements: below that a compiled call's host cost exceeds its saving); if compilation fails
+the plain function is used, with one warning.
 Sliding-window attention layers, modules this file does not recognise, and families outside ``FUSABLE_FAMILIES``
 (gpt_neo, gpt2: their LayerNorm is already one kernel) keep their own forward, except GPT-Neo's attention, which
 reads a shared prefix in place (helpers.patching.fused_gpt_neo: the Triton row kernel, or HF's formula on the

@@ -1,7 +1,7 @@
 """The gated MLP's gate/up matmul with ``silu(gate) * up`` as its epilogue (CUDA fp16/bf16 on GPUs with TMA).
 
 A sweep's MLP wrote gate and up ([rows, 2 x inter]) for Triton's ``silu_mul`` to read back and halve: at small
-models' widths that pass took 12-15 % of a sweep's GPU time, at 84 % of the memory bandwidth. Here one persistent
+models' widths that pass took 14-16 % of a sweep's GPU time, at 84 % of the memory bandwidth. Here one persistent
 Triton kernel (a program per SM, looping over output tiles, its operands fed by the Tensor Memory Accelerator)
 computes the product and applies ``silu(gate) * up`` to each tile before storing it, so gate and up never reach
 memory. The weight's rows interleave gate and up (``interleave_gate_up``): each output tile then holds both halves
@@ -140,10 +140,7 @@ def linear_silu_mul(x: torch.Tensor, w_interleaved: torch.Tensor, tiles: Epilogu
         return out
     key = (n_cols, k_dim, x.device)
     t = tiles or (_SMALLER if key in _OUT_OF_RESOURCES else epilogue_tiles(k_dim))
-    device = x.device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    sms = _programs(device)
+    sms = _programs(x.device)  # (a CUDA tensor's device always names its index)
     # (fewer programs than SMs where there are fewer tiles; the loop's step stays the SM count, a constant per device,
     # so the kernel compiles once per device rather than once per tile count)
     grid = (min(sms, triton.cdiv(x2.shape[0], t.block_m) * triton.cdiv(n_cols, t.block_n)),)
