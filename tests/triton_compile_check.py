@@ -74,35 +74,36 @@ def epilogue_configurations():
             yield sig, constexprs, t.warps, t.stages
 
 
+def compile_jobs():
+    """(kernel, signature, constexprs, options) of every configuration above: the row-wise kernels' and the matmul
+    epilogue's (where this Triton has TensorDescriptor)."""
+    for kernel, dtype, constexprs, warps in configurations():
+        yield kernel, _signature(kernel, dtype), constexprs, {"num_warps": warps}
+    from helpers.patching import matmul_epilogues as me
+    if me.TensorDescriptor is not None:
+        for sig, constexprs, warps, stages in epilogue_configurations():
+            yield me._gate_up_silu_kernel, sig, constexprs, {"num_warps": warps, "num_stages": stages}
+
+
 def main() -> int:
     if tk.triton is None or os.environ.get("TRITON_INTERPRET") == "1":
         print("needs Triton, not in interpreter mode", file=sys.stderr)
         return 2
     target = GPUTarget("cuda", 90, 32)
     n = 0
-    for kernel, dtype, constexprs, warps in configurations():
-        src = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, dtype), constexprs=constexprs)
+    for kernel, signature, constexprs, options in compile_jobs():
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        # (the element type: the first pointer's or descriptor's)
+        dtype = next(v for v in signature.values() if v.startswith(("*", "tensordesc"))).lstrip("*")
         try:
-            triton.compile(src, target=target, options={"num_warps": warps})
+            compiled = triton.compile(src, target=target, options=options)
         except Exception as exc:  # noqa: BLE001 - report which configuration, then fail
-            print(f"FAILED {kernel.__name__} {dtype} {constexprs} warps={warps}: {type(exc).__name__}: {exc}")
+            print(f"FAILED {kernel.__name__} {dtype} {constexprs} {options}: {type(exc).__name__}: {exc}")
             return 1
         n += 1
-        print(f"ok {kernel.__name__} {dtype} {constexprs} warps={warps}", flush=True)
-    from helpers.patching import matmul_epilogues as me
-    if me.TensorDescriptor is not None:
-        for sig, constexprs, warps, stages in epilogue_configurations():
-            src = triton.compiler.ASTSource(fn=me._gate_up_silu_kernel, signature=sig, constexprs=constexprs)
-            try:
-                k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-            except Exception as exc:  # noqa: BLE001
-                print(f"FAILED _gate_up_silu_kernel {sig['x_desc']} {constexprs} warps={warps} stages={stages}: "
-                      f"{type(exc).__name__}: {exc}")
-                return 1
-            n += 1
-            # (an H100 has 227 KiB a block; a launch that needs more falls back to matmul_epilogues._SMALLER)
-            print(f"ok _gate_up_silu_kernel {sig['x_desc']} {constexprs} warps={warps} stages={stages} "
-                  f"shared {k.metadata.shared} bytes", flush=True)
+        # (an H100 has 227 KiB a block; an epilogue launch that needs more falls back to matmul_epilogues._SMALLER)
+        print(f"ok {kernel.__name__} {dtype} {constexprs} {options} shared {compiled.metadata.shared} bytes",
+              flush=True)
     print(f"compiled {n} configurations for sm_90")
     return 0
 
