@@ -218,6 +218,77 @@ def test_clean_activations_and_prefix_caches_share_one_forward(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_groups_take_clean_activations_and_prefix_caches_from_the_kept_metrics_forward(family):
+    """A group whose pairs all sit in one kept forward of the unpatched runs takes its clean activations and prefix
+    caches from it: equal to the group's own clean-and-prefix forward (float32, 1e-5; the whole forward's group:
+    the same batch, so exactly), whether its rows are consecutive (views) or not (copies); a group spread over
+    forwards, or of another length, runs its own forward."""
+    from helpers.patching.aligned_batch import AlignedBatch
+    from helpers.patching.caches import clean_activations_and_prefix_caches, group_activations_and_prefix_caches
+    from helpers.patching.example_runs import example_metrics, unpatched_runs
+    from helpers.patching.model_calls import ModelCalls
+    from helpers.patching.sites import site_of
+
+    model = model_of(family)
+    calls, site = ModelCalls.of(model), site_of(model, "heads")
+    gen = torch.Generator().manual_seed(11)
+    pairs = [make_pair(gen, 11, c) for c in (3, 5, 2, 6)] + [make_pair(gen, 9, 4)]
+    with torch.inference_mode():
+        metrics, kept = unpatched_runs(model, calls, pairs, site, None, pairs_per_forward=4)
+        assert [f.indices for f in kept] == [[0, 1, 2, 3], [4]]
+        # (the kept forward keeps a cache: GPT-Neo's attention then rounds otherwise, ~4e-7 here)
+        for m, ref in zip(metrics, example_metrics(model, calls, pairs, pairs_per_forward=4)):
+            assert abs(m[0] - ref[0]) <= ATOL and abs(m[1] - ref[1]) <= ATOL and m[2] == ref[2]
+        for indices, exact in (([0, 1, 2, 3], True), ([1, 2], False), ([3, 0], False), ([4], True)):
+            group = [pairs[i] for i in indices]
+            corrupt = AlignedBatch([p.corrupt_ids for p in group], "cpu")
+            starts = [0, 2, corrupt.length - 1]
+            stats: dict = {}
+            acts, snaps = group_activations_and_prefix_caches(model, calls, site, group, indices, corrupt, starts,
+                                                              stats, None, kept)
+            assert stats == {"kept_unpatched_forwards": 1}  # (no forward of its own)
+            ref_acts, ref_snaps = clean_activations_and_prefix_caches(model, calls, site, group, corrupt, starts,
+                                                                      {}, None)
+            close = (lambda a, b: torch.equal(a, b)) if exact else (lambda a, b: (a - b).abs().max() <= ATOL)
+            assert acts.shape == ref_acts.shape and close(acts, ref_acts)
+            for s, snap, ref in zip(starts, snaps, ref_snaps):
+                assert (snap is None) == (ref is None) == (s == 0)
+                for a, b in zip(snap.layers if snap else (), ref.layers if ref else ()):
+                    assert a.keys.shape == b.keys.shape and close(a.keys, b.keys) and close(a.values, b.values)
+        stats = {}
+        for indices in ([3, 4], [5]):  # (spread over two forwards; not a kept pair)
+            group = [pairs[i] for i in indices if i < len(pairs)] or [pairs[0]]
+            corrupt = AlignedBatch([p.corrupt_ids for p in group], "cpu")
+            group_activations_and_prefix_caches(model, calls, site, group, indices, corrupt, [0, 2], stats, None,
+                                                kept)
+        assert "kept_unpatched_forwards" not in stats and stats["prefix_forwards"] == 2
+    assert kept[0].rows([1, 2]) == slice(1, 3) and kept[0].rows([2, 0]).tolist() == [2, 0]
+    assert kept[0].rows([0, 4]) is None and kept[0].rows([]) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_a_small_sweep_runs_no_second_forward_of_its_unpatched_rows(family, monkeypatch):
+    """A sweep of one pair takes its clean activations and prefix caches from its metrics' forward (no prefix
+    forward of its own) and its results are those of the sweep that runs that forward again: bit for bit for llama
+    (on a CPU the same batch), to float rounding for GPT-Neo (whose metrics forward rounds otherwise with a cache);
+    above KEEP_UNPATCHED_MAX_PAIRS pairs nothing is kept."""
+    from helpers.patching import sweep
+
+    model, pairs = model_of(family), make_pairs(3)[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+        monkeypatch.setattr(sweep, "KEEP_UNPATCHED_MAX_PAIRS", 0)
+        own = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+    assert kept.stats["kept_unpatched_forwards"] == 1 and "prefix_forwards" not in kept.stats
+    assert "kept_unpatched_forwards" not in own.stats and own.stats["prefix_forwards"] == 1
+    if family == "llama":
+        assert torch.equal(kept.patched_logit_diff.nan_to_num(), own.patched_logit_diff.nan_to_num())
+        assert kept.clean_logit_diff.tolist() == own.clean_logit_diff.tolist()
+    assert_raw_close(kept, own)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2
     forward to float rounding, with the same inclusion; one pair a forward is exactly ``logit_diffs`` of its own."""
@@ -249,12 +320,12 @@ def test_one_example_per_forward_keeps_each_pairs_metrics_in_its_own_forward(mon
     from helpers.patching import example_runs, sweep
 
     asked = []
-    real = example_runs.example_metrics
+    real = example_runs.unpatched_runs
 
     def recording(*args, pairs_per_forward=None, **kwargs):
         asked.append(pairs_per_forward)
         return real(*args, pairs_per_forward=pairs_per_forward, **kwargs)
-    monkeypatch.setattr(sweep, "example_metrics", recording)
+    monkeypatch.setattr(sweep, "unpatched_runs", recording)
     model, pairs = model_of("llama"), make_pairs(1)
     for per_forward in (1, None, 3):
         with warnings.catch_warnings():

@@ -5,7 +5,7 @@ import torch
 
 from helpers.models.architectures import head_geometry
 from helpers.patching.aligned_batch import AlignedBatch
-from helpers.patching.caches import clean_activations_and_prefix_caches, expanded, is_plain
+from helpers.patching.caches import expanded, group_activations_and_prefix_caches, is_plain
 from helpers.patching.chunking import auto_chunk_rows, run_chunked
 from helpers.patching.fused_modules import per_example_prefix_applies
 from helpers.patching.grouping import SweepExample, bucket_count, bucket_rows, bucket_sizes
@@ -35,14 +35,15 @@ def row_metric(logits: torch.Tensor, two_rows: bool, clean_tok: torch.Tensor, co
 
 
 def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample], *, chunk_size, bucket_size, stats,
-                 bar=None, swap=None) -> list[torch.Tensor]:
+                 bar=None, swap=None, kept=()) -> list[torch.Tensor]:
     """patched_logit_diff [L, U, T] of each example of ``group`` (prefix positions = corrupt, the rest computed).
 
     The examples run end-aligned in the same forwards (helpers.patching.aligned_batch): rows 0 .. E-1 are their unpatched
     corrupt runs, every patch row a copy of its example's. Fused attention reads the corrupt prefix itself where it
     can (helpers.patching.triton_kernels' ``row_attention``; one example's rows over 128 tokens: flash); elsewhere every
     row gets its example's prefix as a cache, and several examples a padding mask. Raises NotMergeable (before any
-    result) where several examples cannot share forwards.
+    result) where several examples cannot share forwards. ``kept``: the unpatched runs' kept forwards
+    (helpers.patching.example_runs.unpatched_runs), the group's clean activations and prefix caches where one holds it.
     """
     device = model_device(model)
     L, U, E = len(site.modules), site.n_units, len(group)
@@ -59,9 +60,11 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
     state: dict = {"plan": None}
     results: list = []
     with torch.inference_mode(), two_row_output_layer(model, tokens) as two_rows, sweep_hooks(model, site, state):
-        # acts: [E, L, T, U, w]; snaps: the corrupt prefix cache of each bucket (one forward for both)
-        acts, snaps = clean_activations_and_prefix_caches(model, calls, site, [ex.pair for ex in group], corrupt,
-                                                          [T - q for q in qs], stats, swap)
+        # acts: [E, L, T, U, w]; snaps: the corrupt prefix cache of each bucket (one forward for both, or none:
+        # the unpatched runs' forward, kept)
+        acts, snaps = group_activations_and_prefix_caches(model, calls, site, [ex.pair for ex in group],
+                                                          [ex.index for ex in group], corrupt, [T - q for q in qs],
+                                                          stats, swap, kept)
         # fused attention reads the corrupt prefix itself (no per-row cache copies; several examples: each row its
         # own example's, through Triton's row_attention)
         shares_prefix = (swap is not None and swap.shares_prefix and all(is_plain(c) for c in snaps if c is not None)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from helpers.patching.aligned_batch import AlignedBatch
-from helpers.patching.example_runs import clean_activations, site_activations
+from helpers.patching.example_runs import UnpatchedForward, clean_activations, site_activations
 from helpers.patching.grouping import NotMergeable
 from helpers.patching.model_calls import ModelCalls, aligned_forward
 from helpers.patching.sites import Site, capture_site
@@ -55,8 +55,9 @@ def is_plain(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
-def truncated(cache, s: int, rows: slice = slice(None)):
-    """Views of a plain cache's keys/values at slots < ``s`` (of its batch ``rows``)."""
+def truncated(cache, s: int, rows: slice | torch.Tensor = slice(None)):
+    """Views of a plain cache's keys/values at slots < ``s`` (of its batch ``rows``; copies where ``rows`` is an
+    index tensor)."""
     out = copy.copy(cache)
     out.layers = []
     for layer in cache.layers:
@@ -116,3 +117,23 @@ def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
         return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)
     stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
     return acts, [truncated(cache, s, slice(n, None)) if s > 0 else None for s in starts]
+
+
+def group_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pairs, indices: list[int],
+                                        corrupt: AlignedBatch, starts: list[int], stats: dict, swap,
+                                        kept: list[UnpatchedForward] = ()) -> tuple[torch.Tensor, list]:
+    """``clean_activations_and_prefix_caches`` of a group's ``pairs`` (``indices``: theirs among the sweep's), taken
+    from the kept forward of their unpatched runs (helpers.patching.example_runs.unpatched_runs) where one holds
+    them all: its clean rows' activations and views of its corrupt rows' cache, no forward of its own (a group that
+    is the whole kept forward gets the very rows its own forward would compute). Else their own forward."""
+    forward = next((f for f in kept if f.rows(indices) is not None), None)
+    if forward is None or forward.acts.shape[2] != corrupt.length:
+        return clean_activations_and_prefix_caches(model, calls, site, pairs, corrupt, starts, stats, swap)
+    rows = forward.rows(indices)
+    acts = forward.acts[rows]
+    stats["kept_unpatched_forwards"] = stats.get("kept_unpatched_forwards", 0) + 1
+    if not is_plain(forward.cache):  # (sliding windows: the prefix caches come from their own pass, as there)
+        return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)
+    n = len(forward.indices)
+    corrupt_rows = slice(rows.start + n, rows.stop + n) if isinstance(rows, slice) else rows + n
+    return acts, [truncated(forward.cache, s, corrupt_rows) if s > 0 else None for s in starts]

@@ -1,6 +1,11 @@
 """The unpatched runs of each example: clean and corrupt logit differences (pairs of one length share unpadded
-forwards on a GPU, each pair its own on a CPU) and the clean activations a sweep patches in."""
+forwards on a GPU, each pair its own on a CPU) and the clean activations a sweep patches in; for small sweeps the
+metrics' forwards are kept (``UnpatchedForward``) and give the sweep its clean activations and corrupt prefix caches
+too, so that no second forward of the same rows runs."""
 from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -47,6 +52,31 @@ def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) 
 # Pairs of one length whose unpatched runs share a forward by default on a GPU (there the host's per-forward cost
 # dominates short prompts; on a CPU the arithmetic does, and each pair keeps its own forward).
 METRICS_PAIRS_PER_FORWARD_GPU = 32
+# Sweeps of at most this many pairs keep their metrics' forwards for the sweep (``unpatched_runs``): the kept clean
+# activations and caches of 32 pairs are no more than one group of 32 merged examples holds anyway.
+KEEP_UNPATCHED_MAX_PAIRS = 32
+
+
+@dataclass
+class UnpatchedForward:
+    """One forward of the unpatched runs of pairs ``indices`` (one length, no padding): their clean rows, then their
+    corrupt rows. Kept for the sweep: ``acts`` [n, L, T, U, w], the clean rows' activations at the sweep's site, and
+    ``cache``, the forward's key/value cache of all 2n rows (the corrupt rows' prefixes are views of it)."""
+
+    indices: list[int]
+    acts: torch.Tensor
+    cache: object
+
+    def rows(self, indices: list[int]) -> slice | torch.Tensor | None:
+        """Batch rows (0 .. n-1: the clean ones) of pairs ``indices``, in their order: a slice where consecutive
+        (views, no copy); None unless every one of them is in this forward."""
+        where = {i: r for r, i in enumerate(self.indices)}
+        if not indices or any(i not in where for i in indices):
+            return None
+        rows = [where[i] for i in indices]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.acts.device)
 
 
 def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forward: int | None = None
@@ -57,6 +87,16 @@ def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forwar
     share a forward, so no row is padded and each row's arithmetic is its own; its metrics then differ from its
     own batch-2 forward by float rounding only (a test holds them to 1e-5 in float32). With 1, each pair has its
     own forward and an example's metrics, and whether it is included, do not depend on the other examples at all."""
+    return unpatched_runs(model, calls, pairs, None, swap, pairs_per_forward)[0]
+
+
+def unpatched_runs(model, calls: ModelCalls, pairs, keep: Site | None, swap=None, pairs_per_forward: int | None = None
+                   ) -> tuple[list[tuple[float, float, bool]], list[UnpatchedForward]]:
+    """``example_metrics`` of ``pairs``, and with ``keep`` (a site) each of their forwards kept for the sweep
+    (``UnpatchedForward``: the clean rows' activations at ``keep`` and the forward's cache; none without ``keep``).
+    A sweep's group of examples that all sit in one kept forward takes its clean activations and corrupt prefix
+    caches from it (helpers.patching.caches), the same rows as its own forward would have been where the group is
+    the whole forward, so small sweeps run one forward fewer."""
     if pairs_per_forward is None:
         on_gpu = model_device(model).type == "cuda"
         pairs_per_forward = METRICS_PAIRS_PER_FORWARD_GPU if on_gpu else 1
@@ -67,27 +107,34 @@ def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forwar
     for i, pair in enumerate(pairs):
         by_length.setdefault(len(pair.clean_ids), []).append(i)
     out: list = [None] * len(pairs)
+    kept: list[UnpatchedForward] = []
     with torch.inference_mode():
         for indices in by_length.values():
             for k in range(0, len(indices), pairs_per_forward):
                 chunk = indices[k:k + pairs_per_forward]
-                ids = [list(x) for i in chunk for x in (pairs[i].clean_ids, pairs[i].corrupt_ids)]
+                # clean rows, then corrupt rows: the batch a sweep's own clean-and-prefix forward runs
+                ids = [list(pairs[i].clean_ids) for i in chunk] + [list(pairs[i].corrupt_ids) for i in chunk]
                 batch = AlignedBatch(ids, model_device(model))  # (one length: no padding)
-                logits, _ = aligned_forward(model, calls, batch, batch.length, swap)
+                store: dict = {}
+                with capture_site(keep, store) if keep is not None else nullcontext():
+                    logits, cache = aligned_forward(model, calls, batch, batch.length, swap, use_cache=keep is not None)
                 for i, metrics in zip(chunk, paired_logit_diffs(logits, [pairs[i] for i in chunk])):
                     out[i] = metrics
-    return out
+                if keep is not None:
+                    kept.append(UnpatchedForward(chunk, site_activations(store, keep, slice(None, len(chunk))), cache))
+    return out, kept
 
 
 def paired_logit_diffs(logits: torch.Tensor, pairs) -> list[tuple[float, float, bool]]:
-    """``logit_diffs`` of every pair at once (two host reads, not two a pair): ``logits`` [2 * pairs, vocab], each
-    pair's clean row then its corrupt row."""
+    """``logit_diffs`` of every pair at once (two host reads, not two a pair): ``logits`` [2 * pairs, vocab], the
+    pairs' clean rows, then their corrupt rows."""
+    n = len(pairs)
     logits = logits.double()  # (as logit_diffs)
-    tokens = torch.tensor([[p.clean_token_id, p.corrupt_token_id] for p in pairs], device=logits.device)
-    picked = logits.view(len(pairs), 2, -1).gather(2, tokens.unsqueeze(1).expand(-1, 2, -1))  # [n, row, token]
-    diffs = (picked[..., 0] - picked[..., 1]).tolist()  # [n, (clean, corrupt)]
-    top = logits[0::2].argmax(-1).tolist()
-    return [(d[0], d[1], t == p.clean_token_id) for d, t, p in zip(diffs, top, pairs)]
+    tokens = torch.tensor([[p.clean_token_id, p.corrupt_token_id] for p in pairs], device=logits.device)  # [n, 2]
+    picked = logits.view(2, n, -1).gather(2, tokens.unsqueeze(0).expand(2, -1, -1))  # [run, n, token]
+    diffs = (picked[..., 0] - picked[..., 1]).tolist()  # [(clean, corrupt)][n]
+    top = logits[:n].argmax(-1).tolist()
+    return [(diffs[0][i], diffs[1][i], top[i] == p.clean_token_id) for i, p in enumerate(pairs)]
 
 
 def clean_activations(model, calls: ModelCalls, site: Site, pairs, swap=None) -> torch.Tensor:

@@ -72,7 +72,7 @@ from contextlib import nullcontext
 import torch
 
 from helpers.patching.bucket_forwards import sweep_group
-from helpers.patching.example_runs import example_metrics
+from helpers.patching.example_runs import KEEP_UNPATCHED_MAX_PAIRS, unpatched_runs
 from helpers.patching.fused_modules import fused_modules
 from helpers.patching.grouping import MaskNotPassedOn, NotMergeable, SweepExample, example_groups
 from helpers.patching.model_calls import ModelCalls, eval_mode, progress_bar, unwrap_model
@@ -119,8 +119,11 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
 
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
                  bucket_size, examples_per_forward, progress, swap):
-    # metrics first (no activations kept), so exclusions are reported before the long part
-    pre = example_metrics(model, calls, pairs, swap, pairs_per_forward=1 if examples_per_forward == 1 else None)
+    # metrics first, so exclusions are reported before the long part; a small sweep keeps their forwards, whose
+    # clean activations and corrupt caches its groups then take instead of running the same rows again
+    keep = site if len(pairs) <= KEEP_UNPATCHED_MAX_PAIRS else None
+    pre, kept = unpatched_runs(model, calls, pairs, keep, swap,
+                               pairs_per_forward=1 if examples_per_forward == 1 else None)
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     stats: dict = {}
     L, U = len(site.modules), site.n_units
@@ -131,7 +134,7 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
     bar = progress_bar(None, progress and total > 0, f"patch {kind}", total=total)
     try:
         for group in example_groups(model, site, examples, examples_per_forward):
-            kw = dict(chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap)
+            kw = dict(chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap, kept=kept)
             try:
                 outs = sweep_group(model, calls, site, group, **kw)
             except NotMergeable as exc:
