@@ -170,3 +170,17 @@ def test_the_fused_mlp_keeps_the_unfused_product_where_the_epilogue_does_not_app
     assert "gated_mlp x2" in swap.swapped and not epilogues_on_cpu
     assert ("silu_epilogue x2" in swap.swapped) == (case != "mlp bias")
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_the_kernel_compiles_once_per_device_whatever_the_row_count():
+    """``PROGRAMS`` is the SM count, not the number of tiles: launches at many row counts (from fewer tiles than SMs
+    to many more) reuse one compiled kernel. (CUDA with TMA only: Triton's interpreter compiles nothing.)"""
+    if not torch.cuda.is_available() or not me._has_tma(torch.device("cuda")):
+        pytest.skip("a GPU with TMA")
+    device = torch.device("cuda")
+    w = me.interleave_gate_up((torch.randn(2 * 96, 64) / 8).to(device, torch.bfloat16))
+    caches = me._gate_up_silu_kernel.device_caches
+    before = len(caches[torch.cuda.current_device()][0]) if torch.cuda.current_device() in caches else 0
+    for rows in (3, 130, 1000, 40_000):  # 1 to 313 tiles of 128 rows x 256 columns
+        me.linear_silu_mul(torch.randn(rows, 64, device=device, dtype=torch.bfloat16), w)
+    assert len(caches[torch.cuda.current_device()][0]) - before <= 1
