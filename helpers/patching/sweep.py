@@ -36,6 +36,12 @@ its rows. Fused llama-like models and GPT-Neo on a GPU (fp16/bf16) share the exa
 (GPT-Neo where its local layers' window covers the prompts). A group's longest span must
 fit in its shortest example; models whose caches have sliding-window layers run one example at a time.
 
+**The unpatched runs' forward serves the sweep too.** The clean and corrupt metrics come first (from forwards of
+each length's clean rows, then corrupt rows); a sweep of at most ``KEEP_UNPATCHED_MAX_PAIRS`` pairs keeps those
+forwards (helpers.patching.example_runs' ``unpatched_runs``), and a group of examples that all sit in one of them
+takes its clean activations and corrupt prefix caches from it instead of running the same rows again (where the
+group is the whole forward, the very batch its own forward would run: the same numbers, bit for bit).
+
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
 and logit scaling, e.g. granite's ``logits_scaling``, still apply). Rows are chunked to fit memory; a CUDA
