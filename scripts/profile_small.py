@@ -27,8 +27,8 @@ from scripts.bench import (SMALL_CASES, gpu_busy_seconds, host_profile, make_pai
 from helpers.models.tiny_models import build_random_model  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
 
-PHASES = ("example_metrics", "clean_activations_and_prefix_caches", "clean_activations", "prefix_caches", "run_chunked",
-          "sweep_group", "forward")
+PHASES = ("unpatched_runs", "group_activations_and_prefix_caches", "clean_activations_and_prefix_caches",
+          "clean_activations", "prefix_caches", "run_chunked", "sweep_group", "forward")
 
 
 def phase_profile(run) -> str:

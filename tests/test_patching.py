@@ -221,8 +221,9 @@ def test_clean_activations_and_prefix_caches_share_one_forward(family):
 def test_groups_take_clean_activations_and_prefix_caches_from_the_kept_metrics_forward(family):
     """A group whose pairs all sit in one kept forward of the unpatched runs takes its clean activations and prefix
     caches from it: equal to the group's own clean-and-prefix forward (float32, 1e-5; the whole forward's group:
-    the same batch, so exactly), whether its rows are consecutive (views) or not (copies); a group spread over
-    forwards, or of another length, runs its own forward."""
+    the same batch, so exactly), whether its rows are consecutive (views) or not (gathered); a group spread over
+    two forwards, or with no prefix to cache, runs its own forward; forwards beyond the byte budget are not kept,
+    and keeping changes no metric."""
     from helpers.patching.aligned_batch import AlignedBatch
     from helpers.patching.caches import clean_activations_and_prefix_caches, group_activations_and_prefix_caches
     from helpers.patching.example_runs import example_metrics, unpatched_runs
@@ -234,11 +235,9 @@ def test_groups_take_clean_activations_and_prefix_caches_from_the_kept_metrics_f
     gen = torch.Generator().manual_seed(11)
     pairs = [make_pair(gen, 11, c) for c in (3, 5, 2, 6)] + [make_pair(gen, 9, 4)]
     with torch.inference_mode():
-        metrics, kept = unpatched_runs(model, calls, pairs, site, None, pairs_per_forward=4)
+        metrics, kept = unpatched_runs(model, calls, pairs, keep_site=site, pairs_per_forward=4)
         assert [f.indices for f in kept] == [[0, 1, 2, 3], [4]]
-        # (the kept forward keeps a cache: GPT-Neo's attention then rounds otherwise, ~4e-7 here)
-        for m, ref in zip(metrics, example_metrics(model, calls, pairs, pairs_per_forward=4)):
-            assert abs(m[0] - ref[0]) <= ATOL and abs(m[1] - ref[1]) <= ATOL and m[2] == ref[2]
+        assert metrics == example_metrics(model, calls, pairs, pairs_per_forward=4)
         for indices, exact in (([0, 1, 2, 3], True), ([1, 2], False), ([3, 0], False), ([4], True)):
             group = [pairs[i] for i in indices]
             corrupt = AlignedBatch([p.corrupt_ids for p in group], "cpu")
@@ -246,7 +245,7 @@ def test_groups_take_clean_activations_and_prefix_caches_from_the_kept_metrics_f
             stats: dict = {}
             acts, snaps = group_activations_and_prefix_caches(model, calls, site, group, indices, corrupt, starts,
                                                               stats, None, kept)
-            assert stats == {"kept_unpatched_forwards": 1}  # (no forward of its own)
+            assert stats == {"groups_from_kept_forwards": 1}  # (no forward of its own)
             ref_acts, ref_snaps = clean_activations_and_prefix_caches(model, calls, site, group, corrupt, starts,
                                                                       {}, None)
             close = (lambda a, b: torch.equal(a, b)) if exact else (lambda a, b: (a - b).abs().max() <= ATOL)
@@ -255,43 +254,56 @@ def test_groups_take_clean_activations_and_prefix_caches_from_the_kept_metrics_f
                 assert (snap is None) == (ref is None) == (s == 0)
                 for a, b in zip(snap.layers if snap else (), ref.layers if ref else ()):
                     assert a.keys.shape == b.keys.shape and close(a.keys, b.keys) and close(a.values, b.values)
-        stats = {}
-        for indices in ([3, 4], [5]):  # (spread over two forwards; not a kept pair)
-            group = [pairs[i] for i in indices if i < len(pairs)] or [pairs[0]]
+        for indices, starts in (([3, 4], [0, 2]), ([0], [0])):  # (spread over two forwards; no prefix)
+            group = [pairs[i] for i in indices]
+            stats = {}
             corrupt = AlignedBatch([p.corrupt_ids for p in group], "cpu")
-            group_activations_and_prefix_caches(model, calls, site, group, indices, corrupt, [0, 2], stats, None,
-                                                kept)
-        assert "kept_unpatched_forwards" not in stats and stats["prefix_forwards"] == 2
+            group_activations_and_prefix_caches(model, calls, site, group, indices, corrupt, starts, stats, None, kept)
+            assert "groups_from_kept_forwards" not in stats
+        one = kept[1].acts.nbytes + sum(t.nbytes for layer in kept[1].cache.layers for t in (layer.keys, layer.values))
+        assert [f.indices for f in unpatched_runs(model, calls, pairs, keep_site=site, pairs_per_forward=4,
+                                                  keep_bytes=one)[1]] == [[4]]
     assert kept[0].rows([1, 2]) == slice(1, 3) and kept[0].rows([2, 0]).tolist() == [2, 0]
-    assert kept[0].rows([0, 4]) is None and kept[0].rows([]) is None
+    assert kept[0].corrupt_rows([1, 2]) == slice(5, 7) and kept[0].corrupt_rows([2, 0]).tolist() == [6, 4]
+    assert kept[0].rows([0, 4]) is None and kept[0].rows([]) is None and kept[0].corrupt_rows([4]) is None
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
-def test_a_small_sweep_runs_no_second_forward_of_its_unpatched_rows(family, monkeypatch):
-    """A sweep of one pair takes its clean activations and prefix caches from its metrics' forward (no prefix
-    forward of its own) and its results are those of the sweep that runs that forward again: bit for bit for llama
-    (on a CPU the same batch), to float rounding for GPT-Neo (whose metrics forward rounds otherwise with a cache);
-    above KEEP_UNPATCHED_MAX_PAIRS pairs nothing is kept."""
-    from helpers.patching import sweep
+def test_small_sweeps_run_no_second_forward_of_their_unpatched_rows(family, monkeypatch):
+    """A sweep's groups take their clean activations and prefix caches from the metrics' forwards (no prefix forward
+    of their own) and its results, metrics included, are those of the sweep that runs those rows again, bit for bit
+    (on a CPU every pair has its own forward: the same batch), for one pair and for several, one of them excluded;
+    with no byte budget nothing is kept."""
+    from helpers.patching import example_runs
 
-    model, pairs = model_of(family), make_pairs(3)[:1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kept = patch_heads(model, pairs, keep_incorrect=True, progress=False)
-        monkeypatch.setattr(sweep, "KEEP_UNPATCHED_MAX_PAIRS", 0)
-        own = patch_heads(model, pairs, keep_incorrect=True, progress=False)
-    assert kept.stats["kept_unpatched_forwards"] == 1 and "prefix_forwards" not in kept.stats
-    assert "kept_unpatched_forwards" not in own.stats and own.stats["prefix_forwards"] == 1
-    if family == "llama":
+    model = model_of(family)
+    three = make_pairs(3)
+    with torch.no_grad():
+        for pair in three[:2]:  # clean-correct, so included; the third is not
+            pair.clean_token_id = int(model(torch.tensor([pair.clean_ids])).logits[0, -1].argmax())
+    # one pair (three seeds); three, the last clean-incorrect and so excluded
+    for pairs in (make_pairs(0)[:1], make_pairs(1)[1:2], make_pairs(2)[2:], three):
+        keep_incorrect = len(pairs) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = patch_heads(model, pairs, keep_incorrect=keep_incorrect, progress=False)
+            monkeypatch.setattr(example_runs, "KEEP_UNPATCHED_MAX_BYTES", 0)
+            own = patch_heads(model, pairs, keep_incorrect=keep_incorrect, progress=False)
+            monkeypatch.undo()
+        served = int(kept.included.sum())
+        assert served == (1 if keep_incorrect else 2)
+        assert kept.stats.get("groups_from_kept_forwards", 0) == served and "prefix_forwards" not in kept.stats
+        assert "groups_from_kept_forwards" not in own.stats and own.stats.get("prefix_forwards", 0) == served
         assert torch.equal(kept.patched_logit_diff.nan_to_num(), own.patched_logit_diff.nan_to_num())
-        assert kept.clean_logit_diff.tolist() == own.clean_logit_diff.tolist()
-    assert_raw_close(kept, own)
+        for name in ("clean_logit_diff", "corrupt_logit_diff"):
+            assert getattr(kept, name).tolist() == getattr(own, name).tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2
-    forward to float rounding, with the same inclusion; one pair a forward is exactly ``logit_diffs`` of its own."""
+    forward to float rounding, with the same inclusion; one pair a forward is exactly ``logit_diffs`` of its own
+    (a forward that keeps a cache, as every metrics forward does)."""
     from helpers.patching.aligned_batch import AlignedBatch
     from helpers.patching.example_runs import example_metrics, logit_diffs
     from helpers.patching.model_calls import ModelCalls, aligned_forward
@@ -308,7 +320,7 @@ def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     with torch.inference_mode():
         for pair, metrics in zip(pairs, own):
             batch = AlignedBatch([list(pair.clean_ids), list(pair.corrupt_ids)], "cpu")
-            logits, _ = aligned_forward(model, calls, batch, batch.length, None)
+            logits, _ = aligned_forward(model, calls, batch, batch.length, None, use_cache=True)
             assert metrics == logit_diffs(logits[0], logits[1], pair)
     with pytest.raises(ValueError, match="pairs_per_forward"):
         example_metrics(model, calls, pairs, pairs_per_forward=0)

@@ -121,19 +121,19 @@ def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
 
 def group_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pairs, indices: list[int],
                                         corrupt: AlignedBatch, starts: list[int], stats: dict, swap,
-                                        kept: list[UnpatchedForward] = ()) -> tuple[torch.Tensor, list]:
+                                        kept: Sequence[UnpatchedForward] = ()) -> tuple[torch.Tensor, list]:
     """``clean_activations_and_prefix_caches`` of a group's ``pairs`` (``indices``: theirs among the sweep's), taken
     from the kept forward of their unpatched runs (helpers.patching.example_runs.unpatched_runs) where one holds
-    them all: its clean rows' activations and views of its corrupt rows' cache, no forward of its own (a group that
-    is the whole kept forward gets the very rows its own forward would compute). Else their own forward."""
+    them all: its clean rows' activations and its corrupt rows' cache, no forward of its own. A group that is the
+    whole kept forward gets the very batch its own forward would run (the same numbers, bit for bit); some of a
+    forward's pairs, the same to float rounding. Else (or with no prefix to cache) their own forward."""
     forward = next((f for f in kept if f.rows(indices) is not None), None)
-    if forward is None or forward.acts.shape[2] != corrupt.length:
+    if forward is None or max(starts, default=0) == 0:
         return clean_activations_and_prefix_caches(model, calls, site, pairs, corrupt, starts, stats, swap)
-    rows = forward.rows(indices)
-    acts = forward.acts[rows]
-    stats["kept_unpatched_forwards"] = stats.get("kept_unpatched_forwards", 0) + 1
+    acts = forward.acts[forward.rows(indices)]
+    stats["groups_from_kept_forwards"] = stats.get("groups_from_kept_forwards", 0) + 1
     if not is_plain(forward.cache):  # (sliding windows: the prefix caches come from their own pass, as there)
         return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)
-    n = len(forward.indices)
-    corrupt_rows = slice(rows.start + n, rows.stop + n) if isinstance(rows, slice) else rows + n
-    return acts, [truncated(forward.cache, s, corrupt_rows) if s > 0 else None for s in starts]
+    # the group's corrupt rows up to the last start (a copy, once, where they are not consecutive), then views
+    rows = truncated(forward.cache, max(starts), forward.corrupt_rows(indices))
+    return acts, [truncated(rows, s) if s > 0 else None for s in starts]

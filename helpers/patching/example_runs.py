@@ -52,9 +52,10 @@ def logit_diffs(clean_logits: torch.Tensor, corrupt_logits: torch.Tensor, pair) 
 # Pairs of one length whose unpatched runs share a forward by default on a GPU (there the host's per-forward cost
 # dominates short prompts; on a CPU the arithmetic does, and each pair keeps its own forward).
 METRICS_PAIRS_PER_FORWARD_GPU = 32
-# Sweeps of at most this many pairs keep their metrics' forwards for the sweep (``unpatched_runs``): the kept clean
-# activations and caches of 32 pairs are no more than one group of 32 merged examples holds anyway.
-KEEP_UNPATCHED_MAX_PAIRS = 32
+# The unpatched runs' forwards a sweep keeps for its groups (``unpatched_runs``) hold at most this many bytes of
+# clean activations and caches (a forward that would exceed it is not kept: its groups run their own). The sweep
+# frees each one after its last group; 32 one-pair forwards of Llama-3.2-1B at T 60 in bf16 are ~250 MB.
+KEEP_UNPATCHED_MAX_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -78,6 +79,20 @@ class UnpatchedForward:
             return slice(rows[0], rows[0] + len(rows))
         return torch.tensor(rows, device=self.acts.device)
 
+    def corrupt_rows(self, indices: list[int]) -> slice | torch.Tensor | None:
+        """``rows`` of the same pairs' corrupt runs (n .. 2n-1)."""
+        rows, n = self.rows(indices), len(self.indices)
+        if rows is None:
+            return None
+        return slice(rows.start + n, rows.stop + n) if isinstance(rows, slice) else rows + n
+
+
+def _nbytes(cache) -> int:
+    """Bytes of a layered cache's key and value tensors."""
+    return sum(t.nbytes for layer in getattr(cache, "layers", ()) for t in (getattr(layer, "keys", None),
+                                                                             getattr(layer, "values", None))
+               if isinstance(t, torch.Tensor))
+
 
 def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forward: int | None = None
                     ) -> list[tuple[float, float, bool]]:
@@ -87,16 +102,18 @@ def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forwar
     share a forward, so no row is padded and each row's arithmetic is its own; its metrics then differ from its
     own batch-2 forward by float rounding only (a test holds them to 1e-5 in float32). With 1, each pair has its
     own forward and an example's metrics, and whether it is included, do not depend on the other examples at all."""
-    return unpatched_runs(model, calls, pairs, None, swap, pairs_per_forward)[0]
+    return unpatched_runs(model, calls, pairs, swap=swap, pairs_per_forward=pairs_per_forward)[0]
 
 
-def unpatched_runs(model, calls: ModelCalls, pairs, keep: Site | None, swap=None, pairs_per_forward: int | None = None
+def unpatched_runs(model, calls: ModelCalls, pairs, *, keep_site: Site | None = None, swap=None,
+                   pairs_per_forward: int | None = None, keep_bytes: int | None = None
                    ) -> tuple[list[tuple[float, float, bool]], list[UnpatchedForward]]:
-    """``example_metrics`` of ``pairs``, and with ``keep`` (a site) each of their forwards kept for the sweep
-    (``UnpatchedForward``: the clean rows' activations at ``keep`` and the forward's cache; none without ``keep``).
+    """``example_metrics`` of ``pairs``, and with ``keep_site`` their forwards kept for the sweep, as long as they
+    fit in ``keep_bytes`` (None: ``KEEP_UNPATCHED_MAX_BYTES``; ``UnpatchedForward``: the clean rows' activations at that site and the forward's cache).
     A sweep's group of examples that all sit in one kept forward takes its clean activations and corrupt prefix
-    caches from it (helpers.patching.caches), the same rows as its own forward would have been where the group is
-    the whole forward, so small sweeps run one forward fewer."""
+    caches from it (helpers.patching.caches) instead of running the same rows again. Every forward keeps a cache,
+    kept or not, so the metrics do not depend on which forwards are kept (a cache changes some attention paths'
+    rounding)."""
     if pairs_per_forward is None:
         on_gpu = model_device(model).type == "cuda"
         pairs_per_forward = METRICS_PAIRS_PER_FORWARD_GPU if on_gpu else 1
@@ -108,6 +125,7 @@ def unpatched_runs(model, calls: ModelCalls, pairs, keep: Site | None, swap=None
         by_length.setdefault(len(pair.clean_ids), []).append(i)
     out: list = [None] * len(pairs)
     kept: list[UnpatchedForward] = []
+    free = KEEP_UNPATCHED_MAX_BYTES if keep_bytes is None else keep_bytes
     with torch.inference_mode():
         for indices in by_length.values():
             for k in range(0, len(indices), pairs_per_forward):
@@ -116,12 +134,17 @@ def unpatched_runs(model, calls: ModelCalls, pairs, keep: Site | None, swap=None
                 ids = [list(pairs[i].clean_ids) for i in chunk] + [list(pairs[i].corrupt_ids) for i in chunk]
                 batch = AlignedBatch(ids, model_device(model))  # (one length: no padding)
                 store: dict = {}
-                with capture_site(keep, store) if keep is not None else nullcontext():
-                    logits, cache = aligned_forward(model, calls, batch, batch.length, swap, use_cache=keep is not None)
+                with capture_site(keep_site, store) if keep_site is not None else nullcontext():
+                    logits, cache = aligned_forward(model, calls, batch, batch.length, swap, use_cache=True)
                 for i, metrics in zip(chunk, paired_logit_diffs(logits, [pairs[i] for i in chunk])):
                     out[i] = metrics
-                if keep is not None:
-                    kept.append(UnpatchedForward(chunk, site_activations(store, keep, slice(None, len(chunk))), cache))
+                if keep_site is not None:
+                    size = _nbytes(cache) + sum(store[l][:len(chunk)].nbytes for l in store)
+                    if size <= free:
+                        free -= size
+                        kept.append(UnpatchedForward(chunk, site_activations(store, keep_site, slice(None, len(chunk))),
+                                                     cache))
+                del store, cache
     return out, kept
 
 

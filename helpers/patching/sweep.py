@@ -37,10 +37,11 @@ its rows. Fused llama-like models and GPT-Neo on a GPU (fp16/bf16) share the exa
 fit in its shortest example; models whose caches have sliding-window layers run one example at a time.
 
 **The unpatched runs' forward serves the sweep too.** The clean and corrupt metrics come first (from forwards of
-each length's clean rows, then corrupt rows); a sweep of at most ``KEEP_UNPATCHED_MAX_PAIRS`` pairs keeps those
-forwards (helpers.patching.example_runs' ``unpatched_runs``), and a group of examples that all sit in one of them
-takes its clean activations and corrupt prefix caches from it instead of running the same rows again (where the
-group is the whole forward, the very batch its own forward would run: the same numbers, bit for bit).
+each length's clean rows, then corrupt rows); the sweep keeps those forwards, as far as they fit in
+``KEEP_UNPATCHED_MAX_BYTES`` (helpers.patching.example_runs' ``unpatched_runs``), each until its last group, and a
+group of examples that all sit in one of them takes its clean activations and corrupt prefix caches from it instead
+of running the same rows again (where the group is the whole forward, the very batch its own forward would run: the
+same numbers, bit for bit).
 
 Only the answer position's logits are needed: the model runs with ``logits_to_keep=1`` and, when the output layer
 is an ``nn.Linear``, its matmul is restricted to the two vocabulary rows of the metric (the model's own final norm
@@ -78,7 +79,7 @@ from contextlib import nullcontext
 import torch
 
 from helpers.patching.bucket_forwards import sweep_group
-from helpers.patching.example_runs import KEEP_UNPATCHED_MAX_PAIRS, unpatched_runs
+from helpers.patching.example_runs import unpatched_runs
 from helpers.patching.fused_modules import fused_modules
 from helpers.patching.grouping import MaskNotPassedOn, NotMergeable, SweepExample, example_groups
 from helpers.patching.model_calls import ModelCalls, eval_mode, progress_bar, unwrap_model
@@ -125,10 +126,9 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
 
 def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_denominator, chunk_size,
                  bucket_size, examples_per_forward, progress, swap):
-    # metrics first, so exclusions are reported before the long part; a small sweep keeps their forwards, whose
-    # clean activations and corrupt caches its groups then take instead of running the same rows again
-    keep = site if len(pairs) <= KEEP_UNPATCHED_MAX_PAIRS else None
-    pre, kept = unpatched_runs(model, calls, pairs, keep, swap,
+    # metrics first, so exclusions are reported before the long part; their forwards are kept (within a memory
+    # budget) and the groups they hold take their clean activations and corrupt caches from them
+    pre, kept = unpatched_runs(model, calls, pairs, keep_site=site, swap=swap,
                                pairs_per_forward=1 if examples_per_forward == 1 else None)
     included = report_inclusion([c for _, _, c in pre], keep_incorrect)
     stats: dict = {}
@@ -136,10 +136,15 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
     lengths = [len(p.clean_ids) for p in pairs]
     patched = torch.full((len(pairs), L, U, max(lengths, default=0)), float("nan"))
     examples = [SweepExample(i, p, f, pre[i][1]) for i, (p, f) in enumerate(zip(pairs, firsts)) if included[i]]
+    groups = example_groups(model, site, examples, examples_per_forward)
+    # each kept forward lives until the last group it serves (one that serves none goes now)
+    last_use = {id(f): g for g, group in enumerate(groups) for f in kept
+                if f.rows([ex.index for ex in group]) is not None}
+    kept = [f for f in kept if id(f) in last_use]
     total = sum(L * U * ex.span for ex in examples)
     bar = progress_bar(None, progress and total > 0, f"patch {kind}", total=total)
     try:
-        for group in example_groups(model, site, examples, examples_per_forward):
+        for g, group in enumerate(groups):
             kw = dict(chunk_size=chunk_size, bucket_size=bucket_size, stats=stats, bar=bar, swap=swap, kept=kept)
             try:
                 outs = sweep_group(model, calls, site, group, **kw)
@@ -152,6 +157,7 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
                 outs = [out for ex in group for out in sweep_group(model, calls, site, [ex], **kw)]
             for ex, values in zip(group, outs):
                 patched[ex.index, :, :, : ex.length] = values
+            kept = [f for f in kept if last_use[id(f)] > g]
     finally:
         if bar is not None:
             bar.close()
