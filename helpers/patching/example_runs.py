@@ -1,7 +1,7 @@
 """The unpatched runs of each example: clean and corrupt logit differences (pairs of one length share unpadded
-forwards on a GPU, each pair its own on a CPU) and the clean activations a sweep patches in; for small sweeps the
-metrics' forwards are kept (``UnpatchedForward``) and give the sweep its clean activations and corrupt prefix caches
-too, so that no second forward of the same rows runs."""
+forwards on a GPU, each pair its own on a CPU) and the clean activations a sweep patches in. A sweep keeps the
+metrics' forwards (``UnpatchedForward``, within a memory budget), which give it its clean activations and corrupt
+prefix caches too, so that no second forward of the same rows runs."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -108,8 +108,9 @@ def example_metrics(model, calls: ModelCalls, pairs, swap=None, pairs_per_forwar
 def unpatched_runs(model, calls: ModelCalls, pairs, *, keep_site: Site | None = None, swap=None,
                    pairs_per_forward: int | None = None, keep_bytes: int | None = None
                    ) -> tuple[list[tuple[float, float, bool]], list[UnpatchedForward]]:
-    """``example_metrics`` of ``pairs``, and with ``keep_site`` their forwards kept for the sweep, as long as they
-    fit in ``keep_bytes`` (None: ``KEEP_UNPATCHED_MAX_BYTES``; ``UnpatchedForward``: the clean rows' activations at that site and the forward's cache).
+    """``example_metrics`` of ``pairs``, and with ``keep_site`` their forwards kept for the sweep (``UnpatchedForward``:
+    the clean rows' activations at that site and the forward's cache) as long as they fit in ``keep_bytes`` (None:
+    ``KEEP_UNPATCHED_MAX_BYTES``).
     A sweep's group of examples that all sit in one kept forward takes its clean activations and corrupt prefix
     caches from it (helpers.patching.caches) instead of running the same rows again. Every forward keeps a cache,
     kept or not, so the metrics do not depend on which forwards are kept (a cache changes some attention paths'
