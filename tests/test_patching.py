@@ -299,6 +299,32 @@ def test_small_sweeps_run_no_second_forward_of_their_unpatched_rows(family, monk
             assert getattr(kept, name).tolist() == getattr(own, name).tolist()
 
 
+def test_each_kept_forward_is_freed_after_its_last_group(monkeypatch):
+    """The sweep hands its groups only the kept forwards still to be used: on a CPU (a forward and a group per pair)
+    three, then two, then one; an excluded pair's forward is dropped before the first group."""
+    from helpers.patching import sweep
+
+    model = model_of("llama")
+    pairs = make_pairs(4)
+    with torch.no_grad():
+        for pair in pairs:  # clean-correct, so included
+            pair.clean_token_id = int(model(torch.tensor([pair.clean_ids])).logits[0, -1].argmax())
+    seen, real = [], sweep.sweep_group
+
+    def recording(*args, kept=(), **kwargs):
+        seen.append(sorted(i for f in kept for i in f.indices))
+        return real(*args, kept=kept, **kwargs)
+    monkeypatch.setattr(sweep, "sweep_group", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch_heads(model, pairs, progress=False)
+        assert seen == [[0, 1, 2], [1, 2], [2]]
+        seen.clear()
+        pairs[1].clean_token_id = (pairs[1].clean_token_id + 1) % model.config.vocab_size  # now excluded
+        patch_heads(model, pairs, progress=False)
+    assert seen == [[0, 2], [2]]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2
