@@ -127,7 +127,7 @@ def group_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
     them all: its clean rows' activations and its corrupt rows' cache, no forward of its own. A group that is the
     whole kept forward gets the very batch its own forward would run (the same numbers, bit for bit); some of a
     forward's pairs, the same to float rounding. Else (or with no prefix to cache) their own forward."""
-    forward = next((f for f in kept if f.rows(indices) is not None), None)
+    forward = next((f for f in kept if f.holds(indices)), None)
     if forward is None or max(starts, default=0) == 0:
         return clean_activations_and_prefix_caches(model, calls, site, pairs, corrupt, starts, stats, swap)
     acts = forward.acts[forward.rows(indices)]

@@ -68,12 +68,16 @@ class UnpatchedForward:
     acts: torch.Tensor
     cache: object
 
+    def holds(self, indices: list[int]) -> bool:
+        """Is every one of pairs ``indices`` (at least one) in this forward? (host only: no tensor made)"""
+        return bool(indices) and set(indices) <= set(self.indices)
+
     def rows(self, indices: list[int]) -> slice | torch.Tensor | None:
         """Batch rows (0 .. n-1: the clean ones) of pairs ``indices``, in their order: a slice where consecutive
-        (views, no copy); None unless every one of them is in this forward."""
-        where = {i: r for r, i in enumerate(self.indices)}
-        if not indices or any(i not in where for i in indices):
+        (views, no copy); None unless ``holds(indices)``."""
+        if not self.holds(indices):
             return None
+        where = {i: r for r, i in enumerate(self.indices)}
         rows = [where[i] for i in indices]
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return slice(rows[0], rows[0] + len(rows))

@@ -138,8 +138,7 @@ def _patch_sweep(model, calls, site, pairs, firsts, kind, keep_incorrect, min_de
     examples = [SweepExample(i, p, f, pre[i][1]) for i, (p, f) in enumerate(zip(pairs, firsts)) if included[i]]
     groups = example_groups(model, site, examples, examples_per_forward)
     # each kept forward lives until the last group it serves (one that serves none goes now)
-    last_use = {id(f): g for g, group in enumerate(groups) for f in kept
-                if f.rows([ex.index for ex in group]) is not None}
+    last_use = {id(f): g for g, group in enumerate(groups) for f in kept if f.holds([ex.index for ex in group])}
     kept = [f for f in kept if id(f) in last_use]
     total = sum(L * U * ex.span for ex in examples)
     bar = progress_bar(None, progress and total > 0, f"patch {kind}", total=total)
