@@ -325,6 +325,34 @@ def test_each_kept_forward_is_freed_after_its_last_group(monkeypatch):
     assert seen == [[0, 2], [2]]
 
 
+def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrupt_metric(monkeypatch):
+    """The self-check: each forward's unpatched rows reproduce their examples' corrupt metrics (three examples
+    merged, four forwards of two positions, the shortest span absent from the first): a corrupt metric made 0.25
+    off shows as a 0.25 deviation, and the computed values do not move."""
+    from helpers.patching import sweep
+
+    model = model_of("llama")
+    pairs = make_pairs(0, model)
+    kw = dict(keep_incorrect=True, progress=False, examples_per_forward=3, bucket_size=2)
+    honest = patch_heads(model, pairs, **kw)
+    real = sweep.unpatched_runs
+
+    def shifted(*args, **kwargs):
+        pre, kept = real(*args, **kwargs)
+        pre[1] = (pre[1][0], pre[1][1] + 0.25, pre[1][2])
+        return pre, kept
+    monkeypatch.setattr(sweep, "unpatched_runs", shifted)
+    off = patch_heads(model, pairs, **kw)
+    assert honest.stats["forwards"] == off.stats["forwards"] == 4
+    assert honest.stats["base_row_max_dev"] < ATOL
+    assert off.stats["base_row_max_dev"] == pytest.approx(0.25, abs=ATOL)
+    for i, pair in enumerate(pairs):
+        d = pair.corrupted_position
+        a, b = honest.patched_logit_diff[i, ..., d:], off.patched_logit_diff[i, ..., d:]
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        assert torch.all(off.patched_logit_diff[i, ..., :d] == honest.corrupt_logit_diff[i] + (0.25 if i == 1 else 0))
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2
