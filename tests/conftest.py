@@ -57,11 +57,10 @@ def epilogues_on_cpu(monkeypatch, gpu_branches_on_cpu) -> list:
     from helpers.patching import matmul_epilogues as me
     calls = []
     real = me.linear_silu_mul
-    small = me.EpilogueTiles(32, 32, 32, 2, 4, True)
 
     def recording(x, w_interleaved, tiles=None):
         calls.append(tuple(x.shape))
-        return real(x, w_interleaved, small if tiles is None else tiles)
+        return real(x, w_interleaved, me.INTERPRETER_TILES if tiles is None else tiles)
     monkeypatch.setattr(me, "available", lambda like: True)
     monkeypatch.setattr(me, "linear_silu_mul", recording)
     return calls

@@ -27,7 +27,7 @@ def tma_device(triton_device) -> str:
 # the launches epilogue_tiles picks (4 stages at depths up to 1,024, 3 deeper), the fallback for GPUs with less shared
 # memory, and a small one (the interpreter's cost grows with the tile)
 TILE_CHOICES = {"shallow": me.epilogue_tiles(576), "deep": me.epilogue_tiles(2048), "fallback": me._SMALLER,
-                "small": me.EpilogueTiles(32, 32, 32, 2, 4, True)}
+                "small": me.INTERPRETER_TILES}
 
 
 def _unfused(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:

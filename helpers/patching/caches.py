@@ -67,6 +67,11 @@ def truncated(cache, s: int, rows: slice | torch.Tensor = slice(None)):
     return out
 
 
+def per_start(cache, starts: list[int], rows: slice | torch.Tensor = slice(None)) -> list:
+    """``truncated`` views of a plain cache at every bucket start s (None where s = 0: nothing precedes it)."""
+    return [truncated(cache, s, rows) if s > 0 else None for s in starts]
+
+
 def prefix_caches(model, calls: ModelCalls, batch: AlignedBatch, starts: list[int], stats: dict, swap) -> list:
     """The corrupt runs' cache of slots < s for every bucket start s (None for s = 0). Raises NotMergeable for
     several examples whose cache layers are not all full attention.
@@ -80,7 +85,7 @@ def prefix_caches(model, calls: ModelCalls, batch: AlignedBatch, starts: list[in
     _, cache = aligned_forward(model, calls, batch, last, swap, use_cache=True)
     stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
     if is_plain(cache):
-        return [truncated(cache, s) if s > 0 else None for s in starts]
+        return per_start(cache, starts)
     if len(batch) > 1:
         raise NotMergeable("cache layers other than full attention")
     snaps, cache, done = [], None, 0
@@ -116,7 +121,7 @@ def clean_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
         del cache
         return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)
     stats["prefix_forwards"] = stats.get("prefix_forwards", 0) + 1
-    return acts, [truncated(cache, s, slice(n, None)) if s > 0 else None for s in starts]
+    return acts, per_start(cache, starts, slice(n, None))
 
 
 def group_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pairs, indices: list[int],
@@ -135,5 +140,4 @@ def group_activations_and_prefix_caches(model, calls: ModelCalls, site: Site, pa
     if not is_plain(forward.cache):  # (sliding windows: the prefix caches come from their own pass, as there)
         return acts, prefix_caches(model, calls, corrupt, starts, stats, swap)
     # the group's corrupt rows up to the last start (a copy, once, where they are not consecutive), then views
-    rows = truncated(forward.cache, max(starts), forward.corrupt_rows(indices))
-    return acts, [truncated(rows, s) if s > 0 else None for s in starts]
+    return acts, per_start(truncated(forward.cache, max(starts), forward.corrupt_rows(indices)), starts)

@@ -90,6 +90,8 @@ def epilogue_tiles(k_dim: int) -> EpilogueTiles:
 
 
 _SMALLER = EpilogueTiles(128, 128, 64, 3, 4, True)  # (for a GPU without the shared memory of the chosen tiles)
+# small tiles for Triton's interpreter on a CPU (tests), whose cost grows with the tile
+INTERPRETER_TILES = EpilogueTiles(32, 32, 32, 2, 4, True)
 _OUT_OF_RESOURCES: set = set()
 
 
