@@ -4,18 +4,23 @@ TinyStories-2L shapes, random weights, bf16 on a GPU): wall and GPU-busy seconds
 forwards), the host's top functions, and with ``--kernels`` the GPU's top kernels. ``--tiles``: row_attention's
 tile choices, head-major and position-major, at SmolLM2's, Qwen2.5-0.5B's and Llama-3.2-1B's sweep shapes instead
 (``TILE_SHAPES``; CUDA), with the default's bandwidth, its time without rotary and torch's causal attention over the
-own tokens as a reference point.
+own tokens as a reference point. ``--idle``: where the GPU waits for the host instead (CUDA): each idle gap of
+one profiled sweep attributed to the Python code that launched the kernel ending it (``idle_gaps``).
 
-python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles]   (--quick: tiny shapes, CPU)
+python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles] [--idle]   (--quick: tiny, CPU)
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
+import json
 import os
 import pstats
 import sys
+import tempfile
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,63 @@ def phase_profile(run) -> str:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
     return "\n".join(sorted(lines)) + "\n" + "\n".join(out.getvalue().splitlines()[6:32])
+
+
+def idle_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[float, float, Counter, Counter]:
+    """(kernel seconds, idle seconds, {label: idle seconds}, {label: gaps}) from a torch.profiler chrome trace's
+    ``traceEvents`` (profiled with CUDA activity and ``with_stack=True``). Every gap longer than ``min_gap_us``
+    between the GPU's kernels and copies is the host's: it is labelled with the two innermost helpers/ or scripts/
+    Python frames running when the kernel ending the gap was launched (the launch found by its correlation id), so
+    the labels say which host code the GPU waited for. (A profiled host runs slower than an unprofiled one: the
+    labels' shares, not their seconds, are the reading.)"""
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    frames = sorted((e for e in events if e.get("cat") == "python_function" and "dur" in e), key=lambda e: e["ts"])
+    starts = [f["ts"] for f in frames]
+
+    def label(ts: float) -> str:
+        # the frames enclosing ts, outermost first (looked for among the 4,000 that started last before it)
+        i = bisect.bisect_right(starts, ts)
+        names = [f["name"] for f in frames[max(0, i - 4000):i] if f["ts"] + f["dur"] >= ts]
+        ours = [n for n in names if "helpers/" in n or "scripts/" in n]
+        return " < ".join(n.split("/")[-1] for n in ours[-2:][::-1]) if ours else (names[-1] if names else "?")
+
+    idle, by_label, count = 0.0, Counter(), Counter()
+    end = kernels[0]["ts"] if kernels else 0.0
+    for k in kernels:
+        gap = k["ts"] - end
+        if gap > min_gap_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            where = label(launch["ts"]) if launch is not None else "?"
+            idle += gap
+            by_label[where] += gap / 1e6
+            count[where] += 1
+        end = max(end, k["ts"] + k["dur"])
+    return sum(k["dur"] for k in kernels) / 1e6, idle / 1e6, by_label, count
+
+
+def idle_report(run, device, rows: int = 12) -> str:
+    """``idle_gaps`` of one profiled call of ``run`` on ``device`` (CUDA), as lines to print."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        start = time.perf_counter()
+        run()
+        sync(device)
+        wall = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    busy, idle, by_label, count = idle_gaps(events)
+    lines = [f"   profiled wall {wall:.3f} s: GPU kernels {busy:.3f} s, idle gaps {idle:.3f} s, before a kernel "
+             f"launched in:"]
+    lines += [f"     {t * 1e3:8.2f} ms in {count[where]:5d} gaps  {where}" for where, t in by_label.most_common(rows)]
+    return "\n".join(lines)
 
 
 # (name, query heads, key/value heads, [(rows, fed tokens q)]): sweep-like row_attention calls, T 71 (prefix 71 - q)
@@ -118,6 +180,7 @@ def main():
     ap.add_argument("--buckets", default="1,2,3,4,6,9")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--tiles", action="store_true", help="only the row_attention tile scan (CUDA)")
+    ap.add_argument("--idle", action="store_true", help="where the GPU waits for the host, by launching code (CUDA)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiles:
@@ -153,6 +216,8 @@ def main():
                 print(f"   buckets {nb:2d} (size {size:2d}): {tb:.3f} s, GPU busy {bb:.3f} s, forwards "
                       f"{rb.stats.get('forwards')}, rtl {rb.stats.get('row_token_layers', 0) / 1e6:.2f} M", flush=True)
             print(phase_profile(run), flush=True)
+            if args.idle and device.type == "cuda":
+                print(idle_report(run, device), flush=True)
             if args.kernels and device.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
                 sync(device)

@@ -1,0 +1,53 @@
+"""scripts/profile_small.py's idle attribution on a synthetic torch.profiler trace (CPU; no GPU needed)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _profile_small():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_small.py"
+    spec = importlib.util.spec_from_file_location("profile_small_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kernel(name, ts, dur, corr, cat="kernel"):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+
+def _launch(ts, corr):
+    return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 2, "args": {"correlation": corr}}
+
+
+def _frame(name, ts, dur):
+    return {"cat": "python_function", "name": name, "ts": ts, "dur": dur}
+
+
+def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_ending_it():
+    """Three gaps: 40 us before a kernel launched inside helpers' inner() (called by outer()), 20 us before a copy
+    launched in outer() alone, 3 us (below the threshold) ignored; overlapping kernels leave no gap; a kernel whose
+    launch is missing from the trace is charged to '?'."""
+    ps = _profile_small()
+    events = [
+        _frame("helpers/patching/a.py(10): outer", 0, 300),
+        _frame("helpers/patching/b.py(5): inner", 40, 20),
+        _frame("<built-in method cat>", 42, 1),  # (not ours: the label keeps helpers/ and scripts/ frames)
+        _launch(1, 1), _kernel("k1", 0, 10, 1),
+        _launch(45, 2), _kernel("k2", 50, 10, 2),          # gap 40 after k1's end at 10
+        _launch(61, 3), _kernel("k3", 55, 20, 3),          # overlaps k2: no gap
+        _launch(90, 4), _kernel("HtoD", 95, 5, 4, cat="gpu_memcpy"),  # gap 20 after k3's end at 75
+        _launch(101, 5), _kernel("k5", 103, 5, 5),         # gap 3: below 5 us
+        _kernel("k6", 200, 10, 99),                        # gap 92, its launch not in the trace
+    ]
+    busy, idle, by_label, count = ps.idle_gaps(events)
+    assert busy == pytest.approx((10 + 10 + 20 + 5 + 5 + 10) / 1e6)
+    assert idle == pytest.approx((40 + 20 + 92) / 1e6)
+    assert by_label["b.py(5): inner < a.py(10): outer"] == pytest.approx(40 / 1e6)
+    assert by_label["a.py(10): outer"] == pytest.approx(20 / 1e6)
+    assert by_label["?"] == pytest.approx(92 / 1e6)
+    assert count == {"b.py(5): inner < a.py(10): outer": 1, "a.py(10): outer": 1, "?": 1}
+    assert ps.idle_gaps([]) == (0.0, 0.0, {}, {})
