@@ -28,9 +28,9 @@ def _frame(name, ts, dur):
 
 
 def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_ending_it():
-    """Three gaps: 40 us before a kernel launched inside helpers' inner() (called by outer()), 20 us before a copy
-    launched in outer() alone, 3 us (below the threshold) ignored; overlapping kernels leave no gap; a kernel whose
-    launch is missing from the trace is charged to '?'."""
+    """Gaps of 40 us before a kernel launched inside helpers' inner() (called by outer()), of 20 us before a copy
+    launched in outer() alone and of 92 us before a kernel whose launch is not in the trace ('?'); a gap of 3 us
+    (below the threshold) is ignored, and kernels overlapping one another (one inside another) leave none."""
     ps = _profile_small()
     events = [
         _frame("helpers/patching/a.py(10): outer", 0, 300),
@@ -38,13 +38,14 @@ def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_endin
         _frame("<built-in method cat>", 42, 1),  # (not ours: the label keeps helpers/ and scripts/ frames)
         _launch(1, 1), _kernel("k1", 0, 10, 1),
         _launch(45, 2), _kernel("k2", 50, 10, 2),          # gap 40 after k1's end at 10
-        _launch(61, 3), _kernel("k3", 55, 20, 3),          # overlaps k2: no gap
+        _launch(52, 3), _kernel("k3", 55, 20, 3),          # overlaps k2: no gap
+        _launch(56, 6), _kernel("k4", 58, 4, 6),           # inside k3: the GPU is busy until k3's end at 75
         _launch(90, 4), _kernel("HtoD", 95, 5, 4, cat="gpu_memcpy"),  # gap 20 after k3's end at 75
         _launch(101, 5), _kernel("k5", 103, 5, 5),         # gap 3: below 5 us
         _kernel("k6", 200, 10, 99),                        # gap 92, its launch not in the trace
     ]
     busy, idle, by_label, count = ps.idle_gaps(events)
-    assert busy == pytest.approx((10 + 10 + 20 + 5 + 5 + 10) / 1e6)
+    assert busy == pytest.approx((10 + 10 + 20 + 4 + 5 + 5 + 10) / 1e6)
     assert idle == pytest.approx((40 + 20 + 92) / 1e6)
     assert by_label["b.py(5): inner < a.py(10): outer"] == pytest.approx(40 / 1e6)
     assert by_label["a.py(10): outer"] == pytest.approx(20 / 1e6)
