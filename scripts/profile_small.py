@@ -52,9 +52,9 @@ def phase_profile(run) -> str:
 def idle_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[float, float, Counter, Counter]:
     """(kernel seconds, idle seconds, {label: idle seconds}, {label: gaps}) from a torch.profiler chrome trace's
     ``traceEvents`` (profiled with CUDA activity and ``with_stack=True``). Every gap longer than ``min_gap_us``
-    between the GPU's kernels and copies is the host's: it is labelled with the two innermost helpers/ or scripts/
-    Python frames running when the kernel ending the gap was launched (the launch found by its correlation id), so
-    the labels say which host code the GPU waited for. (A profiled host runs slower than an unprofiled one: the
+    between the GPU's kernels and copies is the host's: it is labelled with the two innermost helpers/ Python frames
+    running when the kernel ending the gap was launched (the launch found by its correlation id; outside helpers/,
+    the innermost frame), so the labels say which host code the GPU waited for. (A profiled host runs slower than an unprofiled one: the
     labels' shares, not their seconds, are the reading.)"""
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                      key=lambda e: e["ts"])
@@ -67,7 +67,7 @@ def idle_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[float, float
         # the frames enclosing ts, outermost first (looked for among the 4,000 that started last before it)
         i = bisect.bisect_right(starts, ts)
         names = [f["name"] for f in frames[max(0, i - 4000):i] if f["ts"] + f["dur"] >= ts]
-        ours = [n for n in names if "helpers/" in n or "scripts/" in n]
+        ours = [n for n in names if "helpers/" in n]
         return " < ".join(n.split("/")[-1] for n in ours[-2:][::-1]) if ours else (names[-1] if names else "?")
 
     idle, by_label, count = 0.0, Counter(), Counter()

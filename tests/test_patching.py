@@ -327,8 +327,9 @@ def test_each_kept_forward_is_freed_after_its_last_group(monkeypatch):
 
 def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrupt_metric(monkeypatch):
     """The self-check: each forward's unpatched rows reproduce their examples' corrupt metrics (three examples
-    merged, four forwards of two positions, the shortest span absent from the first): a corrupt metric made 0.25
-    off shows as a 0.25 deviation, and the computed values do not move."""
+    merged, four forwards of two positions): the corrupt metric of the example with the shortest span, which has no
+    rows in the first forward, made 0.25 off shows as a 0.25 deviation (so the later forwards are checked), also
+    beside another example's NaN corrupt metric, and the computed values do not move."""
     from helpers.patching import sweep
 
     model = model_of("llama")
@@ -337,20 +338,30 @@ def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrup
     honest = patch_heads(model, pairs, **kw)
     real = sweep.unpatched_runs
 
+    nan_first = False
+
     def shifted(*args, **kwargs):
         pre, kept = real(*args, **kwargs)
-        pre[1] = (pre[1][0], pre[1][1] + 0.25, pre[1][2])
+        pre[2] = (pre[2][0], pre[2][1] + 0.25, pre[2][2])
+        if nan_first:
+            pre[0] = (pre[0][0], float("nan"), pre[0][2])
         return pre, kept
     monkeypatch.setattr(sweep, "unpatched_runs", shifted)
     off = patch_heads(model, pairs, **kw)
+    nan_first = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # a NaN corrupt metric (its example's deviations are NaN) hides no other example's deviation
+        assert patch_heads(model, pairs, **kw).stats["base_row_max_dev"] == pytest.approx(0.25, abs=ATOL)
     assert honest.stats["forwards"] == off.stats["forwards"] == 4
+    assert len(pairs[2].clean_ids) - pairs[2].corrupted_position < 7  # (the first forward patches r 7 and 8)
     assert honest.stats["base_row_max_dev"] < ATOL
     assert off.stats["base_row_max_dev"] == pytest.approx(0.25, abs=ATOL)
     for i, pair in enumerate(pairs):
         d = pair.corrupted_position
         a, b = honest.patched_logit_diff[i, ..., d:], off.patched_logit_diff[i, ..., d:]
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
-        assert torch.all(off.patched_logit_diff[i, ..., :d] == honest.corrupt_logit_diff[i] + (0.25 if i == 1 else 0))
+        assert torch.all(off.patched_logit_diff[i, ..., :d] == honest.corrupt_logit_diff[i] + (0.25 if i == 2 else 0))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])

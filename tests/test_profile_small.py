@@ -28,14 +28,17 @@ def _frame(name, ts, dur):
 
 
 def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_ending_it():
-    """Gaps of 40 us before a kernel launched inside helpers' inner() (called by outer()), of 20 us before a copy
-    launched in outer() alone and of 92 us before a kernel whose launch is not in the trace ('?'); a gap of 3 us
-    (below the threshold) is ignored, and kernels overlapping one another (one inside another) leave none."""
+    """Gaps of 40 us before a kernel launched inside helpers' inner() (called by outer(); a torch frame inside it
+    is left out of the label), of 20 us before a copy launched in outer() alone, of 20 us before a kernel launched
+    outside helpers (labelled with its innermost frame) and of 92 us before a kernel whose launch is not in the
+    trace ('?'); a gap of 3 us (below the threshold) is ignored, and kernels overlapping one another (one inside
+    another) leave none."""
     ps = _profile_small()
     events = [
-        _frame("helpers/patching/a.py(10): outer", 0, 300),
+        _frame("helpers/patching/a.py(10): outer", 0, 120),
         _frame("helpers/patching/b.py(5): inner", 40, 20),
-        _frame("<built-in method cat>", 42, 1),  # (not ours: the label keeps helpers/ and scripts/ frames)
+        _frame("torch/nn/functional.py(7): cat", 44, 3),  # (not ours: the label keeps helpers/ frames)
+        _frame("torch/nn/functional.py(9): linear", 150, 10),
         _launch(1, 1), _kernel("k1", 0, 10, 1),
         _launch(45, 2), _kernel("k2", 50, 10, 2),          # gap 40 after k1's end at 10
         _launch(52, 3), _kernel("k3", 55, 20, 3),          # overlaps k2: no gap
@@ -43,12 +46,15 @@ def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_endin
         _launch(90, 4), _kernel("HtoD", 95, 5, 4, cat="gpu_memcpy"),  # gap 20 after k3's end at 75
         _launch(101, 5), _kernel("k5", 103, 5, 5),         # gap 3: below 5 us
         _kernel("k6", 200, 10, 99),                        # gap 92, its launch not in the trace
+        _launch(155, 7), _kernel("k7", 230, 5, 7),         # gap 20, launched in torch's linear alone
     ]
     busy, idle, by_label, count = ps.idle_gaps(events)
-    assert busy == pytest.approx((10 + 10 + 20 + 4 + 5 + 5 + 10) / 1e6)
-    assert idle == pytest.approx((40 + 20 + 92) / 1e6)
+    assert busy == pytest.approx((10 + 10 + 20 + 4 + 5 + 5 + 10 + 5) / 1e6)
+    assert idle == pytest.approx((40 + 20 + 92 + 20) / 1e6)
     assert by_label["b.py(5): inner < a.py(10): outer"] == pytest.approx(40 / 1e6)
     assert by_label["a.py(10): outer"] == pytest.approx(20 / 1e6)
     assert by_label["?"] == pytest.approx(92 / 1e6)
-    assert count == {"b.py(5): inner < a.py(10): outer": 1, "a.py(10): outer": 1, "?": 1}
+    assert by_label["torch/nn/functional.py(9): linear"] == pytest.approx(20 / 1e6)
+    assert count == {"b.py(5): inner < a.py(10): outer": 1, "a.py(10): outer": 1, "?": 1,
+                     "torch/nn/functional.py(9): linear": 1}
     assert ps.idle_gaps([]) == (0.0, 0.0, {}, {})

@@ -179,9 +179,10 @@ def placed_results(group: list[SweepExample], results: list, L: int, U: int, sta
         rows = torch.cat([r for r, _ in results])  # in patched's order
         present = torch.zeros(len(results), E, dtype=torch.bool)  # forward k patches rows of example e
         present[torch.arange(len(results)).repeat_interleave(torch.tensor(counts)), rows[:, 1]] = True
-        if present.any():
-            stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0),
-                                            float((base - corrupt_diffs).abs()[present].max()))
+        dev = (base - corrupt_diffs).abs()[present]
+        dev = dev[~dev.isnan()]  # (a NaN metric hides no other deviation, as Python's max skipped it before)
+        if dev.numel():
+            stats["base_row_max_dev"] = max(stats.get("base_row_max_dev", 0.0), float(dev.max()))
         example = rows[:, 1]
         out[example, rows[:, 0], rows[:, 2], lengths[example] - rows[:, 3]] = patched
     return [out[e, :, :, :ex.length] for e, ex in enumerate(group)]
