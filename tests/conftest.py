@@ -85,16 +85,32 @@ def any_tokenizer(request, project_tokenizer, splitting_bos_tokenizer):
     return {"project": project_tokenizer, "splitting_bos": splitting_bos_tokenizer}[request.param]
 
 
-@pytest.fixture(scope="session")
-def novel_names_script():
-    """scripts/novel_names_fine_tune.py as a module (its variants, choice rule, scheduler and install)."""
+def script_module(filename: str, name: str):
+    """scripts/<filename> loaded as the module ``name`` (registered in sys.modules: dataclasses look it up there)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "novel_names_fine_tune.py"
-    spec = importlib.util.spec_from_file_location("novel_names_fine_tune", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / filename)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def novel_names_script():
+    """scripts/novel_names_fine_tune.py as a module (its variants, choice rule, scheduler and install)."""
+    return script_module("novel_names_fine_tune.py", "novel_names_fine_tune")
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """scripts/bench.py as a module."""
+    return script_module("bench.py", "bench_script")
+
+
+@pytest.fixture(scope="session")
+def profile_small_script():
+    """scripts/profile_small.py as a module."""
+    return script_module("profile_small.py", "profile_small_script")

@@ -1,24 +1,12 @@
 """scripts/bench.py's small-model cases run end to end on a tiny model (CPU; timings are the benchmark's, not asserted)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 
 from helpers.models.tiny_models import build_random_model, tiny_config
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_small_model_cases_report_each_case_against_its_arithmetic():
-    bench = _bench()
+def test_small_model_cases_report_each_case_against_its_arithmetic(bench_script):
+    bench = bench_script
     model = build_random_model(tiny_config("llama", vocab_size=512, n_layers=3), seed=0, dtype=torch.float32)
     cases = (("1 example, T 14", 1, 14, 4), ("3 examples, T 12", 3, 12, 6))
     rows = bench.small_model_cases("tiny llama", model, torch.device("cpu"), torch.Generator().manual_seed(3), 1, cases)
@@ -34,13 +22,13 @@ def test_small_model_cases_report_each_case_against_its_arithmetic():
             assert abs(ratio - seconds / bound) <= 0.05 * ratio + 0.1
 
 
-def test_the_low_precision_deviation_compares_each_examples_sweep_with_float32():
+def test_the_low_precision_deviation_compares_each_examples_sweep_with_float32(bench_script):
     """``--deviation``'s figure: each random pair's bf16 sweep against its own float32 sweep, the mean |difference|
     over their entries; zero for float32 itself; the float32 model left as it was."""
     import copy
 
     from helpers.patching import patch_heads
-    bench = _bench()
+    bench = bench_script
     model = build_random_model(tiny_config("llama", vocab_size=512, n_layers=2), seed=0, dtype=torch.float32)
     mean, each, bad = bench.low_precision_deviation(model, torch.Generator().manual_seed(3), 2, 12, 4)
     assert len(each) == 2 and abs(mean - sum(each) / 2) < 1e-12 and each[0] != each[1] and bad == 0
@@ -59,8 +47,8 @@ def test_the_low_precision_deviation_compares_each_examples_sweep_with_float32()
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_the_deviation_table_reaches_the_printed_and_written_report(tmp_path):
+def test_the_deviation_table_reaches_the_printed_and_written_report(tmp_path, bench_script):
     out = tmp_path / "bench.md"
-    _bench().main(["--quick", "--small-only", "--deviation", "1", "--shapes", "llama", "--device", "cpu", str(out)])
+    bench_script.main(["--quick", "--small-only", "--deviation", "1", "--shapes", "llama", "--device", "cpu", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny llama | T ")]
     assert len(rows) == 1 and float(rows[0].split("|")[4]) > 0 and rows[0].rstrip().endswith("| 0 |")

@@ -1,18 +1,6 @@
 """scripts/profile_small.py's idle attribution on a synthetic torch.profiler trace (CPU; no GPU needed)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-
-def _profile_small():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_small.py"
-    spec = importlib.util.spec_from_file_location("profile_small_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _kernel(name, ts, dur, corr, cat="kernel"):
@@ -27,13 +15,13 @@ def _frame(name, ts, dur):
     return {"cat": "python_function", "name": name, "ts": ts, "dur": dur}
 
 
-def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_ending_it():
+def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_ending_it(profile_small_script):
     """Gaps of 40 us before a kernel launched inside helpers' inner() (called by outer(); a torch frame inside it
     is left out of the label), of 20 us before a copy launched in outer() alone, of 20 us before a kernel launched
     outside helpers (labelled with its innermost frame) and of 92 us before a kernel whose launch is not in the
     trace ('?'); a gap of 3 us (below the threshold) is ignored, and kernels overlapping one another (one inside
     another) leave none."""
-    ps = _profile_small()
+    ps = profile_small_script
     events = [
         _frame("helpers/patching/a.py(10): outer", 0, 120),
         _frame("helpers/patching/b.py(5): inner", 40, 20),
