@@ -364,28 +364,6 @@ def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrup
         assert torch.all(off.patched_logit_diff[i, ..., :d] == honest.corrupt_logit_diff[i] + (0.25 if i == 2 else 0))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="pinned memory needs CUDA"))])
-def test_pinned_staging_sends_every_forwards_indices_unchanged_and_grows_past_its_capacity(device):
-    """Each forward's index tensors reach the device as sent, also while every copy still waits behind the GPU's
-    queue (on CUDA a sleeping kernel holds them back, so a slice written twice would arrive overwritten); a forward
-    past the pinned buffer's room allocates one at least twice as large, so a group allocates a few times at most."""
-    from helpers.patching.bucket_forwards import PinnedStaging
-
-    staging = PinnedStaging(10, torch.device(device))
-    gen = torch.Generator().manual_seed(0)
-    if device == "cuda":
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of every copy
-    sent = []
-    for n in (3, 4, 2, 9, 30, 1):  # 7, 9, 5, 19, 61, 3 elements into room 10, then 20, 40, 80
-        parts = [torch.randint(0, 1000, (k,), generator=gen) for k in (n, n, 1)]
-        sent.append((torch.cat(parts), staging.to_device(parts)))
-    for want, got in sent:
-        assert got.device.type == device and torch.equal(got.cpu(), want)
-    if device == "cuda":
-        assert staging.allocations == 4 and staging.buffer.is_pinned() and staging.buffer.numel() == 80
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2

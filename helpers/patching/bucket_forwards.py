@@ -15,30 +15,11 @@ from helpers.patching.plan import ComputedRows, Patch, RowPlan
 from helpers.patching.sites import Site
 
 
-class PinnedStaging:
-    """Pinned host memory for a group's per-forward index tensors: each forward's written into a slice of its own
-    and copied from there without waiting. A fresh ``pin_memory`` per forward stalled the launching host once it ran
-    ahead of the GPU (a pinned block is reusable only after its copy has run, so each forward allocated anew); here a
-    group allocates once, or a few times where its forwards outgrow ``capacity`` (int64 elements; each new buffer at
-    least twice the last: the old one lives on until its copies have run). Off CUDA: a plain copy."""
-
-    def __init__(self, capacity: int, device: torch.device):
-        self.device, self.capacity, self.allocations = device, max(1, capacity), 0
-        self.buffer, self.used = None, 0
-
-    def to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """torch.cat(parts) (int64, on the host) on the device."""
-        if self.device.type != "cuda":
-            return torch.cat(parts).to(self.device)
-        n = sum(p.numel() for p in parts)
-        if self.buffer is None or self.used + n > self.buffer.numel():
-            size = max(n, self.capacity if self.buffer is None else 2 * self.buffer.numel())
-            self.buffer, self.used = torch.empty(size, dtype=torch.long, pin_memory=True), 0
-            self.allocations += 1
-        staged = self.buffer[self.used:self.used + n]
-        self.used += n  # slices never overlap: no forward's copy reads memory a later forward writes
-        torch.cat(parts, out=staged)
-        return staged.to(self.device, non_blocking=True)
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host bookkeeping to the device without waiting for the queued forwards (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def row_metric(logits: torch.Tensor, two_rows: bool, clean_tok: torch.Tensor, corrupt_tok: torch.Tensor,
@@ -92,11 +73,9 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
         starts = torch.tensor(corrupt.pads, device=device) if shares_prefix and E > 1 else None
         stats["shared_prefix"] = shares_prefix
         stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
-        grids = [bucket_rows(L, U, spans, q, size) for q in qs]  # each (layer, example, unit, r)
-        # each forward sends 9 int64 a row and E more (room for two forwards a bucket; more grow the buffer)
-        staging = PinnedStaging(9 * sum(g.shape[0] for g in grids) + 2 * E * len(qs), device)
-        for q, snap, grid in zip(qs, snaps, grids):
+        for q, snap in zip(qs, snaps):
             s = T - q
+            grid = bucket_rows(L, U, spans, q, size)  # (layer, example, unit, r)
             n_rows = grid.shape[0]
             # (every forward also carries the E base rows)
             rows_size = chunk_size or min(n_rows, max(1, auto_chunk_rows(model, q, T, device) - E))
@@ -114,7 +93,7 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                 rel = q - r
                 batch_idx = E + torch.arange(m)
                 start_of = torch.tensor([0] + by_layer).cumsum(0)[layer_of]  # each row's layer's first row
-                dev = staging.to_device([
+                host = torch.cat([
                     batch_idx, rel, unit,
                     (((example * L + layer_of) * acts.shape[2] + (T - r)) * U + unit),  # into acts [E, L, T, U, w]
                     (batch_idx * q + rel) * U + unit,  # into a site's [batch, q, U, w] as rows
@@ -122,6 +101,7 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                     (torch.arange(m) - start_of) * U + unit,  # into one layer's rows' z [n, U, w] as rows
                     batch_idx * q + rel,  # into a block input's [batch, q, d] as rows
                     torch.arange(E), example])  # each row's example, in batch order (base rows first)
+                dev = to_device(host, device)
                 (batch_dev, rel_dev, unit_dev, act_flat, patch_flat, base_flat, head_flat,
                  out_flat) = dev[:8 * m].view(8, m)
                 row_example = dev[8 * m:]
