@@ -4,8 +4,9 @@ TinyStories-2L shapes, random weights, bf16 on a GPU): wall and GPU-busy seconds
 forwards), the host's top functions, and with ``--kernels`` the GPU's top kernels. ``--tiles``: row_attention's
 tile choices, head-major and position-major, at SmolLM2's, Qwen2.5-0.5B's and Llama-3.2-1B's sweep shapes instead
 (``TILE_SHAPES``; CUDA), with the default's bandwidth, its time without rotary and torch's causal attention over the
-own tokens as a reference point. ``--idle``: where the GPU waits for the host instead (CUDA): each idle gap of
-one profiled sweep attributed to the Python code that launched the kernel ending it (``idle_gaps``).
+own tokens as a reference point. ``--idle``: where the GPU waits for the host, instead of the bucket scan and the
+host's profile (CUDA): each idle gap of one profiled sweep attributed to the Python code that launched the kernel
+ending it (``idle_gaps``).
 
 python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles] [--idle]   (--quick: tiny, CPU)
 """
@@ -54,8 +55,8 @@ def idle_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[float, float
     ``traceEvents`` (profiled with CUDA activity and ``with_stack=True``). Every gap longer than ``min_gap_us``
     between the GPU's kernels and copies is the host's: it is labelled with the two innermost helpers/ Python frames
     running when the kernel ending the gap was launched (the launch found by its correlation id; outside helpers/,
-    the innermost frame), so the labels say which host code the GPU waited for. (A profiled host runs slower than an unprofiled one: the
-    labels' shares, not their seconds, are the reading.)"""
+    the innermost frame), so the labels say which host code the GPU waited for. (A profiled host runs slower than
+    an unprofiled one: the labels' shares, not their seconds, are the reading.)"""
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
                      key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
@@ -173,6 +174,19 @@ def tile_scan(device) -> None:
                   f"{sdpa / 20 * 1e6:.0f} us", flush=True)
 
 
+def bucket_scan(run, pairs, T: int, counts: list[int], device) -> None:
+    """Wall and GPU-busy seconds of ``run`` (a sweep of ``pairs``, prompts of length T) at each bucket count."""
+    span = max(T - int(torch.nonzero(torch.tensor(p.clean_ids) != torch.tensor(p.corrupt_ids))[0]) for p in pairs)
+    for nb in counts:
+        size = -(-span // nb)
+        sized = lambda: run(bucket_size=size)  # noqa: E731
+        sized()
+        tb, rb = timed(sized, device, 3)
+        bb = gpu_busy_seconds(sized, device) if device.type == "cuda" else float("nan")
+        print(f"   buckets {nb:2d} (size {size:2d}): {tb:.3f} s, GPU busy {bb:.3f} s, forwards "
+              f"{rb.stats.get('forwards')}, rtl {rb.stats.get('row_token_layers', 0) / 1e6:.2f} M", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -196,8 +210,10 @@ def main():
         for label, n, T, first in SMALL_CASES:
             if args.quick:
                 T, first = min(T, 24), min(first, 10)
-            pairs = [make_pair(gen, model.config.vocab_size, T, max(1, first + int(torch.randint(-2, 3, (1,), generator=gen))))
-                     for _ in range(n)]
+            pairs = []
+            for _ in range(n):  # (each pair's first difference drawn just before it, as bench.py draws them)
+                pairs.append(make_pair(gen, model.config.vocab_size, T,
+                                       max(1, first + int(torch.randint(-2, 3, (1,), generator=gen)))))
             run = lambda **kw: patch_heads(model, pairs, keep_incorrect=True, progress=False, **kw)  # noqa: E731
             run()
             t, res = timed(run, device, 3)
@@ -207,17 +223,11 @@ def main():
                   f"rows {s.get('rows')}, max rows/fwd {s.get('max_rows_per_forward')}, "
                   f"rtl {s.get('row_token_layers', 0) / 1e6:.2f} M, ex/fwd {s.get('max_examples_per_forward')}",
                   flush=True)
-            span = max(T - int(torch.nonzero(torch.tensor(p.clean_ids) != torch.tensor(p.corrupt_ids))[0]) for p in pairs)
-            for nb in [int(b) for b in args.buckets.split(",")]:
-                size = -(-span // nb)
-                run(bucket_size=size)
-                tb, rb = timed(lambda: run(bucket_size=size), device, 3)
-                bb = gpu_busy_seconds(lambda: run(bucket_size=size), device) if device.type == "cuda" else float("nan")
-                print(f"   buckets {nb:2d} (size {size:2d}): {tb:.3f} s, GPU busy {bb:.3f} s, forwards "
-                      f"{rb.stats.get('forwards')}, rtl {rb.stats.get('row_token_layers', 0) / 1e6:.2f} M", flush=True)
-            print(phase_profile(run), flush=True)
-            if args.idle and device.type == "cuda":
-                print(idle_report(run, device), flush=True)
+            if args.idle:  # instead of the bucket scan and the host profile
+                print(idle_report(run, device) if device.type == "cuda" else "   (--idle needs CUDA)", flush=True)
+            else:
+                bucket_scan(run, pairs, T, [int(b) for b in args.buckets.split(",")], device)
+                print(phase_profile(run), flush=True)
             if args.kernels and device.type == "cuda":
                 from torch.profiler import ProfilerActivity, profile
                 sync(device)

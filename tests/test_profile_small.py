@@ -46,3 +46,20 @@ def test_each_gpu_idle_gap_is_charged_to_the_code_that_launched_the_kernel_endin
     assert count == {"b.py(5): inner < a.py(10): outer": 1, "a.py(10): outer": 1, "?": 1,
                      "torch/nn/functional.py(9): linear": 1}
     assert ps.idle_gaps([]) == (0.0, 0.0, {}, {})
+
+
+def test_idle_replaces_the_bucket_scan_and_the_host_profile(profile_small_script, monkeypatch, capsys):
+    """``--idle`` reports where the GPU waits instead of the bucket scan and the host's profile (which took minutes
+    of a GPU call before the idle report came), and says that it needs CUDA where there is none."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the idle report itself runs (profiled)")
+    monkeypatch.setattr(sys, "argv", ["profile_small.py", "--quick", "--idle"])
+    profile_small_script.main()
+    out = capsys.readouterr().out
+    cases = out.count("\n== ")
+    assert cases >= 3 and out.count("(--idle needs CUDA)") == cases
+    assert "buckets " not in out and "cum " not in out
