@@ -365,6 +365,43 @@ def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrup
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_block_tails_are_computed_once_a_group_and_equal_each_forwards_own(family, monkeypatch):
+    """Head patches' block tails: the group's first (widest) forward computes every row's, one ``block_tail`` a
+    layer a group over all its rows, and the later forwards look theirs up; the sweep equals the per-forward tails
+    (each forward's from its own unpatched rows, as where the table is over its memory budget) and the reference:
+    three examples of three spans merged over several forwards, and one example a group."""
+    from helpers.models.architectures import head_geometry
+    from helpers.patching import block_tails, hooks
+
+    model = model_of(family)
+    pairs = make_pairs(0, model)
+    geo = head_geometry(model.config)
+    spans = [len(p.clean_ids) - p.corrupted_position for p in pairs]
+    ref = _heads_and_reference(family, None)[1]
+    real = hooks.block_tail
+    rows_per_call = []
+    monkeypatch.setattr(hooks, "block_tail", lambda m, layer, x, z: rows_per_call.append(x.shape[0])
+                        or real(m, layer, x, z))
+    kw = dict(keep_incorrect=True, progress=False, min_denominator=0.02, bucket_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for per_forward, groups in ((3, [spans]), (1, [[s] for s in spans])):
+            rows_per_call.clear()
+            monkeypatch.setattr(block_tails, "CPU_BYTES", 512 * 2**20)
+            once = patch_heads(model, pairs, examples_per_forward=per_forward, **kw)
+            # each group: L - 1 calls over all its rows (heads x its examples' spans)
+            assert rows_per_call == [geo.n_heads * sum(g) for g in groups for _ in range(geo.n_layers - 1)]
+            assert once.stats["block_tail_fills"] == len(groups) and once.stats["forwards"] >= 2 * len(groups)
+            rows_per_call.clear()
+            monkeypatch.setattr(block_tails, "CPU_BYTES", 0)  # (the table over its budget)
+            own = patch_heads(model, pairs, examples_per_forward=per_forward, **kw)
+            assert "block_tail_fills" not in own.stats and len(rows_per_call) > (geo.n_layers - 1) * len(groups)
+            assert_raw_close(once, own, atol=1e-6)
+            assert_raw_close(once, ref)
+            assert_normalised_close(once, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
 def test_metrics_of_pairs_sharing_a_forward_equal_each_pairs_own(family):
     """Unpatched metrics of pairs of one length sharing a forward (the GPU default) equal each pair's own batch-2
     forward to float rounding, with the same inclusion; one pair a forward is exactly ``logit_diffs`` of its own

@@ -5,11 +5,11 @@ one-trace-per-patch reference, gradient attribution, and the result types.
     result = patch_heads(hf_model, pairs)        # result.mean(): [layer, head, pos]
 
 Modules: ``sweep`` (the driver and the public functions), ``example_runs`` (clean/corrupt runs), ``grouping``
-(examples sharing forwards, buckets), ``bucket_forwards`` (one group's forwards), ``plan`` / ``hooks`` (rows
-joining at their layer, the patches), ``caches`` (corrupt prefix caches), ``chunking`` (rows per forward, OOM
-back-off), ``sites``, ``model_calls``, ``aligned_batch``, ``fused_modules`` / ``fused_gpt_neo`` /
-``triton_kernels`` / ``matmul_epilogues`` / ``stacked_weights`` (same-formula swap-ins for llama-like models and
-GPT-Neo's attention), ``reference``, ``attribution``, ``result_types``.
+(examples sharing forwards, buckets), ``bucket_forwards`` (one group's forwards), ``plan`` / ``hooks`` (rows joining
+at their layer, the patches), ``block_tails`` (head patches' one changed vector, once a group), ``caches`` (corrupt
+prefix caches), ``chunking`` (rows per forward, OOM back-off), ``sites``, ``model_calls``, ``aligned_batch``,
+``fused_modules`` / ``fused_gpt_neo`` / ``triton_kernels`` / ``matmul_epilogues`` / ``stacked_weights``
+(same-formula swap-ins for llama-like models and GPT-Neo's attention), ``reference``, ``attribution``, ``result_types``.
 """
 from helpers.patching.attribution import attribution_error, attribution_patching_heads
 from helpers.patching.reference import patch_heads_reference, patch_sites_reference

@@ -4,22 +4,17 @@ from __future__ import annotations
 import torch
 
 from helpers.models.architectures import head_geometry
+from helpers.patching import block_tails
 from helpers.patching.aligned_batch import AlignedBatch
 from helpers.patching.caches import expanded, group_activations_and_prefix_caches, is_plain
 from helpers.patching.chunking import auto_chunk_rows, run_chunked
 from helpers.patching.fused_modules import per_example_prefix_applies
 from helpers.patching.grouping import SweepExample, bucket_count, bucket_rows, bucket_sizes
 from helpers.patching.hooks import ANSWER_ONLY_LAST_LAYER, sweep_hooks
-from helpers.patching.model_calls import ModelCalls, model_device, model_dtype, padded, two_row_output_layer
+from helpers.patching.model_calls import (ModelCalls, model_device, model_dtype, padded, to_device,
+                                         two_row_output_layer)
 from helpers.patching.plan import ComputedRows, Patch, RowPlan
 from helpers.patching.sites import Site
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host bookkeeping to the device without waiting for the queued forwards (pinned, non-blocking)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def row_metric(logits: torch.Tensor, two_rows: bool, clean_tok: torch.Tensor, corrupt_tok: torch.Tensor,
@@ -72,6 +67,15 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                                              and swap.per_example_prefixes_fit(T))))
         starts = torch.tensor(corrupt.pads, device=device) if shares_prefix and E > 1 else None
         stats["shared_prefix"] = shares_prefix
+        # A head patch of layer l < L-1 changes block l's output at its position only: that one vector is computed
+        # aside (block_tail) and the row joins at block l + 1, skipping layer l's full width. The group's first
+        # forward computes every row's (helpers.patching.block_tails), where the table fits; else each forward its own.
+        joins_late = site.kind == "heads"
+        tails = None
+        if joins_late and L > 1 and block_tails.ENABLED and block_tails.tails_fit(
+                block_tails.BlockTails.n_bytes(acts, spans, head_geometry(model.config).d_model, model_dtype(model)),
+                device):
+            tails = block_tails.BlockTails(acts, spans, T, qs[0], model_dtype(model))
         stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
         for q, snap in zip(qs, snaps):
             s = T - q
@@ -100,15 +104,14 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                     example * q + rel,  # into the base rows' [E, q, *] as rows
                     (torch.arange(m) - start_of) * U + unit,  # into one layer's rows' z [n, U, w] as rows
                     batch_idx * q + rel,  # into a block input's [batch, q, d] as rows
-                    torch.arange(E), example])  # each row's example, in batch order (base rows first)
+                    torch.arange(E), example,  # each row's example, in batch order (base rows first)
+                    *([tails.flat(layer_of, example, unit, r)] if tails is not None else [])])
                 dev = to_device(host, device)
                 (batch_dev, rel_dev, unit_dev, act_flat, patch_flat, base_flat, head_flat,
                  out_flat) = dev[:8 * m].view(8, m)
-                row_example = dev[8 * m:]
+                row_example = dev[8 * m:8 * m + E + m]
+                tails_flat = dev[9 * m + E:] if tails is not None else None
                 clean_all = acts.reshape(-1, acts.shape[-1]).index_select(0, act_flat)  # [m, w]: one gather
-                # A head patch of layer l < L-1 changes block l's output at its position only: that one vector is
-                # computed aside (block_tail) and the row joins at block l + 1, skipping layer l's full width.
-                joins_late = site.kind == "heads"
                 n_new = [0] * L
                 patches, computed, start = {}, {}, 0
                 for layer in range(L):
@@ -121,11 +124,12 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                         patches[layer] = Patch(batch_dev[seg], rel_dev[seg], unit_dev[seg], clean_all[seg],
                                                patch_flat[seg], q)
                     else:
-                        computed[join] = ComputedRows(clean_all[seg], base_flat[seg], head_flat[seg], out_flat[seg])
+                        computed[join] = ComputedRows(clean_all[seg], base_flat[seg], head_flat[seg], out_flat[seg],
+                                                      None if tails_flat is None else tails_flat[seg])
                     n_new[join] += n
                     start += n
                 state["plan"] = plan = RowPlan(n_new, patches, computed, n_base=E, row_example=row_example, mask=mask,
-                                               q=q)
+                                               q=q, tails=tails)
                 per_layer_batch = plan.batch
                 if swap is not None and swap.blocks:  # fused blocks make room for the next block's rows
                     swap.extra_rows = {j - 1: plan.joining(j) for j, n in enumerate(n_new)
@@ -142,6 +146,9 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                     state["plan"] = None
                     if swap is not None:
                         swap.extra_rows = None
+                if tails is not None and not tails.filled:
+                    tails.complete()
+                    stats["block_tail_fills"] = stats.get("block_tail_fills", 0) + 1
                 # stays on the device until the group is done: no host sync between forwards
                 results.append((rows, row_metric(logits, two_rows, clean_toks, corrupt_toks, row_example)))
                 stats["forwards"] = stats.get("forwards", 0) + 1

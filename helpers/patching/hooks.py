@@ -32,17 +32,28 @@ def block_tail(model, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Ten
     return mid + (ff if m is None else ff * m)
 
 
+def tail_values(model, site: Site, layer: int, x0: torch.Tensor, z0: torch.Tensor, base_flat: torch.Tensor,
+                head_flat: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Block ``layer``'s output [n, d_model] at one position of each of n rows, each a copy of an unpatched row with
+    one head's z set to its clean value: ``x0`` [n_base, q, d_model] and ``z0`` [n_base, q, U * w] the unpatched
+    rows' block input and out_proj input; ``base_flat`` [n] each row's (unpatched row, position) in them viewed
+    [n_base * q, *], ``head_flat`` [n] its head among the rows' z viewed [n * U, w], ``clean`` [n, w] the value."""
+    z = z0.reshape(-1, z0.shape[-1]).index_select(0, base_flat)
+    z.view(-1, site.unit_width).index_copy_(0, head_flat, clean.to(z.dtype))
+    x = x0.reshape(-1, x0.shape[-1]).index_select(0, base_flat)
+    return block_tail(model, layer, x.unsqueeze(1), z.unsqueeze(1))[:, 0]
+
+
 def computed_rows(model, site: Site, plan: RowPlan, join: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(out_flat: the rows' places in block ``join``'s input viewed [batch * q, d_model], block ``join - 1``'s
-    output there [n, d_model]) of the rows joining at ``join``."""
+    output there [n, d_model]) of the rows joining at ``join``: looked up in the group's block tails
+    (helpers.patching.block_tails) where it has them, else computed from this forward's unpatched rows."""
     rows = plan.computed[join]
+    if plan.tails is not None:
+        return rows.out_flat, plan.tails.lookup(rows.tails_flat)
     # the base rows' [n_base, q, d_model] and [n_base, q, H * d_head], as [n_base * q, *]: one index_select each
     x0, z0 = plan.stash.pop(("x", join - 1)), plan.stash.pop(("z", join - 1))
-    z = z0.reshape(-1, z0.shape[-1]).index_select(0, rows.base_flat)
-    z.view(-1, site.unit_width).index_copy_(0, rows.head_flat, rows.clean.to(z.dtype))
-    x = x0.reshape(-1, x0.shape[-1]).index_select(0, rows.base_flat)
-    out = block_tail(model, join - 1, x.unsqueeze(1), z.unsqueeze(1))
-    return rows.out_flat, out[:, 0]
+    return rows.out_flat, tail_values(model, site, join - 1, x0, z0, rows.base_flat, rows.head_flat, rows.clean)
 
 
 @contextmanager
@@ -52,10 +63,14 @@ def sweep_hooks(model, site: Site, state: dict):
     for layer, block in enumerate(blocks(model)):
         def grow(mod, args, kwargs, _layer=layer):
             plan = state.get("plan")
-            if plan is None or (plan.n_new[_layer] == 0 and _layer + 1 not in plan.computed and plan.n_base == 1):
+            if plan is None or (plan.n_new[_layer] == 0 and not plan.stashes(_layer) and not plan.fills(_layer)
+                                and plan.n_base == 1):
                 return None
             hidden = first_tensor(args, kwargs, "hidden_states")
-            if _layer + 1 in plan.computed:
+            if plan.fills(_layer):  # the group's first forward: every row's tail of the block before
+                x0, z0 = plan.stash.pop(("x", _layer - 1)), plan.stash.pop(("z", _layer - 1))
+                plan.tails.fill(_layer - 1, x0, z0, lambda *a: tail_values(model, site, *a))
+            if plan.stashes(_layer):
                 plan.stash[("x", _layer)] = hidden[:plan.n_base]
             if plan.n_new[_layer]:
                 if hidden.shape[0] != plan.batch[_layer]:  # (unless a fused block appended them: FusedSwap.extra_rows)
@@ -83,7 +98,7 @@ def sweep_hooks(model, site: Site, state: dict):
                     plan = state.get("plan")
                     if plan is None:
                         return None
-                    if _layer + 1 in plan.computed:
+                    if plan.stashes(_layer):
                         plan.stash[("z", _layer)] = first_tensor(args, kwargs)[:plan.n_base]
                     if _layer not in plan.patches:
                         return None

@@ -81,6 +81,13 @@ def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host bookkeeping to the device without waiting for the queued forwards (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def first_tensor(args, kwargs, name: str | None = None):
     if args:
         return args[0]

@@ -26,12 +26,14 @@ class ComputedRows(NamedTuple):
     each row a copy of its base row with one head's z set to ``clean`` [n, d_head]. Flat indices for
     ``index_select`` / ``index_copy_``: ``base_flat`` [n] (the base row and position) into the base rows'
     [n_base * q, *], ``head_flat`` [n] into the rows' z viewed [n * heads, d_head], ``out_flat`` [n] (the row and
-    position) into block j's input viewed [batch * q, d_model]."""
+    position) into block j's input viewed [batch * q, d_model]. Where the group keeps its block tails
+    (helpers.patching.block_tails), ``tails_flat`` [n] says where the rows' are, and the rest is not read."""
 
     clean: torch.Tensor
     base_flat: torch.Tensor
     head_flat: torch.Tensor
     out_flat: torch.Tensor
+    tails_flat: torch.Tensor | None = None  # [n] the rows' places in the group's block tails (``RowPlan.tails``)
 
 
 class RowPlan:
@@ -43,7 +45,8 @@ class RowPlan:
     """
 
     def __init__(self, n_new: list[int], patches: dict, computed: dict | None = None, *, n_base: int = 1,
-                 row_example: torch.Tensor | None = None, mask: torch.Tensor | None = None, q: int | None = None):
+                 row_example: torch.Tensor | None = None, mask: torch.Tensor | None = None, q: int | None = None,
+                 tails=None):
         self.n_new = n_new  # rows appended at the input of block l
         self.n_base = n_base
         self.batch = (n_base + torch.tensor(n_new).cumsum(0)).tolist()  # batch of block l once its rows have joined
@@ -55,9 +58,22 @@ class RowPlan:
         if self.computed and q is None:
             raise ValueError("computed rows need q, the tokens each row is fed (their flat indices assume it)")
         self.stash: dict = {}  # ("x" | "z", layer) -> the base rows' block input / out_proj input
+        # the group's block tails (helpers.patching.block_tails.BlockTails): filled by its first forward, then read
+        self.tails = tails
         self.row_example = row_example
         self.mask = mask  # the batch-n_base 4D mask handed to the model (several examples), gathered per block
         self._gathered: dict = {}
+
+    def fills(self, layer: int) -> bool:
+        """Does block ``layer``'s pre-hook fill the group's block tails of layer ``layer - 1`` (its first forward)?"""
+        return self.tails is not None and not self.tails.filled and layer >= 1
+
+    def stashes(self, layer: int) -> bool:
+        """Does this forward keep its base rows' block input and out_proj input of ``layer`` (for the next block's
+        computed rows, or to fill the group's block tails)?"""
+        if self.tails is not None:
+            return not self.tails.filled and layer < len(self.n_new) - 1
+        return layer + 1 in self.computed
 
     def joining(self, layer: int) -> torch.Tensor | int:
         """Where the rows joining at ``layer`` copy from: base row indices [n], or n copies of row 0."""

@@ -23,7 +23,9 @@ kernels here give the same numbers (to float rounding) with far less work, by fi
 4. **A head patch skips its own layer.** Patching one head at position ``p`` of layer ``l`` changes block ``l``'s
    output at ``p`` only, so that one vector is computed aside from the unpatched row's block input and z
    (``block_tail``: out_proj, residual, post-attention norm, MLP) and the row joins at block ``l + 1`` with it
-   written in. Last-layer head patches are applied at the out_proj input as usual.
+   written in. A group's first forward (its widest bucket) computes every row's that way, one ``block_tail`` a
+   layer for the whole group (helpers.patching.block_tails), and the later forwards look theirs up. Last-layer
+   head patches are applied at the out_proj input as usual.
 5. **The last layer serves the answer only.** There the out_proj and the MLP see the last position alone (heads
    and residual sites); its keys and values still come from every position.
 

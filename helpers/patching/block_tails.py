@@ -1,0 +1,90 @@
+"""Head patches' block tails computed once a group: a head patch of layer l < L-1 changes block l's output at its
+position only, and the row joins block l + 1 with that one vector (``hooks.block_tail``). The group's first forward
+(its widest bucket: every example's last ``q`` tokens, every position any row patches) computes it for *every* row
+of the group, layer by layer from its unpatched rows; the later forwards look their rows' up. One ``block_tail``
+a layer a group instead of one a layer a forward: each is ~8 launches (output projection, addition, norm, MLP,
+gathers), and small models' sweeps wait on the host that launches them."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from helpers.patching.model_calls import to_device
+
+# the table's bytes at most: a share of the device memory free (CUDA), or this much (CPU); beyond, each forward
+# computes its own rows' tails as before
+FREE_MEMORY_SHARE = 0.1
+CPU_BYTES = 512 * 2**20
+ENABLED = True  # (benchmarks and tests compare with the per-forward tails)
+
+
+def tails_fit(n_bytes: int, device: torch.device) -> bool:
+    """Does a table of ``n_bytes`` fit the budget (``FREE_MEMORY_SHARE`` of free CUDA memory, ``CPU_BYTES``)?"""
+    if device.type != "cuda":
+        return n_bytes <= CPU_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return n_bytes <= FREE_MEMORY_SHARE * free
+
+
+class BlockTails:
+    """The group's table ``values`` [L - 1, n, d_model]: row (example e, unit u, r) of layer l at
+    ``l * n + offset[e] + u * span[e] + r - 1`` (``n``: the rows of one layer, U x span of each example).
+
+    ``fill(layer, x0, z0, compute)``, in the first forward (``filled`` false; fed ``q`` tokens, ``n_base`` unpatched
+    rows first): layer's tails from that forward's unpatched rows' block input ``x0`` [n_base, q, d_model] and output
+    projection input ``z0`` [n_base, q, U * w]; ``compute(layer, x0, z0, base_flat, head_flat, clean)`` is
+    ``hooks.tail_values``. ``flat(layer, example, unit, r)`` [m] (host): the rows' places in ``values``."""
+
+    def __init__(self, acts: torch.Tensor, spans: Sequence[int], T: int, q: int, dtype: torch.dtype):
+        E, L, T_acts, U, w = acts.shape
+        self.acts, self.L, self.U, self.q = acts, L, U, q
+        self.spans = torch.tensor([int(s) for s in spans])
+        per_example = self.spans * U
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), per_example.cumsum(0)[:-1]])
+        self.n = int(per_example.sum())
+        self.filled, self._layers_filled = False, set()
+        self.values: torch.Tensor | None = None  # (allocated at the first fill: the block output's width)
+        self._dtype = dtype
+        # every row of one layer in table order (example, unit, r), and where the fill reads it (host, then one copy)
+        example = torch.repeat_interleave(torch.arange(E), per_example)
+        unit = torch.cat([torch.arange(U).repeat_interleave(int(s)) for s in self.spans])
+        r = torch.cat([torch.arange(1, int(s) + 1).repeat(U) for s in self.spans])
+        layer = torch.arange(L - 1).unsqueeze(1)
+        act_flat = ((example * L + layer) * T_acts + (T - r)) * U + unit  # [L - 1, n] into acts [E, L, T, U, w]
+        host = torch.cat([(example * q + q - r), torch.arange(self.n) * U + unit, act_flat.reshape(-1)])
+        dev = to_device(host, acts.device)
+        self.base_flat, self.head_flat = dev[:self.n], dev[self.n:2 * self.n]
+        self.act_flat = dev[2 * self.n:].view(L - 1, self.n)
+
+    @staticmethod
+    def n_bytes(acts: torch.Tensor, spans: Sequence[int], d_model: int, dtype: torch.dtype) -> int:
+        """The table's bytes for a group of ``acts`` [E, L, T, U, w] and ``spans``, blocks of width ``d_model``."""
+        _, L, _, U, _ = acts.shape
+        return (L - 1) * U * sum(int(s) for s in spans) * d_model * torch.empty((), dtype=dtype).element_size()
+
+    def flat(self, layer: torch.Tensor, example: torch.Tensor, unit: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The rows' places in ``values`` viewed [(L - 1) * n, d_model] (host; a last-layer row's is unread)."""
+        return layer.clamp(max=self.L - 2) * self.n + self.offsets[example] + unit * self.spans[example] + r - 1
+
+    def fill(self, layer: int, x0: torch.Tensor, z0: torch.Tensor, compute) -> None:
+        """Layer ``layer``'s tails from the first forward's unpatched rows (see the class)."""
+        if x0.shape[1] != self.q:
+            raise RuntimeError(f"block tails: the filling forward fed {x0.shape[1]} tokens, the table {self.q}")
+        clean = self.acts.reshape(-1, self.acts.shape[-1]).index_select(0, self.act_flat[layer])
+        out = compute(layer, x0, z0, self.base_flat, self.head_flat, clean)  # [n, d_model]
+        if self.values is None:
+            self.values = torch.empty(self.L - 1, self.n, out.shape[-1], dtype=self._dtype, device=out.device)
+        self.values[layer].copy_(out)
+        self._layers_filled.add(layer)
+
+    def complete(self) -> None:
+        """The first forward has finished: every layer's tails must be there (``filled`` from now on)."""
+        if len(self._layers_filled) != self.L - 1:
+            raise RuntimeError(f"block tails: {len(self._layers_filled)} of {self.L - 1} layers filled")
+        self.filled = True
+
+    def lookup(self, tails_flat: torch.Tensor) -> torch.Tensor:
+        """The tails at ``tails_flat`` (``flat``, on the device): [m, d_model]."""
+        return self.values.view(-1, self.values.shape[-1]).index_select(0, tails_flat)
