@@ -210,10 +210,8 @@ def main():
         for label, n, T, first in SMALL_CASES:
             if args.quick:
                 T, first = min(T, 24), min(first, 10)
-            pairs = []
-            for _ in range(n):  # (each pair's first difference drawn just before it, as bench.py draws them)
-                pairs.append(make_pair(gen, model.config.vocab_size, T,
-                                       max(1, first + int(torch.randint(-2, 3, (1,), generator=gen)))))
+            pairs = [make_pair(gen, model.config.vocab_size, T,
+                               max(1, first + int(torch.randint(-2, 3, (1,), generator=gen)))) for _ in range(n)]
             run = lambda **kw: patch_heads(model, pairs, keep_incorrect=True, progress=False, **kw)  # noqa: E731
             run()
             t, res = timed(run, device, 3)

@@ -364,41 +364,60 @@ def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrup
         assert torch.all(off.patched_logit_diff[i, ..., :d] == honest.corrupt_logit_diff[i] + (0.25 if i == 2 else 0))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
-def test_block_tails_are_computed_once_a_group_and_equal_each_forwards_own(family, monkeypatch):
+@pytest.mark.parametrize("family, n_layers", [("llama", 3), ("gpt_neo", 4)])
+def test_block_tails_are_computed_once_a_group_and_equal_each_forwards_own(family, n_layers, monkeypatch):
     """Head patches' block tails: the group's first (widest) forward computes every row's, one ``block_tail`` a
-    layer a group over all its rows, and the later forwards look theirs up; the sweep equals the per-forward tails
-    (each forward's from its own unpatched rows, as where the table is over its memory budget) and the reference:
-    three examples of three spans merged over several forwards, and one example a group."""
+    layer a group over all its rows (in slices no larger than its row-tokens), and the later forwards look theirs
+    up; the sweep equals the per-forward tails (each forward's from its own unpatched rows, as where the table is
+    over its memory budget) and the reference: three examples of three spans merged, and one example a group, over
+    several forwards a bucket (rows 2 a forward) or one; an out-of-memory error in the fill halves the forward and
+    its slices, and the sweep goes on with the same numbers."""
     from helpers.models.architectures import head_geometry
     from helpers.patching import block_tails, hooks
 
-    model = model_of(family)
+    model = tiny_model(family, n_layers=n_layers, seed=3)
     pairs = make_pairs(0, model)
     geo = head_geometry(model.config)
     spans = [len(p.clean_ids) - p.corrupted_position for p in pairs]
-    ref = _heads_and_reference(family, None)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = patch_heads_reference(model, pairs, keep_incorrect=True, progress=False, min_denominator=0.02)
     real = hooks.block_tail
-    rows_per_call = []
-    monkeypatch.setattr(hooks, "block_tail", lambda m, layer, x, z: rows_per_call.append(x.shape[0])
-                        or real(m, layer, x, z))
-    kw = dict(keep_incorrect=True, progress=False, min_denominator=0.02, bucket_size=2)
+    rows_per_call, fail_over = [], [None]
+
+    def counted(m, layer, x, z):
+        rows_per_call.append(x.shape[0])
+        if fail_over[0] is not None and x.shape[0] > fail_over[0]:
+            raise OutOfMemoryError("fake: a large fill")
+        return real(m, layer, x, z)
+    monkeypatch.setattr(hooks, "block_tail", counted)
+    kw = dict(keep_incorrect=True, progress=False, min_denominator=0.02, bucket_size=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for per_forward, groups in ((3, [spans]), (1, [[s] for s in spans])):
-            rows_per_call.clear()
-            monkeypatch.setattr(block_tails, "CPU_BYTES", 512 * 2**20)
-            once = patch_heads(model, pairs, examples_per_forward=per_forward, **kw)
-            # each group: L - 1 calls over all its rows (heads x its examples' spans)
-            assert rows_per_call == [geo.n_heads * sum(g) for g in groups for _ in range(geo.n_layers - 1)]
-            assert once.stats["block_tail_fills"] == len(groups) and once.stats["forwards"] >= 2 * len(groups)
-            rows_per_call.clear()
-            monkeypatch.setattr(block_tails, "CPU_BYTES", 0)  # (the table over its budget)
-            own = patch_heads(model, pairs, examples_per_forward=per_forward, **kw)
-            assert "block_tail_fills" not in own.stats and len(rows_per_call) > (geo.n_layers - 1) * len(groups)
-            assert_raw_close(once, own, atol=1e-6)
-            assert_raw_close(once, ref)
-            assert_normalised_close(once, ref)
+            for chunk in (None, 2):
+                rows_per_call.clear()
+                monkeypatch.setattr(block_tails, "CPU_BYTES", 512 * 2**20)
+                once = patch_heads(model, pairs, examples_per_forward=per_forward, chunk_size=chunk, **kw)
+                per_layer = [geo.n_heads * sum(g) for g in groups for _ in range(geo.n_layers - 1)]
+                if chunk is None:  # one call a layer a group, over all its rows
+                    assert rows_per_call == per_layer
+                else:  # slices of at most 2 rows x the widest bucket's tokens
+                    assert sum(rows_per_call) == sum(per_layer) and max(rows_per_call) <= 2 * max(spans)
+                assert once.stats["block_tail_fills"] == len(groups) and once.stats["forwards"] >= 2 * len(groups)
+                rows_per_call.clear()
+                monkeypatch.setattr(block_tails, "CPU_BYTES", 0)  # (the table over its budget)
+                own = patch_heads(model, pairs, examples_per_forward=per_forward, chunk_size=chunk, **kw)
+                assert "block_tail_fills" not in own.stats and len(rows_per_call) > len(per_layer)
+                assert_raw_close(once, own, atol=1e-6)
+                assert_raw_close(once, ref)
+                assert_normalised_close(once, ref)
+        monkeypatch.setattr(block_tails, "CPU_BYTES", 512 * 2**20)
+        whole = patch_heads(model, pairs, examples_per_forward=3, **kw)
+        fail_over[0] = max(spans)  # a fill of more rows than one row's tokens runs out of memory
+        halved = patch_heads(model, pairs, examples_per_forward=3, **kw)
+    assert halved.stats["oom_halvings"] > 0 and halved.stats["block_tail_fills"] == 1
+    assert_raw_close(halved, whole, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neo"])

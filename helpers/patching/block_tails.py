@@ -2,14 +2,15 @@
 position only, and the row joins block l + 1 with that one vector (``hooks.block_tail``). The group's first forward
 (its widest bucket: every example's last ``q`` tokens, every position any row patches) computes it for *every* row
 of the group, layer by layer from its unpatched rows; the later forwards look their rows' up. One ``block_tail``
-a layer a group instead of one a layer a forward: each is ~8 launches (output projection, addition, norm, MLP,
-gathers), and small models' sweeps wait on the host that launches them."""
+a layer a group (in slices of one token a row, as many as the forward's row-tokens) instead of one a layer a forward: each is ~8 launches
+(output projection, addition, norm, MLP, gathers), and small models' sweeps wait on the host that launches them."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
+from helpers.patching.chunking import free_bytes
 from helpers.patching.model_calls import to_device
 
 # the table's bytes at most: a share of the device memory free (CUDA), or this much (CPU); beyond, each forward
@@ -23,9 +24,7 @@ def tails_fit(n_bytes: int, device: torch.device) -> bool:
     """Does a table of ``n_bytes`` fit the budget (``FREE_MEMORY_SHARE`` of free CUDA memory, ``CPU_BYTES``)?"""
     if device.type != "cuda":
         return n_bytes <= CPU_BYTES
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return n_bytes <= FREE_MEMORY_SHARE * free
+    return n_bytes <= FREE_MEMORY_SHARE * free_bytes(device)
 
 
 class BlockTails:
@@ -34,19 +33,20 @@ class BlockTails:
 
     ``fill(layer, x0, z0, compute)``, in the first forward (``filled`` false; fed ``q`` tokens, ``n_base`` unpatched
     rows first): layer's tails from that forward's unpatched rows' block input ``x0`` [n_base, q, d_model] and output
-    projection input ``z0`` [n_base, q, U * w]; ``compute(layer, x0, z0, base_flat, head_flat, clean)`` is
-    ``hooks.tail_values``. ``flat(layer, example, unit, r)`` [m] (host): the rows' places in ``values``."""
+    projection input ``z0`` [n_base, q, U * w], ``fill_rows`` rows at a time (set to the forward's row-tokens, so
+    an out-of-memory halving of the forward halves these slices too); ``compute(layer, x0, z0, base_flat, head_flat,
+    clean)`` is ``hooks.tail_values``. ``flat(layer, example, unit, r)`` [m] (host): the rows' places in ``values``."""
 
-    def __init__(self, acts: torch.Tensor, spans: Sequence[int], T: int, q: int, dtype: torch.dtype):
+    def __init__(self, acts: torch.Tensor, spans: Sequence[int], T: int, q: int):
         E, L, T_acts, U, w = acts.shape
-        self.acts, self.L, self.U, self.q = acts, L, U, q
+        self.acts, self.L, self.q = acts, L, q
         self.spans = torch.tensor([int(s) for s in spans])
         per_example = self.spans * U
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), per_example.cumsum(0)[:-1]])
         self.n = int(per_example.sum())
         self.filled, self._layers_filled = False, set()
-        self.values: torch.Tensor | None = None  # (allocated at the first fill: the block output's width)
-        self._dtype = dtype
+        self.fill_rows = self.n
+        self.values: torch.Tensor | None = None  # (allocated at the first fill: the block output's width and dtype)
         # every row of one layer in table order (example, unit, r), and where the fill reads it (host, then one copy)
         example = torch.repeat_interleave(torch.arange(E), per_example)
         unit = torch.cat([torch.arange(U).repeat_interleave(int(s)) for s in self.spans])
@@ -72,11 +72,18 @@ class BlockTails:
         """Layer ``layer``'s tails from the first forward's unpatched rows (see the class)."""
         if x0.shape[1] != self.q:
             raise RuntimeError(f"block tails: the filling forward fed {x0.shape[1]} tokens, the table {self.q}")
-        clean = self.acts.reshape(-1, self.acts.shape[-1]).index_select(0, self.act_flat[layer])
-        out = compute(layer, x0, z0, self.base_flat, self.head_flat, clean)  # [n, d_model]
-        if self.values is None:
-            self.values = torch.empty(self.L - 1, self.n, out.shape[-1], dtype=self._dtype, device=out.device)
-        self.values[layer].copy_(out)
+        acts = self.acts.reshape(-1, self.acts.shape[-1])
+        U = self.acts.shape[3]
+        step = max(1, self.fill_rows)
+        for a in range(0, self.n, step):
+            b = min(self.n, a + step)
+            # (each row's head among its slice's z viewed [rows * U, w]: the table's numbering, from the slice's start)
+            head_flat = self.head_flat[a:b] if a == 0 else self.head_flat[a:b] - a * U
+            out = compute(layer, x0, z0, self.base_flat[a:b], head_flat,
+                          acts.index_select(0, self.act_flat[layer, a:b]))  # [b - a, d_model]
+            if self.values is None:
+                self.values = out.new_empty(self.L - 1, self.n, out.shape[-1])
+            self.values[layer, a:b] = out
         self._layers_filled.add(layer)
 
     def complete(self) -> None:

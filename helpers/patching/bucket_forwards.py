@@ -75,7 +75,7 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
         if joins_late and L > 1 and block_tails.ENABLED and block_tails.tails_fit(
                 block_tails.BlockTails.n_bytes(acts, spans, head_geometry(model.config).d_model, model_dtype(model)),
                 device):
-            tails = block_tails.BlockTails(acts, spans, T, qs[0], model_dtype(model))
+            tails = block_tails.BlockTails(acts, spans, T, qs[0])
         stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
         for q, snap in zip(qs, snaps):
             s = T - q
@@ -130,6 +130,8 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
                     start += n
                 state["plan"] = plan = RowPlan(n_new, patches, computed, n_base=E, row_example=row_example, mask=mask,
                                                q=q, tails=tails)
+                if tails is not None:  # (the fill's rows of one token a slice: as many as this forward's row-tokens,
+                    tails.fill_rows = m * q  # so an out-of-memory halving of the forward halves them too)
                 per_layer_batch = plan.batch
                 if swap is not None and swap.blocks:  # fused blocks make room for the next block's rows
                     swap.extra_rows = {j - 1: plan.joining(j) for j, n in enumerate(n_new)

@@ -39,6 +39,12 @@ def run_chunked(n_items: int, chunk_size: int, fn: Callable[[int, int], None], *
     return chunk_size, halvings
 
 
+def free_bytes(device: torch.device) -> int:
+    """Free CUDA memory, counting what PyTorch's caching allocator holds but does not use (mem_get_info omits it)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
     """Rows per forward that should fit comfortably in memory (the OOM back-off handles the rest)."""
     cfg = model.config
@@ -49,10 +55,7 @@ def auto_chunk_rows(model, q: int, kv_len: int, device: torch.device) -> int:
     per_token = nbytes * (8 * geo.d_model + 3 * inter) + 4 * 2 * geo.n_heads * kv_len  # eager scores in fp32
     per_row = q * per_token + geo.n_layers * 2 * geo.n_kv_heads * geo.d_head * kv_len * nbytes
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # memory PyTorch's caching allocator holds but does not use is free to us too (mem_get_info omits it)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = 0.4 * free
+        budget = 0.4 * free_bytes(device)
     else:
         budget = 2 * 2**30
     return max(1, int(budget // per_row))
