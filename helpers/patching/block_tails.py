@@ -2,8 +2,9 @@
 position only, and the row joins block l + 1 with that one vector (``hooks.block_tail``). The group's first forward
 (its widest bucket: every example's last ``q`` tokens, every position any row patches) computes it for *every* row
 of the group, layer by layer from its unpatched rows; the later forwards look their rows' up. One ``block_tail``
-a layer a group (in slices of one token a row, as many as the forward's row-tokens) instead of one a layer a forward: each is ~8 launches
-(output projection, addition, norm, MLP, gathers), and small models' sweeps wait on the host that launches them."""
+a layer a group (in slices of one token a row, as many as the forward's row-tokens) instead of one a layer a
+forward: each is ~8 launches (output projection, addition, norm, MLP, gathers), and small models' sweeps wait on
+the host that launches them."""
 from __future__ import annotations
 
 from typing import Sequence
