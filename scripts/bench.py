@@ -40,7 +40,7 @@ from transformers import GPTNeoConfig, LlamaConfig, Qwen2Config  # noqa: E402
 
 from helpers.models.architectures import blocks, head_geometry  # noqa: E402
 from helpers.patching.attribution import attribution_error, attribution_patching_heads  # noqa: E402
-from helpers.patching import patch_heads  # noqa: E402
+from helpers.patching import block_tails, patch_heads  # noqa: E402
 from helpers.patching.reference import patch_heads_reference  # noqa: E402
 from helpers.patching.result_types import TokenPair  # noqa: E402
 from helpers.models.tiny_models import build_random_model, tiny_config  # noqa: E402
@@ -282,7 +282,19 @@ def main(argv=None):
                          "first difference of the shape's first small-model case (T 71 / 10; others T 60 / 10)")
     ap.add_argument("--small-only", action="store_true",
                     help="only the small-model cases (no reference loop, so no nnsight needed)")
+    ap.add_argument("--block-tails", action=argparse.BooleanOptionalAction, default=True,
+                    help="head patches' block tails once a group (helpers.patching.block_tails; --no-block-tails: "
+                         "each forward its own, as before 2026-12-06: the A/B of its speed and bf16 deviation)")
     args = ap.parse_args(argv)
+    previous, block_tails.ENABLED = block_tails.ENABLED, args.block_tails
+    try:
+        run(args)
+    finally:
+        block_tails.ENABLED = previous
+
+
+def run(args) -> None:
+    """The benchmark of ``main``'s parsed ``args``."""
 
     warnings.simplefilter("ignore")
     device = torch.device(args.device)
@@ -309,6 +321,7 @@ def main(argv=None):
         env += f"; nnsight {nnsight.__version__}"
     except Exception:  # noqa: BLE001
         pass
+    env += "" if args.block_tails else "; block tails per forward (--no-block-tails)"
     print(env, flush=True)
     rows, extra = [], []
     header = ("| shape | dtype | patches (L×H×T) | reference s/patch | reference full (extrapolated) s | fast s | "

@@ -52,3 +52,22 @@ def test_the_deviation_table_reaches_the_printed_and_written_report(tmp_path, be
     bench_script.main(["--quick", "--small-only", "--deviation", "1", "--shapes", "llama", "--device", "cpu", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny llama | T ")]
     assert len(rows) == 1 and float(rows[0].split("|")[4]) > 0 and rows[0].rstrip().endswith("| 0 |")
+
+
+def test_no_block_tails_runs_the_sweeps_with_each_forwards_own_and_says_so(tmp_path, bench_script, monkeypatch,
+                                                                        capsys):
+    """``--no-block-tails``: every sweep of the run computes each forward's own block tails (the A/B of
+    helpers.patching.block_tails), the report's header says so, and the switch is restored afterwards."""
+    from helpers.patching import block_tails
+
+    seen = []
+    real = bench_script.patch_heads
+    monkeypatch.setattr(bench_script, "patch_heads", lambda *a, **k: seen.append(block_tails.ENABLED) or real(*a, **k))
+    argv = ["--quick", "--small-only", "--no-small-cases", "--deviation", "1", "--shapes", "llama", "--device", "cpu"]
+    bench_script.main(argv + ["--no-block-tails", str(tmp_path / "off.md")])
+    assert seen and not any(seen) and block_tails.ENABLED
+    assert "block tails per forward" in capsys.readouterr().out
+    seen.clear()
+    bench_script.main(argv + [str(tmp_path / "on.md")])
+    assert seen and all(seen)
+    assert "block tails per forward" not in capsys.readouterr().out
