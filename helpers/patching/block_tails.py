@@ -28,6 +28,17 @@ def tails_fit(n_bytes: int, device: torch.device) -> bool:
     return n_bytes <= FREE_MEMORY_SHARE * free_bytes(device)
 
 
+def for_group(acts: torch.Tensor, spans: Sequence[int], T: int, q: int, d_model: int) -> "BlockTails | None":
+    """A group's table (``BlockTails(acts, spans, T, q)``) where it applies (``ENABLED``, more than one layer) and its
+    (L-1) x heads x sum(spans) x ``d_model`` values fit the budget (``tails_fit``; they take ``acts``' dtype, the
+    model's); else None, and each forward computes its own rows' tails."""
+    _, L, _, U, _ = acts.shape
+    if not ENABLED or L < 2:
+        return None
+    n_bytes = (L - 1) * U * sum(int(s) for s in spans) * d_model * acts.element_size()
+    return BlockTails(acts, spans, T, q) if tails_fit(n_bytes, acts.device) else None
+
+
 class BlockTails:
     """The group's table ``values`` [L - 1, n, d_model]: row (example e, unit u, r) of layer l at
     ``l * n + offset[e] + u * span[e] + r - 1`` (``n``: the rows of one layer, U x span of each example).
@@ -58,12 +69,6 @@ class BlockTails:
         dev = to_device(host, acts.device)
         self.base_flat, self.head_flat = dev[:self.n], dev[self.n:2 * self.n]
         self.act_flat = dev[2 * self.n:].view(L - 1, self.n)
-
-    @staticmethod
-    def n_bytes(acts: torch.Tensor, spans: Sequence[int], d_model: int, dtype: torch.dtype) -> int:
-        """The table's bytes for a group of ``acts`` [E, L, T, U, w] and ``spans``, blocks of width ``d_model``."""
-        _, L, _, U, _ = acts.shape
-        return (L - 1) * U * sum(int(s) for s in spans) * d_model * torch.empty((), dtype=dtype).element_size()
 
     def flat(self, layer: torch.Tensor, example: torch.Tensor, unit: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The rows' places in ``values`` viewed [(L - 1) * n, d_model] (host; a last-layer row's is unread)."""

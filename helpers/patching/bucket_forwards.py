@@ -71,11 +71,8 @@ def sweep_group(model, calls: ModelCalls, site: Site, group: list[SweepExample],
         # aside (block_tail) and the row joins at block l + 1, skipping layer l's full width. The group's first
         # forward computes every row's (helpers.patching.block_tails), where the table fits; else each forward its own.
         joins_late = site.kind == "heads"
-        tails = None
-        if joins_late and L > 1 and block_tails.ENABLED and block_tails.tails_fit(
-                block_tails.BlockTails.n_bytes(acts, spans, head_geometry(model.config).d_model, model_dtype(model)),
-                device):
-            tails = block_tails.BlockTails(acts, spans, T, qs[0])
+        d_model = head_geometry(model.config).d_model
+        tails = block_tails.for_group(acts, spans, T, qs[0], d_model) if joins_late else None
         stats["max_examples_per_forward"] = max(stats.get("max_examples_per_forward", 0), E)
         for q, snap in zip(qs, snaps):
             s = T - q
