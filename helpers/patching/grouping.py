@@ -144,21 +144,22 @@ def bucket_rows(L: int, U: int, spans: Sequence[int], q: int, size: int) -> torc
 
     ``r`` counts positions from the end (the answer position is r = 1): the bucket feeds every example's last ``q``
     tokens and patches its positions r in (q - size, q], as far as its span (positions from its first difference).
-    Built from each example's r range and repeated per layer, only the rows kept (the full grid filtered by span,
-    ``bucket_rows_reference``, showed ~9 ms a bucket under the profiler on an H200 host; a test holds the two
-    equal).
+    Built from the examples' r ranges in a few whole-tensor steps and repeated per layer, only the rows kept (the
+    full grid filtered by span, ``bucket_rows_reference``, showed ~9 ms a bucket under the profiler on an H200 host;
+    a loop over the examples ~0.65 ms a bucket for ten examples on an H100's host; a test holds them equal).
     """
     lo = max(1, q - size + 1)
-    blocks_ = []  # one example's rows of one layer: (example, unit, r), unit-major
-    for e, span in enumerate(spans):
-        r = torch.arange(lo, max(lo, min(q, int(span)) + 1))
-        if len(r):
-            unit = torch.arange(U).repeat_interleave(len(r))
-            blocks_.append(torch.stack([torch.full_like(unit, e), unit, r.repeat(U)], 1))
-    if not blocks_:
+    # each example's r range lo .. min(q, span), the same for each of its units; rows unit-major within an example
+    counts = (torch.tensor([int(s) for s in spans], dtype=torch.long).clamp(max=q) - lo + 1).clamp(min=0)
+    per_example = counts * U
+    n = int(per_example.sum())
+    if not n:
         return torch.empty((0, 4), dtype=torch.long)
-    layer_rows = torch.cat(blocks_)
-    layer = torch.arange(L).repeat_interleave(layer_rows.shape[0])
+    example = torch.repeat_interleave(torch.arange(len(spans)), per_example)
+    j = torch.arange(n) - (per_example.cumsum(0) - per_example)[example]  # the row's place within its example
+    c = counts[example]
+    layer_rows = torch.stack([example, j // c, lo + j % c], 1)  # (example, unit, r)
+    layer = torch.arange(L).repeat_interleave(n)
     return torch.cat([layer.unsqueeze(1), layer_rows.repeat(L, 1)], 1)
 
 
