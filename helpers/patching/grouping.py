@@ -54,7 +54,11 @@ _FLOP_PER_LAYER_LAUNCH = {"cuda": 0.24e12, "cpu": 0.1e9}
 
 
 def sweep_flop(model, site: Site, spans: Sequence[int]) -> float:
-    """A sweep's arithmetic over examples with these spans: 2 x block params x row-token-layers."""
+    """A sweep's arithmetic over examples with these spans: 2 x block params x row-token-layers.
+
+    (A head sweep's last layer counts in full, though it runs its output projection and MLP at the answer position
+    alone: the rates above were measured against this count, and counting that layer as a quarter of one changed no
+    measured default's speed, BENCHMARKS.md 2026-12-06.)"""
     L = len(site.modules)
     per_layer = sum(p.numel() for p in blocks(model)[0].parameters())
     row_token_layers = site.n_units * (L * (L - 1) / 2) * sum(n * (n + 1) / 2 for n in spans)
