@@ -137,8 +137,9 @@ def test_heads_bucketing_and_chunking_do_not_change_results(family, bucket_size,
 
 
 def test_bucket_rows_equal_the_full_grid_filtered_by_span():
-    """The sweep's rows of a bucket, built per example, are the full (layer, example, unit, r) grid filtered by each
-    example's span: same rows, same (layer-major) order, over random shapes including empty buckets."""
+    """The sweep's rows of a bucket, built from the examples' r ranges, are the full (layer, example, unit, r) grid
+    filtered by each example's span: same rows, same (layer-major) order, over random shapes including empty
+    buckets and examples of span 0 or beyond the bucket."""
     import random
 
     from helpers.patching.grouping import bucket_rows, bucket_rows_reference
@@ -147,7 +148,7 @@ def test_bucket_rows_equal_the_full_grid_filtered_by_span():
     seen_empty = False
     for _ in range(400):
         L, U, E = rnd.randint(1, 4), rnd.randint(1, 4), rnd.randint(1, 5)
-        spans = [rnd.randint(1, 20) for _ in range(E)]
+        spans = [rnd.randint(0, 20) for _ in range(E)]
         q, size = rnd.randint(1, 22), rnd.randint(1, 8)
         fast, ref = bucket_rows(L, U, spans, q, size), bucket_rows_reference(L, U, spans, q, size)
         assert fast.dtype == ref.dtype and torch.equal(fast, ref), (L, U, spans, q, size)

@@ -43,7 +43,7 @@ def free_bytes(device: torch.device) -> int:
     """Free CUDA memory, counting what PyTorch's caching allocator holds but does not use (mem_get_info omits it)."""
     free, _ = torch.cuda.mem_get_info(device)
     # (memory_reserved / memory_allocated each flatten the allocator's whole statistics into a dict: the two took
-    # 168 us of an H100's host against 24 us for this, and it runs before every bucket forward)
+    # 168 us of an H100's host against 24 us for this, and it runs once a bucket (auto_chunk_rows) and a group)
     stats = torch.cuda.memory_stats_as_nested_dict(device)
 
     def current(name: str) -> int:
