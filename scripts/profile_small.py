@@ -6,22 +6,28 @@ tile choices, head-major and position-major, at SmolLM2's, Qwen2.5-0.5B's and Ll
 (``TILE_SHAPES``; CUDA), with the default's bandwidth, its time without rotary and torch's causal attention over the
 own tokens as a reference point. ``--idle``: where the GPU waits for the host, instead of the bucket scan and the
 host's profile (CUDA): each idle gap of one profiled sweep attributed to the Python code that launched the kernel
-ending it (``idle_gaps``).
+ending it (``idle_gaps``). ``--host``: the host's seconds in each of the sweep's phases and per-bucket helpers,
+unprofiled (``host_timeline``: timers around them, median of five sweeps), instead of the bucket scan and the
+profile; a function's time includes any wait for the GPU inside it (those that copy results to the host).
 
-python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles] [--idle]   (--quick: tiny, CPU)
+python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles] [--idle] [--host]
+(--quick: tiny, CPU)
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import io
 import json
 import os
 import pstats
 import sys
 import tempfile
+import statistics
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +89,73 @@ def idle_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[float, float
             count[where] += 1
         end = max(end, k["ts"] + k["dur"])
     return sum(k["dur"] for k in kernels) / 1e6, idle / 1e6, by_label, count
+
+
+# where the host's time in a sweep goes: its phases and the helpers every bucket forward calls, as (owner, name) of
+# the attribute each caller looks up (a module's imported name, or a class's method)
+def _host_targets():
+    from helpers.patching import block_tails, bucket_forwards, model_calls, sweep
+    return [(sweep, "_patch_sweep"), (sweep, "unpatched_runs"), (sweep, "example_groups"), (sweep, "sweep_group"),
+            (sweep, "build_result"), (model_calls.ModelCalls, "forward"),
+            (bucket_forwards, "group_activations_and_prefix_caches"), (bucket_forwards, "run_chunked"),
+            (bucket_forwards, "bucket_rows"), (bucket_forwards, "auto_chunk_rows"), (bucket_forwards, "to_device"),
+            (bucket_forwards, "row_metric"), (bucket_forwards, "placed_results"), (block_tails, "for_group"),
+            (block_tails.BlockTails, "flat")]
+
+
+@contextmanager
+def timed_functions(targets):
+    """While inside, each (owner, name) of ``targets`` is wrapped in a timer; yields {"owner.name": [seconds, calls]}
+    (nested calls count in both); the originals are put back on exit."""
+    totals: dict = defaultdict(lambda: [0.0, 0])
+    saved = [(owner, name, owner.__dict__[name]) for owner, name in targets]
+
+    def timer(fn, label):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label][0] += time.perf_counter() - start
+                totals[label][1] += 1
+        return wrapped
+
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, timer(fn, f"{owner.__name__.split('.')[-1]}.{name}"))
+        yield totals
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def host_timeline(run, device, reps: int = 5) -> tuple[float, dict]:
+    """(median wall seconds, {function: (median seconds a sweep, calls a sweep)}) over ``reps`` unprofiled calls of
+    ``run`` with ``_host_targets`` timed (no syncs added; each call ends with one)."""
+    walls, per = [], defaultdict(list)
+    calls: dict = {}
+    with timed_functions(_host_targets()) as totals:
+        for _ in range(reps):
+            totals.clear()
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            walls.append(time.perf_counter() - start)
+            for label, (seconds, n) in totals.items():
+                per[label].append(seconds)
+                calls[label] = n
+    return statistics.median(walls), {k: (statistics.median(v), calls[k]) for k, v in per.items()}
+
+
+def host_report(run, device, reps: int = 5) -> str:
+    """``host_timeline`` as lines to print, longest first."""
+    wall, per = host_timeline(run, device, reps)
+    lines = [f"   host seconds a sweep (median of {reps}, unprofiled; wall {wall * 1e3:.1f} ms):"]
+    for label, (t, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"     {t * 1e3:8.2f} ms  x{n:<4d} {label}")
+    return "\n".join(lines)
 
 
 def idle_report(run, device, rows: int = 12) -> str:
@@ -195,6 +268,7 @@ def main():
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--tiles", action="store_true", help="only the row_attention tile scan (CUDA)")
     ap.add_argument("--idle", action="store_true", help="where the GPU waits for the host, by launching code (CUDA)")
+    ap.add_argument("--host", action="store_true", help="the host's seconds per sweep phase and helper (unprofiled)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiles:
@@ -223,7 +297,9 @@ def main():
                   flush=True)
             if args.idle:  # instead of the bucket scan and the host profile
                 print(idle_report(run, device) if device.type == "cuda" else "   (--idle needs CUDA)", flush=True)
-            else:
+            if args.host:  # (likewise)
+                print(host_report(run, device), flush=True)
+            if not (args.idle or args.host):
                 bucket_scan(run, pairs, T, [int(b) for b in args.buckets.split(",")], device)
                 print(phase_profile(run), flush=True)
             if args.kernels and device.type == "cuda":

@@ -1,4 +1,5 @@
-"""scripts/profile_small.py's idle attribution on a synthetic torch.profiler trace (CPU; no GPU needed)."""
+"""scripts/profile_small.py on the CPU: its idle attribution on a synthetic torch.profiler trace, and its host
+timeline's timers."""
 
 import pytest
 
@@ -62,4 +63,57 @@ def test_idle_replaces_the_bucket_scan_and_the_host_profile(profile_small_script
     out = capsys.readouterr().out
     cases = out.count("\n== ")
     assert cases >= 3 and out.count("(--idle needs CUDA)") == cases
+    assert "buckets " not in out and "cum " not in out
+
+
+def test_host_timeline_times_each_phase_once_a_call_and_puts_the_functions_back(profile_small_script, bench_script):
+    """``--host``'s timers: each bucket forward's helpers counted once a bucket (as many as the sweep's forwards, the
+    metrics' forward being the one extra model call), nested phases within their callers and every phase within the
+    wall time; and the original functions back afterwards, also after a call that raises."""
+    import torch
+
+    from helpers.models.tiny_models import build_random_model, tiny_config
+    from helpers.patching import bucket_forwards, model_calls, patch_heads, sweep
+
+    ps = profile_small_script
+    model = build_random_model(tiny_config("llama", vocab_size=64, n_layers=2), seed=0)
+    pairs = [bench_script.make_pair(torch.Generator().manual_seed(0), 64, 14, 6)]
+    originals = (sweep.__dict__["unpatched_runs"], bucket_forwards.__dict__["bucket_rows"],
+                 model_calls.ModelCalls.__dict__["forward"])
+    forwards = []
+    run = lambda: forwards.append(  # noqa: E731
+        patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=3).stats["forwards"])
+    wall, per = ps.host_timeline(run, torch.device("cpu"), reps=2)
+    assert forwards[0] == forwards[1] >= 2
+    assert per["bucket_forwards.bucket_rows"][1] == per["bucket_forwards.run_chunked"][1] == forwards[0]
+    assert per["ModelCalls.forward"][1] == forwards[0] + 1
+    assert per["sweep.sweep_group"][0] <= per["sweep._patch_sweep"][0] <= wall
+    assert per["bucket_forwards.run_chunked"][0] <= per["sweep.sweep_group"][0]
+    assert (sweep.__dict__["unpatched_runs"], bucket_forwards.__dict__["bucket_rows"],
+            model_calls.ModelCalls.__dict__["forward"]) == originals
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with ps.timed_functions([(sweep, "unpatched_runs")]) as totals:
+            assert sweep.unpatched_runs is not originals[0]
+            raise Boom
+    assert sweep.unpatched_runs is originals[0] and not totals
+
+
+def test_host_replaces_the_bucket_scan_and_the_host_profile(profile_small_script, bench_script, monkeypatch, capsys):
+    """``--host`` prints the host timeline of each case instead of the bucket scan and the cProfile listing."""
+    import sys
+
+    ps = profile_small_script
+    reports = []
+    monkeypatch.setattr(ps, "SMALL_CASES", (("1 example, T 71", 1, 71, 10),))
+    llama_only = {k: v for k, v in bench_script.quick_configs().items() if "llama" in k}
+    monkeypatch.setattr(ps, "quick_configs", lambda: llama_only)
+    monkeypatch.setattr(ps, "host_report", lambda run, device: reports.append(device) or "   (host report)")
+    monkeypatch.setattr(sys, "argv", ["profile_small.py", "--quick", "--host"])
+    ps.main()
+    out = capsys.readouterr().out
+    assert out.count("\n== ") == 1 and out.count("(host report)") == 1 and len(reports) == 1
     assert "buckets " not in out and "cum " not in out
