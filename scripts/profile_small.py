@@ -22,9 +22,9 @@ import io
 import json
 import os
 import pstats
+import statistics
 import sys
 import tempfile
-import statistics
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
