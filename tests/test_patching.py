@@ -735,6 +735,31 @@ def test_attribution_switches_dropout_off_for_every_forward():
     assert model.training  # restored
 
 
+def test_a_sweep_gives_every_module_its_own_mode_back():
+    """A training model with one layer the caller put in eval mode (a frozen layer, say): the sweep runs with dropout
+    off (deterministic, as in eval mode), and afterwards the model trains and that layer stays in eval mode (restoring
+    the top's mode alone switched the layer back to training); a model in eval mode stays so throughout."""
+    from helpers.models.tiny_models import build_random_model, tiny_config
+    from helpers.patching.model_calls import eval_mode
+
+    config = tiny_config("gpt_neo")
+    config.attention_dropout = config.resid_dropout = config.embed_dropout = 0.5
+    model = build_random_model(config, seed=3).train()
+    frozen = model.transformer.h[0]
+    frozen.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert any(before.values()) and not all(before.values())
+    pairs = make_pairs(seed=1)
+    a = patch_heads(model, pairs, keep_incorrect=True, progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    b = patch_heads(model.eval(), pairs, keep_incorrect=True, progress=False)
+    torch.testing.assert_close(a.patched_logit_diff, b.patched_logit_diff, equal_nan=True)  # dropout was off
+    assert not any(m.training for m in model.modules())
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules())
+
+
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "granite"])
 def test_heads_of_deeper_models_equal_nnsight_reference(family):
     """4 layers: rows that skip their patch layer (joining at the next block) then run through further blocks."""

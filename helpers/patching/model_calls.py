@@ -132,13 +132,19 @@ def two_row_output_layer(model, token_ids: Sequence[int]):
 
 @contextmanager
 def eval_mode(model):
-    """Dropout off while patching (restored afterwards): every run must be deterministic."""
-    was_training = model.training
-    model.eval()
+    """Dropout off while patching: every run must be deterministic. Afterwards each module's own mode comes back (a
+    layer the caller had put in eval mode inside a training model stays so; ``model.train(was)`` flipped every
+    module to the top's mode). A model already in eval mode, the usual case, is left untouched (switching every
+    module and back took ~1.7 ms of host a sweep for a 30-layer model)."""
+    modes = [(module, module.training) for module in model.modules()]
+    if any(training for _, training in modes):
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            if module.training != training:
+                module.training = training  # (as Module.train sets it, module by module)
 
 
 def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):
