@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from helpers.patching.chunking import free_bytes
+from helpers.patching.grouping import bucket_rows
 from helpers.patching.model_calls import to_device
 
 # the table's bytes at most: a share of the device memory free (CUDA), or this much (CPU); beyond, each forward
@@ -59,10 +60,10 @@ class BlockTails:
         self.filled, self._layers_filled = False, set()
         self.fill_rows = self.n
         self.values: torch.Tensor | None = None  # (allocated at the first fill: the block output's width and dtype)
-        # every row of one layer in table order (example, unit, r), and where the fill reads it (host, then one copy)
-        example = torch.repeat_interleave(torch.arange(E), per_example)
-        unit = torch.cat([torch.arange(U).repeat_interleave(int(s)) for s in self.spans])
-        r = torch.cat([torch.arange(1, int(s) + 1).repeat(U) for s in self.spans])
+        # every row of one layer in table order (example, unit, r): one bucket's rows where it covers every span;
+        # and where the fill reads each (host, then one copy)
+        widest = max(1, int(self.spans.max()))
+        example, unit, r = bucket_rows(1, U, spans, widest, widest)[:, 1:].unbind(1)
         layer = torch.arange(L - 1).unsqueeze(1)
         act_flat = ((example * L + layer) * T_acts + (T - r)) * U + unit  # [L - 1, n] into acts [E, L, T, U, w]
         host = torch.cat([(example * q + q - r), torch.arange(self.n) * U + unit, act_flat.reshape(-1)])
