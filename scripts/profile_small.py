@@ -9,8 +9,12 @@ host's profile (CUDA): each idle gap of one profiled sweep attributed to the Pyt
 ending it (``idle_gaps``). ``--host``: the host's seconds in each of the sweep's phases and per-bucket helpers,
 unprofiled (``host_timeline``: timers around them, median of five sweeps), instead of the bucket scan and the
 profile; a function's time includes any wait for the GPU inside it (those that copy results to the host).
+``--floor``: the GPU's kernel time of one profiled sweep by kind (``kernel_kind``: matrix products, attention,
+norms, ...), the products' rate by the block count, and what issue 18's target for the case leaves for the rest
+once the products alone are paid (``floor_lines``; CUDA); by default for SmolLM2 and TinyStories (their cases) and
+Qwen2.5-0.5B and Llama-3.2-1B (their one-example case).
 
-python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles] [--idle] [--host]
+python scripts/profile_small.py [--quick] [--kernels] [--buckets 1,2,3] [--tiles] [--idle] [--host] [--floor]
 (--quick: tiny, CPU)
 """
 from __future__ import annotations
@@ -34,9 +38,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scripts.bench import (SMALL_CASES, gpu_busy_seconds, host_profile, make_pair, quick_configs, real_configs,  # noqa
-                           sync, timed)
+from scripts.bench import (LARGE_CASES, SMALL_CASES, SMALL_SHAPES, gpu_busy_seconds, host_profile,  # noqa: E402
+                           make_pair, quick_configs, real_configs, sync, timed)
 from helpers.models.tiny_models import build_random_model  # noqa: E402
+from helpers.models.architectures import blocks  # noqa: E402
 from helpers.patching import patch_heads  # noqa: E402
 
 PHASES = ("unpatched_runs", "group_activations_and_prefix_caches", "clean_activations_and_prefix_caches",
@@ -158,12 +163,12 @@ def host_report(run, device, reps: int = 5) -> str:
     return "\n".join(lines)
 
 
-def idle_report(run, device, rows: int = 12) -> str:
-    """``idle_gaps`` of one profiled call of ``run`` on ``device`` (CUDA), as lines to print."""
+def profiled_events(run, device, with_stack: bool = False) -> tuple[float, list[dict]]:
+    """(profiled wall seconds, the chrome trace's events) of one call of ``run`` on ``device`` (CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=with_stack) as prof:
         start = time.perf_counter()
         run()
         sync(device)
@@ -172,12 +177,76 @@ def idle_report(run, device, rows: int = 12) -> str:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            events = json.load(f)["traceEvents"]
+            return wall, json.load(f)["traceEvents"]
+
+
+def idle_report(run, device, rows: int = 12) -> str:
+    """``idle_gaps`` of one profiled call of ``run`` on ``device`` (CUDA), as lines to print."""
+    wall, events = profiled_events(run, device, with_stack=True)
     busy, idle, by_label, count = idle_gaps(events)
     lines = [f"   profiled wall {wall:.3f} s: GPU kernels {busy:.3f} s, idle gaps {idle:.3f} s, before a kernel "
              f"launched in:"]
     lines += [f"     {t * 1e3:8.2f} ms in {count[where]:5d} gaps  {where}" for where, t in by_label.most_common(rows)]
     return "\n".join(lines)
+
+
+# A kernel's kind by its name, first match wins: cuBLAS's GEMMs (nvjet, xmma, cutlass) and the gate/up epilogue are
+# the products; the elementwise kernels are told apart by their functor (index and copy kernels before additions).
+KERNEL_KINDS = (("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "gate_up_silu")),
+                ("attention", ("row_attention", "attention", "flash", "merge_kernel", "softmax")),
+                ("rotary", ("rotary",)),
+                ("norms", ("norm",)),
+                ("gathers and copies", ("index", "gather", "scatter", "copy", "catarray", "memcpy", "memset")),
+                ("additions", ("_add<", "addfunctor", "add_kernel")))
+
+# issue 18's targets, bf16 wall seconds (stated for an NVIDIA H200): (shape name's start, case label) -> seconds
+TARGETS = {("SmolLM2", "1 example, T 71"): 0.15, ("SmolLM2", "10 examples, T 71"): 1.0,
+           ("SmolLM2", "10 examples, T 26"): 0.2, ("TinyStories", "10 examples, T 71"): 0.05,
+           ("Qwen2.5", "1 example, T 60"): 0.30, ("Llama-3.2", "1 example, T 60"): 0.90}
+
+
+def kernel_kind(name: str) -> str:
+    """``KERNEL_KINDS``' kind of a GPU kernel or copy named ``name``; "other" where none matches."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_seconds_by_kind(events: list[dict]) -> dict[str, float]:
+    """{kind: GPU seconds} over a chrome trace's kernels, copies and memsets (one stream: no overlap counted twice)."""
+    out: dict = defaultdict(float)
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            out[kernel_kind(e["name"]) if e["cat"] == "kernel" else "gathers and copies"] += e["dur"] / 1e6
+    return dict(out)
+
+
+def floor_lines(by_kind: dict[str, float], product_flop: float, wall: float, target: float | None) -> list[str]:
+    """The GPU's seconds by kind (largest first) within a sweep of ``wall`` seconds, the products' rate
+    (``product_flop``: 2 x block params x row-token-layers, the last layer counted in full as ``sweep_flop`` does,
+    so the rate is a little high), and, against ``target`` (wall seconds), the time the products alone leave for
+    the rest."""
+    busy = sum(by_kind.values())
+    products = by_kind.get("matrix products", 0.0)
+    kinds = ", ".join(f"{k} {t * 1e3:.1f} ms ({t / busy:.0%})"
+                      for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    lines = [f"   GPU kernels {busy * 1e3:.1f} ms of a {wall * 1e3:.1f} ms wall: {kinds}"]
+    if products > 0:
+        lines.append(f"   matrix products at {product_flop / products / 1e12:.0f} TFLOP/s by the block count "
+                     f"({product_flop / 1e12:.1f} TFLOP)")
+    if target is not None:
+        rest = busy - products
+        lines.append(f"   issue 18's target {target * 1e3:.0f} ms: the products alone leave "
+                     f"{(target - products) * 1e3:.1f} ms for the rest, whose kernels take {rest * 1e3:.1f} ms now "
+                     f"({'within' if rest <= target - products else 'over'} it), the GPU idle "
+                     f"{max(wall - busy, 0) * 1e3:.1f} ms of the wall besides")
+    return lines
+
+
+def floor_report(run, device, model, stats: dict, target: float | None, wall: float) -> str:
+    """``floor_lines`` of one profiled call of ``run`` (CUDA) whose unprofiled wall time is ``wall``, as lines."""
+    _, events = profiled_events(run, device)
+    product_flop = 2 * sum(p.numel() for p in blocks(model)[0].parameters()) * stats.get("row_token_layers", 0)
+    return "\n".join(floor_lines(kernel_seconds_by_kind(events), product_flop, wall, target))
 
 
 # (name, query heads, key/value heads, [(rows, fed tokens q)]): sweep-like row_attention calls, T 71 (prefix 71 - q)
@@ -263,25 +332,29 @@ def bucket_scan(run, pairs, T: int, counts: list[int], device) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--shapes", default="SmolLM2,TinyStories")
+    ap.add_argument("--shapes", default=None, help="default SmolLM2,TinyStories (with --floor: and Qwen,Llama)")
     ap.add_argument("--buckets", default="1,2,3,4,6,9")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--tiles", action="store_true", help="only the row_attention tile scan (CUDA)")
     ap.add_argument("--idle", action="store_true", help="where the GPU waits for the host, by launching code (CUDA)")
     ap.add_argument("--host", action="store_true", help="the host's seconds per sweep phase and helper (unprofiled)")
+    ap.add_argument("--floor", action="store_true",
+                    help="GPU time by kernel kind against issue 18's targets (CUDA; also Qwen's and Llama's case)")
     args = ap.parse_args()
+    shapes = args.shapes or ("SmolLM2,TinyStories,Qwen,Llama" if args.floor else "SmolLM2,TinyStories")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiles:
         return tile_scan(device)
     configs = quick_configs() if args.quick else real_configs()
-    configs = {k: v for k, v in configs.items() if args.quick or any(s in k for s in args.shapes.split(","))}
+    configs = {k: v for k, v in configs.items() if args.quick or any(s in k for s in shapes.split(","))}
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     for name, config in configs.items():
         with torch.device(device):
             model = build_random_model(config, seed=0, dtype=torch.float32)
         model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         gen = torch.Generator().manual_seed(3)
-        for label, n, T, first in SMALL_CASES:
+        small = not args.floor or args.quick or any(s in name for s in SMALL_SHAPES)
+        for label, n, T, first in (SMALL_CASES if small else LARGE_CASES):
             if args.quick:
                 T, first = min(T, 24), min(first, 10)
             pairs = [make_pair(gen, model.config.vocab_size, T,
@@ -299,7 +372,12 @@ def main():
                 print(idle_report(run, device) if device.type == "cuda" else "   (--idle needs CUDA)", flush=True)
             if args.host:  # (likewise)
                 print(host_report(run, device), flush=True)
-            if not (args.idle or args.host):
+            if args.floor:  # (likewise)
+                target = next((goal for (shape, case), goal in TARGETS.items()
+                               if name.startswith(shape) and case == label), None)
+                print(floor_report(run, device, model, s, target, t) if device.type == "cuda"
+                      else "   (--floor needs CUDA)", flush=True)
+            if not (args.idle or args.host or args.floor):
                 bucket_scan(run, pairs, T, [int(b) for b in args.buckets.split(",")], device)
                 print(phase_profile(run), flush=True)
             if args.kernels and device.type == "cuda":

@@ -117,3 +117,76 @@ def test_host_replaces_the_bucket_scan_and_the_host_profile(profile_small_script
     out = capsys.readouterr().out
     assert out.count("\n== ") == 1 and out.count("(host report)") == 1 and len(reports) == 1
     assert "buckets " not in out and "cum " not in out
+
+
+def test_kernels_are_sorted_into_kinds_by_their_names(profile_small_script):
+    """cuBLAS's GEMMs and the gate/up epilogue are products; torch's elementwise kernels are told apart by their
+    functor (an index or copy kernel is not an addition, though both are elementwise); unknown names are "other"."""
+    kind = profile_small_script.kernel_kind
+    assert kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "matrix products"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas") == "matrix products"
+    assert kind("_gate_up_silu_kernel") == "matrix products"
+    assert kind("_row_attention_kernel") == "attention"
+    assert kind("_rotary_kernel") == "rotary"
+    assert kind("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, "
+                "true>(int, float, c10::BFloat16 const*)") == "norms"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, "
+                "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>)") == "additions"
+    assert kind("void at::native::index_elementwise_kernel<128, 4, at::native::gpu_index_kernel<"
+                "at::native::index_add_kernel_impl>>") == "gathers and copies"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda(...)>") \
+        == "gathers and copies"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, "
+                "at::native::binary_internal::MulFunctor<float> > >") == "other"
+
+
+def test_the_floor_says_what_the_products_leave_of_the_target(profile_small_script):
+    """A trace's kernels summed by kind (copies and memsets as copies; host events and events without a duration
+    left out), the products' rate from the block count, and the target less the products against the rest."""
+    ps = profile_small_script
+    events = [{"cat": "kernel", "name": "nvjet_gemm_a", "ts": 0, "dur": 600_000},
+              {"cat": "kernel", "name": "_gate_up_silu_kernel", "ts": 0, "dur": 200_000},
+              {"cat": "kernel", "name": "_row_attention_kernel", "ts": 0, "dur": 250_000},
+              {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 0, "dur": 50_000},
+              {"cat": "kernel", "name": "no duration", "ts": 0},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9_000_000}]
+    by_kind = ps.kernel_seconds_by_kind(events)
+    assert by_kind == pytest.approx({"matrix products": 0.8, "attention": 0.25, "gathers and copies": 0.05})
+    lines = ps.floor_lines(by_kind, product_flop=560e12, wall=1.2, target=1.0)
+    assert lines[0].startswith("   GPU kernels 1100.0 ms of a 1200.0 ms wall: matrix products 800.0 ms (73%), "
+                               "attention 250.0 ms (23%)")
+    assert "at 700 TFLOP/s" in lines[1] and "(560.0 TFLOP)" in lines[1]
+    assert "leave 200.0 ms for the rest, whose kernels take 300.0 ms now (over it)" in lines[2]
+    assert "idle 100.0 ms" in lines[2]
+    assert "(within it)" in ps.floor_lines(by_kind, 560e12, 1.2, target=1.2)[2]
+    assert len(ps.floor_lines(by_kind, 560e12, 1.2, target=None)) == 2
+
+
+def test_floor_replaces_the_bucket_scan_and_says_it_needs_cuda(profile_small_script, bench_script, monkeypatch,
+                                                                capsys):
+    """``--floor`` on a CPU: each case says that it needs CUDA, and the bucket scan and host profile do not run."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the floor report itself runs (profiled)")
+    ps = profile_small_script
+    monkeypatch.setattr(ps, "SMALL_CASES", (("1 example, T 71", 1, 71, 10),))
+    llama_only = {k: v for k, v in bench_script.quick_configs().items() if "llama" in k}
+    monkeypatch.setattr(ps, "quick_configs", lambda: llama_only)
+    monkeypatch.setattr(sys, "argv", ["profile_small.py", "--quick", "--floor"])
+    ps.main()
+    out = capsys.readouterr().out
+    assert out.count("\n== ") == 1 and out.count("(--floor needs CUDA)") == 1
+    assert "buckets " not in out and "cum " not in out
+
+
+def test_every_target_names_a_case_the_floor_runs(profile_small_script, bench_script):
+    """Each of issue 18's targets belongs to a shape of the real configurations and to a case run for it."""
+    ps = profile_small_script
+    names = list(bench_script.real_configs())
+    for shape, case in ps.TARGETS:
+        name = next(n for n in names if n.startswith(shape))
+        cases = ps.SMALL_CASES if any(s in name for s in ps.SMALL_SHAPES) else ps.LARGE_CASES
+        assert case in [c[0] for c in cases], (shape, case)
