@@ -190,12 +190,14 @@ def idle_report(run, device, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
-# A kernel's kind by its name, first match wins: cuBLAS's GEMMs (nvjet, xmma, cutlass) and the gate/up epilogue are
-# the products; the elementwise kernels are told apart by their functor (index and copy kernels before additions).
-KERNEL_KINDS = (("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "gate_up_silu")),
-                ("attention", ("row_attention", "attention", "flash", "merge_kernel", "softmax")),
+# A kernel's kind by its name, first match wins: attention first (torch's flash and memory-efficient kernels name
+# cutlass and gemm types inside), then cuBLAS's GEMMs, GEMVs and split-k reductions (nvjet, xmma, cutlass) and the
+# gate/up epilogue as the products; the elementwise kernels told apart by their functor, index and copy kernels
+# before additions ("additions": torch's add kernels, the residual additions and any other, e.g. in GPT-Neo's GELU).
+KERNEL_KINDS = (("attention", ("row_attention", "attention", "flash", "fmha", "merge_kernel", "softmax")),
+                ("matrix products", ("gemm", "gemv", "splitkreduce", "nvjet", "xmma", "cutlass", "gate_up_silu")),
                 ("rotary", ("rotary",)),
-                ("norms", ("norm",)),
+                ("norms", ("norm", "rowwisemoments")),
                 ("gathers and copies", ("index", "gather", "scatter", "copy", "catarray", "memcpy", "memset")),
                 ("additions", ("_add<", "addfunctor", "add_kernel")))
 
@@ -222,9 +224,9 @@ def kernel_seconds_by_kind(events: list[dict]) -> dict[str, float]:
 
 def floor_lines(by_kind: dict[str, float], product_flop: float, wall: float, target: float | None) -> list[str]:
     """The GPU's seconds by kind (largest first) within a sweep of ``wall`` seconds, the products' rate
-    (``product_flop``: 2 x block params x row-token-layers, the last layer counted in full as ``sweep_flop`` does,
-    so the rate is a little high), and, against ``target`` (wall seconds), the time the products alone leave for
-    the rest."""
+    (``product_flop``: 2 x block params x the sweep's row-token-layers, which count a head sweep's last layer at the
+    answer position alone: its q/k/v at the other positions and the rows computed aside are not counted, so the
+    rate is a little low), and, against ``target`` (wall seconds), the time the products alone leave for the rest."""
     busy = sum(by_kind.values())
     products = by_kind.get("matrix products", 0.0)
     kinds = ", ".join(f"{k} {t * 1e3:.1f} ms ({t / busy:.0%})"
@@ -240,6 +242,17 @@ def floor_lines(by_kind: dict[str, float], product_flop: float, wall: float, tar
                      f"({'within' if rest <= target - products else 'over'} it), the GPU idle "
                      f"{max(wall - busy, 0) * 1e3:.1f} ms of the wall besides")
     return lines
+
+
+def case_target(name: str, label: str) -> float | None:
+    """Issue 18's target (wall seconds) for the case ``label`` of the shape ``name`` (``TARGETS``), or None."""
+    return next((goal for (shape, case), goal in TARGETS.items() if name.startswith(shape) and case == label), None)
+
+
+def cases_of(name: str, floor: bool, quick: bool) -> tuple:
+    """The cases run for the shape ``name``: ``SMALL_CASES``, except under ``--floor`` for the shapes outside
+    ``SMALL_SHAPES`` (Qwen2.5-0.5B, Llama-3.2-1B), which run ``LARGE_CASES`` (their targets' case)."""
+    return SMALL_CASES if not floor or quick or any(s in name for s in SMALL_SHAPES) else LARGE_CASES
 
 
 def floor_report(run, device, model, stats: dict, target: float | None, wall: float) -> str:
@@ -353,8 +366,7 @@ def main():
             model = build_random_model(config, seed=0, dtype=torch.float32)
         model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         gen = torch.Generator().manual_seed(3)
-        small = not args.floor or args.quick or any(s in name for s in SMALL_SHAPES)
-        for label, n, T, first in (SMALL_CASES if small else LARGE_CASES):
+        for label, n, T, first in cases_of(name, args.floor, args.quick):
             if args.quick:
                 T, first = min(T, 24), min(first, 10)
             pairs = [make_pair(gen, model.config.vocab_size, T,
@@ -373,9 +385,7 @@ def main():
             if args.host:  # (likewise)
                 print(host_report(run, device), flush=True)
             if args.floor:  # (likewise)
-                target = next((goal for (shape, case), goal in TARGETS.items()
-                               if name.startswith(shape) and case == label), None)
-                print(floor_report(run, device, model, s, target, t) if device.type == "cuda"
+                print(floor_report(run, device, model, s, case_target(name, label), t) if device.type == "cuda"
                       else "   (--floor needs CUDA)", flush=True)
             if not (args.idle or args.host or args.floor):
                 bucket_scan(run, pairs, T, [int(b) for b in args.buckets.split(",")], device)

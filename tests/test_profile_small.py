@@ -126,10 +126,19 @@ def test_kernels_are_sorted_into_kinds_by_their_names(profile_small_script):
     assert kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "matrix products"
     assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas") == "matrix products"
     assert kind("_gate_up_silu_kernel") == "matrix products"
+    assert kind("void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4>") \
+        == "matrix products"
+    assert kind("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>") == "matrix products"
     assert kind("_row_attention_kernel") == "attention"
+    # (torch's own attention kernels name cutlass and gemm types inside: attention, not products)
+    assert kind("void pytorch_flash::flash_fwd_kernel<pytorch_flash::Flash_fwd_kernel_traits<64, 128, 128, 4, "
+                "false, false, cutlass::bfloat16_t>>") == "attention"
+    assert kind("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<"
+                "cutlass::bfloat16_t, cutlass::Sm80, true, 64, 64, 64>::Params)") == "attention"
     assert kind("_rotary_kernel") == "rotary"
     assert kind("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, "
                 "true>(int, float, c10::BFloat16 const*)") == "norms"
+    assert kind("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>") == "norms"
     assert kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, "
                 "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>)") == "additions"
     assert kind("void at::native::index_elementwise_kernel<128, 4, at::native::gpu_index_kernel<"
@@ -183,10 +192,38 @@ def test_floor_replaces_the_bucket_scan_and_says_it_needs_cuda(profile_small_scr
 
 
 def test_every_target_names_a_case_the_floor_runs(profile_small_script, bench_script):
-    """Each of issue 18's targets belongs to a shape of the real configurations and to a case run for it."""
+    """Each of issue 18's targets belongs to a shape of the real configurations and to a case ``--floor`` runs for
+    it; the one-example shapes run their one case under ``--floor`` (only), and a case without a target has None."""
     ps = profile_small_script
     names = list(bench_script.real_configs())
     for shape, case in ps.TARGETS:
         name = next(n for n in names if n.startswith(shape))
-        cases = ps.SMALL_CASES if any(s in name for s in ps.SMALL_SHAPES) else ps.LARGE_CASES
-        assert case in [c[0] for c in cases], (shape, case)
+        assert case in [c[0] for c in ps.cases_of(name, floor=True, quick=False)], (shape, case)
+        assert ps.case_target(name, case) == ps.TARGETS[shape, case]
+    qwen = next(n for n in names if n.startswith("Qwen"))
+    assert ps.cases_of(qwen, floor=True, quick=False) == ps.LARGE_CASES
+    assert ps.cases_of(qwen, floor=False, quick=False) == ps.cases_of(qwen, floor=True, quick=True) == ps.SMALL_CASES
+    assert ps.case_target(qwen, "10 examples, T 71") is None
+
+
+def test_floor_runs_the_large_shapes_one_example_case(profile_small_script, bench_script, monkeypatch, capsys):
+    """``--floor`` without ``--quick`` runs the small shapes' cases and the others' one case (tiny stand-ins under
+    the real shapes' names; on a CPU each case says that it needs CUDA)."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the floor report itself runs (profiled)")
+    ps = profile_small_script
+    tiny = next(v for k, v in bench_script.quick_configs().items() if "llama" in k)
+    monkeypatch.setattr(ps, "real_configs", lambda: {"SmolLM2-135M (llama)": tiny, "Qwen2.5-0.5B (qwen2)": tiny})
+    monkeypatch.setattr(ps, "SMALL_CASES", (("1 example, T 71", 1, 12, 4), ("10 examples, T 71", 2, 12, 4)))
+    monkeypatch.setattr(ps, "LARGE_CASES", (("1 example, T 60", 1, 10, 3),))
+    monkeypatch.setattr(sys, "argv", ["profile_small.py", "--floor"])
+    ps.main()
+    out = capsys.readouterr().out
+    headers = [line.split(":")[0] for line in out.splitlines() if line.startswith("== ")]
+    assert headers == ["== SmolLM2-135M (llama) | 1 example, T 71", "== SmolLM2-135M (llama) | 10 examples, T 71",
+                       "== Qwen2.5-0.5B (qwen2) | 1 example, T 60"]
+    assert out.count("(--floor needs CUDA)") == 3
