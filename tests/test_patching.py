@@ -760,6 +760,31 @@ def test_a_sweep_gives_every_module_its_own_mode_back():
     assert not any(m.training for m in model.modules())
 
 
+def test_a_sweep_switches_modes_through_the_modules_own_train():
+    """Overrides of ``train()`` hear both switches (transformers' PreTrainedModel.train re-selects kernels, some
+    attention modules drop a cache in train(True)): a training model is put in eval mode and back through them,
+    its frozen layer's own train() last with False; a model already in eval mode hears nothing."""
+    from helpers.models.tiny_models import build_random_model, tiny_config
+
+    model = build_random_model(tiny_config("llama"), seed=3).train()
+    frozen = model.model.layers[0]
+    frozen.eval()
+    heard = {"model": [], "frozen": []}
+    for name, module in (("model", model), ("frozen", frozen)):
+        def train(mode=True, module=module, name=name):
+            heard[name].append(mode)
+            return torch.nn.Module.train(module, mode)
+        module.train = train  # (an instance attribute: Module.train of the parent calls it too)
+    heard = {"model": [], "frozen": []}
+    patch_heads(model, make_pairs(seed=1), keep_incorrect=True, progress=False)
+    assert heard["model"] == [False, True] and heard["frozen"][-1] is False
+    assert model.training and not frozen.training and model.model.layers[1].training
+    model.eval()
+    heard = {"model": [], "frozen": []}
+    patch_heads(model, make_pairs(seed=1), keep_incorrect=True, progress=False)
+    assert heard == {"model": [], "frozen": []}
+
+
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "granite"])
 def test_heads_of_deeper_models_equal_nnsight_reference(family):
     """4 layers: rows that skip their patch layer (joining at the next block) then run through further blocks."""
@@ -935,6 +960,10 @@ def test_examples_merge_only_where_every_span_fits_the_shortest_example():
         assert_raw_close(res, ref)
     with pytest.raises(ValueError, match="examples_per_forward"):
         patch_heads(model, pairs, progress=False, examples_per_forward=0)
+    # (a bucket size below 1 ran no forward and returned the corrupt metric at every position, without a word)
+    for bad in (dict(bucket_size=-1), dict(bucket_size=0), dict(chunk_size=0), dict(bucket_size=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be None or an integer >= 1"):
+            patch_heads(model, pairs, progress=False, **bad)
 
 
 def test_a_model_that_does_not_pass_the_mask_on_runs_examples_one_at_a_time():

@@ -134,17 +134,24 @@ def two_row_output_layer(model, token_ids: Sequence[int]):
 def eval_mode(model):
     """Dropout off while patching: every run must be deterministic. Afterwards each module's own mode comes back (a
     layer the caller had put in eval mode inside a training model stays so; ``model.train(was)`` flipped every
-    module to the top's mode). A model already in eval mode, the usual case, is left untouched (switching every
-    module and back took ~1.7 ms of host a sweep for a 30-layer model)."""
+    module to the top's mode), through each module's own ``train()``, so that overrides hear the switch back
+    (transformers' ``PreTrainedModel.train`` re-selects its kernels, some attention modules drop a cache). A model
+    already in eval mode, the usual case, is left untouched (switching every module and back took ~1.7 ms of host a
+    sweep for a 30-layer model)."""
     modes = [(module, module.training) for module in model.modules()]
     if any(training for _, training in modes):
         model.eval()
     try:
         yield
     finally:
+        # parents come before their descendants in modules(): a parent's train() sets its subtree, and a descendant
+        # that differs from it is set again after; a module shared by two parents may be flipped by the second
         for module, training in modes:
             if module.training != training:
-                module.training = training  # (as Module.train sets it, module by module)
+                module.train(training)
+        for module, training in modes:
+            if module.training != training:
+                module.training = training
 
 
 def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):

@@ -110,8 +110,11 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     kernels) and GPT-Neo with its attention reading the shared prefix in place; ``compile``: torch.compile the plain-torch formulas used where a Triton kernel is not (None: on CUDA
     without Triton only, ``fused_modules.compiles_by_default``).
     """
-    if examples_per_forward is not None and examples_per_forward < 1:
-        raise ValueError(f"examples_per_forward must be None or >= 1, got {examples_per_forward}")
+    for name, value in (("chunk_size", chunk_size), ("bucket_size", bucket_size),
+                        ("examples_per_forward", examples_per_forward)):
+        # (a bucket size below 1 ran no forward and returned the corrupt metric everywhere, without a word)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     model = unwrap_model(model)
     calls = ModelCalls.of(model)
     site = site_of(model, kind)
