@@ -365,6 +365,34 @@ def test_every_forwards_unpatched_rows_are_checked_against_their_examples_corrup
         assert torch.all(off.patched_logit_diff[i, ..., :d] == honest.corrupt_logit_diff[i] + (0.25 if i == 2 else 0))
 
 
+def test_the_block_tails_table_is_filled_in_the_order_its_lookup_reads():
+    """BlockTails' rows, in a plain loop over (example, unit, r = 1..span): the i-th row fills from the unpatched row
+    of its example at r tokens from the end (``base_flat``), its unit's heads (``head_flat``) and its clean
+    activation (``act_flat``, into acts [E, L, T, U, w]), and ``flat`` finds it at layer * n + i; random groups with
+    spans of 0, and a group whose spans are all 0."""
+    from helpers.patching.block_tails import BlockTails
+
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    for trial in range(60):
+        E, L, U, q = draw(1, 4), draw(2, 4), draw(1, 3), draw(1, 6)
+        T = q + draw(0, 3)
+        spans = [0] * E if trial == 0 else [draw(0, q) for _ in range(E)]
+        tails = BlockTails(torch.zeros(E, L, T, U, 2), spans, T, q)
+        i = 0
+        for e in range(E):
+            for u in range(U):
+                for r in range(1, spans[e] + 1):
+                    assert int(tails.base_flat[i]) == e * q + q - r
+                    assert int(tails.head_flat[i]) == i * U + u
+                    for layer in range(L - 1):
+                        assert int(tails.act_flat[layer, i]) == ((e * L + layer) * T + (T - r)) * U + u
+                        at = tails.flat(*(torch.tensor([v]) for v in (layer, e, u, r)))
+                        assert int(at) == layer * tails.n + i
+                    i += 1
+        assert i == tails.n == len(tails.base_flat) == len(tails.head_flat) == tails.act_flat.shape[1]
+
+
 @pytest.mark.parametrize("family, n_layers", [("llama", 3), ("gpt_neo", 4)])
 def test_block_tails_are_computed_once_a_group_and_equal_each_forwards_own(family, n_layers, monkeypatch):
     """Head patches' block tails: the group's first (widest) forward computes every row's, one ``block_tail`` a
