@@ -764,3 +764,62 @@ def test_an_unreadable_result_json_does_not_cost_the_index(tmp_path, fake_paperm
     (outcomes[0].dir / "activation_patching_bNone.json").write_text(json.dumps(
         {"metadata": None, "patching_results": [[[0.1]]], "clean_logit_diff": 1, "corrupt_logit_diff": 0}))
     assert sweep_index.write_summary(config, outcomes)["md"].read_text().count("result JSON unreadable") == 2
+
+
+def _markers(d: Path) -> dict:
+    """A folder's files but the claim's flock file (which a claim creates empty and leaves)."""
+    return {name: data for name, data in _snapshot(d).items() if name != ".claim.lock"}
+
+
+def _refused_cell(tmp_path):
+    """A one-cell grid whose settings are refused before running (command set 7: no embedded model has it)."""
+    config = C.SweepConfig(name="r", grids=[{"model_num": ["embedded"], "cs_num": [7], "feature_name": ["DEFTABLENAME"]}],
+                           output_root=tmp_path)
+    cell = C.expand(config)[0]
+    d = C.folder_for(config, cell)
+    d.mkdir(parents=True)
+    return config, cell, d
+
+
+def test_a_refused_cell_leaves_another_sweeps_live_claim_alone(tmp_path):
+    """Refused settings are recorded under the cell's claim: a cell another live process runs (here a sleeping
+    child holds its ``_RUNNING.json``) keeps that claim ("running elsewhere", nothing written), so no third run can
+    start it. (The failure record used to unlink every other marker, the live lock included.)"""
+    import socket
+    import subprocess
+
+    from helpers.experiments.run_guard import claim_cell, process_started
+
+    config, cell, d = _refused_cell(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = {**cell_runs.cell_record(cell, d, config), "status": "running", "host": socket.gethostname(),
+                "pid": other.pid, "pid_started": process_started(other.pid)}
+        (d / C.RUNNING).write_text(json.dumps(lock))
+        before = _markers(d)
+        out = S.run_sweep(config, progress=False)[0]
+        assert out.dir == d and out.status == "running elsewhere"
+        assert "settings refused before running" in out.error and "already running" in out.error
+        assert _markers(d) == before  # the lock as it was, no _FAILED.json
+        assert claim_cell(d, {"cell": "a third run"}) is not None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_refused_cell_keeps_a_finished_result_under_force(tmp_path, fake_papermill):
+    """``--force`` on a finished cell whose settings are now refused (on this machine, say) fails the cell without
+    replacing its result's ``_DONE.json`` by a ``_FAILED.json``; where nothing was finished the failure is recorded
+    as before, and the claim taken for it is given back."""
+    config, cell, d = _refused_cell(tmp_path)
+    (d / C.DONE).write_text(json.dumps({**cell_runs.cell_record(cell, d, config), "status": "done"}))
+    (d / "activation_patching_b5.json").write_text("{}")
+    before = _markers(d)
+    out = S.run_sweep(config, force=True, progress=False)[0]
+    assert out.dir == d and out.status == "failed" and "finished result in this folder is kept" in out.error
+    assert _markers(d) == before
+    (d / C.DONE).unlink()
+    out = S.run_sweep(config, force=True, progress=False)[0]
+    assert out.status == "failed" and sorted(p.name for p in d.glob("_*.json")) == [C.FAILED]
+    assert json.loads((d / C.FAILED).read_text())["error"] == out.error
+    assert not fake_papermill.runs

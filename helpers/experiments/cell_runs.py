@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,31 @@ def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float =
     write_marker(cell_dir, FAILED, {**cell_record(cell, cell_dir, config), **(extra or {}), "status": "failed",
                                     "error": message, "duration_s": duration_s})
     return Outcome(cell, "failed", cell_dir, duration_s, message)
+
+
+def record_failure_unclaimed(cell: Cell, cell_dir: Path, message: str, duration_s: float = 0.0,
+                             config: SweepConfig | None = None, extra: dict | None = None) -> Outcome:
+    """``record_failure`` where this process may not hold the cell's claim (settings refused before running; a
+    runner that crashed before or after claiming): the failure is written under the claim (``claim_cell``, never
+    forced), so another process's live ``_RUNNING.json`` is left alone ("running elsewhere": that run goes on and
+    no third one may start), and a finished result (``_DONE.json``, this cell's or another run's) is kept, not
+    replaced by the failure. (``record_failure`` unlinked every other marker, a live lock included.)"""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    running = read_marker(cell_dir / RUNNING) or {}
+    own = running.get("pid") == os.getpid() and running.get("host") == socket.gethostname()  # (a claim let go)
+    if not own:
+        busy = claim_cell(cell_dir, cell_record(cell, cell_dir, config))
+        if busy is not None:
+            return Outcome(cell, "running elsewhere", cell_dir, duration_s, f"{message} (not recorded: {busy})")
+    try:
+        if read_marker(cell_dir / DONE) is not None:
+            (cell_dir / RUNNING).unlink(missing_ok=True)
+            return Outcome(cell, "failed", cell_dir, duration_s,
+                           f"{message} (not recorded: the finished result in this folder is kept)")
+        return record_failure(cell, cell_dir, message, duration_s, config, extra)
+    finally:
+        if not own:
+            release_cell(cell_dir)
 
 
 def cell_notebook(config: SweepConfig, cell: Cell) -> tuple[str, Path]:

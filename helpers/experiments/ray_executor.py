@@ -25,7 +25,8 @@ from typing import Callable
 
 from helpers.experiments.atomic_files import atomic_write_bytes
 from helpers.experiments.cell_runs import (
-    begin_cell, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
+    begin_cell, cell_record, executed_path, finish_cell, papermill_command, record_failure,
+    record_failure_unclaimed, run_papermill,
 )
 from helpers.experiments.plotting import PLOTLY_JS, plotlyjs_src
 from helpers.experiments.run_guard import StopSignals, SweepInterrupted, release_cell
@@ -111,8 +112,10 @@ def run_on_ray(config: SweepConfig, items: list[tuple[int, Cell, Path]], guard: 
                     submitted = _submit(config, cell, cell_dir, remote, cluster, on_outcome, i, force)
                 except Exception as err:  # (a cell's own trouble is its failure, not the sweep's)
                     release_cell(cell_dir)
-                    on_outcome(i, record_failure(cell, cell_dir, f"could not submit to Ray: {type(err).__name__}: "
-                                                                 f"{err}", 0.0, config, {"executor": "ray"}))
+                    # (it may have failed before its claim: another run's live lock and a finished result stay)
+                    on_outcome(i, record_failure_unclaimed(cell, cell_dir, f"could not submit to Ray: "
+                                                           f"{type(err).__name__}: {err}", 0.0, config,
+                                                           {"executor": "ray"}))
                     continue
                 if submitted is not None:
                     running[submitted[0]] = (i, cell, cell_dir) + submitted[1:]

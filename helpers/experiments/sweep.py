@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from helpers.experiments.cell_runs import (
-    begin_cell, cell_record, executed_path, finish_cell, papermill_command, record_failure, run_papermill,
+    begin_cell, cell_record, executed_path, finish_cell, papermill_command, record_failure_unclaimed,
+    run_papermill,
 )
 from helpers.experiments.ray_executor import run_on_ray
 from helpers.experiments.run_guard import StopSignals, SweepInterrupted, note_child, release_cell
@@ -136,8 +137,9 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
         else:
             todo.append(i)
     refused = {i: why for i in todo if (why := settings_error(cells[i], remote=executor == "ray")) is not None}
-    for i, why in refused.items():  # recorded like any failed run, without starting a kernel
-        outcomes[i] = record_failure(cells[i], dirs[i], f"settings refused before running: {why}", config=config)
+    for i, why in refused.items():  # recorded like a failed run (under its claim), without starting a kernel
+        outcomes[i] = record_failure_unclaimed(cells[i], dirs[i], f"settings refused before running: {why}",
+                                               config=config)
     todo = [i for i in todo if i not in refused]
 
     ray_jobs = None if jobs is None else max(1, int(jobs))
@@ -165,7 +167,7 @@ def run_sweep(config: SweepConfig, jobs: int | None = None, force: bool = False,
         except Exception as err:  # a crash of the runner itself is still a recorded failure of this cell
             message = f"the sweep runner crashed: {type(err).__name__}: {err}"
             try:
-                return record_failure(cells[i], dirs[i], message, config=config)
+                return record_failure_unclaimed(cells[i], dirs[i], message, config=config)
             except Exception as err2:
                 return Outcome(cells[i], "failed", dirs[i],
                                error=f"{message} (and _FAILED.json could not be written: {err2})")
