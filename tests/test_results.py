@@ -170,6 +170,23 @@ def test_atomic_write_leaves_no_temporary_and_normal_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+def test_atomic_writes_never_set_the_process_umask(tmp_path, monkeypatch):
+    """The file gets 0666 less the umask (here 027) without the process's umask being touched: reading it in
+    Python means setting it to 0 for a moment, and another thread's file made then got no umask at all."""
+    real = os.umask
+    old = real(0o027)
+    try:
+        def forbidden(mask):
+            raise AssertionError("os.umask called: process-wide, it races with other threads")
+        monkeypatch.setattr(os, "umask", forbidden)
+        path = atomic_files.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    finally:
+        monkeypatch.undo()
+        real(old)
+
+
 def test_load_results_rejects_other_json(tmp_path):
     (tmp_path / "x.json").write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not a patching result"):
