@@ -308,6 +308,25 @@ def test_exact_duplicates_run_once_with_a_warning(tmp_path):
     assert len(cells) == 1
 
 
+def test_settings_spelt_differently_are_one_cell_and_name_the_model_they_load(tmp_path):
+    """Values validation reads alike ("1" and 1, "false" and False, "Embedded") are one cell: run once, with the
+    folder and hash of the plain spelling, and ``semantic: "false"`` files under the non-semantic model it loads
+    (it was filed as ``bm1``, the semantic one, and ran a second time beside ``bm1-nonsem``); values already
+    plain keep the hash they had (finished cells stay finished)."""
+    base = {"model_num": ["embedded"], "cs_num": [1], "feature_name": ["DEFTABLENAME"]}
+    config = C.SweepConfig(name="t", grids=[base], output_root=tmp_path, cells=[
+        {"model_num": "Embedded", "cs_num": "1", "feature_name": "DEFTABLENAME", "batch_size": "5"},
+        {"model_num": 1, "cs_num": 1, "feature_name": "DEFTABLENAME", "semantic": False},
+        {"model_num": "1", "cs_num": 1, "feature_name": "DEFTABLENAME", "semantic": "false"},
+        {"model_num": 1, "cs_num": 1, "feature_name": "DEFTABLENAME", "semantic": "0", "circuit": "True"}])
+    with pytest.warns(UserWarning, match="more than once"):
+        cells = C.expand(config)
+    assert [c.label for c in cells] == ["embedded-llama / cs1 / DEFTABLENAME", "bm1-nonsem / cs1 / DEFTABLENAME"]
+    plain = cells[0]
+    assert plain.params_hash == C.params_hash({**plain.defaults, **plain.params})  # (no spelling to resolve)
+    assert C.resolve({"semantic": "maybe", "cs_num": "x1"}, {}) == {"semantic": "maybe", "cs_num": "x1"}
+
+
 def test_folder_names_do_not_depend_on_other_cells():
     """Bug 3: one ``cells:`` entry with a seed used to rename every grid folder (``..._seed=0``)."""
     config = C.load_config(REPO / "params" / "default.yaml")
