@@ -28,3 +28,30 @@ def as_int(name: str, value, minimum: int | None = None) -> int:
         kind = "an int" if minimum is None else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return value
+
+
+# Experiment settings that validation reads the same however they are spelt ("2" is 2, "false" is False,
+# "Embedded" is "embedded"): a sweep resolves them to that one value, so that a cell's folder, hash and duplicate
+# check see one cell (and ``semantic: "false"`` names the non-semantic model's folder, the model it loads). Values
+# already so spelt are unchanged (finished cells keep their hashes); a value validation refuses is left as written,
+# for it to report.
+_BOOLS = ("semantic", "keep_incorrect", "circuit")
+_FLAGS = ("use_novel_names", "use_synonyms_table", "use_synonyms_field")  # (None: the feature's default)
+_INTS = ("cs_num", "batch_size", "seed")
+
+
+def spelled_once(settings: dict) -> dict:
+    """``settings`` (a sweep cell's, by name) with the typed ones as validation reads them (see above)."""
+    out = dict(settings)
+    for keys, read in ((_BOOLS, lambda k, v: as_bool(k, v)), (_FLAGS, lambda k, v: as_bool(k, v, allow_none=True)),
+                       (_INTS, as_int)):
+        for k in keys:
+            if k in out:
+                try:
+                    out[k] = read(k, out[k])
+                except ValueError:
+                    pass
+    m = out.get("model_num")
+    if isinstance(m, str) and (m.strip().lower() == "embedded" or m.strip().lstrip("-").isdigit()):
+        out["model_num"] = "embedded" if m.strip().lower() == "embedded" else int(m.strip())
+    return out

@@ -68,6 +68,7 @@ from pathlib import Path
 import yaml
 
 from helpers.experiments.results import find_results
+from helpers.parameter_values import spelled_once
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,36 +336,8 @@ class Cell:
         return str(self.relpath).replace(os.sep, " / ")
 
 
-# Settings that validation reads the same however they are spelt ("2" is 2, "false" is False, "Embedded" is
-# "embedded"): resolved to that one value, so that a cell's folder, hash and duplicate check see one cell (and
-# ``semantic: "false"`` names the non-semantic model's folder, the model it loads). Values already so spelt are
-# unchanged (finished cells keep their hashes); a value validation refuses is left as written, for it to report.
-_BOOLS = ("semantic", "keep_incorrect", "circuit")
-_FLAGS = ("use_novel_names", "use_synonyms_table", "use_synonyms_field")  # (None: the feature's default)
-_INTS = ("cs_num", "batch_size", "seed")
-
-
-def _spelled_once(resolved: dict) -> dict:
-    """``resolved`` with the typed settings as validation reads them (see above)."""
-    from helpers.parameter_values import as_bool, as_int
-
-    out = dict(resolved)
-    for keys, read in ((_BOOLS, lambda k, v: as_bool(k, v)), (_FLAGS, lambda k, v: as_bool(k, v, allow_none=True)),
-                       (_INTS, as_int)):
-        for k in keys:
-            if k in out:
-                try:
-                    out[k] = read(k, out[k])
-                except ValueError:
-                    pass
-    m = out.get("model_num")
-    if isinstance(m, str) and (m.strip().lower() == "embedded" or m.strip().lstrip("-").isdigit()):
-        out["model_num"] = "embedded" if m.strip().lower() == "embedded" else int(m.strip())
-    return out
-
-
 def resolve(params: dict, defaults: dict) -> dict:
-    resolved = _spelled_once({**defaults, **params})
+    resolved = spelled_once({**defaults, **params})
     if "feature_name" in resolved:
         resolved["feature_name"] = feature_label(resolved["feature_name"])
     if "vocabulary" in resolved:  # "Upstream" is "upstream"; the model's own word set is None (one run, one folder)
