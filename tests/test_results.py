@@ -149,10 +149,11 @@ def test_file_names_differ_by_setting():
                                                     use_synonyms_table=False, use_synonyms_field=False))
     names = {results.file_stem(settings, spec)}
     for change in ({"use_novel_names": True}, {"use_synonyms_table": True}, {"use_synonyms_field": True},
-                   {"batch_size": 7}, {"seed": 3}, {"feature_name": "DEFTABLENAME"}, {"cs_num": 2}):
+                   {"batch_size": 7}, {"seed": 3}, {"feature_name": "DEFTABLENAME"}, {"cs_num": 2},
+                   {"circuit": False}, {"keep_incorrect": True}):
         other, _, other_spec = validate(dataclasses.replace(settings, **change))
         names.add(results.file_stem(other, other_spec))
-    assert len(names) == 8
+    assert len(names) == 10  # (a run without the circuit section replaced one with it)
     stem = results.file_stem(settings, spec)
     assert "embedded-llama-cs1" in stem and "ENGTABLENAME" in stem and "novel_names.False" in stem
 

@@ -20,10 +20,12 @@ def _slug(text: str) -> str:
 
 
 def file_stem(settings, spec) -> str:
-    """``activation_patching_{model}_cs{n}_{FEATURE}_novel_names.{b}.table.{b}.field.{b}_batch{n}_seed{s}[_{dtype}]``.
+    """``activation_patching_{model}_cs{n}_{FEATURE}_novel_names.{b}.table.{b}.field.{b}_batch{n}_seed{s}[_{dtype}]``
+    and, where set, ``_keepincorrect``, ``_nocircuit``, the word set and the novel words.
 
     ``model`` is the registry's display name; a ``model_path`` override adds a short hash of the path so
-    two folders with the same name do not collide.
+    two folders with the same name do not collide. (The device is not named: the same settings on another device
+    give the same result, to rounding, and replace it.)
     """
     model = spec.name
     if getattr(spec, "overridden", False):
@@ -35,6 +37,8 @@ def file_stem(settings, spec) -> str:
         stem += f"_{settings.dtype}"
     if settings.keep_incorrect:
         stem += "_keepincorrect"
+    if not getattr(settings, "circuit", True):  # (a run without the circuit section must not replace one with it)
+        stem += "_nocircuit"
     from helpers.tinysql.word_sets import default_vocabulary
 
     vocabulary = getattr(settings, "vocabulary", None)
