@@ -378,6 +378,7 @@ def test_runner_crash_is_recorded(tmp_path, fake_papermill, monkeypatch):
     assert out.status == "failed" and "cannot start papermill" in out.error
     failed = json.loads((out.dir / C.FAILED).read_text())
     assert "cannot start papermill" in failed["error"] and failed["params_hash"] == out.cell.params_hash
+
     assert sorted(p.name for p in out.dir.glob("_*.json")) == [C.FAILED]
 
 
@@ -842,3 +843,16 @@ def test_a_refused_cell_keeps_a_finished_result_under_force(tmp_path, fake_paper
     assert out.status == "failed" and sorted(p.name for p in d.glob("_*.json")) == [C.FAILED]
     assert json.loads((d / C.FAILED).read_text())["error"] == out.error
     assert not fake_papermill.runs
+
+
+def test_every_marker_names_the_suites_commit_that_ran_the_sweep(tmp_path):
+    """A marker (here a refused cell's ``_FAILED.json``) records the suite's commit, read once a process: a
+    failure's record says which code failed."""
+    from helpers.experiments.result_json import suite_commit
+
+    cell_runs._driver_commit.cache_clear()  # (a test that broke subprocess may have cached None)
+    config, cell, d = _refused_cell(tmp_path)
+    out = S.run_sweep(config, progress=False)[0]
+    failed = json.loads((d / C.FAILED).read_text())
+    assert out.status == "failed" and failed["suite_commit"] == suite_commit()
+    assert failed["suite_commit"]  # (this checkout is a git one)

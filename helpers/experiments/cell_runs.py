@@ -4,6 +4,7 @@ process, and how its outcome becomes markers in the cell's folder (``_DONE.json`
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import socket
@@ -45,10 +46,22 @@ def write_marker(cell_dir: Path, name: str, data: dict) -> None:
             (cell_dir / other).unlink(missing_ok=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _driver_commit() -> str | None:
+    """The suite's commit where the sweep runs (read once: three git calls), for its markers."""
+    from helpers.experiments.result_json import suite_commit
+
+    return suite_commit()
+
+
 def cell_record(cell: Cell, cell_dir: Path, config: SweepConfig | None = None) -> dict:
+    """What every marker of the cell says: the cell, its settings (as given and resolved, and their hash), when,
+    and the suite's commit that ran the sweep (a failure's record says which code failed; the result JSON records
+    its own run's)."""
     return dict(cell=dir_label(config, cell_dir) if config else cell.label, params=cell.params,
                 resolved=cell.resolved, params_hash=cell.params_hash,
-                started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                suite_commit=_driver_commit())
 
 
 def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float = 0.0,
