@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers.experiments.run_guard import SweepInterrupted  # noqa: E402
 from helpers.experiments.sweep import run_sweep  # noqa: E402
-from helpers.experiments.sweep_cells import FAILED, dir_label, expand, folder_for, is_finished, load_config  # noqa: E402
+from helpers.experiments.sweep_cells import (  # noqa: E402
+    FAILED, dir_label, expand, folder_for, is_finished, load_config, marker_matches, read_marker,
+)
 
 
 def main(argv=None) -> int:
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
     if args.list:
         for cell in expand(config):
             folder = folder_for(config, cell)
-            state = "done" if is_finished(folder, cell) else "failed" if (folder / FAILED).is_file() else "to run"
+            failed = marker_matches(read_marker(folder / FAILED), cell)  # (not another settings' failure)
+            state = "done" if is_finished(folder, cell) else "failed" if failed else "to run"
             print(f"{dir_label(config, folder)}  [{state}]")
         return 0
     try:
@@ -64,13 +67,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 128 + err.signum
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed", "running elsewhere")}
+    # a cell "not run" with a reason (another run's result in its folder since the sweep chose it) is not done;
+    # one without (left out by --only, or by a stop) is what was asked
+    unfinished = [o for o in outcomes if o.status in ("failed", "running elsewhere") or (o.status == "not run"
+                                                                                         and o.error)]
     print(f"sweep {config.name}: {counts['ok']} ran, {counts['skipped']} already finished, {counts['failed']} "
           f"failed, {counts['running elsewhere']} running in another process -> {config.root / 'index.html'} "
           f"(also index.md)")
-    for o in outcomes:
-        if o.status in ("failed", "running elsewhere"):
-            print(f"  {o.status.upper()} {o.cell.label}: {o.error}")
-    return 1 if counts["failed"] or counts["running elsewhere"] else 0
+    for o in unfinished:
+        print(f"  {o.status.upper()} {o.cell.label}: {o.error}")
+    return 1 if unfinished else 0
 
 
 if __name__ == "__main__":

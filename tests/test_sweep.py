@@ -152,6 +152,34 @@ def test_cli_lists_cells(capsys):
     assert "embedded-llama / cs3 / DEFFIELDNAME" in capsys.readouterr().out
 
 
+def test_cli_exits_1_for_a_cell_not_run_for_a_reason_and_lists_only_its_own_failures(tmp_path, monkeypatch, capsys):
+    """A cell "not run" because another run's result took its folder meanwhile is not done: exit 1, with the reason
+    printed (it exited 0); one left out by ``--only`` (no reason) is not. ``--list`` calls a folder "failed" only
+    for a ``_FAILED.json`` of the cell's own settings."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import sweep as cli
+    finally:
+        sys.path.pop(0)
+    config, cell, d = _refused_cell(tmp_path)
+    params = tmp_path / "r.yaml"
+    params.write_text(yaml.safe_dump({"name": "r", "output_root": str(tmp_path),
+                                      "grid": {"model_num": ["embedded"], "cs_num": [7],
+                                               "feature_name": ["DEFTABLENAME"]}}))
+    why = "another run finished here, with other settings or weights, after this sweep chose the folder"
+    for outcome, code in ((C.Outcome(cell, "not run", d, error=why), 1), (C.Outcome(cell, "not run", d), 0)):
+        monkeypatch.setattr(cli, "run_sweep", lambda *a, _o=outcome, **k: [_o])
+        assert cli.main(["--params", str(params)]) == code
+        assert (why in capsys.readouterr().out) == bool(code)
+    monkeypatch.undo()
+    (d / C.FAILED).write_text(json.dumps({"params_hash": "of-other-settings", "status": "failed"}))
+    assert cli.main(["--params", str(params), "--list"]) == 0
+    assert capsys.readouterr().out.strip().endswith("[to run]")
+    (d / C.FAILED).write_text(json.dumps({"params_hash": cell.params_hash, "status": "failed"}))
+    cli.main(["--params", str(params), "--list"])
+    assert capsys.readouterr().out.strip().endswith("[failed]")
+
+
 def test_parallel_workers_get_one_gpu_each(tmp_path, monkeypatch):
     import threading
 
