@@ -84,6 +84,34 @@ def test_scores_are_normalised_by_direction(project_tokenizer, pairs):
         assert torch.allclose(r.mean(), want.mean(1), atol=1e-6)
 
 
+def test_cell_sets_and_edges_warn_for_each_example_whose_denominator_is_too_small(project_tokenizer, pairs):
+    """Scores of an example whose |clean - corrupt| is below min_denominator are NaN, so means leave it out: each
+    such example is named in a warning, as the head sweep does (cell sets, edges and edge estimates said nothing)."""
+    import re
+    import warnings
+
+    from helpers.circuits.edge_attribution import edge_attribution
+    from helpers.circuits.path_patching import all_edges, path_patching
+
+    model = tiny_model("llama", vocab_size=len(project_tokenizer))
+    T = max(len(p.clean_ids) for p in pairs)
+    edges = all_edges([Cell(0, 1, T - 1)], [(1, 0)], answer_column=T - 1)
+    calls = (lambda md: patch_cell_sets(model, pairs, [[Cell(0, 1, T - 1)]], keep_incorrect=True, min_denominator=md),
+             lambda md: path_patching(model, pairs, edges, keep_incorrect=True, min_denominator=md),
+             lambda md: edge_attribution(model, pairs, edges, keep_incorrect=True, min_denominator=md))
+    for call in calls:
+        res = call(0.0)
+        gap = (res.clean_logit_diff - res.corrupt_logit_diff).abs().double()
+        limit = float(gap.sort().values[1])  # the smallest example falls below it, the others do not
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = call(limit)
+        named = {int(re.match(r"example (\d+):", str(w.message)).group(1)) for w in caught
+                 if "min_denominator" in str(w.message)}
+        assert named == {int(gap.argmin())}
+        assert res.scores.isnan().all(dim=-1 if res.scores.shape[0] == len(pairs) else 0)[int(gap.argmin())]
+
+
 def test_bad_input_is_refused(project_tokenizer, pairs):
     model = tiny_model("llama", vocab_size=len(project_tokenizer))
     with pytest.raises(ValueError, match="unknown direction"):
@@ -125,6 +153,15 @@ def test_faithfulness_curves(project_tokenizer, pairs):
     assert math.isclose(a.sufficiency[0], float(mean[top.layer, top.head, top.position]), abs_tol=1e-4)
     reached = [k for k, v in zip(a.k, a.sufficiency) if v >= 0.8]
     assert a.k80_sufficiency == (reached[0] if reached else None)
+    # each point of both curves is the plain reference's patch of the top k cells (the necessity curve was only
+    # checked for its length: computing it as sufficiency passed)
+    ref_kw = dict(n_columns=T, keep_incorrect=True, min_denominator=0.0)
+    for k in (1, 4):
+        top_k = [a.cells[:k]]
+        for direction, curve in (("sufficiency", a.sufficiency), ("necessity", a.necessity)):
+            ref = patch_cell_sets_reference(model, pairs, top_k, direction, **ref_kw)
+            # (normalised by small denominators: 1e-6 logits of float32 become ~1e-5 of a score)
+            assert math.isclose(curve[k - 1], float(ref.mean()[0]), abs_tol=1e-4), (direction, k)
     json.dumps(a.to_dict(), allow_nan=False)
 
 
@@ -212,6 +249,12 @@ def test_head_attention_by_role(project_tokenizer, pairs):
     for side in ("clean", "corrupt"):
         assert math.isclose(sum(out.by_role[side].values()), 1.0, abs_tol=1e-5)
         assert [len(row) for row in getattr(out, side)] == [p.corrupted_position + 1 for p in pairs]
+        # the rows are that head's attention from the corrupted position, in that run (not a neighbouring head's,
+        # not the other run's: the sums and lengths alone passed either)
+        for p, row in zip(pairs, getattr(out, side)):
+            q = p.corrupted_position
+            probs = attention_probabilities(model, p.clean_ids if side == "clean" else p.corrupt_ids)
+            assert torch.allclose(torch.as_tensor(row, dtype=probs.dtype), probs[1, 2, q, :q + 1], atol=1e-6)
 
 
 def test_head_attention_refuses_tokens_heads_and_queries_that_do_not_fit(project_tokenizer, pairs):
@@ -526,6 +569,14 @@ def test_faithfulness_refuses_a_mean_of_another_shape_and_bad_counts(project_tok
         faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads, T), k_max=0)
     with pytest.raises(ValueError, match="n_random must be an integer >= 0"):
         faithfulness_curves(model, pairs, torch.zeros(geo.n_layers, geo.n_heads, T), n_random=-2)
+    mean = torch.zeros(geo.n_layers, geo.n_heads, T)
+    for columns in ([5], [5, 6, -7], [5, 6, T + 50], [5.5, 6, 7]):  # one per example, inside the frame
+        with pytest.raises(ValueError, match="first_columns must give each"):
+            faithfulness_curves(model, pairs, mean, first_columns=columns)
+    with pytest.raises(ValueError, match="count must have mean's shape"):
+        faithfulness_curves(model, pairs, mean, count=torch.ones(1, 1, 1))
+    with pytest.raises(ValueError, match="n_columns=0 is shorter"):
+        patch_cell_sets(model, pairs, [[Cell(0, 0, 5)]], n_columns=0)
 
 
 def test_edge_parts_are_checked_and_the_model_check_reads_the_experiments_precision():

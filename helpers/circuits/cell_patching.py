@@ -24,7 +24,8 @@ from helpers.models.architectures import head_geometry
 from helpers.patching.chunking import run_chunked
 from helpers.patching.example_runs import clean_and_corrupt_z
 from helpers.patching.model_calls import ModelCalls, eval_mode, model_device, progress_bar, unwrap_model
-from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
+from helpers.patching.result_types import (DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair,
+                                           warn_small_denominators)
 from helpers.patching.sites import site_of
 
 #: rows (sets) per forward; the embedded models' and tests' sets fit at once, larger models chunk (halving on OOM)
@@ -54,6 +55,7 @@ class CellSetResult:
             scores = (self.clean_logit_diff - self.patched_logit_diff) / safe
         scores[:, ~usable] = float("nan")
         self.scores = scores
+        warn_small_denominators(self.clean_logit_diff, self.corrupt_logit_diff, self.included, self.min_denominator)
 
     def mean(self) -> torch.Tensor:
         """[set]: the mean score over the usable examples (NaN if none)."""

@@ -128,8 +128,14 @@ def faithfulness_curves(model, pairs, mean: torch.Tensor, *, count: torch.Tensor
         raise ValueError(f"mean must be the head sweep's [layer, head, column] scores of this model "
                          f"([{geo.n_layers}, {geo.n_heads}, columns]), got shape {list(mean.shape)}")
     L, H, C = mean.shape
+    if count is not None and tuple(torch.as_tensor(count).shape) != tuple(mean.shape):
+        raise ValueError(f"count must have mean's shape {list(mean.shape)}, got {list(torch.as_tensor(count).shape)}")
     if first_columns is None:
         first_columns = [C - len(p.clean_ids) + validate_pair(p, i) for i, p in enumerate(pairs)]
+    elif len(first_columns) != len(pairs) or not all(isinstance(c, numbers.Integral) and 0 <= c < C
+                                                       for c in first_columns):
+        raise ValueError(f"first_columns must give each of the {len(pairs)} examples' corrupted column, an integer in "
+                         f"0..{C - 1}, got {list(first_columns)}")
     ranked = ranked_cells(mean, count)
     ks = k_values(ranked, mean, k_max, threshold)
     top_sets = [ranked[:k] for k in ks]

@@ -43,7 +43,8 @@ from helpers.patching.example_runs import clean_and_corrupt_z
 from helpers.patching.fused_modules import fused_modules
 from helpers.patching.model_calls import (ModelCalls, eval_mode, first_tensor, model_device, progress_bar,
                                          replace_first, two_row_output_layer, unwrap_model)
-from helpers.patching.result_types import DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair
+from helpers.patching.result_types import (DEFAULT_MIN_DENOMINATOR, report_inclusion, validate_pair,
+                                           warn_small_denominators)
 from helpers.patching.sites import site_of
 
 INPUTS = ("q", "k", "v")
@@ -203,6 +204,7 @@ def edge_scores(edges, patched: torch.Tensor, pre, keep_incorrect: bool, min_den
     usable = included & (denom.abs() >= min_denominator)
     scores = (patched - corrupt) / torch.where(usable, denom, torch.ones_like(denom))
     scores[:, ~usable] = float("nan")
+    warn_small_denominators(clean, corrupt, included, min_denominator)
     return EdgeScores(list(edges), patched.T.contiguous(), clean, corrupt, included, scores.T.contiguous())
 
 

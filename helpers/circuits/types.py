@@ -44,7 +44,7 @@ def frame_columns(pairs, n_columns: int | None) -> int:
     if not pairs:
         raise ValueError("no examples: pairs is empty")
     longest = max(len(p.clean_ids) for p in pairs)
-    n_columns = n_columns or longest
+    n_columns = longest if n_columns is None else n_columns  # (0 is refused below, not read as "the longest")
     if n_columns < longest:
         raise ValueError(f"n_columns={n_columns} is shorter than the longest example ({longest} tokens)")
     return n_columns

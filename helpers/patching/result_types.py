@@ -149,14 +149,23 @@ def report_inclusion(clean_correct: Sequence[bool], keep_incorrect: bool) -> tor
     return torch.ones_like(correct) if keep_incorrect else correct
 
 
-def warn_guarded(result: PatchingResult) -> None:
-    denom = result.clean_logit_diff - result.corrupt_logit_diff
-    for i in (result.guarded & result.included).nonzero().flatten().tolist():
+def warn_small_denominators(clean: torch.Tensor, corrupt: torch.Tensor, included: torch.Tensor,
+                            min_denominator: float, stacklevel: int = 3) -> None:
+    """One warning per included example whose |clean - corrupt| logit difference is below ``min_denominator`` (or
+    NaN): its normalised scores are NaN, so means over examples leave it out. Every result that normalises says so
+    (the head sweep's, the circuits' cell sets and edges)."""
+    denom = clean - corrupt  # (in the caller's dtype: the same test as its scores')
+    for i in (included & ~(denom.abs() >= min_denominator)).nonzero().flatten().tolist():
         warnings.warn(
             f"example {i}: |clean - corrupt| logit difference = {abs(float(denom[i])):.3g} < min_denominator="
-            f"{result.min_denominator}; its normalised scores are NaN (raw patched_logit_diff is kept)",
-            stacklevel=3,
+            f"{min_denominator}; its normalised scores are NaN (raw patched_logit_diff is kept)",
+            stacklevel=stacklevel,
         )
+
+
+def warn_guarded(result: PatchingResult) -> None:
+    warn_small_denominators(result.clean_logit_diff, result.corrupt_logit_diff, result.included,
+                            result.min_denominator, stacklevel=4)
 
 
 def build_result(cls, kind, dims, patched, clean, corrupt, clean_correct, included, lengths, first_diff,
