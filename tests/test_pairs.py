@@ -213,9 +213,43 @@ def test_template_words_are_never_drawn_as_names(project_tokenizer):
 
 
 def test_engtablename_distractor_can_answer_the_corrupt_request(project_tokenizer):
-    for p in make_pairs(Feature.ENGTABLENAME, project_tokenizer, cs_num=2, batch_size=20, seed=4):
-        distractor = next(t for t in p.clean_item.tables if t.name == p.corrupt_answer)
-        assert {s.field for s in p.clean_item.select} <= set(distractor.field_names)
+    """The distractor holds every field the request names: selected and sorted by (in CS2 and CS3 most corrupt
+    requests sorted by a column the distractor lacked)."""
+    sorted_by = 0
+    for cs, seed in ((1, 4), (2, 4), (2, 5), (3, 6), (3, 7)):
+        for p in make_pairs(Feature.ENGTABLENAME, project_tokenizer, cs_num=cs, batch_size=20, seed=seed,
+                            use_synonyms_table=True):
+            distractor = next(t for t in p.clean_item.tables if t.name == p.corrupt_answer)
+            mentioned = {s.field for s in p.clean_item.select} | {f for f, _ in p.clean_item.order_by}
+            assert mentioned <= set(distractor.field_names), (cs, seed, p.corrupt_answer)
+            sorted_by += bool(p.clean_item.order_by)
+    assert sorted_by >= 20  # (the sorted fields were checked somewhere)
+
+
+def test_an_upstream_corrupt_synonym_is_never_another_fields_own_name(project_tokenizer):
+    """Upstream's synonyms overlap its field names ("total" is amount's and a field): such a corrupt word does not
+    say which answer it asks for, so it is never drawn (a quarter of the pairs had one)."""
+    from helpers.tinysql.word_sets import parse_word_set
+
+    fields = parse_word_set("upstream").fields
+    for feature in (Feature.ENGFIELDNAME, Feature.ENGORDERBYFIELD):
+        for seed in range(4):
+            for p in make_pairs(feature, project_tokenizer, cs_num=2, batch_size=20, seed=seed, vocabulary="upstream",
+                                use_synonyms_field=True):
+                assert p.corrupt_word == p.corrupt_answer or p.corrupt_word not in fields, (feature, p.corrupt_word)
+
+
+def test_make_pairs_reads_settings_as_notebooks_deliver_them_and_ignores_moot_ones(project_tokenizer):
+    """"False" is False ("False" as a flag turned novel names on), "2" is 2; a float command set or batch size is
+    refused; which novel words, without novel names, changes nothing (it changed the seed)."""
+    base = dict(cs_num=2, batch_size=3, seed=1)
+    plain = make_pairs("ENGFIELDNAME", project_tokenizer, **base)
+    assert make_pairs("ENGFIELDNAME", project_tokenizer, cs_num="2", batch_size="3", seed="1",
+                      use_novel_names="False", use_synonyms_table="false", use_synonyms_field=0) == plain
+    assert make_pairs("ENGFIELDNAME", project_tokenizer, novel_words="held_out", **base) == plain
+    for bad in (dict(cs_num=2.0), dict(batch_size=2.5), dict(use_novel_names="no"), dict(cs_num=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            make_pairs("ENGFIELDNAME", project_tokenizer, **{**base, **bad})
 
 
 def test_deffieldname_renames_the_one_column_no_instruction_word_matches(project_tokenizer):

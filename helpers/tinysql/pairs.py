@@ -36,6 +36,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
+from helpers.parameter_values import as_bool, as_int
 from helpers.tinysql import vocabulary as V
 from helpers.tinysql.sql_items import COMMAND_SETS, Column, GeneratorConfig, SqlItem, TableSchema, generate_item
 from helpers.tinysql.tokenization import NotSingleTokenError, encode_prompt_and_answer, single_token_id, tokenizer_name
@@ -296,6 +297,9 @@ def _corruption(feature: Feature, item: SqlItem, rng: random.Random, opts: PairO
             corrupt_answer = rng.choice([f for f in fields if f not in prompt_words
                                          and not set(words.fields.get(f, ())) & prompt_words])
             corrupt_word = _word_for(corrupt_answer, words.fields, opts.use_synonyms_field, rng)
+            if corrupt_word != corrupt_answer and corrupt_word in words.fields:  # ("total": amount's, a field too)
+                raise PairConstructionError(f"the corrupt word {corrupt_word!r} stands for {corrupt_answer!r} but is "
+                                            "a field's own name: which answer it asks for is ambiguous")
         corrupt = item.with_english_word(clean_answer, corrupt_word)
         return corrupt, clean_word, corrupt_word, clean_answer, corrupt_answer
 
@@ -432,6 +436,13 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
     """
     feature = parse_feature(feature)
     words = parse_word_set(vocabulary or "suite")
+    # as notebooks and YAML deliver them ("False" is False: bool("False") turned novel names on), else refused
+    cs_num, batch_size, seed = (as_int(n, v) for n, v in (("cs_num", cs_num), ("batch_size", batch_size),
+                                                          ("seed", seed)))
+    use_novel_names = as_bool("use_novel_names", use_novel_names)
+    use_synonyms_table, use_synonyms_field = (as_bool(n, v) for n, v in (("use_synonyms_table", use_synonyms_table),
+                                                                           ("use_synonyms_field", use_synonyms_field)))
+    distractor_table = as_bool("distractor_table", distractor_table, allow_none=True)
     if cs_num not in (0,) + COMMAND_SETS:
         raise ValueError(f"Unknown command set {cs_num!r}: pairs exist for {(0,) + COMMAND_SETS}")
     check_command_set(feature, cs_num)
@@ -440,6 +451,8 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if novel_words not in NOVEL_WORDS:
         raise ValueError(f"Unknown novel_words {novel_words!r}: choose one of {list(NOVEL_WORDS)}")
+    if not use_novel_names:
+        novel_words = "trained"  # (which novel words is moot without them: the same pairs, the same seed)
     if use_novel_names and not feature.corrupts_a_name:
         raise ValueError(f"use_novel_names does not apply to {feature.value}: it corrupts a "
                          f"{'direction' if feature is Feature.ENGORDERBYDIRECTION else 'function'} word, not a name")
@@ -475,8 +488,8 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
                                         f"{failures[-1]}")
         if not pairs and len(failures) >= 10:  # a skeleton that does not tokenize cleanly: draw another
             skeleton = _base_item(feature, cs, rng, opts, tables, fields, words)
-        item = _fill_skeleton(skeleton, feature, rng, opts, tables, fields, words)
         try:
+            item = _fill_skeleton(skeleton, feature, rng, opts, tables, fields, words)
             _check_unambiguous(item)
             corrupt, cw, xw, ca, xa = _corruption(feature, item, rng, opts, tables, fields, words)
             pair = build_pair(feature, item, corrupt, tokenizer, clean_word=cw, corrupt_word=xw,
@@ -521,7 +534,8 @@ def _fill_skeleton(skeleton: SqlItem, feature: Feature, rng: random.Random, opts
 
     Everything else (templates, types, which slots are selected, sorted or aggregated) is kept, so with
     single-token names every filled item tokenizes to the same length with the same positions. For
-    ENGTABLENAME the distractor table also has the selected fields, so the corrupt request is answerable.
+    ENGTABLENAME the distractor table also has the selected and the sorted fields, so the corrupt request is
+    answerable (a skeleton whose distractor has too few columns is refused: another is drawn).
     """
     new_tables = rng.sample(list(tables), len(skeleton.tables))
     new_fields = iter(rng.sample(list(fields), sum(len(t.columns) for t in skeleton.tables)))
@@ -533,10 +547,13 @@ def _fill_skeleton(skeleton: SqlItem, feature: Feature, rng: random.Random, opts
             table = name
         schemas.append(TableSchema(name, columns))
     select = tuple(replace(s, field=target_fields[s.field]) for s in skeleton.select)
-    if feature is Feature.ENGTABLENAME:
-        selected = [s.field for s in select]
+    if feature is Feature.ENGTABLENAME:  # every field the request mentions: selected, then sorted by
+        mentioned = [s.field for s in select]
+        mentioned += [target_fields[f] for f, _ in skeleton.order_by if target_fields[f] not in mentioned]
+        if any(len(t.columns) < len(mentioned) for t in schemas):
+            raise PairConstructionError("a distractor table has fewer columns than the request mentions")
         schemas = [t if t.name == table else TableSchema(t.name, tuple(
-            Column(selected[i], c.sql_type) if i < len(selected) else c for i, c in enumerate(t.columns)))
+            Column(mentioned[i], c.sql_type) if i < len(mentioned) else c for i, c in enumerate(t.columns)))
             for t in schemas]
     names = {table: _word_for(table, words.tables, opts.use_synonyms_table, rng)}
     for f in target_fields.values():
