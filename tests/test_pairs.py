@@ -189,8 +189,8 @@ def test_a_batch_shares_one_shape_so_columns_mean_the_same_token(feature, cs, an
     assert len({p.clean_prompt for p in pairs}) == len(pairs)  # yet the examples are different
 
 
-# Known helpers bug (tests/test_word_sets_and_features.py, test_direction_and_function_words_are_the_only_mention_of_
-# themselves): a function word can recur in the Instruction ("the lowest a and lowest b", "from lowest to highest").
+# Every feature, the direction and function ones included (a function word used to recur in the Instruction, "the
+# lowest a and lowest b": fixed, and held by tests/test_word_sets_and_features.py too).
 ONLY_MENTION_CASES = list(FEATURES)
 
 
