@@ -3,6 +3,8 @@ arrive as strings, so ``"2"`` must mean 2 and ``"False"`` must mean False (``boo
 else is refused with the setting's name, never guessed."""
 from __future__ import annotations
 
+import re
+
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
 
 
@@ -22,7 +24,7 @@ def as_bool(name: str, value, allow_none: bool = False) -> bool | None:
 
 def as_int(name: str, value, minimum: int | None = None) -> int:
     """An int (also a string of digits), at least ``minimum``; True/False are not ints here."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # ("²".isdigit() is True)
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         kind = "an int" if minimum is None else f"an int >= {minimum}"
@@ -52,6 +54,8 @@ def spelled_once(settings: dict) -> dict:
                 except ValueError:
                     pass
     m = out.get("model_num")
-    if isinstance(m, str) and (m.strip().lower() == "embedded" or m.strip().lstrip("-").isdigit()):
+    if isinstance(m, str) and (m.strip().lower() == "embedded" or re.fullmatch(r"-?[0-9]+", m.strip())):
         out["model_num"] = "embedded" if m.strip().lower() == "embedded" else int(m.strip())
+    if isinstance(out.get("novel_words"), str):
+        out["novel_words"] = out["novel_words"].strip().lower()
     return out

@@ -633,3 +633,21 @@ def test_edge_parts_are_checked_and_the_model_check_reads_the_experiments_precis
             self.model_info = {"dtype": dtype, "device": device}
     assert _ran_in_half(Exp("auto", "cuda:0")) and _ran_in_half(Exp("bfloat16", "cpu"))
     assert not _ran_in_half(Exp("auto", "cpu")) and not _ran_in_half(Exp("float32", "cuda:0"))
+
+
+def test_the_circuit_section_leaves_small_denominators_to_the_head_sweep():
+    """Inside analyse_circuit the cell sets' and edges' small-denominator warnings are silenced: the head sweep has
+    named each such example by its own number (the circuit's count only the included ones); other warnings pass."""
+    import warnings
+
+    from helpers.circuits.analysis import _named_by_the_head_sweep
+    from helpers.patching.result_types import warn_small_denominators
+
+    small = (torch.tensor([1.0, 0.01]), torch.tensor([0.0, 0.0]), torch.tensor([True, True]), 0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_small_denominators(*small)
+        with _named_by_the_head_sweep():
+            warn_small_denominators(*small)
+            warnings.warn("another warning")
+    assert [str(w.message)[:10] for w in caught] == ["example 1:", "another wa"]

@@ -989,9 +989,13 @@ def test_examples_merge_only_where_every_span_fits_the_shortest_example():
     with pytest.raises(ValueError, match="examples_per_forward"):
         patch_heads(model, pairs, progress=False, examples_per_forward=0)
     # (a bucket size below 1 ran no forward and returned the corrupt metric at every position, without a word)
-    for bad in (dict(bucket_size=-1), dict(bucket_size=0), dict(chunk_size=0), dict(bucket_size=2.5)):
+    for bad in (dict(bucket_size=-1), dict(bucket_size=0), dict(chunk_size=0), dict(bucket_size=2.5),
+                dict(bucket_size=True)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be None or an integer >= 1"):
             patch_heads(model, pairs, progress=False, **bad)
+    import numpy as np
+    numpy_sized = patch_heads(model, pairs, keep_incorrect=True, progress=False, bucket_size=np.int64(2))
+    assert_raw_close(numpy_sized, ref)  # (a numpy integer is an integer)
 
 
 def test_a_model_that_does_not_pass_the_mask_on_runs_examples_one_at_a_time():

@@ -353,6 +353,19 @@ def test_settings_spelt_differently_are_one_cell_and_name_the_model_they_load(tm
     plain = cells[0]
     assert plain.params_hash == C.params_hash({**plain.defaults, **plain.params})  # (no spelling to resolve)
     assert C.resolve({"semantic": "maybe", "cs_num": "x1"}, {}) == {"semantic": "maybe", "cs_num": "x1"}
+    odd = {"model_num": "²", "cs_num": "--1", "seed": "²"}  # (str.isdigit() is True for "²": int() is not)
+    assert C.resolve(odd, {}) == odd
+    assert C.resolve({"novel_words": " Held_Out"}, {}) == {"novel_words": "held_out"}
+    # a cell finished before spellings were resolved (its marker's hash of cs_num "1") is still finished
+    d = tmp_path / "done"
+    d.mkdir()
+    (d / "activation_patching_b5.json").write_text("{}")
+    old = {**cell_runs.cell_record(plain, d), "status": "ok", "params_hash": "written-before-spellings",
+           "resolved": {**plain.resolved, "cs_num": "1", "batch_size": "5"}}
+    (d / C.DONE).write_text(json.dumps(old))
+    assert C.is_finished(d, plain)
+    (d / C.DONE).write_text(json.dumps({**old, "resolved": {**old["resolved"], "seed": 2}}))  # other settings
+    assert not C.is_finished(d, plain)
 
 
 def test_folder_names_do_not_depend_on_other_cells():
@@ -866,7 +879,7 @@ def test_a_refused_cell_keeps_a_finished_result_under_force(tmp_path, fake_paper
     out = S.run_sweep(config, force=True, progress=False)[0]
     assert out.dir == d and out.status == "failed" and "finished result in this folder is kept" in out.error
     assert _markers(d) == before
-    (d / C.DONE).unlink()
+    (d / "activation_patching_b5.json").unlink()  # a _DONE.json whose result is gone: nothing finished to keep
     out = S.run_sweep(config, force=True, progress=False)[0]
     assert out.status == "failed" and sorted(p.name for p in d.glob("_*.json")) == [C.FAILED]
     assert json.loads((d / C.FAILED).read_text())["error"] == out.error
@@ -884,3 +897,34 @@ def test_every_marker_names_the_suites_commit_that_ran_the_sweep(tmp_path):
     failed = json.loads((d / C.FAILED).read_text())
     assert out.status == "failed" and failed["suite_commit"] == suite_commit()
     assert failed["suite_commit"]  # (this checkout is a git one)
+
+
+def test_a_runner_crash_before_its_claim_leaves_another_sweeps_live_claim_alone(tmp_path, monkeypatch):
+    """The runner crashing anywhere (here before it claims the cell) records the failure under the claim: a cell
+    another live process runs keeps its lock ("running elsewhere")."""
+    import socket
+    import subprocess
+
+    from helpers.experiments.run_guard import process_started
+
+    config = _one_cell(tmp_path)
+    cell = C.expand(config)[0]
+    d = C.folder_for(config, cell)
+    d.mkdir(parents=True)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the runner broke before claiming")
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (d / C.RUNNING).write_text(json.dumps({**cell_runs.cell_record(cell, d, config), "status": "running",
+                                               "host": socket.gethostname(), "pid": other.pid,
+                                               "pid_started": process_started(other.pid)}))
+        before = _markers(d)
+        monkeypatch.setattr(S, "run_cell", crash)
+        out = S.run_sweep(config, progress=False)[0]
+        assert out.status == "running elsewhere" and "the runner broke before claiming" in out.error
+        assert _markers(d) == before
+    finally:
+        other.kill()
+        other.wait()

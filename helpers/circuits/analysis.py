@@ -11,6 +11,8 @@ lists every edge computed, strongest first, each with its edge attribution estim
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +150,15 @@ def check_same_model(exp, model, example: int | None = None) -> None:
                          f"{recorded[1]:.3f} in the experiment (tolerance {tol:.2f})")
 
 
+@contextmanager
+def _named_by_the_head_sweep():
+    """The circuit's computations without their small-denominator warnings: the experiment's head sweep has named
+    each such example already, by its own number (these count within the included examples only)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"example \d+: \|clean - corrupt\| logit difference")
+        yield
+
+
 def analyse_circuit(exp, model=None, *, k_max: int = DEFAULT_K_MAX, threshold: float = DEFAULT_THRESHOLD,
                     n_random: int = DEFAULT_N_RANDOM, n_receivers: int = DEFAULT_N_RECEIVERS,
                     n_attention_heads: int = DEFAULT_N_ATTENTION_HEADS, n_senders: int | None = None,
@@ -175,8 +186,10 @@ def analyse_circuit(exp, model=None, *, k_max: int = DEFAULT_K_MAX, threshold: f
                          "and keep_incorrect is off): nothing to analyse")
     check_same_model(exp, model)
     pairs = [exp.pairs[i] for i in included]
-    curves = faithfulness_curves(model, pairs, mean, count=count, k_max=k_max, threshold=threshold,
-                                 n_random=n_random, seed=exp.settings.seed, keep_incorrect=True, progress=progress)
+    with _named_by_the_head_sweep():
+        curves = faithfulness_curves(model, pairs, mean, count=count, k_max=k_max, threshold=threshold,
+                                     n_random=n_random, seed=exp.settings.seed, keep_incorrect=True,
+                                     progress=progress)
     heads: list[tuple[int, int]] = []
     for c in curves.cells:
         if (c.layer, c.head) not in heads:
@@ -194,8 +207,9 @@ def analyse_circuit(exp, model=None, *, k_max: int = DEFAULT_K_MAX, threshold: f
                    random_pool(L, H, [C - len(p.clean_ids) + p.corrupted_position for p in pairs], C))
         edge_list = all_edges(senders, [(r["layer"], r["head"]) for r in receivers], answer_column=C - 1)
         kw = dict(n_columns=C, keep_incorrect=True)
-        exact = path_patching(model, pairs, edge_list, progress=progress, **kw)
-        estimate = edge_attribution(model, pairs, edge_list, **kw)
+        with _named_by_the_head_sweep():
+            exact = path_patching(model, pairs, edge_list, progress=progress, **kw)
+            estimate = edge_attribution(model, pairs, edge_list, **kw)
         found = exact.to_dicts()
         for d, a in zip(found, estimate.to_dicts()):
             d["attribution"] = a["score"]

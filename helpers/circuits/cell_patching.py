@@ -55,7 +55,8 @@ class CellSetResult:
             scores = (self.clean_logit_diff - self.patched_logit_diff) / safe
         scores[:, ~usable] = float("nan")
         self.scores = scores
-        warn_small_denominators(self.clean_logit_diff, self.corrupt_logit_diff, self.included, self.min_denominator)
+        warn_small_denominators(self.clean_logit_diff, self.corrupt_logit_diff, self.included, self.min_denominator,
+                                stacklevel=5)  # (past __post_init__ and the dataclass's __init__: its creator)
 
     def mean(self) -> torch.Tensor:
         """[set]: the mean score over the usable examples (NaN if none)."""

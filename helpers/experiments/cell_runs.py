@@ -87,7 +87,8 @@ def record_failure_unclaimed(cell: Cell, cell_dir: Path, message: str, duration_
         if busy is not None:
             return Outcome(cell, "running elsewhere", cell_dir, duration_s, f"{message} (not recorded: {busy})")
     try:
-        if read_marker(cell_dir / DONE) is not None:
+        done = read_marker(cell_dir / DONE)
+        if done is not None and (is_finished(cell_dir, cell) or not done_is_own(cell_dir, done, cell)):
             (cell_dir / RUNNING).unlink(missing_ok=True)
             return Outcome(cell, "failed", cell_dir, duration_s,
                            f"{message} (not recorded: the finished result in this folder is kept)")

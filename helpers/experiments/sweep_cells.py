@@ -431,7 +431,12 @@ def marker_matches(marker: dict | None, cell: Cell) -> bool:
     if _ran_before_word_sets(marker) and _word_set(cell) != "suite":
         return False  # (the same hash: a hub model's unset word set meant the suite's words then, upstream's now)
     if "params_hash" in marker:
-        return marker["params_hash"] == cell.params_hash
+        if marker["params_hash"] == cell.params_hash:
+            return True
+        # written before spellings were resolved (cs_num "1", say): the same settings if its full resolved settings,
+        # spelt once, hash to this cell's (its own record of the defaults then, not today's)
+        recorded = marker.get("resolved")
+        return isinstance(recorded, dict) and params_hash(spelled_once(recorded)) == cell.params_hash
     if isinstance(marker.get("params"), dict):  # written before the hash: its params were the explicit ones
         return params_hash(resolve(marker["params"], cell.defaults)) == cell.params_hash
     return False

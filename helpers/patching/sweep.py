@@ -75,6 +75,8 @@ Sites (what "layer l" means):
 """
 from __future__ import annotations
 
+import numbers
+
 import warnings
 from contextlib import nullcontext
 
@@ -113,7 +115,7 @@ def patch_sweep(model, pairs, kind: str, *, keep_incorrect: bool = False,
     for name, value in (("chunk_size", chunk_size), ("bucket_size", bucket_size),
                         ("examples_per_forward", examples_per_forward)):
         # (a bucket size below 1 ran no forward and returned the corrupt metric everywhere, without a word)
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
     model = unwrap_model(model)
     calls = ModelCalls.of(model)
