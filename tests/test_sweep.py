@@ -928,3 +928,33 @@ def test_a_runner_crash_before_its_claim_leaves_another_sweeps_live_claim_alone(
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_result_of_pairs_the_generator_has_changed_since_is_not_served(tmp_path):
+    """A cell finished with an older pair generator (its marker's ``pairs_version``) counts as finished only where
+    the generator draws the same pairs for its settings today: ENGTABLENAME's CS2/CS3 pairs (the distractor holds the
+    sorted fields since version 2) run again, in a folder of their own; DEFTABLENAME's do not."""
+    from helpers.tinysql.pair_versions import PAIRS_VERSION, pairs_changed_since
+
+    config = C.SweepConfig(name="v", grids=[{"model_num": ["embedded"], "cs_num": [1, 2],
+                                             "feature_name": ["ENGTABLENAME", "DEFTABLENAME"]}], output_root=tmp_path)
+    stale = {}
+    for cell in C.expand(config):
+        d = tmp_path / cell.relpath
+        d.mkdir(parents=True)
+        (d / "activation_patching_b5.json").write_text("{}")
+        record = {**cell_runs.cell_record(cell, d, config), "status": "ok"}
+        assert record["pairs_version"] == PAIRS_VERSION
+        (d / C.DONE).write_text(json.dumps(record))
+        assert C.is_finished(d, cell)
+        (d / C.DONE).write_text(json.dumps({k: v for k, v in record.items() if k != "pairs_version"}))
+        stale[cell.label] = not C.is_finished(d, cell)
+        if stale[cell.label]:
+            assert C.folder_for(config, cell) != d  # (the older result stays where it is)
+    assert stale == {"embedded-llama / cs1 / ENGTABLENAME": False, "embedded-llama / cs2 / ENGTABLENAME": True,
+                     "embedded-llama / cs1 / DEFTABLENAME": False, "embedded-llama / cs2 / DEFTABLENAME": False}
+    field = dict(feature_name="ENGFIELDNAME", cs_num=1, use_novel_names=False, use_synonyms_field=None)
+    assert pairs_changed_since(1, field, "upstream") and not pairs_changed_since(1, field, "suite")
+    assert not pairs_changed_since(1, {**field, "use_novel_names": True}, "upstream")
+    assert pairs_changed_since(None, {**field, "novel_words": "held_out"}, "suite")
+    assert not pairs_changed_since(2, field, "upstream") and not pairs_changed_since(1, {"cs_num": "x"}, "suite")

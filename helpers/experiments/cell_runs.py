@@ -23,6 +23,7 @@ from helpers.experiments.sweep_cells import (
     DONE, EXECUTED_SUFFIX, FAILED, INTERRUPTED, MARKERS, REPO, RUNNING, Cell, Outcome, SweepConfig, dir_label,
     done_is_own, is_finished, read_marker, recorded_weights,
 )
+from helpers.tinysql.pair_versions import PAIRS_VERSION
 
 
 def notebook_error(nb_path: Path) -> str | None:
@@ -56,12 +57,12 @@ def _driver_commit() -> str | None:
 
 def cell_record(cell: Cell, cell_dir: Path, config: SweepConfig | None = None) -> dict:
     """What every marker of the cell says: the cell, its settings (as given and resolved, and their hash), when,
-    and the suite's commit that ran the sweep (a failure's record says which code failed; the result JSON records
-    its own run's)."""
+    the suite's commit that ran the sweep (a failure's record says which code failed; the result JSON records its
+    own run's) and the pair generator's version (a result of older pairs is not this cell's)."""
     return dict(cell=dir_label(config, cell_dir) if config else cell.label, params=cell.params,
                 resolved=cell.resolved, params_hash=cell.params_hash,
                 started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                suite_commit=_driver_commit())
+                suite_commit=_driver_commit(), pairs_version=PAIRS_VERSION)
 
 
 def record_failure(cell: Cell, cell_dir: Path, message: str, duration_s: float = 0.0,

@@ -69,6 +69,7 @@ import yaml
 
 from helpers.experiments.results import find_results
 from helpers.parameter_values import spelled_once
+from helpers.tinysql.pair_versions import pairs_changed_since
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -430,6 +431,8 @@ def marker_matches(marker: dict | None, cell: Cell) -> bool:
         return False
     if _ran_before_word_sets(marker) and _word_set(cell) != "suite":
         return False  # (the same hash: a hub model's unset word set meant the suite's words then, upstream's now)
+    if pairs_changed_since(marker.get("pairs_version"), cell.resolved, _word_set(cell)):
+        return False  # (the same hash: the pair generator has changed these settings' pairs since)
     if "params_hash" in marker:
         if marker["params_hash"] == cell.params_hash:
             return True

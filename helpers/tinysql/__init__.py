@@ -8,8 +8,8 @@ feature, and SQL scoring.
 
 Modules: ``vocabulary`` (tables, fields, synonyms, novel words), ``features`` (the eight features and the command
 sets that can express them), ``word_sets`` (the suite's words or upstream's patching words and template),
-``sql_items`` (items, ``format_prompt``, ``generate_items``), ``tokenization``, ``pairs`` (``make_pairs``), ``scoring``
-(exact match, partial score).
+``sql_items`` (items, ``format_prompt``, ``generate_items``), ``tokenization``, ``pairs`` (``make_pairs``),
+``pair_versions`` (which settings' pairs each generator change altered), ``scoring`` (exact match, partial score).
 """
 from helpers.tinysql.pairs import (FEATURES, CleanCorruptPair, Feature, PairConstructionError, check_command_set,
                                    make_pairs, parse_feature, usable_words)
