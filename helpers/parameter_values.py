@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 _TRUE, _FALSE = ("true", "1"), ("false", "0")
+_INTEGER = re.compile(r"\s*-?[0-9]+\s*")  # (not str.isdigit: "²".isdigit() is True, int("²") fails)
 
 
 def as_bool(name: str, value, allow_none: bool = False) -> bool | None:
@@ -24,8 +25,8 @@ def as_bool(name: str, value, allow_none: bool = False) -> bool | None:
 
 def as_int(name: str, value, minimum: int | None = None) -> int:
     """An int (also a string of digits), at least ``minimum``; True/False are not ints here."""
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):  # ("²".isdigit() is True)
-        value = int(value.strip())
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         kind = "an int" if minimum is None else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
@@ -45,8 +46,7 @@ _INTS = ("cs_num", "batch_size", "seed")
 def spelled_once(settings: dict) -> dict:
     """``settings`` (a sweep cell's, by name) with the typed ones as validation reads them (see above)."""
     out = dict(settings)
-    for keys, read in ((_BOOLS, lambda k, v: as_bool(k, v)), (_FLAGS, lambda k, v: as_bool(k, v, allow_none=True)),
-                       (_INTS, as_int)):
+    for keys, read in ((_BOOLS, as_bool), (_FLAGS, lambda k, v: as_bool(k, v, allow_none=True)), (_INTS, as_int)):
         for k in keys:
             if k in out:
                 try:
@@ -54,8 +54,8 @@ def spelled_once(settings: dict) -> dict:
                 except ValueError:
                     pass
     m = out.get("model_num")
-    if isinstance(m, str) and (m.strip().lower() == "embedded" or re.fullmatch(r"-?[0-9]+", m.strip())):
-        out["model_num"] = "embedded" if m.strip().lower() == "embedded" else int(m.strip())
+    if isinstance(m, str) and (m.strip().lower() == "embedded" or _INTEGER.fullmatch(m)):
+        out["model_num"] = "embedded" if m.strip().lower() == "embedded" else int(m)
     if isinstance(out.get("novel_words"), str):
         out["novel_words"] = out["novel_words"].strip().lower()
     return out

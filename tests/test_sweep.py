@@ -23,6 +23,13 @@ from test_notebooks import REPO, model_settings
 FAKE_TOKEN = "hf_FAKE-planted-sweep-token-0123456789"  # not token-shaped: repo scans stay quiet
 
 
+@pytest.fixture(autouse=True)
+def _commit_read_with_the_real_subprocess():
+    """The markers' suite commit is read once a process, by git: read it before a test stands in for papermill's
+    subprocess (whose stand-ins would otherwise get git's calls, in whatever order the tests run)."""
+    cell_runs._driver_commit()
+
+
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
@@ -954,7 +961,10 @@ def test_a_result_of_pairs_the_generator_has_changed_since_is_not_served(tmp_pat
     assert stale == {"embedded-llama / cs1 / ENGTABLENAME": False, "embedded-llama / cs2 / ENGTABLENAME": True,
                      "embedded-llama / cs1 / DEFTABLENAME": False, "embedded-llama / cs2 / DEFTABLENAME": False}
     field = dict(feature_name="ENGFIELDNAME", cs_num=1, use_novel_names=False, use_synonyms_field=None)
-    assert pairs_changed_since(1, field, "upstream") and not pairs_changed_since(1, field, "suite")
-    assert not pairs_changed_since(1, {**field, "use_novel_names": True}, "upstream")
-    assert pairs_changed_since(None, {**field, "novel_words": "held_out"}, "suite")
-    assert not pairs_changed_since(2, field, "upstream") and not pairs_changed_since(1, {"cs_num": "x"}, "suite")
+    upstream, suite = {**field, "vocabulary": "upstream"}, {**field, "vocabulary": "suite"}
+    assert pairs_changed_since(1, upstream) and not pairs_changed_since(1, suite)
+    assert pairs_changed_since(1, {**field, "model_num": 1})  # (a hub model's own words: upstream's)
+    assert not pairs_changed_since(1, {**upstream, "use_novel_names": True})
+    assert pairs_changed_since(None, {**suite, "novel_words": "held_out"})
+    assert not pairs_changed_since(2, upstream) and not pairs_changed_since(1, {"cs_num": "x"})
+    assert not pairs_changed_since(1, {**upstream, "vocabulary": "klingon"})  # (validation reports it)

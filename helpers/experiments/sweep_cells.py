@@ -431,7 +431,7 @@ def marker_matches(marker: dict | None, cell: Cell) -> bool:
         return False
     if _ran_before_word_sets(marker) and _word_set(cell) != "suite":
         return False  # (the same hash: a hub model's unset word set meant the suite's words then, upstream's now)
-    if pairs_changed_since(marker.get("pairs_version"), cell.resolved, _word_set(cell)):
+    if pairs_changed_since(marker.get("pairs_version"), cell.resolved):
         return False  # (the same hash: the pair generator has changed these settings' pairs since)
     if "params_hash" in marker:
         if marker["params_hash"] == cell.params_hash:

@@ -76,7 +76,6 @@ Sites (what "layer l" means):
 from __future__ import annotations
 
 import numbers
-
 import warnings
 from contextlib import nullcontext
 

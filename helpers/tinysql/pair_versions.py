@@ -13,15 +13,17 @@ PAIRS_VERSION = 2
 _FIELD_FEATURES = ("ENGFIELDNAME", "ENGORDERBYFIELD", "ENGAGGREGATEFIELD")  # (their default: field synonyms on)
 
 
-def pairs_changed_since(version, settings: dict, word_set: str | None) -> bool:
-    """Would pairs with these ``settings`` (an experiment's, by name: feature_name, cs_num, use_novel_names,
-    use_synonyms_field, novel_words; a flag left None is the feature's default) and resolved ``word_set`` ("suite" or
-    "upstream") differ from those the generator of ``version`` (None: 1) drew? Unreadable settings: False (their
-    validation fails the run)."""
+def pairs_changed_since(version, settings: dict) -> bool:
+    """Would pairs with these ``settings`` (an experiment's, by name: feature_name, cs_num, model_num, vocabulary,
+    use_novel_names, use_synonyms_field, novel_words; a flag left None is the feature's default) differ from those
+    the generator of ``version`` (None: 1) drew? Unreadable settings: False (their validation fails the run)."""
+    from helpers.tinysql.word_sets import resolve_vocabulary
+
     try:
         if int(version or 1) >= PAIRS_VERSION:
             return False
         feature, cs_num = str(settings.get("feature_name")), int(settings.get("cs_num"))
+        word_set = resolve_vocabulary(settings.get("vocabulary"), settings.get("model_num"))
     except (TypeError, ValueError):
         return False
     novel = settings.get("use_novel_names") is True

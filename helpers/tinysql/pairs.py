@@ -437,11 +437,10 @@ def make_pairs(feature: Feature | str, tokenizer, *, cs_num: int = 1, batch_size
     feature = parse_feature(feature)
     words = parse_word_set(vocabulary or "suite")
     # as notebooks and YAML deliver them ("False" is False: bool("False") turned novel names on), else refused
-    cs_num, batch_size, seed = (as_int(n, v) for n, v in (("cs_num", cs_num), ("batch_size", batch_size),
-                                                          ("seed", seed)))
+    cs_num, batch_size, seed = as_int("cs_num", cs_num), as_int("batch_size", batch_size), as_int("seed", seed)
     use_novel_names = as_bool("use_novel_names", use_novel_names)
-    use_synonyms_table, use_synonyms_field = (as_bool(n, v) for n, v in (("use_synonyms_table", use_synonyms_table),
-                                                                           ("use_synonyms_field", use_synonyms_field)))
+    use_synonyms_table = as_bool("use_synonyms_table", use_synonyms_table)
+    use_synonyms_field = as_bool("use_synonyms_field", use_synonyms_field)
     distractor_table = as_bool("distractor_table", distractor_table, allow_none=True)
     if cs_num not in (0,) + COMMAND_SETS:
         raise ValueError(f"Unknown command set {cs_num!r}: pairs exist for {(0,) + COMMAND_SETS}")
